@@ -1,0 +1,284 @@
+"""Accumulators against brute force on small random tensors, and merge against a single run."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline.accumulators import (
+    HISTOGRAM_BINS,
+    WINDOW_LEFT,
+    WINDOW_LENGTH,
+    WINDOW_RIGHT,
+    AccumulatedResult,
+    Batch,
+    ExampleSizes,
+    FeatureAccumulators,
+    histogram_edges,
+    random_keys,
+)
+
+N_SEQ, CTX, N_FEATURES, D_MODEL, VOCAB = 8, 45, 6, 4, 13
+SIZES = ExampleSizes(top=5, bottom=4, decoder_top=5, random=7, absorbers=3)
+SEED = 3
+
+
+@pytest.fixture(scope="module")
+def data() -> dict[str, torch.Tensor]:
+    generator = torch.Generator().manual_seed(0)
+    shape = (N_SEQ, CTX, N_FEATURES)
+    magnitude = torch.empty(shape).exponential_(generator=generator)
+    active = torch.rand(shape, generator=generator) < 0.3
+    feature_acts = torch.where(active, magnitude, 0.0)
+    feature_acts[:, :, 5] = 0.0  # a dead feature
+    feature_acts[:, 0, 4] = 2.0  # a feature that fires on every BOS
+    tokens = torch.randint(1, VOCAB, (N_SEQ, CTX), generator=generator)
+    tokens[:, 0] = 0
+    return {
+        "feature_acts": feature_acts,
+        "projections": torch.randn(shape, generator=generator),
+        "tokens": tokens,
+        "special": tokens == 0,
+        "decoder": torch.randn(N_FEATURES, D_MODEL, generator=generator),
+    }
+
+
+def accumulate(data: dict, sequences: range, batch_size: int) -> FeatureAccumulators:
+    accumulators = FeatureAccumulators(
+        N_FEATURES, CTX, VOCAB, data["decoder"], SIZES, seed=SEED
+    )
+    for start in range(sequences.start, sequences.stop, batch_size):
+        part = slice(start, min(start + batch_size, sequences.stop))
+        batch = Batch.from_activations(
+            start,
+            data["tokens"][part],
+            data["feature_acts"][part].clone(),
+            data["projections"][part].clone(),
+            data["special"][part],
+        )
+        accumulators.update(batch)
+    return accumulators
+
+
+@pytest.fixture(scope="module")
+def result(data: dict) -> AccumulatedResult:
+    return accumulate(data, range(N_SEQ), batch_size=3).finalize()
+
+
+def masked(data: dict) -> tuple[np.ndarray, np.ndarray]:
+    """Feature activations and projections with special tokens removed, as the build sees them."""
+    special = data["special"].numpy()
+    acts = data["feature_acts"].numpy().copy()
+    acts[special] = 0.0
+    projections = data["projections"].numpy().copy()
+    projections[special] = -np.inf
+    return acts, projections
+
+
+def reference_top(score: np.ndarray, k: int) -> list[list[tuple[int, int]]]:
+    """Brute force of the documented rule: block proposals, neighbour suppression, global top-k."""
+    gap = WINDOW_LENGTH - 1
+    result = []
+    for feature in range(score.shape[2]):
+        candidates = []
+        for sequence in range(score.shape[0]):
+            row = score[sequence, :, feature]
+            proposals = []
+            for start in range(0, CTX, gap):
+                offset = int(np.argmax(row[start : start + gap]))
+                proposals.append((row[start + offset], start + offset))
+            keep = [True] * len(proposals)
+            for left in range(len(proposals) - 1):
+                (left_value, left_pos), (right_value, right_pos) = proposals[left : left + 2]
+                if right_pos - left_pos <= gap:
+                    keep[left + 1 if left_value >= right_value else left] = False
+            candidates += [
+                (value, sequence * CTX + pos)
+                for (value, pos), kept in zip(proposals, keep, strict=True)
+                if kept and value > -np.inf
+            ]
+        candidates.sort(key=lambda c: (-c[0], c[1]))
+        result.append([(token // CTX, token % CTX) for _, token in candidates[:k]])
+    return result
+
+
+def examples_of(examples, feature: int) -> list[tuple[int, int]]:
+    valid = examples.valid[feature]
+    return list(
+        zip(
+            examples.sequence_index[feature][valid].tolist(),
+            examples.position[feature][valid].tolist(),
+            strict=True,
+        )
+    )
+
+
+def test_frequency_sums_and_extremes(data: dict, result: AccumulatedResult) -> None:
+    acts, _ = masked(data)
+    stats = result.stats
+    assert stats.tokens_seen == N_SEQ * (CTX - 1)
+    assert stats.special_tokens_seen == N_SEQ
+    np.testing.assert_array_equal(stats.count, (acts > 0).sum((0, 1)))
+    np.testing.assert_allclose(stats.sum, acts.sum((0, 1)), rtol=1e-6)
+    np.testing.assert_allclose(stats.sum_sq, (acts**2).sum((0, 1)), rtol=1e-6)
+    np.testing.assert_allclose(stats.max, acts.max((0, 1)), rtol=1e-6)
+    active_min = np.where(acts > 0, acts, np.inf).min((0, 1))
+    np.testing.assert_allclose(stats.min, np.where(np.isinf(active_min), 0, active_min), rtol=1e-6)
+    assert stats.count[5] == 0
+    assert stats.special_count.tolist() == [
+        int((data["feature_acts"][:, 0, f] > 0).sum()) for f in range(N_FEATURES)
+    ]
+    assert stats.special_count[4] == N_SEQ
+
+
+def test_histogram_counts_match_numpy(data: dict, result: AccumulatedResult) -> None:
+    acts, _ = masked(data)
+    edges = np.concatenate([[0], histogram_edges(), [np.inf]])
+    for feature in range(N_FEATURES):
+        values = acts[:, :, feature][acts[:, :, feature] > 0]
+        expected, _ = np.histogram(values, bins=edges)
+        assert len(expected) == HISTOGRAM_BINS
+        np.testing.assert_array_equal(result.stats.histogram[feature], expected)
+
+
+def test_positional_profile(data: dict, result: AccumulatedResult) -> None:
+    acts, _ = masked(data)
+    stats = result.stats
+    assert stats.position_tokens.tolist() == [0] + [N_SEQ] * (CTX - 1)
+    np.testing.assert_array_equal(stats.position_count, (acts > 0).sum(0))
+    np.testing.assert_allclose(stats.position_sum, acts.sum(0), rtol=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["top", "bottom", "decoder_top"])
+def test_examples_match_brute_force(data: dict, result: AccumulatedResult, kind: str) -> None:
+    acts, projections = masked(data)
+    score, k = {
+        "top": (np.where(acts > 0, acts, -np.inf), SIZES.top),
+        "bottom": (np.where(acts > 0, -acts, -np.inf), SIZES.bottom),
+        "decoder_top": (projections, SIZES.decoder_top),
+    }[kind]
+    examples = getattr(result, kind)
+    expected = reference_top(score, k)
+    for feature in range(N_FEATURES):
+        found = examples_of(examples, feature)
+        assert found == expected[feature], f"feature {feature}"
+        for (sequence, position), activation in zip(
+            found, examples.activation[feature][examples.valid[feature]], strict=True
+        ):
+            assert activation == pytest.approx(acts[sequence, position, feature], rel=1e-6)
+
+
+def test_examples_do_not_overlap_and_start_at_the_maximum(data, result) -> None:
+    acts, _ = masked(data)
+    for feature in range(5):
+        found = examples_of(result.top, feature)
+        assert result.top.activation[feature][0] == pytest.approx(acts[:, :, feature].max())
+        for i, (seq_a, pos_a) in enumerate(found):
+            for seq_b, pos_b in found[i + 1 :]:
+                assert seq_a != seq_b or abs(pos_a - pos_b) > WINDOW_LEFT + WINDOW_RIGHT
+    assert not result.top.valid[5].any()
+
+
+def test_windows_carry_the_feature_activation_on_every_token(data, result) -> None:
+    acts, _ = masked(data)
+    examples = result.top
+    for feature in range(N_FEATURES):
+        for slot in np.flatnonzero(examples.valid[feature]):
+            sequence = examples.sequence_index[feature, slot]
+            position = examples.position[feature, slot]
+            for offset in range(-WINDOW_LEFT, WINDOW_RIGHT + 1):
+                value = examples.window[feature, slot, offset + WINDOW_LEFT]
+                if 0 <= position + offset < CTX:
+                    assert value == pytest.approx(acts[sequence, position + offset, feature])
+                else:
+                    assert math.isnan(value)
+
+
+def test_random_sample_is_the_smallest_keys(data: dict, result: AccumulatedResult) -> None:
+    acts, _ = masked(data)
+    for feature in range(N_FEATURES):
+        sequence, position = np.nonzero(acts[:, :, feature] > 0)
+        token = torch.from_numpy(sequence * CTX + position)
+        keys = random_keys(token, torch.full_like(token, feature), SEED).numpy()
+        order = np.argsort(keys)[: SIZES.random]
+        expected = list(zip(sequence[order].tolist(), position[order].tolist(), strict=True))
+        assert examples_of(result.random, feature) == expected
+
+
+def test_random_keys_are_uniform() -> None:
+    keys = random_keys(torch.arange(100_000), torch.zeros(100_000, dtype=torch.int64), seed=1)
+    assert keys.min() >= 0 and keys.max() < 1
+    counts = np.histogram(keys.numpy(), bins=10, range=(0, 1))[0]
+    assert np.all(np.abs(counts - 10_000) < 500)
+
+
+def test_absorbers_are_the_largest_contributions_on_missed_positions(data, result) -> None:
+    acts, _ = masked(data)
+    decoder = data["decoder"].numpy()
+    unit = decoder / np.linalg.norm(decoder, axis=1, keepdims=True)
+    examples = result.decoder_top
+    missed_seen = 0
+    for feature in range(N_FEATURES):
+        for slot in np.flatnonzero(examples.valid[feature]):
+            sequence = examples.sequence_index[feature, slot]
+            position = examples.position[feature, slot]
+            absorbers = examples.extra["absorber"][feature, slot]
+            if acts[sequence, position, feature] > 0:
+                assert (absorbers == -1).all()
+                continue
+            missed_seen += 1
+            contribution = acts[sequence, position] * (decoder @ unit[feature])
+            ranked = [j for j in np.argsort(-contribution) if contribution[j] > 0][: SIZES.absorbers]
+            assert [j for j in absorbers.tolist() if j >= 0] == ranked
+            weights = examples.extra["absorber_weight"][feature, slot][: len(ranked)]
+            np.testing.assert_allclose(weights, contribution[ranked], rtol=1e-5)
+    assert missed_seen > 0
+
+
+def test_token_table(data: dict, result: AccumulatedResult) -> None:
+    acts, _ = masked(data)
+    tokens = data["tokens"].numpy()
+    table = result.tokens
+    np.testing.assert_array_equal(
+        table.token_count, np.bincount(tokens[tokens != 0], minlength=VOCAB)
+    )
+    expected_count = np.zeros((VOCAB, N_FEATURES), dtype=np.int64)
+    expected_sum = np.zeros((VOCAB, N_FEATURES))
+    for feature in range(N_FEATURES):
+        np.add.at(expected_count[:, feature], tokens, acts[:, :, feature] > 0)
+        np.add.at(expected_sum[:, feature], tokens, acts[:, :, feature])
+    got_count = np.zeros_like(expected_count)
+    got_sum = np.zeros_like(expected_sum)
+    got_count[table.token_id, table.feature_index] = table.count
+    got_sum[table.token_id, table.feature_index] = table.sum
+    np.testing.assert_array_equal(got_count, expected_count)
+    np.testing.assert_allclose(got_sum, expected_sum, rtol=1e-6)
+
+
+def assert_results_equal(a: AccumulatedResult, b: AccumulatedResult) -> None:
+    for name in ("tokens_seen", "special_tokens_seen"):
+        assert getattr(a.stats, name) == getattr(b.stats, name)
+    for name, value in vars(a.stats).items():
+        np.testing.assert_allclose(value, getattr(b.stats, name), rtol=1e-12, err_msg=name)
+    for kind in ("top", "bottom", "random", "decoder_top"):
+        left, right = getattr(a, kind), getattr(b, kind)
+        for name in ("valid", "sequence_index", "position", "score", "activation"):
+            np.testing.assert_array_equal(getattr(left, name), getattr(right, name), err_msg=kind)
+        np.testing.assert_array_equal(left.window, right.window)
+        for name, value in left.extra.items():
+            np.testing.assert_array_equal(value, right.extra[name])
+    for name, value in vars(a.tokens).items():
+        np.testing.assert_allclose(value, getattr(b.tokens, name), rtol=1e-12, err_msg=name)
+
+
+@pytest.mark.parametrize("split", [1, 4, 7])
+def test_merge_of_two_halves_equals_one_run(data: dict, result, split: int) -> None:
+    first = accumulate(data, range(split), batch_size=2)
+    second = accumulate(data, range(split, N_SEQ), batch_size=5)
+    first.merge(second)
+    assert_results_equal(first.finalize(), result)
+
+
+def test_batch_size_does_not_change_the_result(data: dict, result) -> None:
+    assert_results_equal(accumulate(data, range(N_SEQ), batch_size=N_SEQ).finalize(), result)
