@@ -45,9 +45,7 @@ def data() -> dict[str, torch.Tensor]:
 
 
 def accumulate(data: dict, sequences: range, batch_size: int) -> FeatureAccumulators:
-    accumulators = FeatureAccumulators(
-        N_FEATURES, CTX, VOCAB, data["decoder"], SIZES, seed=SEED
-    )
+    accumulators = FeatureAccumulators(N_FEATURES, CTX, VOCAB, data["decoder"], SIZES, seed=SEED)
     for start in range(sequences.start, sequences.stop, batch_size):
         part = slice(start, min(start + batch_size, sequences.stop))
         batch = Batch.from_activations(
@@ -229,7 +227,9 @@ def test_absorbers_are_the_largest_contributions_on_missed_positions(data, resul
                 continue
             missed_seen += 1
             contribution = acts[sequence, position] * (decoder @ unit[feature])
-            ranked = [j for j in np.argsort(-contribution) if contribution[j] > 0][: SIZES.absorbers]
+            ranked = [j for j in np.argsort(-contribution) if contribution[j] > 0][
+                : SIZES.absorbers
+            ]
             assert [j for j in absorbers.tolist() if j >= 0] == ranked
             weights = examples.extra["absorber_weight"][feature, slot][: len(ranked)]
             np.testing.assert_allclose(weights, contribution[ranked], rtol=1e-5)

@@ -1,0 +1,167 @@
+"""SQLAlchemy typed ORM models: the data contract between the pipeline and the server.
+
+Arrays (token ids, per-position profiles, window activations, histogram counts) are stored as
+little-endian blobs (`int32`/`float32`); short structured lists as JSON.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+from sqlalchemy import JSON, ForeignKey, Index, LargeBinary, String
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+# Bump whenever a table or column changes meaning; the server refuses other versions.
+SCHEMA_VERSION = 1
+
+
+class Base(DeclarativeBase):
+    type_annotation_map: ClassVar = {dict[str, Any]: JSON, list[Any]: JSON}
+
+
+class Meta(Base):
+    """Key/value facts about the file itself (schema version)."""
+
+    __tablename__ = "meta"
+    key: Mapped[str] = mapped_column(String, primary_key=True)
+    value: Mapped[str]
+
+
+class Corpus(Base):
+    """A tokenized corpus; SAEs built over the same tokens share it."""
+
+    __tablename__ = "corpora"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    fingerprint: Mapped[str] = mapped_column(unique=True)
+    source: Mapped[str]
+    tokenizer: Mapped[str]
+    context_length: Mapped[int]
+    n_sequences: Mapped[int]
+
+
+class CorpusSequence(Base):
+    """The token ids of one sequence, in the input corpus order."""
+
+    __tablename__ = "corpus_sequences"
+    corpus_id: Mapped[int] = mapped_column(ForeignKey("corpora.id"), primary_key=True)
+    sequence_index: Mapped[int] = mapped_column(primary_key=True)
+    token_ids: Mapped[bytes] = mapped_column(LargeBinary)
+
+
+class VocabToken(Base):
+    """The display string of each token id of the corpus's tokenizer."""
+
+    __tablename__ = "vocab"
+    corpus_id: Mapped[int] = mapped_column(ForeignKey("corpora.id"), primary_key=True)
+    token_id: Mapped[int] = mapped_column(primary_key=True)
+    token: Mapped[str]
+    special: Mapped[bool]
+    __table_args__ = (Index("ix_vocab_token", "corpus_id", "token"),)
+
+
+class Sae(Base):
+    """One SAE built over a corpus, with its whole-SAE metrics."""
+
+    __tablename__ = "saes"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(unique=True)
+    corpus_id: Mapped[int] = mapped_column(ForeignKey("corpora.id"))
+    model: Mapped[str]
+    hook: Mapped[str]
+    architecture: Mapped[str]
+    d_in: Mapped[int]
+    d_sae: Mapped[int]
+    context_length: Mapped[int]
+    n_sequences: Mapped[int]
+    tokens_seen: Mapped[int]
+    special_tokens_seen: Mapped[int]
+    high_frequency_threshold: Mapped[float]
+    l0: Mapped[float]
+    dead_count: Mapped[int]
+    dense_count: Mapped[int]
+    eval_tokens: Mapped[int]
+    mse: Mapped[float]
+    explained_variance: Mapped[float | None]
+    ce_clean: Mapped[float]
+    ce_sae: Mapped[float]
+    ce_zero: Mapped[float]
+    ce_score: Mapped[float | None]
+    config: Mapped[dict[str, Any]]
+    training_log: Mapped[list[Any] | None]
+
+
+class Feature(Base):
+    """Everything shown in a feature's header, charts and side tables."""
+
+    __tablename__ = "features"
+    sae_id: Mapped[int] = mapped_column(ForeignKey("saes.id"), primary_key=True)
+    feature_index: Mapped[int] = mapped_column(primary_key=True)
+    count: Mapped[int]
+    frequency: Mapped[float]
+    mean_activation: Mapped[float]
+    max_activation: Mapped[float]
+    min_activation: Mapped[float]
+    bos_count: Mapped[int]
+    bos_share: Mapped[float]
+    positional_r2: Mapped[float]
+    dead: Mapped[bool]
+    high_frequency: Mapped[bool]
+    positional: Mapped[bool]
+    bos_dominated: Mapped[bool]
+    jaccard: Mapped[float]
+    miss_rate: Mapped[float]
+    absorbers: Mapped[list[Any]]
+    histogram_first_bin: Mapped[int]
+    histogram_counts: Mapped[bytes] = mapped_column(LargeBinary)
+    position_rate: Mapped[bytes] = mapped_column(LargeBinary)
+    position_mean: Mapped[bytes] = mapped_column(LargeBinary)
+    quantile_edges: Mapped[list[Any]]
+    quantile_mass: Mapped[list[Any]]
+    logits_top: Mapped[list[Any]]
+    logits_bottom: Mapped[list[Any]]
+    neighbours: Mapped[list[Any]]
+    top_tokens: Mapped[list[Any]]
+    __table_args__ = (
+        Index("ix_features_frequency", "sae_id", "frequency"),
+        Index("ix_features_max", "sae_id", "max_activation"),
+        Index("ix_features_jaccard", "sae_id", "jaccard"),
+        Index("ix_features_miss_rate", "sae_id", "miss_rate"),
+    )
+
+
+class Example(Base):
+    """One context window of a feature: kind is top, bottom, quantile or decoder_top."""
+
+    __tablename__ = "examples"
+    sae_id: Mapped[int] = mapped_column(ForeignKey("saes.id"), primary_key=True)
+    feature_index: Mapped[int] = mapped_column(primary_key=True)
+    kind: Mapped[str] = mapped_column(primary_key=True)
+    rank: Mapped[int] = mapped_column(primary_key=True)
+    band: Mapped[int | None]
+    sequence_index: Mapped[int]
+    position: Mapped[int]
+    activation: Mapped[float]
+    projection: Mapped[float | None]
+    window_start: Mapped[int]
+    window_activations: Mapped[bytes] = mapped_column(LargeBinary)
+
+
+class TokenStat(Base):
+    """How often a token occurs in the SAE's corpus tokens (special tokens excluded)."""
+
+    __tablename__ = "token_stats"
+    sae_id: Mapped[int] = mapped_column(ForeignKey("saes.id"), primary_key=True)
+    token_id: Mapped[int] = mapped_column(primary_key=True)
+    count: Mapped[int]
+
+
+class TokenLatent(Base):
+    """The latents most associated with a token: ranked by mean activation over its occurrences."""
+
+    __tablename__ = "token_latents"
+    sae_id: Mapped[int] = mapped_column(ForeignKey("saes.id"), primary_key=True)
+    token_id: Mapped[int] = mapped_column(primary_key=True)
+    rank: Mapped[int] = mapped_column(primary_key=True)
+    feature_index: Mapped[int]
+    count: Mapped[int]
+    mean_activation: Mapped[float]

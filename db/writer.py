@@ -1,0 +1,221 @@
+"""Writes one SAE's results into a database file atomically.
+
+The file is copied to a temporary file beside it (or created there), the new SAE is added and the
+temporary file is renamed over the original: a failed or interrupted build leaves no file, or the
+previous one intact.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import sqlite3
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from sqlalchemy import delete, insert, select
+from sqlalchemy.orm import Session
+
+from db.engine import SchemaMismatchError, check_schema_version, writable_engine
+from db.models import (
+    SCHEMA_VERSION,
+    Base,
+    Corpus,
+    CorpusSequence,
+    Example,
+    Feature,
+    Meta,
+    Sae,
+    TokenLatent,
+    TokenStat,
+    VocabToken,
+)
+
+logger = logging.getLogger(__name__)
+
+SAE_NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+
+
+class DatabaseWriteError(Exception):
+    """The output cannot be written; the message says why."""
+
+
+@dataclass
+class CorpusData:
+    """The tokens the SAE was built over, with the tokenizer's display strings."""
+
+    fingerprint: str
+    source: str
+    tokenizer: str
+    token_ids: np.ndarray  # [n_sequences, context_length]
+    vocab: list[str]
+    special_token_ids: set[int]
+
+
+@dataclass
+class SaeData:
+    """One SAE's row, and the rows of its features, examples and token tables."""
+
+    sae: dict[str, Any]
+    features: list[dict[str, Any]]
+    examples: list[dict[str, Any]]
+    token_stats: list[dict[str, Any]]
+    token_latents: list[dict[str, Any]] = field(default_factory=list)
+
+
+def float32_blob(values: np.ndarray) -> bytes:
+    return np.ascontiguousarray(values, dtype="<f4").tobytes()
+
+
+def int32_blob(values: np.ndarray) -> bytes:
+    return np.ascontiguousarray(values, dtype="<i4").tobytes()
+
+
+class DatabaseWriter:
+    """Context manager: on entry checks that `name` can be added to `out` and prepares a temporary
+    copy; `write` adds the SAE; a clean exit renames the copy into place, any error removes it."""
+
+    def __init__(self, out: Path, name: str, replace: bool = False) -> None:
+        if not SAE_NAME_PATTERN.match(name):
+            raise DatabaseWriteError(
+                f"SAE name {name!r} must start with a letter or digit and use only "
+                "letters, digits, '.', '_' and '-' (at most 128 characters)"
+            )
+        self.out = out
+        self.name = name
+        self.replace = replace
+        self.temporary = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+        self.engine = None
+
+    def __enter__(self) -> DatabaseWriter:
+        if not self.out.parent.is_dir():
+            raise DatabaseWriteError(f"output directory {self.out.parent} does not exist")
+        try:
+            if self.out.exists():
+                self._copy_existing()
+            else:
+                self.temporary.touch()
+        except OSError as error:
+            self._remove_temporary()
+            raise DatabaseWriteError(f"cannot write {self.out}: {error.strerror}") from None
+        try:
+            self.engine = writable_engine(self.temporary)
+            Base.metadata.create_all(self.engine)
+            with Session(self.engine) as session:
+                if session.get(Meta, "schema_version") is None:
+                    session.add(Meta(key="schema_version", value=str(SCHEMA_VERSION)))
+                    session.commit()
+            check_schema_version(self.engine)
+            self._check_name()
+        except BaseException:
+            self._discard()
+            raise
+        return self
+
+    def _copy_existing(self) -> None:
+        source = sqlite3.connect(f"file:{self.out}?mode=ro", uri=True)
+        target = sqlite3.connect(self.temporary)
+        try:
+            source.backup(target)
+        except sqlite3.DatabaseError as error:
+            raise DatabaseWriteError(f"{self.out} is not a saescope database: {error}") from None
+        finally:
+            source.close()
+            target.close()
+
+    def _check_name(self) -> None:
+        with Session(self.engine) as session:
+            existing = session.scalar(select(Sae).where(Sae.name == self.name))
+            if existing is None:
+                return
+            if not self.replace:
+                raise DatabaseWriteError(
+                    f"{self.out} already holds an SAE named {self.name!r}; "
+                    "choose another --name or pass --replace"
+                )
+            for table in (Example, Feature, TokenStat, TokenLatent):
+                session.execute(delete(table).where(table.sae_id == existing.id))
+            session.delete(existing)
+            session.commit()
+
+    def write(self, corpus: CorpusData, data: SaeData) -> None:
+        with Session(self.engine) as session:
+            corpus_id = self._corpus_id(session, corpus)
+            sae = Sae(**data.sae, name=self.name, corpus_id=corpus_id)
+            session.add(sae)
+            session.flush()
+            for model, rows in (
+                (Feature, data.features),
+                (Example, data.examples),
+                (TokenStat, data.token_stats),
+                (TokenLatent, data.token_latents),
+            ):
+                if rows:
+                    session.execute(insert(model), [{**row, "sae_id": sae.id} for row in rows])
+            session.commit()
+        logger.info("wrote %d features and %d examples", len(data.features), len(data.examples))
+
+    def _corpus_id(self, session: Session, corpus: CorpusData) -> int:
+        existing = session.scalar(select(Corpus.id).where(Corpus.fingerprint == corpus.fingerprint))
+        if existing is not None:
+            return existing
+        n_sequences, context_length = corpus.token_ids.shape
+        row = Corpus(
+            fingerprint=corpus.fingerprint,
+            source=corpus.source,
+            tokenizer=corpus.tokenizer,
+            context_length=context_length,
+            n_sequences=n_sequences,
+        )
+        session.add(row)
+        session.flush()
+        session.execute(
+            insert(CorpusSequence),
+            [
+                {"corpus_id": row.id, "sequence_index": index, "token_ids": int32_blob(tokens)}
+                for index, tokens in enumerate(corpus.token_ids)
+            ],
+        )
+        session.execute(
+            insert(VocabToken),
+            [
+                {
+                    "corpus_id": row.id,
+                    "token_id": token_id,
+                    "token": token,
+                    "special": token_id in corpus.special_token_ids,
+                }
+                for token_id, token in enumerate(corpus.vocab)
+            ],
+        )
+        return row.id
+
+    def __exit__(self, exc_type, exc, traceback) -> None:
+        if exc_type is not None:
+            self._discard()
+            return
+        self.engine.dispose()
+        os.replace(self.temporary, self.out)
+
+    def _discard(self) -> None:
+        if self.engine is not None:
+            self.engine.dispose()
+        self._remove_temporary()
+
+    def _remove_temporary(self) -> None:
+        for path in (self.temporary, Path(f"{self.temporary}-journal")):
+            path.unlink(missing_ok=True)
+
+
+__all__ = [
+    "CorpusData",
+    "DatabaseWriteError",
+    "DatabaseWriter",
+    "SaeData",
+    "SchemaMismatchError",
+    "float32_blob",
+    "int32_blob",
+]

@@ -1,0 +1,357 @@
+"""From accumulated state and SAE weights to the per-feature rows the database stores."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from jaxtyping import Float
+from torch import Tensor
+
+from db.writer import float32_blob, int32_blob
+from pipeline.accumulators import (
+    WINDOW_LEFT,
+    AccumulatedResult,
+    ExamplesResult,
+    histogram_edges,
+)
+
+# Flag rules (documented in the README).
+POSITIONAL_R2_THRESHOLD = 0.5
+BOS_SHARE_THRESHOLD = 0.5
+
+
+@dataclass
+class AnalysisSettings:
+    """Sizes of the derived per-feature tables."""
+
+    high_frequency_threshold: float = 0.1
+    """a feature firing on more than this share of tokens is flagged high-frequency"""
+    quantile_bands: int = 10
+    """the active values are cut into this many bands at equally spaced quantiles"""
+    examples_per_band: int = 4
+    """random examples shown per quantile band"""
+    n_logits: int = 10
+    """top and bottom tokens of W_dec·W_U"""
+    n_neighbours: int = 10
+    """nearest latents by decoder cosine"""
+    n_top_tokens: int = 10
+    """tokens a feature fires on most"""
+    n_token_latents: int = 16
+    """latents kept per token id for token search"""
+    n_absorbers: int = 5
+    """absorbing latents kept per feature"""
+
+
+def ranks_within_groups(sorted_groups: np.ndarray) -> np.ndarray:
+    """0, 1, 2, … within each run of equal values of an array sorted by group."""
+    if len(sorted_groups) == 0:
+        return np.zeros(0, dtype=np.int64)
+    starts = np.flatnonzero(np.r_[True, sorted_groups[1:] != sorted_groups[:-1]])
+    lengths = np.diff(np.r_[starts, len(sorted_groups)])
+    return np.arange(len(sorted_groups)) - np.repeat(starts, lengths)
+
+
+def quantile_edges(histogram: np.ndarray, low: float, high: float, n_bands: int) -> list[float]:
+    """Cut points at quantiles 0, 1/n, …, 1 of the active values, interpolated geometrically
+    inside the fine log-spaced bin that holds each quantile (ends exact: min and max)."""
+    total = histogram.sum()
+    if total == 0:
+        return []
+    finite = histogram_edges()
+    lower = np.r_[low, finite]
+    upper = np.r_[finite, high]
+    lower = np.clip(lower, low, high)
+    upper = np.clip(upper, low, high)
+    cumulative = np.cumsum(histogram)
+    edges = [low]
+    for band in range(1, n_bands):
+        target = total * band / n_bands
+        b = int(np.searchsorted(cumulative, target, side="left"))
+        before = cumulative[b] - histogram[b]
+        fraction = (target - before) / histogram[b]
+        lo, hi = max(lower[b], 1e-30), max(upper[b], 1e-30)
+        edges.append(float(lo * (hi / lo) ** fraction))
+    edges.append(high)
+    return edges
+
+
+def band_mass(histogram: np.ndarray, edges: list[float]) -> list[float]:
+    """Share of the summed activation in each band, from the fine histogram's bin centres."""
+    if not edges:
+        return []
+    finite = histogram_edges()
+    centres = np.r_[finite[0], np.sqrt(finite[:-1] * finite[1:]), finite[-1]]
+    mass = histogram * centres
+    band = np.clip(np.searchsorted(edges[1:-1], centres, side="right"), 0, len(edges) - 2)
+    per_band = np.bincount(band, weights=mass, minlength=len(edges) - 1)
+    return (per_band / max(per_band.sum(), 1e-30)).tolist()
+
+
+def logit_effects(
+    decoder: Float[Tensor, "d_sae d_in"], unembed: Float[Tensor, "d_in vocab"], n: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Top and bottom tokens of W_dec[i]·W_U per feature, in chunks of features."""
+    top_values, top_ids, bottom_values, bottom_ids = [], [], [], []
+    for start in range(0, decoder.shape[0], 1024):
+        logits = decoder[start : start + 1024] @ unembed
+        values, ids = logits.topk(n, dim=1)
+        top_values.append(values)
+        top_ids.append(ids)
+        values, ids = logits.topk(n, dim=1, largest=False)
+        bottom_values.append(values)
+        bottom_ids.append(ids)
+    return tuple(
+        torch.cat(x).cpu().numpy() for x in (top_values, top_ids, bottom_values, bottom_ids)
+    )
+
+
+def decoder_neighbours(
+    decoder: Float[Tensor, "d_sae d_in"], n: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """The n latents with the highest decoder cosine to each latent (itself excluded)."""
+    unit = decoder / decoder.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    n = min(n, decoder.shape[0] - 1)
+    values, ids = [], []
+    for start in range(0, unit.shape[0], 1024):
+        cosine = unit[start : start + 1024] @ unit.T
+        own = torch.arange(start, start + cosine.shape[0])
+        cosine[torch.arange(cosine.shape[0]), own] = -2.0
+        v, i = cosine.topk(n, dim=1)
+        values.append(v)
+        ids.append(i)
+    return torch.cat(values).cpu().numpy(), torch.cat(ids).cpu().numpy()
+
+
+def feature_rows(
+    result: AccumulatedResult,
+    decoder: Float[Tensor, "d_sae d_in"],
+    unembed: Float[Tensor, "d_in vocab"],
+    settings: AnalysisSettings,
+) -> list[dict[str, Any]]:
+    stats = result.stats
+    n_features = len(stats.count)
+    tokens_seen = max(stats.tokens_seen, 1)
+    frequency = stats.count / tokens_seen
+    mean_activation = np.divide(
+        stats.sum, stats.count, out=np.zeros(n_features), where=stats.count > 0
+    )
+    fired_anywhere = stats.count + stats.special_count
+    bos_share = np.divide(
+        stats.special_count, fired_anywhere, out=np.zeros(n_features), where=fired_anywhere > 0
+    )
+    r2 = positional_r2(result)
+    position_tokens = np.maximum(stats.position_tokens, 1)[:, None]
+    position_rate = (stats.position_count / position_tokens).T
+    position_mean = np.divide(
+        stats.position_sum,
+        stats.position_count,
+        out=np.zeros_like(stats.position_sum),
+        where=stats.position_count > 0,
+    ).T
+    jaccard, miss_rate, absorbers = encoder_decoder_agreement(result, settings.n_absorbers)
+    logits = logit_effects(decoder, unembed, settings.n_logits)
+    neighbour_cosine, neighbour_id = decoder_neighbours(decoder, settings.n_neighbours)
+    top_tokens = feature_top_tokens(result, settings.n_top_tokens)
+    rows = []
+    for i in range(n_features):
+        nonzero = np.flatnonzero(stats.histogram[i])
+        first, last = (nonzero[0], nonzero[-1] + 1) if len(nonzero) else (0, 0)
+        edges = quantile_edges(
+            stats.histogram[i], stats.min[i], stats.max[i], settings.quantile_bands
+        )
+        rows.append(
+            {
+                "feature_index": i,
+                "count": int(stats.count[i]),
+                "frequency": float(frequency[i]),
+                "mean_activation": float(mean_activation[i]),
+                "max_activation": float(stats.max[i]),
+                "min_activation": float(stats.min[i]),
+                "bos_count": int(stats.special_count[i]),
+                "bos_share": float(bos_share[i]),
+                "positional_r2": float(r2[i]),
+                "dead": bool(stats.count[i] == 0),
+                "high_frequency": bool(frequency[i] > settings.high_frequency_threshold),
+                "positional": bool(r2[i] > POSITIONAL_R2_THRESHOLD),
+                "bos_dominated": bool(bos_share[i] > BOS_SHARE_THRESHOLD),
+                "jaccard": float(jaccard[i]),
+                "miss_rate": float(miss_rate[i]),
+                "absorbers": absorbers[i],
+                "histogram_first_bin": int(first),
+                "histogram_counts": int32_blob(stats.histogram[i, first:last]),
+                "position_rate": float32_blob(position_rate[i]),
+                "position_mean": float32_blob(position_mean[i]),
+                "quantile_edges": edges,
+                "quantile_mass": band_mass(stats.histogram[i], edges),
+                "logits_top": _pairs(logits[1][i], logits[0][i], "token_id", "logit"),
+                "logits_bottom": _pairs(logits[3][i], logits[2][i], "token_id", "logit"),
+                "neighbours": _pairs(
+                    neighbour_id[i], neighbour_cosine[i], "feature_index", "cosine"
+                ),
+                "top_tokens": top_tokens[i],
+            }
+        )
+    return rows
+
+
+def _pairs(ids: np.ndarray, values: np.ndarray, id_name: str, value_name: str) -> list[dict]:
+    return [
+        {id_name: int(a), value_name: round(float(b), 6)} for a, b in zip(ids, values, strict=True)
+    ]
+
+
+def positional_r2(result: AccumulatedResult) -> np.ndarray:
+    """Share of each feature's activation variance (zeros included) explained by position."""
+    stats = result.stats
+    n = stats.position_tokens.sum()
+    mean = stats.sum / max(n, 1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        position_mean = stats.position_sum / stats.position_tokens[:, None]
+        between = stats.position_tokens[:, None] * (position_mean - mean) ** 2
+        between = np.nansum(np.where(stats.position_tokens[:, None] > 0, between, 0.0), axis=0)
+        total = stats.sum_sq - n * mean**2
+        r2 = np.where(total > 1e-12 * np.maximum(stats.sum_sq, 1e-30), between / total, 0.0)
+    return np.clip(np.nan_to_num(r2), 0.0, 1.0)
+
+
+def encoder_decoder_agreement(
+    result: AccumulatedResult, n_absorbers: int
+) -> tuple[np.ndarray, np.ndarray, list[list[dict]]]:
+    """Jaccard of the encoder-top and decoder-top position sets, the decoder-top miss rate, and
+    the latents that fire on the missed positions ranked by Σ f_j·(ŵ_i·W_dec[j])."""
+    top, decoder = result.top, result.decoder_top
+    n_features = top.valid.shape[0]
+    ctx_key = top.sequence_index.astype(np.int64) * 1_000_003 + top.position
+    decoder_key = decoder.sequence_index.astype(np.int64) * 1_000_003 + decoder.position
+    jaccard = np.zeros(n_features)
+    miss_rate = np.zeros(n_features)
+    absorbers: list[list[dict]] = []
+    for i in range(n_features):
+        a = set(ctx_key[i][top.valid[i]].tolist())
+        b = set(decoder_key[i][decoder.valid[i]].tolist())
+        jaccard[i] = len(a & b) / len(a | b) if a | b else 0.0
+        missed = decoder.valid[i] & (decoder.activation[i] <= 0)
+        miss_rate[i] = missed.sum() / max(decoder.valid[i].sum(), 1)
+        latent = decoder.extra["absorber"][i][missed].ravel()
+        weight = decoder.extra["absorber_weight"][i][missed].ravel()
+        keep = latent >= 0
+        totals = np.bincount(latent[keep], weights=weight[keep])
+        counts = np.bincount(latent[keep])
+        best = np.argsort(-totals, kind="stable")[:n_absorbers]
+        absorbers.append(
+            [
+                {
+                    "feature_index": int(j),
+                    "weight": round(float(totals[j]), 6),
+                    "count": int(counts[j]),
+                }
+                for j in best
+                if totals[j] > 0
+            ]
+        )
+    return jaccard, miss_rate, absorbers
+
+
+def feature_top_tokens(result: AccumulatedResult, n: int) -> list[list[dict]]:
+    """Per feature, the tokens it fires on most often, with the mean activation there."""
+    table = result.tokens
+    n_features = len(result.stats.count)
+    order = np.lexsort((table.token_id, -table.count, table.feature_index))
+    feature = table.feature_index[order]
+    keep = order[ranks_within_groups(feature) < n]
+    out: list[list[dict]] = [[] for _ in range(n_features)]
+    for j in keep:
+        out[int(table.feature_index[j])].append(
+            {
+                "token_id": int(table.token_id[j]),
+                "count": int(table.count[j]),
+                "mean_activation": round(float(table.sum[j] / table.count[j]), 6),
+            }
+        )
+    return out
+
+
+def token_rows(result: AccumulatedResult, n: int) -> tuple[list[dict], list[dict]]:
+    """Token occurrence counts, and per token the latents with the highest mean activation over
+    all its occurrences (a latent that fires rarely on the token ranks low)."""
+    table = result.tokens
+    stats = [
+        {"token_id": int(t), "count": int(c)} for t, c in enumerate(table.token_count) if c > 0
+    ]
+    mean = table.sum / np.maximum(table.token_count[table.token_id], 1)
+    order = np.lexsort((table.feature_index, -mean, table.token_id))
+    keep = order[ranks_within_groups(table.token_id[order]) < n]
+    ranks = ranks_within_groups(table.token_id[keep])
+    latents = [
+        {
+            "token_id": int(table.token_id[j]),
+            "rank": int(rank),
+            "feature_index": int(table.feature_index[j]),
+            "count": int(table.count[j]),
+            "mean_activation": float(mean[j]),
+        }
+        for j, rank in zip(keep, ranks, strict=True)
+    ]
+    return stats, latents
+
+
+def example_rows(result: AccumulatedResult, settings: AnalysisSettings) -> list[dict[str, Any]]:
+    rows: list[dict[str, Any]] = []
+    for kind in ("top", "bottom", "decoder_top"):
+        examples: ExamplesResult = getattr(result, kind)
+        for i, slot in zip(*np.nonzero(examples.valid), strict=True):
+            rows.append(_example_row(examples, i, slot, kind, int(slot), None))
+            if kind == "decoder_top":
+                rows[-1]["projection"] = float(examples.score[i, slot])
+    rows.extend(quantile_example_rows(result, settings))
+    return rows
+
+
+def quantile_example_rows(
+    result: AccumulatedResult, settings: AnalysisSettings
+) -> list[dict[str, Any]]:
+    """Up to `examples_per_band` random examples per band, in random order."""
+    stats, random = result.stats, result.random
+    rows = []
+    for i in range(random.valid.shape[0]):
+        edges = quantile_edges(
+            stats.histogram[i], stats.min[i], stats.max[i], settings.quantile_bands
+        )
+        if not edges:
+            continue
+        taken = [0] * settings.quantile_bands
+        for slot in np.flatnonzero(random.valid[i]):
+            band = int(np.searchsorted(edges[1:-1], random.activation[i, slot], side="right"))
+            if taken[band] < settings.examples_per_band:
+                rank = band * settings.examples_per_band + taken[band]
+                rows.append(_example_row(random, i, slot, "quantile", rank, band))
+                taken[band] += 1
+    return rows
+
+
+def _example_row(
+    examples: ExamplesResult,
+    feature: int,
+    slot: int,
+    kind: str,
+    rank: int,
+    band: int | None,
+) -> dict[str, Any]:
+    position = int(examples.position[feature, slot])
+    window = examples.window[feature, slot]
+    start = max(position - WINDOW_LEFT, 0)
+    return {
+        "feature_index": int(feature),
+        "kind": kind,
+        "rank": rank,
+        "band": band,
+        "sequence_index": int(examples.sequence_index[feature, slot]),
+        "position": position,
+        "activation": float(examples.activation[feature, slot]),
+        "projection": None,
+        "window_start": start,
+        "window_activations": float32_blob(window[~np.isnan(window)]),
+    }

@@ -1,0 +1,253 @@
+"""The build job: one streaming pass from a model, a hook, an SAE and a corpus to a database.
+
+CPU-sized run (a few seconds with the embedded demo model):
+
+    saescope build --model DIR --hook blocks.1.hook_resid_pre --sae SAE_DIR \
+        --corpus tokens.npy --n-tokens 65536 --out features.db
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from db.writer import CorpusData, DatabaseWriter, SaeData
+from pipeline import analysis, sources
+from pipeline.accumulators import Batch, ExampleSizes, FeatureAccumulators
+from pipeline.evaluate import evaluate_sae
+
+logger = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+@dataclass
+class BuildConfig:
+    """Everything `saescope build` takes."""
+
+    model: str
+    """HuggingFace model name or local HuggingFace directory"""
+    hook: str
+    """hook name, e.g. blocks.4.hook_resid_pre"""
+    corpus: str
+    """token array (.npy/.pt/.safetensors), .txt/.jsonl file or directory, or dataset name"""
+    out: Path
+    """database file to create or add to"""
+    sae: Path | None = None
+    """SAELens-format SAE directory"""
+    sae_release: str | None = None
+    """SAELens release (online), with sae_id"""
+    sae_id: str | None = None
+    """SAE id within the release"""
+    name: str | None = None
+    """name of the SAE inside the database (default: the SAE directory or id)"""
+    n_tokens: int = 262_144
+    """tokens to process (rounded up to whole contexts)"""
+    context_length: int | None = None
+    """tokens per context (default: the SAE's context_size, else the array's width, else 128)"""
+    batch_size: int = 32
+    """contexts per forward pass"""
+    device: str = "cpu"
+    """torch device"""
+    dtype: str = "float32"
+    """model and SAE dtype"""
+    weight_processing: bool | None = None
+    """fold LN / centre writing weights; None follows the SAE's metadata (on by default)"""
+    examples: ExampleSizes = field(default_factory=ExampleSizes)
+    """how many examples of each kind per feature"""
+    analysis: analysis.AnalysisSettings = field(default_factory=analysis.AnalysisSettings)
+    """sizes and thresholds of the derived tables"""
+    eval_sequences: int = 64
+    """contexts used for MSE, explained variance and the cross-entropy metrics"""
+    seed: int = 0
+    """seed of the random quantile samples"""
+    replace: bool = False
+    """replace an SAE of the same name already in the database"""
+    quiet: bool = False
+    """no progress bars"""
+    training_log: list[dict[str, Any]] | None = None
+    """training curve to store with the SAE, if known"""
+
+
+@dataclass
+class BuildSummary:
+    name: str
+    out: Path
+    n_features: int
+    tokens_seen: int
+    seconds: float
+    metrics: dict[str, float]
+
+
+def default_name(config: BuildConfig) -> str:
+    if config.name:
+        return config.name
+    raw = config.sae.resolve().name if config.sae is not None else str(config.sae_id)
+    cleaned = "".join(c if c.isalnum() or c in "._-" else "-" for c in raw).strip("-.")
+    return cleaned or "sae"
+
+
+def run_build(config: BuildConfig) -> BuildSummary:
+    started = time.perf_counter()
+    if config.dtype not in DTYPES:
+        raise sources.InputError(f"--dtype must be one of {', '.join(DTYPES)}")
+    if config.n_tokens <= 0 or config.batch_size <= 0:
+        raise sources.InputError("--n-tokens and --batch-size must be positive")
+    name = default_name(config)
+    with DatabaseWriter(config.out, name, config.replace) as writer, torch.inference_mode():
+        sae = sources.load_sae(
+            config.sae, config.sae_release, config.sae_id, config.device, config.dtype
+        )
+        metadata = sources.sae_metadata(sae)
+        processing = sources.weight_processing_kwargs(metadata, config.weight_processing)
+        model = sources.load_model(
+            config.model, config.device, DTYPES[config.dtype], processing, config.quiet
+        )
+        sources.check_hook(model, config.hook)
+        corpus = sources.load_corpus(
+            config.corpus,
+            model.tokenizer,
+            model.cfg.d_vocab,
+            config.context_length or metadata.get("context_size"),
+            config.n_tokens,
+            prepend_bos=metadata.get("prepend_bos", True),
+        )
+        tokens = corpus.token_ids
+        logger.info("corpus: %d contexts of %d tokens", *tokens.shape)
+        special_ids = sources.special_token_ids(model.tokenizer)
+        accumulated = stream(model, sae, config, tokens, special_ids)
+        evaluation = evaluate_sae(
+            model,
+            sae,
+            config.hook,
+            torch.from_numpy(tokens[: config.eval_sequences]),
+            special_ids,
+            config.batch_size,
+            config.quiet,
+        )
+        data = sae_data(config, model, sae, accumulated, evaluation, tokens.shape)
+        vocab = sources.vocab_strings(model.tokenizer, model.cfg.d_vocab)
+        writer.write(
+            CorpusData(
+                fingerprint=f"{config.model}:{corpus.fingerprint}",
+                source=corpus.source,
+                tokenizer=config.model,
+                token_ids=tokens,
+                vocab=vocab,
+                special_token_ids=special_ids,
+            ),
+            data,
+        )
+    return BuildSummary(
+        name=name,
+        out=config.out,
+        n_features=data.sae["d_sae"],
+        tokens_seen=data.sae["tokens_seen"],
+        seconds=time.perf_counter() - started,
+        metrics={key: data.sae[key] for key in ("l0", "explained_variance", "ce_score")},
+    )
+
+
+def encode_batch(model, sae, hook: str, tokens: torch.Tensor, decoder_unit, decoder_bias):
+    """Feature activations f and decoder-direction projections p = (x − b_dec)·ŵ at the hook."""
+    x = sources.activations_at_hook(model, hook, tokens)
+    x = x.to(decoder_unit.dtype)
+    if x.shape[-1] != decoder_unit.shape[1]:
+        raise sources.InputError(
+            f"the SAE reads {decoder_unit.shape[1]}-dimensional activations but hook "
+            f"{hook!r} gives {x.shape[-1]}; is this the SAE's model and hook?"
+        )
+    feature_acts = sae.encode(x).float()
+    projections = (x - decoder_bias) @ decoder_unit.T
+    return feature_acts, projections
+
+
+def stream(model, sae, config: BuildConfig, tokens: np.ndarray, special_ids: set[int]):
+    """The one pass over the corpus: every feature's accumulators updated batch by batch."""
+    n_sequences, context_length = tokens.shape
+    decoder, decoder_bias = sources.decoder_and_bias(sae)
+    decoder_unit = decoder / decoder.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    special = torch.tensor(sorted(special_ids), dtype=torch.int64, device=config.device)
+    with torch.device(config.device):
+        accumulators = FeatureAccumulators(
+            n_features=decoder.shape[0],
+            context_length=context_length,
+            vocab_size=model.cfg.d_vocab,
+            decoder=decoder,
+            sizes=config.examples,
+            seed=config.seed,
+        )
+        progress = tqdm(
+            total=n_sequences * context_length,
+            unit="tok",
+            unit_scale=True,
+            desc="build",
+            disable=config.quiet,
+        )
+        with progress:
+            for start in range(0, n_sequences, config.batch_size):
+                batch_tokens = torch.from_numpy(tokens[start : start + config.batch_size]).to(
+                    config.device
+                )
+                feature_acts, projections = encode_batch(
+                    model, sae, config.hook, batch_tokens, decoder_unit, decoder_bias
+                )
+                batch = Batch.from_activations(
+                    start,
+                    batch_tokens,
+                    feature_acts,
+                    projections,
+                    torch.isin(batch_tokens, special),
+                )
+                accumulators.update(batch)
+                progress.update(batch_tokens.numel())
+        return accumulators.finalize()
+
+
+def sae_data(config, model, sae, accumulated, evaluation: dict, shape) -> SaeData:
+    decoder, _ = sources.decoder_and_bias(sae)
+    unembed = model.W_U.detach().float()
+    features = analysis.feature_rows(accumulated, decoder, unembed, config.analysis)
+    examples = analysis.example_rows(accumulated, config.analysis)
+    token_stats, token_latents = analysis.token_rows(accumulated, config.analysis.n_token_latents)
+    stats = accumulated.stats
+    frequency = stats.count / max(stats.tokens_seen, 1)
+    sae_row = {
+        "model": config.model,
+        "hook": config.hook,
+        "architecture": sae.cfg.architecture(),
+        "d_in": int(decoder.shape[1]),
+        "d_sae": int(decoder.shape[0]),
+        "context_length": int(shape[1]),
+        "n_sequences": int(shape[0]),
+        "tokens_seen": int(stats.tokens_seen),
+        "special_tokens_seen": int(stats.special_tokens_seen),
+        "high_frequency_threshold": config.analysis.high_frequency_threshold,
+        "l0": float(stats.count.sum() / max(stats.tokens_seen, 1)),
+        "dead_count": int((stats.count == 0).sum()),
+        "dense_count": int((frequency > config.analysis.high_frequency_threshold).sum()),
+        **evaluation,
+        "config": _config_record(config),
+        "training_log": config.training_log,
+    }
+    return SaeData(
+        sae=sae_row,
+        features=features,
+        examples=examples,
+        token_stats=token_stats,
+        token_latents=token_latents,
+    )
+
+
+def _config_record(config: BuildConfig) -> dict[str, Any]:
+    record = asdict(config)
+    for key in ("training_log", "quiet", "out", "replace"):  # not properties of the SAE's data
+        record.pop(key)
+    return {key: str(value) if isinstance(value, Path) else value for key, value in record.items()}

@@ -1,0 +1,98 @@
+"""Tiny models, SAEs and corpora built locally: no hub, no network."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+TEXT = (
+    "The cat sat on the mat. Mr Smith went to the market (on Monday) and bought bread. "
+    "def add(a, b): return a + b. The quick brown fox jumps over the lazy dog. "
+)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 2-layer GPT-2 with a small byte-level BPE vocabulary, saved as a HuggingFace directory."""
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+
+    directory = tmp_path_factory.mktemp("tiny_model")
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=400,
+        special_tokens=["<|endoftext|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    tokenizer.train_from_iterator([TEXT] * 50, trainer)
+    wrapped = PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, bos_token="<|endoftext|>", eos_token="<|endoftext|>"
+    )
+    torch.manual_seed(0)
+    config = GPT2Config(
+        vocab_size=len(wrapped),
+        n_positions=64,
+        n_embd=32,
+        n_layer=2,
+        n_head=2,
+        bos_token_id=wrapped.bos_token_id,
+        eos_token_id=wrapped.eos_token_id,
+    )
+    GPT2LMHeadModel(config).save_pretrained(directory)
+    wrapped.save_pretrained(directory)
+    return directory
+
+
+@pytest.fixture(scope="session")
+def vocab_size(tiny_model_dir: Path) -> int:
+    import json
+
+    return json.loads((tiny_model_dir / "config.json").read_text())["vocab_size"]
+
+
+def save_sae(directory: Path, d_in: int, d_sae: int, seed: int = 0, **metadata) -> Path:
+    """A standard SAE with random weights in SAELens format."""
+    import torch
+    from sae_lens import StandardSAE, StandardSAEConfig
+    from sae_lens.saes.sae import SAEMetadata
+
+    torch.manual_seed(seed)
+    config = StandardSAEConfig(d_in=d_in, d_sae=d_sae, metadata=SAEMetadata(**metadata))
+    sae = StandardSAE(config)
+    with torch.no_grad():  # roughly a third of the latents fire on each token
+        sae.W_enc.normal_()
+        sae.b_enc.fill_(-0.5)
+    sae.save_model(directory)
+    return directory
+
+
+@pytest.fixture(scope="session")
+def tiny_sae_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return save_sae(
+        tmp_path_factory.mktemp("sae") / "tiny-sae",
+        d_in=32,
+        d_sae=64,
+        hook_name="blocks.1.hook_resid_pre",
+        context_size=24,
+        prepend_bos=True,
+    )
+
+
+@pytest.fixture(scope="session")
+def token_file(tmp_path_factory: pytest.TempPathFactory, vocab_size: int) -> Path:
+    """24 sequences of 24 tokens, BOS (id 0) first."""
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(1, vocab_size, size=(24, 24))
+    tokens[:, 0] = 0
+    path = tmp_path_factory.mktemp("corpus") / "tokens.npy"
+    np.save(path, tokens)
+    return path
