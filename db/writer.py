@@ -94,22 +94,26 @@ class DatabaseWriter:
         if not self.out.parent.is_dir():
             raise DatabaseWriteError(f"output directory {self.out.parent} does not exist")
         try:
-            if self.out.exists():
+            existed = self.out.exists()
+            if existed:
                 self._copy_existing()
             else:
                 self.temporary.touch()
-        except OSError as error:
-            self._remove_temporary()
-            raise DatabaseWriteError(f"cannot write {self.out}: {error.strerror}") from None
-        try:
             self.engine = writable_engine(self.temporary)
+            if existed:
+                check_schema_version(self.engine)
             Base.metadata.create_all(self.engine)
-            with Session(self.engine) as session:
-                if session.get(Meta, "schema_version") is None:
+            if not existed:
+                with Session(self.engine) as session:
                     session.add(Meta(key="schema_version", value=str(SCHEMA_VERSION)))
                     session.commit()
-            check_schema_version(self.engine)
             self._check_name()
+        except OSError as error:
+            self._discard()
+            raise DatabaseWriteError(f"cannot write {self.out}: {error.strerror}") from None
+        except SchemaMismatchError as error:
+            self._discard()
+            raise DatabaseWriteError(f"{self.out}: {error}") from None
         except BaseException:
             self._discard()
             raise

@@ -230,7 +230,7 @@ def nonoverlapping_candidates(
     positions = offset + torch.arange(n_blocks).view(1, -1, 1) * min_gap
     close = (positions[:, 1:] - positions[:, :-1]) <= min_gap
     left_wins = values[:, :-1] >= values[:, 1:]
-    dropped = torch.zeros_like(close[:, :1])
+    dropped = torch.zeros((n_seq, 1, n_features), dtype=torch.bool)
     drop_right = torch.cat([dropped, close & left_wins], dim=1)
     drop_left = torch.cat([close & ~left_wins, dropped], dim=1)
     values = values.masked_fill(drop_right | drop_left, -math.inf)

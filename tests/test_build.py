@@ -113,3 +113,150 @@ def test_second_sae_is_added_to_the_same_file(
     assert "already holds an SAE named 'second'" in again.output
     assert runner.invoke(app, [*args, "--replace"]).exit_code == 0
     assert rows(out, "select count(*) from features")[0][0] == 128
+
+
+def test_text_corpus_is_packed_with_bos(tmp_path, tiny_model_dir, tiny_sae_dir) -> None:
+    from tests.conftest import TEXT
+
+    corpus = tmp_path / "docs.jsonl"
+    corpus.write_text("\n".join(json.dumps({"text": TEXT * 3}) for _ in range(4)))
+    out = tmp_path / "text.db"
+    args = build_args(tiny_model_dir, tiny_sae_dir, corpus, out, "--context-length", "16")
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    sequences = [
+        np.frombuffer(blob, "<i4")
+        for (blob,) in rows(out, "select token_ids from corpus_sequences")
+    ]
+    assert len(sequences) == 30 and all(len(s) == 16 and s[0] == 0 for s in sequences)
+
+
+@pytest.fixture()
+def previous_db(tmp_path: Path, built_db: Path) -> Path:
+    """An existing database at the output path, which a failed build must leave intact."""
+    out = tmp_path / "features.db"
+    out.write_bytes(built_db.read_bytes())
+    return out
+
+
+def assert_failed_cleanly(result, previous_db: Path, built_db: Path, message: str, code: int = 2):
+    assert result.exit_code == code, result.output
+    assert message in result.output
+    assert previous_db.read_bytes() == built_db.read_bytes()
+    assert sorted(p.name for p in previous_db.parent.iterdir()) == ["features.db"]
+
+
+def test_sae_width_must_match_the_hook(tmp_path, previous_db, built_db, tiny_model_dir, token_file):
+    from tests.conftest import save_sae
+
+    sae = save_sae(tmp_path.parent / f"{tmp_path.name}-narrow", d_in=16, d_sae=8)
+    result = runner.invoke(
+        app, build_args(tiny_model_dir, sae, token_file, previous_db, "--replace")
+    )
+    assert_failed_cleanly(
+        result, previous_db, built_db, "the SAE reads 16-dimensional activations but hook"
+    )
+
+
+def test_unknown_hook(previous_db, built_db, tiny_model_dir, tiny_sae_dir, token_file) -> None:
+    args = build_args(tiny_model_dir, tiny_sae_dir, token_file, previous_db, "--replace")
+    args[args.index(HOOK)] = "blocks.7.hook_resid_pre"
+    result = runner.invoke(app, args)
+    assert_failed_cleanly(
+        result, previous_db, built_db, "model has no hook named 'blocks.7.hook_resid_pre'"
+    )
+    assert "blocks.1.hook_resid_pre" in result.output  # suggests the hooks that exist
+
+
+@pytest.mark.parametrize(
+    ("damage", "message"),
+    [
+        ("missing", "does not exist"),
+        ("no_cfg", "has no cfg.json"),
+        ("bad_json", "cannot load the SAE"),
+        ("wrong_shapes", "cannot load the SAE"),
+    ],
+)
+def test_broken_sae_directory(
+    tmp_path, previous_db, built_db, tiny_model_dir, tiny_sae_dir, token_file, damage, message
+):
+    import shutil
+
+    sae = tmp_path.parent / f"{tmp_path.name}-sae"
+    if damage != "missing":
+        shutil.copytree(tiny_sae_dir, sae)
+    if damage == "no_cfg":
+        (sae / "cfg.json").unlink()
+    elif damage == "bad_json":
+        (sae / "cfg.json").write_text("{not json")
+    elif damage == "wrong_shapes":
+        config = json.loads((sae / "cfg.json").read_text())
+        config["d_sae"] = 65
+        (sae / "cfg.json").write_text(json.dumps(config))
+    result = runner.invoke(
+        app, build_args(tiny_model_dir, sae, token_file, previous_db, "--replace")
+    )
+    assert_failed_cleanly(result, previous_db, built_db, message)
+
+
+@pytest.mark.parametrize(
+    ("tokens", "message"),
+    [
+        (np.zeros((0, 24), dtype=np.int64), "is empty"),
+        (np.zeros((4,), dtype=np.int64), "must be a 2-D integer array"),
+        (np.full((4, 24), 10_000, dtype=np.int64), "outside the model's vocabulary"),
+        (np.full((4, 24), -1, dtype=np.int64), "outside the model's vocabulary"),
+    ],
+)
+def test_bad_token_arrays(
+    tmp_path, previous_db, built_db, tiny_model_dir, tiny_sae_dir, tokens, message
+):
+    corpus = tmp_path.parent / f"{tmp_path.name}-tokens.npy"
+    np.save(corpus, tokens)
+    result = runner.invoke(
+        app, build_args(tiny_model_dir, tiny_sae_dir, corpus, previous_db, "--replace")
+    )
+    assert_failed_cleanly(result, previous_db, built_db, message)
+
+
+def test_text_shorter_than_one_context(
+    tmp_path, previous_db, built_db, tiny_model_dir, tiny_sae_dir
+):
+    corpus = tmp_path.parent / f"{tmp_path.name}-short.txt"
+    corpus.write_text("The cat sat.")
+    args = build_args(
+        tiny_model_dir, tiny_sae_dir, corpus, previous_db, "--replace", "--context-length", "24"
+    )
+    result = runner.invoke(app, args)
+    assert_failed_cleanly(
+        result, previous_db, built_db, "shorter than a single context of 24 tokens"
+    )
+
+
+def test_output_not_writable(tmp_path, tiny_model_dir, tiny_sae_dir, token_file) -> None:
+    missing_dir = tmp_path / "no" / "such" / "features.db"
+    result = runner.invoke(app, build_args(tiny_model_dir, tiny_sae_dir, token_file, missing_dir))
+    assert result.exit_code == 2
+    assert "output directory" in result.output and "does not exist" in result.output
+    not_a_db = tmp_path / "notes.db"
+    not_a_db.write_text("these are my notes")
+    result = runner.invoke(app, build_args(tiny_model_dir, tiny_sae_dir, token_file, not_a_db))
+    assert result.exit_code == 2
+    assert "not a saescope database" in result.output
+    assert not_a_db.read_text() == "these are my notes"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.db"]
+
+
+def test_ctrl_c_leaves_the_previous_database(
+    monkeypatch, previous_db, built_db, tiny_model_dir, tiny_sae_dir, token_file
+):
+    from pipeline.accumulators import FeatureAccumulators
+
+    def interrupt(self, batch) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(FeatureAccumulators, "update", interrupt)
+    result = runner.invoke(
+        app, build_args(tiny_model_dir, tiny_sae_dir, token_file, previous_db, "--replace")
+    )
+    assert_failed_cleanly(result, previous_db, built_db, "interrupted", code=130)
