@@ -56,7 +56,8 @@ def random_keys(token_index: Int[Tensor, " n"], feature_index: Int[Tensor, " n"]
     for multiplier in (0xBF58476D1CE4E5B9 & _HASH_MASK, 0x94D049BB133111EB & _HASH_MASK):
         x = ((x ^ (x >> 31)) * multiplier) & _HASH_MASK
     x = x ^ (x >> 29)
-    return (x >> 9).double() / float(1 << 53)
+    # 24 bits: exactly representable as the float32 score of a RandomActivations example.
+    return (x >> 38).double() / float(1 << 24)
 
 
 @dataclass
@@ -211,120 +212,193 @@ class FeatureStatsResult:
     histogram: np.ndarray
 
 
-def nonoverlapping_candidates(
-    score: Float[Tensor, "seq ctx d_sae"], min_gap: int
-) -> tuple[Float[Tensor, "cand d_sae"], Int[Tensor, "cand d_sae"]]:
-    """Per sequence and feature, positions whose windows cannot overlap.
-
-    Each sequence is cut into blocks of `min_gap` tokens and each block proposes its best position.
-    Of two proposals from neighbouring blocks closer than `min_gap + 1`, the lower score (on a tie,
-    the later one) is dropped, so any two surviving positions of a sequence are more than `min_gap`
-    apart. Returns scores (-inf where nothing valid) and row indices into the flattened batch.
-    """
+def block_best(
+    score: Float[Tensor, "seq ctx d_sae"], block: int
+) -> tuple[Float[Tensor, "seq blocks d_sae"], Int[Tensor, "seq blocks d_sae"]]:
+    """The best score of each block of `block` tokens per sequence and feature, and its position."""
     n_seq, ctx, n_features = score.shape
-    n_blocks = -(-ctx // min_gap)
-    padding = n_blocks * min_gap - ctx
+    n_blocks = -(-ctx // block)
+    padding = n_blocks * block - ctx
     if padding:
         score = torch.nn.functional.pad(score, (0, 0, 0, padding), value=-math.inf)
-    values, offset = score.view(n_seq, n_blocks, min_gap, n_features).max(dim=2)
-    positions = offset + torch.arange(n_blocks).view(1, -1, 1) * min_gap
-    close = (positions[:, 1:] - positions[:, :-1]) <= min_gap
+    values, offset = score.view(n_seq, n_blocks, block, n_features).max(dim=2)
+    return values, offset + torch.arange(n_blocks).view(1, -1, 1) * block
+
+
+def sparse_block_best(
+    batch: Batch, score: Float[Tensor, " n_active"], block: int
+) -> tuple[Float[Tensor, "seq blocks d_sae"], Int[Tensor, "seq blocks d_sae"]]:
+    """`block_best` over the active entries only (-inf where a block has none); ties go to the
+    earliest position."""
+    n_seq, ctx, n_features = batch.feature_acts.shape
+    n_blocks = -(-ctx // block)
+    position = batch.positions(batch.active_rows)
+    sequence = batch.active_rows // ctx
+    cell = (sequence * n_blocks + position // block) * n_features + batch.active_features
+    size = n_seq * n_blocks * n_features
+    values = torch.full((size,), -math.inf).scatter_reduce_(0, cell, score, "amax")
+    best = torch.where(score == values[cell], position, ctx)
+    positions = torch.full((size,), ctx).scatter_reduce_(0, cell, best, "amin")
+    shape = (n_seq, n_blocks, n_features)
+    return values.view(shape), positions.view(shape)
+
+
+def nonoverlapping_candidates(
+    values: Float[Tensor, "seq blocks d_sae"], positions: Int[Tensor, "seq blocks d_sae"], gap: int
+) -> tuple[Float[Tensor, "cand d_sae"], Int[Tensor, "cand d_sae"]]:
+    """Per sequence and feature, block proposals whose windows cannot overlap.
+
+    Each block of `gap` tokens proposes its best position. Of two proposals from neighbouring
+    blocks at most `gap` apart, the lower score (on a tie, the later one) is dropped, so any two
+    surviving positions of a sequence are more than `gap` apart. Returns scores (-inf where
+    nothing valid) and positions, one row per (sequence, block).
+    """
+    n_seq, _, n_features = values.shape
+    close = (positions[:, 1:] - positions[:, :-1]) <= gap
     left_wins = values[:, :-1] >= values[:, 1:]
-    dropped = torch.zeros((n_seq, 1, n_features), dtype=torch.bool)
-    drop_right = torch.cat([dropped, close & left_wins], dim=1)
-    drop_left = torch.cat([close & ~left_wins, dropped], dim=1)
+    kept = torch.zeros((n_seq, 1, n_features), dtype=torch.bool)
+    drop_right = torch.cat([kept, close & left_wins], dim=1)
+    drop_left = torch.cat([close & ~left_wins, kept], dim=1)
     values = values.masked_fill(drop_right | drop_left, -math.inf)
-    rows = positions + torch.arange(n_seq).view(-1, 1, 1) * ctx
-    return values.reshape(-1, n_features), rows.reshape(-1, n_features)
+    return values.reshape(-1, n_features), positions.reshape(-1, n_features)
+
+
+# Example keys order (score, then earlier token first) in one int64: an order-preserving integer
+# image of the float32 score in the high bits, the complement of the token index in the low 31.
+TOKEN_LIMIT = 1 << 31
+EMPTY_KEY = torch.iinfo(torch.int64).min
+
+
+def example_keys(score: Tensor, token: Tensor) -> Tensor:
+    bits = score.float().contiguous().view(torch.int32).long()
+    ordered = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
+    return (ordered << 31) | (TOKEN_LIMIT - 1 - token)
+
+
+def key_scores(keys: Tensor) -> Tensor:
+    ordered = keys >> 31
+    bits = torch.where(ordered < 0, ordered ^ 0x7FFFFFFF, ordered)
+    return bits.int().view(torch.float32)
+
+
+def key_tokens(keys: Tensor) -> Tensor:
+    return TOKEN_LIMIT - 1 - (keys & (TOKEN_LIMIT - 1))
 
 
 class TopExamples:
-    """The k best-scoring (position, feature) pairs per feature, with their context windows.
+    """The k best-scoring (token, feature) pairs per feature, with their context windows.
 
-    One mechanism for every example kind: subclasses choose the candidates and their score.
-    Ordering is by score, then by token index, so any split of the corpus gives the same result.
+    One mechanism for every example kind: subclasses say which (row, feature) pairs of a batch
+    are candidates and with what score. A candidate enters only if it beats the feature's
+    current k-th key, so after the first batches little work is left per batch. Keys are unique
+    and totally ordered, so any split of the corpus into batches or shards gives the same result.
+    Slots are unordered until `finalize`.
     """
 
     def __init__(self, k: int, n_features: int, context_length: int) -> None:
         self.k = k
         self.n_features = n_features
         self.context_length = context_length
-        self.score = torch.full((k, n_features), -math.inf, dtype=torch.float64)
-        self.token = torch.full((k, n_features), -1, dtype=torch.int64)
-        self.activation = torch.zeros(k, n_features)
-        self.window = torch.full((k, n_features, WINDOW_LENGTH), math.nan)
+        # Distinct empty keys below every real key keep the admission arithmetic exact.
+        self.key = EMPTY_KEY + 1 + torch.arange(k).repeat(n_features, 1)
+        self.payload: dict[str, Tensor] = {
+            "activation": torch.zeros(n_features, k),
+            "window": torch.full((n_features, k, WINDOW_LENGTH), math.nan),
+        }
 
-    def candidates(self, batch: Batch) -> tuple[Tensor, Tensor]:
-        """Scores [n, d_sae] (-inf for none) and flattened batch rows [n, d_sae] of candidates."""
+    def candidates(self, batch: Batch) -> tuple[Tensor, Tensor, Tensor]:
+        """Rows (into the flattened batch), features and scores of this batch's candidates."""
         raise NotImplementedError
 
-    def update(self, batch: Batch) -> Bool[Tensor, "k d_sae"]:
-        """Folds in a batch; returns which of the kept examples came from this batch."""
-        scores, rows = self.candidates(batch)
-        all_scores = torch.cat([self.score, scores.double()])
-        all_tokens = torch.cat([self.token, rows + batch.first_token])
-        order = self._order(all_scores, all_tokens)
-        from_batch = order >= self.k
-        kept = order.clamp(max=self.k - 1)
-        self.score = torch.gather(all_scores, 0, order)
-        self.token = torch.gather(all_tokens, 0, order)
-        activation, window = self._gather(batch, torch.gather(rows, 0, (order - self.k).clamp(0)))
-        self.activation = torch.where(from_batch, activation, self.activation.gather(0, kept))
-        kept_window = self.window.gather(0, kept.unsqueeze(-1).expand(-1, -1, WINDOW_LENGTH))
-        self.window = torch.where(from_batch.unsqueeze(-1), window, kept_window)
-        self._keep_payload(kept, from_batch)
-        empty = self.score == -math.inf
-        self.token[empty] = -1
-        return from_batch & ~empty
-
-    def _keep_payload(self, kept: Tensor, from_batch: Tensor) -> None:
-        """Subclasses with extra per-example state move it to the kept examples' new slots."""
-
-    def _order(self, scores: Tensor, tokens: Tensor) -> Tensor:
-        """Indices of the k best rows per column: highest score, then lowest token index."""
-        by_token = torch.sort(tokens, dim=0, stable=True).indices
-        by_score = torch.sort(
-            torch.gather(scores, 0, by_token), dim=0, descending=True, stable=True
+    def update(self, batch: Batch) -> None:
+        rows, features, scores = self.candidates(batch)
+        if batch.first_token + batch.token_ids.numel() > TOKEN_LIMIT:
+            raise ValueError(f"corpus positions beyond {TOKEN_LIMIT} tokens are not supported")
+        keys = example_keys(scores, rows + batch.first_token)
+        self._admit(
+            features, keys, lambda chosen: self._fetch(batch, rows[chosen], features[chosen])
         )
-        return torch.gather(by_token, 0, by_score.indices[: self.k])
 
-    def _gather(self, batch: Batch, rows: Int[Tensor, "k d_sae"]) -> tuple[Tensor, Tensor]:
+    def _admit(self, features: Tensor, keys: Tensor, fetch) -> None:
+        """Keeps the k largest keys per feature among the current ones and the candidates;
+        `fetch(candidate_indices)` gives the payload of the candidates that enter."""
+        promising = torch.nonzero(keys > self.key.min(dim=1).values[features]).squeeze(1)
+        if len(promising) == 0:
+            return
+        features, keys = features[promising], keys[promising]
+        order = torch.argsort(keys, descending=True, stable=True)
+        order = order[torch.argsort(features[order], stable=True)]
+        features, keys, promising = features[order], keys[order], promising[order]
+        per_feature = torch.bincount(features, minlength=self.n_features)
+        rank = torch.arange(len(features)) - (torch.cumsum(per_feature, 0) - per_feature)[features]
+        best = rank < self.k
+        candidate_key = torch.full((self.n_features, self.k), EMPTY_KEY)
+        candidate_index = torch.zeros((self.n_features, self.k), dtype=torch.int64)
+        candidate_key[features[best], rank[best]] = keys[best]
+        candidate_index[features[best], rank[best]] = promising[best]
+        # A token seen twice (overlapping shards) must not be kept twice.
+        seen = (candidate_key.unsqueeze(2) == self.key.unsqueeze(1)).any(dim=2)
+        candidate_key.masked_fill_(seen, EMPTY_KEY)
+        kth = torch.cat([self.key, candidate_key], dim=1).topk(self.k, dim=1).values[:, -1:]
+        # Per feature as many candidates enter as current examples leave; nonzero lists both
+        # feature by feature, so the i-th entrant takes the i-th freed slot.
+        entering_feature, entering_rank = torch.nonzero(candidate_key >= kth, as_tuple=True)
+        leaving_feature, leaving_slot = torch.nonzero(self.key < kth, as_tuple=True)
+        self.key[leaving_feature, leaving_slot] = candidate_key[entering_feature, entering_rank]
+        payload = fetch(candidate_index[entering_feature, entering_rank])
+        for name, values in payload.items():
+            self.payload[name][leaving_feature, leaving_slot] = values
+
+    def _fetch(self, batch: Batch, rows: Tensor, features: Tensor) -> dict[str, Tensor]:
         """The feature's activation at each row and on every token of the row's window."""
         ctx, n_features = batch.context_length, batch.n_features
         flat = batch.feature_acts.view(-1)
-        feature = torch.arange(n_features).view(1, -1)
-        activation = flat[rows * n_features + feature]
-        offsets = torch.arange(-WINDOW_LEFT, WINDOW_RIGHT + 1).view(1, 1, -1)
+        offsets = torch.arange(-WINDOW_LEFT, WINDOW_RIGHT + 1)
         positions = (rows % ctx).unsqueeze(-1) + offsets
         valid = (positions >= 0) & (positions < ctx)
         window_rows = torch.where(valid, rows.unsqueeze(-1) + offsets, rows.unsqueeze(-1))
-        window = flat[window_rows * n_features + feature.unsqueeze(-1)]
-        return activation, window.masked_fill(~valid, math.nan)
+        window = flat[window_rows * n_features + features.unsqueeze(-1)]
+        return {
+            "activation": flat[rows * n_features + features],
+            "window": window.masked_fill(~valid, math.nan),
+        }
 
     def merge(self, other: TopExamples) -> None:
-        scores = torch.cat([self.score, other.score])
-        order = self._order(scores, torch.cat([self.token, other.token]))
-        self.score = torch.gather(scores, 0, order)
-        self.token = torch.gather(torch.cat([self.token, other.token]), 0, order)
-        self.activation = torch.gather(torch.cat([self.activation, other.activation]), 0, order)
-        window_order = order.unsqueeze(-1).expand(-1, -1, WINDOW_LENGTH)
-        self.window = torch.gather(torch.cat([self.window, other.window]), 0, window_order)
-        self._merge_payload(other, order)
+        filled = other.key > EMPTY_KEY + other.k
+        flat_index = torch.nonzero(filled.view(-1)).squeeze(1)
+        features = flat_index // other.k
 
-    def _merge_payload(self, other: TopExamples, order: Tensor) -> None:
-        """Subclasses with extra per-example state reorder it here."""
+        def fetch(chosen: Tensor) -> dict[str, Tensor]:
+            source = flat_index[chosen]
+            return {
+                name: values.view(-1, *values.shape[2:])[source]
+                for name, values in other.payload.items()
+            }
+
+        self._admit(features, other.key.view(-1)[flat_index], fetch)
 
     def finalize(self) -> ExamplesResult:
-        """Examples as feature-major arrays; `valid` marks real entries."""
-        valid = (self.score > -math.inf).T.numpy()
-        token = self.token.T.numpy()
+        """Examples as feature-major arrays, best first; `valid` marks real entries."""
+        key, order = self.key.sort(dim=1, descending=True)
+        valid = key > EMPTY_KEY + self.k
+        token = torch.where(valid, key_tokens(key), -1)
+        payload = {
+            name: torch.gather(
+                values, 1, order.view(*order.shape, *[1] * (values.dim() - 2)).expand_as(values)
+            )
+            .cpu()
+            .numpy()
+            for name, values in self.payload.items()
+        }
+        ctx = self.context_length
         return ExamplesResult(
-            valid=valid,
-            sequence_index=np.where(valid, token // self.context_length, -1),
-            position=np.where(valid, token % self.context_length, -1),
-            score=self.score.T.numpy(),
-            activation=self.activation.T.double().numpy(),
-            window=self.window.permute(1, 0, 2).numpy(),
+            valid=valid.cpu().numpy(),
+            sequence_index=torch.where(valid, token // ctx, -1).cpu().numpy(),
+            position=torch.where(valid, token % ctx, -1).cpu().numpy(),
+            score=key_scores(key).double().cpu().numpy(),
+            activation=payload.pop("activation").astype(np.float64),
+            window=payload.pop("window"),
+            extra=payload,
         )
 
 
@@ -339,21 +413,29 @@ class ExamplesResult:
     extra: dict[str, np.ndarray] = field(default_factory=dict)
 
 
+def _dense_candidates(values: Tensor, positions: Tensor, ctx: int) -> tuple[Tensor, Tensor, Tensor]:
+    """(rows, features, scores) of the valid non-overlapping block proposals."""
+    scores, positions = nonoverlapping_candidates(values, positions, WINDOW_LENGTH - 1)
+    n_blocks = values.shape[1]
+    candidate, features = torch.nonzero(scores > -math.inf, as_tuple=True)
+    rows = positions[candidate, features] + (candidate // n_blocks) * ctx
+    return rows, features, scores[candidate, features]
+
+
 class TopActivations(TopExamples):
     """Highest activations, one per non-overlapping window."""
 
-    def candidates(self, batch: Batch) -> tuple[Tensor, Tensor]:
-        values, rows = nonoverlapping_candidates(batch.feature_acts, WINDOW_LENGTH - 1)
-        return values.masked_fill(values <= 0, -math.inf), rows
+    def candidates(self, batch: Batch) -> tuple[Tensor, Tensor, Tensor]:
+        values, positions = sparse_block_best(batch, batch.active_values, WINDOW_LENGTH - 1)
+        return _dense_candidates(values, positions, batch.context_length)
 
 
 class BottomActivations(TopExamples):
     """Weakest positive activations, one per non-overlapping window (score = -activation)."""
 
-    def candidates(self, batch: Batch) -> tuple[Tensor, Tensor]:
-        acts = batch.feature_acts
-        score = torch.where(acts > 0, -acts, -math.inf)
-        return nonoverlapping_candidates(score, WINDOW_LENGTH - 1)
+    def candidates(self, batch: Batch) -> tuple[Tensor, Tensor, Tensor]:
+        values, positions = sparse_block_best(batch, -batch.active_values, WINDOW_LENGTH - 1)
+        return _dense_candidates(values, positions, batch.context_length)
 
 
 class RandomActivations(TopExamples):
@@ -363,19 +445,10 @@ class RandomActivations(TopExamples):
         super().__init__(k, n_features, context_length)
         self.seed = seed
 
-    def candidates(self, batch: Batch) -> tuple[Tensor, Tensor]:
+    def candidates(self, batch: Batch) -> tuple[Tensor, Tensor, Tensor]:
         rows, features = batch.active_rows, batch.active_features
         keys = random_keys(rows + batch.first_token, features, self.seed)
-        order = torch.argsort(features.double() + keys)
-        features, keys, rows = features[order], keys[order], rows[order]
-        per_feature = torch.bincount(features, minlength=self.n_features)
-        rank = torch.arange(len(features)) - (torch.cumsum(per_feature, 0) - per_feature)[features]
-        keep = rank < self.k
-        scores = torch.full((self.k, self.n_features), -math.inf, dtype=torch.float64)
-        out_rows = torch.zeros((self.k, self.n_features), dtype=torch.int64)
-        scores[rank[keep], features[keep]] = -keys[keep]
-        out_rows[rank[keep], features[keep]] = rows[keep]
-        return scores, out_rows
+        return rows, features, -keys.float()
 
 
 class DecoderTop(TopExamples):
@@ -397,43 +470,45 @@ class DecoderTop(TopExamples):
         self.decoder = decoder
         self.decoder_unit = decoder / decoder.norm(dim=1, keepdim=True).clamp_min(1e-12)
         self.n_absorbers = n_absorbers
-        self.absorber = torch.full((k, n_features, n_absorbers), -1, dtype=torch.int64)
-        self.absorber_weight = torch.zeros(k, n_features, n_absorbers)
+        self.payload["absorber"] = torch.full((n_features, k, n_absorbers), -1, dtype=torch.int64)
+        self.payload["absorber_weight"] = torch.zeros(n_features, k, n_absorbers)
 
-    def candidates(self, batch: Batch) -> tuple[Tensor, Tensor]:
-        return nonoverlapping_candidates(batch.projections, WINDOW_LENGTH - 1)
+    def candidates(self, batch: Batch) -> tuple[Tensor, Tensor, Tensor]:
+        values, positions = block_best(batch.projections, WINDOW_LENGTH - 1)
+        return _dense_candidates(values, positions, batch.context_length)
 
-    def update(self, batch: Batch) -> Bool[Tensor, "k d_sae"]:
-        new = super().update(batch)
-        slot, feature = torch.nonzero(new & (self.activation <= 0), as_tuple=True)
-        rows = self.token[slot, feature] - batch.first_token
-        flat = batch.feature_acts.view(-1, batch.n_features)
-        for start in range(0, len(rows), 1024):
-            chunk = slice(start, start + 1024)
-            cosines = self.decoder_unit[feature[chunk]] @ self.decoder.T
-            weight, latent = (flat[rows[chunk]] * cosines).topk(self.n_absorbers, dim=1)
-            self.absorber[slot[chunk], feature[chunk]] = latent.masked_fill(weight <= 0, -1)
-            self.absorber_weight[slot[chunk], feature[chunk]] = weight.clamp_min(0)
-        return new
+    def _fetch(self, batch: Batch, rows: Tensor, features: Tensor) -> dict[str, Tensor]:
+        payload = super()._fetch(batch, rows, features)
+        absorber = torch.full((len(rows), self.n_absorbers), -1, dtype=torch.int64)
+        weight = torch.zeros(len(rows), self.n_absorbers)
+        missed = torch.nonzero(payload["activation"] <= 0).squeeze(1)
+        for chunk in missed.split(1024):
+            absorber[chunk], weight[chunk] = self._absorbers(batch, rows[chunk], features[chunk])
+        payload["absorber"], payload["absorber_weight"] = absorber, weight
+        return payload
 
-    def _keep_payload(self, kept: Tensor, from_batch: Tensor) -> None:
-        index = kept.unsqueeze(-1).expand(-1, -1, self.n_absorbers)
-        fresh = from_batch.unsqueeze(-1)
-        self.absorber = self.absorber.gather(0, index).masked_fill(fresh, -1)
-        self.absorber_weight = self.absorber_weight.gather(0, index).masked_fill(fresh, 0.0)
-
-    def _merge_payload(self, other: TopExamples, order: Tensor) -> None:
-        assert isinstance(other, DecoderTop)
-        index = order.unsqueeze(-1).expand(-1, -1, self.n_absorbers)
-        self.absorber = torch.gather(torch.cat([self.absorber, other.absorber]), 0, index)
-        weights = torch.cat([self.absorber_weight, other.absorber_weight])
-        self.absorber_weight = torch.gather(weights, 0, index)
-
-    def finalize(self) -> ExamplesResult:
-        result = super().finalize()
-        result.extra["absorber"] = self.absorber.permute(1, 0, 2).numpy()
-        result.extra["absorber_weight"] = self.absorber_weight.permute(1, 0, 2).double().numpy()
-        return result
+    def _absorbers(self, batch: Batch, rows: Tensor, features: Tensor) -> tuple[Tensor, Tensor]:
+        """Top contributions f_j·(ŵ_i·W_dec[j]) over the latents j active at each row."""
+        start = torch.searchsorted(batch.active_rows, rows)
+        count = torch.searchsorted(batch.active_rows, rows, right=True) - start
+        owner = torch.repeat_interleave(torch.arange(len(rows)), count)
+        offset = torch.arange(len(owner)) - torch.repeat_interleave(
+            torch.cumsum(count, 0) - count, count
+        )
+        entry = start[owner] + offset
+        latent = batch.active_features[entry]
+        unique, inverse = torch.unique(features, return_inverse=True)
+        cosines = self.decoder_unit[unique] @ self.decoder.T
+        contribution = batch.active_values[entry] * cosines[inverse[owner], latent]
+        width = max(int(count.max()) if len(count) else 0, self.n_absorbers)
+        dense = torch.full((len(rows), width), -math.inf)
+        dense[owner, offset] = contribution
+        dense_latent = torch.full((len(rows), width), -1, dtype=torch.int64)
+        dense_latent[owner, offset] = latent
+        weight, slot = dense.topk(self.n_absorbers, dim=1)
+        absorber = dense_latent.gather(1, slot).masked_fill(weight <= 0, -1)
+        weight = weight.clamp_min(0.0)
+        return absorber, weight
 
 
 class TokenTable:

@@ -199,7 +199,7 @@ def test_random_sample_is_the_smallest_keys(data: dict, result: AccumulatedResul
         sequence, position = np.nonzero(acts[:, :, feature] > 0)
         token = torch.from_numpy(sequence * CTX + position)
         keys = random_keys(token, torch.full_like(token, feature), SEED).numpy()
-        order = np.argsort(keys)[: SIZES.random]
+        order = np.argsort(keys, kind="stable")[: SIZES.random]
         expected = list(zip(sequence[order].tolist(), position[order].tolist(), strict=True))
         assert examples_of(result.random, feature) == expected
 
@@ -282,3 +282,21 @@ def test_merge_of_two_halves_equals_one_run(data: dict, result, split: int) -> N
 
 def test_batch_size_does_not_change_the_result(data: dict, result) -> None:
     assert_results_equal(accumulate(data, range(N_SEQ), batch_size=N_SEQ).finalize(), result)
+
+
+def test_example_keys_order_by_score_then_earlier_token() -> None:
+    from pipeline.accumulators import example_keys, key_scores, key_tokens
+
+    generator = torch.Generator().manual_seed(1)
+    scores = torch.cat(
+        [torch.randn(500, generator=generator) * 100, torch.tensor([0.0, 1.0, 1.0, -math.inf])]
+    )
+    tokens = torch.randint(0, 2**31 - 1, (len(scores),), generator=generator)
+    tokens[-3:-1] = torch.tensor([7, 3])  # a tie in score: the earlier token ranks first
+    keys = example_keys(scores, tokens)
+    order = torch.argsort(keys, descending=True).tolist()
+    ranked = [(scores[i].item(), -tokens[i].item()) for i in order]
+    assert ranked == sorted(ranked, reverse=True)
+    assert order.index(len(scores) - 2) < order.index(len(scores) - 3)
+    assert torch.equal(key_tokens(keys), tokens)
+    assert torch.equal(key_scores(keys), scores)

@@ -1,0 +1,184 @@
+"""Build speed and memory against the floor: the bare forward-to-hook plus SAE encode.
+
+Builds a 2-layer GPT-2 (d_model 128) and a 4,096-latent SAE locally, then in one run measures
+side by side, over the same tokens and batches:
+  - bare: forward to the hook + SAE encode, nothing else;
+  - stream: the build's one pass (forward, encode, decoder projections, every accumulator);
+  - build: the whole `saescope build` (pass, finalize, evaluation, database write);
+and the peak resident memory of whole builds at N and 4N tokens, each in a fresh process.
+
+    python tests/benchmarks/build_speed.py --n-tokens 65536
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+HOOK = "blocks.1.hook_resid_pre"
+CONTEXT = 128
+BATCH = 32
+
+logger = logging.getLogger("bench")
+
+
+def make_inputs(directory: Path, d_sae: int) -> tuple[Path, Path, Path]:
+    """A random 2-layer GPT-2 with a 4,096-token BPE vocabulary, an SAE, and random token rows."""
+    from sae_lens import StandardSAE, StandardSAEConfig
+    from sae_lens.saes.sae import SAEMetadata
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+
+    from pipeline.lm_corpus import stdlib_texts
+
+    model_dir, sae_dir = directory / "model", directory / "sae"
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=4096,
+        special_tokens=["<|endoftext|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(stdlib_texts(), trainer)
+    wrapped = PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, bos_token="<|endoftext|>", eos_token="<|endoftext|>"
+    )
+    torch.manual_seed(0)
+    config = GPT2Config(
+        vocab_size=len(wrapped), n_positions=CONTEXT, n_embd=128, n_layer=2, n_head=4
+    )
+    GPT2LMHeadModel(config).save_pretrained(model_dir)
+    wrapped.save_pretrained(model_dir)
+    sae_config = StandardSAEConfig(
+        d_in=128,
+        d_sae=d_sae,
+        metadata=SAEMetadata(hook_name=HOOK, context_size=CONTEXT, prepend_bos=True),
+    )
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(1, len(wrapped), size=(4 * 1024, CONTEXT))
+    tokens[:, 0] = wrapped.bos_token_id
+    model = GPT2LMHeadModel.from_pretrained(model_dir)
+    with torch.no_grad():
+        hidden = model(torch.from_numpy(tokens[:16]), output_hidden_states=True).hidden_states[1]
+    sae = StandardSAE(sae_config)
+    with torch.no_grad():  # each latent fires on ~1.5% of tokens, as in a trained SAE
+        sae.W_enc.normal_(0, 1)
+        pre = (hidden.reshape(-1, 128) - sae.b_dec) @ sae.W_enc
+        sae.b_enc.copy_(-torch.quantile(pre[:4096], 0.985, dim=0))
+    sae.save_model(sae_dir)
+    token_path = directory / "tokens.npy"
+    np.save(token_path, tokens)
+    return model_dir, sae_dir, token_path
+
+
+def time_passes(model_dir: Path, sae_dir: Path, tokens_path: Path, n_tokens: int) -> dict:
+    from pipeline import sources
+    from pipeline.build import BuildConfig, encode_batch, stream
+
+    sae = sources.load_sae(sae_dir, None, None, "cpu", "float32")
+    model = sources.load_model(str(model_dir), "cpu", torch.float32, {}, quiet=True)
+    tokens = np.load(tokens_path)[: n_tokens // CONTEXT]
+    config = BuildConfig(
+        model=str(model_dir), hook=HOOK, corpus=str(tokens_path), out=Path("unused"), quiet=True
+    )
+    special = sources.special_token_ids(model.tokenizer)
+    decoder, bias = sources.decoder_and_bias(sae)
+    unit = decoder / decoder.norm(dim=1, keepdim=True)
+
+    def bare() -> None:
+        for start in range(0, len(tokens), BATCH):
+            batch = torch.from_numpy(tokens[start : start + BATCH])
+            x = sources.activations_at_hook(model, HOOK, batch)
+            sae.encode(x)
+
+    def full() -> None:
+        stream(model, sae, config, tokens, special)
+
+    with torch.inference_mode():
+        bare()  # warm-up
+        times: dict[str, list[float]] = {"bare": [], "stream": []}
+        for _ in range(3):  # interleaved so drift on a shared machine hits both alike
+            for name, run in (("bare", bare), ("stream", full)):
+                started = time.perf_counter()
+                run()
+                times[name].append(time.perf_counter() - started)
+        # The decoder projection alone: the one extra matmul the floor does not have.
+        started = time.perf_counter()
+        for start in range(0, len(tokens), BATCH):
+            batch = torch.from_numpy(tokens[start : start + BATCH])
+            encode_batch(model, sae, HOOK, batch, unit, bias)
+        times["encode_and_project"] = [time.perf_counter() - started]
+    return {name: min(values) for name, values in times.items()}
+
+
+def build_in_subprocess(model_dir, sae_dir, tokens_path, n_tokens: int, out: Path) -> dict:
+    code = f"""
+import json, resource, sys, time
+from pipeline.cli import app
+started = time.perf_counter()
+try:
+    app([
+        "build", "--model", {str(model_dir)!r}, "--hook", {HOOK!r}, "--sae", {str(sae_dir)!r},
+        "--corpus", {str(tokens_path)!r}, "--out", {str(out)!r}, "--n-tokens", "{n_tokens}",
+        "--batch-size", "{BATCH}", "--quiet",
+    ])
+except SystemExit as exit:
+    assert not exit.code, exit.code
+print(json.dumps({{"seconds": time.perf_counter() - started,
+                  "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}}))
+"""
+    output = subprocess.run(
+        [sys.executable, "-c", code], check=True, capture_output=True, text=True
+    ).stdout
+    return json.loads(output.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--n-tokens", type=int, default=65_536, help="N; memory also at 4N")
+    parser.add_argument("--d-sae", type=int, default=4096)
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    with tempfile.TemporaryDirectory() as tmp:
+        directory = Path(tmp)
+        model_dir, sae_dir, tokens_path = make_inputs(directory, args.d_sae)
+        passes = time_passes(model_dir, sae_dir, tokens_path, args.n_tokens)
+        small = build_in_subprocess(
+            model_dir, sae_dir, tokens_path, args.n_tokens, directory / "n.db"
+        )
+        large = build_in_subprocess(
+            model_dir, sae_dir, tokens_path, 4 * args.n_tokens, directory / "4n.db"
+        )
+        bare_again = time_passes(model_dir, sae_dir, tokens_path, args.n_tokens)["bare"]
+    floor = min(passes["bare"], bare_again)
+    print(f"tokens N = {args.n_tokens}, d_sae = {args.d_sae}, hook = {HOOK}, batch = {BATCH}")
+    print(f"bare forward-to-hook + encode : {floor:8.2f} s   (1.00)")
+    print(
+        f"+ decoder projections         : {passes['encode_and_project']:8.2f} s   "
+        f"({passes['encode_and_project'] / floor:.2f})"
+    )
+    print(
+        f"build pass (stream)           : {passes['stream']:8.2f} s   ({passes['stream'] / floor:.2f})"
+    )
+    print(
+        f"whole build, N tokens         : {small['seconds']:8.2f} s   ({small['seconds'] / floor:.2f})"
+    )
+    print(
+        f"peak RSS at N / 4N            : {small['peak_rss_mb']:.0f} MB / {large['peak_rss_mb']:.0f} MB"
+        f"   (4N/N = {large['peak_rss_mb'] / small['peak_rss_mb']:.3f})"
+    )
+
+
+if __name__ == "__main__":
+    main()
