@@ -168,15 +168,16 @@ def main() -> None:
         f"+ decoder projections         : {passes['encode_and_project']:8.2f} s   "
         f"({passes['encode_and_project'] / floor:.2f})"
     )
+    for label, seconds in (
+        ("build pass (stream)", passes["stream"]),
+        ("whole build, N tokens", small["seconds"]),
+        ("whole build, 4N tokens", large["seconds"]),
+    ):
+        print(f"{label:<30}: {seconds:8.2f} s   ({seconds / floor:.2f})")
+    ratio = large["peak_rss_mb"] / small["peak_rss_mb"]
     print(
-        f"build pass (stream)           : {passes['stream']:8.2f} s   ({passes['stream'] / floor:.2f})"
-    )
-    print(
-        f"whole build, N tokens         : {small['seconds']:8.2f} s   ({small['seconds'] / floor:.2f})"
-    )
-    print(
-        f"peak RSS at N / 4N            : {small['peak_rss_mb']:.0f} MB / {large['peak_rss_mb']:.0f} MB"
-        f"   (4N/N = {large['peak_rss_mb'] / small['peak_rss_mb']:.3f})"
+        f"peak RSS at N / 4N            : {small['peak_rss_mb']:.0f} MB / "
+        f"{large['peak_rss_mb']:.0f} MB   (4N/N = {ratio:.3f})"
     )
 
 
