@@ -14,6 +14,14 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 # Bump whenever a table or column changes meaning; the server refuses other versions.
 SCHEMA_VERSION = 1
 
+# Activation histograms are stored with HISTOGRAM_BINS_PER_DECADE log-spaced bins per power of
+# ten between 10**HISTOGRAM_LOG10_MIN and 10**HISTOGRAM_LOG10_MAX, plus an underflow bin (index 0)
+# and an overflow bin (the last).
+HISTOGRAM_LOG10_MIN = -4
+HISTOGRAM_LOG10_MAX = 4
+HISTOGRAM_BINS_PER_DECADE = 64
+HISTOGRAM_BINS = (HISTOGRAM_LOG10_MAX - HISTOGRAM_LOG10_MIN) * HISTOGRAM_BINS_PER_DECADE + 2
+
 
 class Base(DeclarativeBase):
     type_annotation_map: ClassVar = {dict[str, Any]: JSON, list[Any]: JSON}

@@ -20,17 +20,17 @@ import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
+from db.models import (
+    HISTOGRAM_BINS,
+    HISTOGRAM_BINS_PER_DECADE,
+    HISTOGRAM_LOG10_MAX,
+    HISTOGRAM_LOG10_MIN,
+)
+
 # Example windows show this many tokens before and after the example's token.
 WINDOW_LEFT = 12
 WINDOW_RIGHT = 4
 WINDOW_LENGTH = WINDOW_LEFT + WINDOW_RIGHT + 1
-
-# Log-spaced histogram of active values: HISTOGRAM_BINS_PER_DECADE bins per power of ten between
-# 10**HISTOGRAM_LOG10_MIN and 10**HISTOGRAM_LOG10_MAX, plus one underflow and one overflow bin.
-HISTOGRAM_LOG10_MIN = -4
-HISTOGRAM_LOG10_MAX = 4
-HISTOGRAM_BINS_PER_DECADE = 64
-HISTOGRAM_BINS = (HISTOGRAM_LOG10_MAX - HISTOGRAM_LOG10_MIN) * HISTOGRAM_BINS_PER_DECADE + 2
 
 # Pending (token, feature) pairs are folded into the token table once there are this many.
 TOKEN_TABLE_COMPACT_EVERY = 4_000_000

@@ -10,6 +10,8 @@ from typing import Annotated
 
 import typer
 
+from server.cli import serve
+
 app = typer.Typer(
     help="Precompute and browse what the latents of a sparse autoencoder mean.",
     no_args_is_help=True,
@@ -170,6 +172,9 @@ def build(
         f"in {summary.seconds:.1f}s -> {summary.out} "
         + " ".join(f"{k}={v:.4g}" for k, v in summary.metrics.items() if v is not None)
     )
+
+
+app.command()(serve)
 
 
 def main() -> None:

@@ -1,0 +1,81 @@
+"""JSON API under /api/v1: one route per page, from the same query functions."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter
+from pydantic import BaseModel
+
+from db import queries
+from db.models import SCHEMA_VERSION
+from server.dependencies import SessionDep, SettingsDep
+from server.errors import ERROR_RESPONSES
+from server.params import FeatureIndex, FeatureTableQuery, SaeName, Threshold, TokenQuery
+
+router = APIRouter(prefix="/api/v1", responses=ERROR_RESPONSES)
+
+
+class Health(BaseModel):
+    status: str
+    schema_version: int
+    saes: int
+
+
+@router.get("/health", response_model=Health, tags=["meta"])
+def health(session: SessionDep) -> Health:
+    return Health(status="ok", schema_version=SCHEMA_VERSION, saes=len(queries.list_saes(session)))
+
+
+@router.get("/saes", response_model=list[queries.SaeSummary], tags=["saes"])
+def saes(session: SessionDep) -> list[queries.SaeSummary]:
+    """The SAEs in the database with their metrics."""
+    return queries.list_saes(session)
+
+
+@router.get("/saes/{sae}", response_model=queries.SaeDetail, tags=["saes"])
+def sae(sae: SaeName, session: SessionDep) -> queries.SaeDetail:
+    """One SAE: metrics, build configuration and training curve."""
+    return queries.get_sae(session, sae)
+
+
+@router.get("/saes/{sae}/features", response_model=queries.FeaturePage, tags=["features"])
+def features(
+    sae: SaeName, params: FeatureTableQuery, session: SessionDep, settings: SettingsDep
+) -> queries.FeaturePage:
+    """The feature table, sorted, filtered and paginated by key."""
+    return queries.list_features(
+        session,
+        sae,
+        sort=params.sort,
+        order=params.order,
+        flag=params.flag,
+        min_frequency=params.min_frequency,
+        max_frequency=params.max_frequency,
+        after=params.after,
+        limit=params.limit or settings.page_size,
+    )
+
+
+@router.get(
+    "/saes/{sae}/features/{feature_index}",
+    response_model=queries.FeatureDetail,
+    tags=["features"],
+)
+def feature(
+    sae: SaeName, feature_index: FeatureIndex, session: SessionDep
+) -> queries.FeatureDetail:
+    """Everything about one feature: statistics, flags, examples, charts' data, neighbours."""
+    return queries.get_feature(session, sae, feature_index)
+
+
+@router.get("/saes/{sae}/search", response_model=queries.TokenSearch, tags=["search"])
+def search(
+    sae: SaeName, token: TokenQuery, session: SessionDep, settings: SettingsDep
+) -> queries.TokenSearch:
+    """Tokens matching `token` exactly, then by substring, with the latents that fire on them."""
+    return queries.search_tokens(session, sae, token, limit=settings.search_limit)
+
+
+@router.get("/saes/{sae}/flags", response_model=queries.FlagsReport, tags=["features"])
+def flags(sae: SaeName, session: SessionDep, threshold: Threshold = 0.1) -> queries.FlagsReport:
+    """High-frequency (above `threshold`), dead, positional and BOS-dominated features."""
+    return queries.flags_report(session, sae, threshold)

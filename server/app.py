@@ -1,0 +1,42 @@
+"""The FastAPI application: `create_app(settings)` serves one database file read-only."""
+
+from __future__ import annotations
+
+from importlib.resources import files
+
+from fastapi import FastAPI
+from fastapi.responses import FileResponse
+from fastapi.staticfiles import StaticFiles
+
+from db.engine import check_schema_version, readonly_engine
+from server import api, pages
+from server.errors import install_error_handlers
+from server.settings import Settings
+from server.templating import STATIC_DIR
+
+PLOTLY_JS = files("plotly") / "package_data" / "plotly.min.js"
+
+
+def create_app(settings: Settings) -> FastAPI:
+    """Opens the database read-only and checks its schema version before serving anything."""
+    engine = readonly_engine(settings.database)
+    check_schema_version(engine)
+    app = FastAPI(
+        title="saescope",
+        summary="What the latents of sparse autoencoders mean: features, examples, flags.",
+        version="1",
+        docs_url="/docs",
+    )
+    app.state.engine = engine
+    app.state.settings = settings
+    app.include_router(api.router)
+    app.include_router(pages.router)
+    install_error_handlers(app)
+
+    @app.get("/static/plotly.min.js", include_in_schema=False)
+    def plotly_js() -> FileResponse:
+        """plotly.js from the installed plotly package: these pages never reach a CDN."""
+        return FileResponse(str(PLOTLY_JS), media_type="text/javascript")
+
+    app.mount("/static", StaticFiles(directory=str(STATIC_DIR)), name="static")
+    return app

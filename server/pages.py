@@ -1,0 +1,76 @@
+"""HTML pages: the same query functions as the JSON API, rendered with Jinja2."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request
+from fastapi.responses import HTMLResponse
+
+from db import queries
+from server.dependencies import SessionDep, SettingsDep
+from server.params import FeatureIndex, FeatureTableQuery, SaeName, Threshold, TokenQuery
+from server.templating import templates
+
+router = APIRouter(include_in_schema=False, default_response_class=HTMLResponse)
+
+
+def render(request: Request, template: str, api_path: str, **context) -> HTMLResponse:
+    """A page with a link to its JSON twin (same path under /api/v1, same query string)."""
+    query = f"?{request.url.query}" if request.url.query else ""
+    return templates.TemplateResponse(
+        request, template, {"json_url": f"/api/v1{api_path}{query}", **context}
+    )
+
+
+@router.get("/")
+def index(request: Request, session: SessionDep) -> HTMLResponse:
+    saes = [queries.get_sae(session, s.name) for s in queries.list_saes(session)]
+    return render(request, "index.html", "/saes", saes=saes)
+
+
+@router.get("/saes/{sae}")
+def sae_page(
+    request: Request,
+    sae: SaeName,
+    params: FeatureTableQuery,
+    session: SessionDep,
+    settings: SettingsDep,
+) -> HTMLResponse:
+    detail = queries.get_sae(session, sae)
+    page = queries.list_features(
+        session,
+        sae,
+        sort=params.sort,
+        order=params.order,
+        flag=params.flag,
+        min_frequency=params.min_frequency,
+        max_frequency=params.max_frequency,
+        after=params.after,
+        limit=params.limit or settings.page_size,
+    )
+    return render(
+        request, "sae.html", f"/saes/{sae}/features", sae=detail, page=page, params=params
+    )
+
+
+@router.get("/saes/{sae}/features/{feature_index}")
+def feature_page(
+    request: Request, sae: SaeName, feature_index: FeatureIndex, session: SessionDep
+) -> HTMLResponse:
+    feature = queries.get_feature(session, sae, feature_index)
+    return render(request, "feature.html", f"/saes/{sae}/features/{feature_index}", feature=feature)
+
+
+@router.get("/saes/{sae}/search")
+def search_page(
+    request: Request, sae: SaeName, token: TokenQuery, session: SessionDep, settings: SettingsDep
+) -> HTMLResponse:
+    result = queries.search_tokens(session, sae, token, limit=settings.search_limit)
+    return render(request, "search.html", f"/saes/{sae}/search", result=result)
+
+
+@router.get("/saes/{sae}/flags")
+def flags_page(
+    request: Request, sae: SaeName, session: SessionDep, threshold: Threshold = 0.1
+) -> HTMLResponse:
+    report = queries.flags_report(session, sae, threshold)
+    return render(request, "flags.html", f"/saes/{sae}/flags", report=report)

@@ -1,0 +1,47 @@
+"""Query parameters shared by each page and its JSON twin."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Annotated
+
+from fastapi import Depends, Path, Query
+
+from db.queries import MAX_PAGE_SIZE, FlagName, SortKey, SortOrder
+
+SaeName = Annotated[str, Path(description="name of the SAE in the database")]
+FeatureIndex = Annotated[int, Path(ge=0, description="latent index")]
+TokenQuery = Annotated[
+    str, Query(min_length=1, max_length=200, description="token text to look for")
+]
+Threshold = Annotated[
+    float, Query(gt=0, le=1, description="flag features firing on more than this share")
+]
+
+
+@dataclass
+class FeatureTableParams:
+    sort: SortKey
+    order: SortOrder
+    flag: FlagName | None
+    min_frequency: float | None
+    max_frequency: float | None
+    after: str | None
+    limit: int | None
+
+
+def feature_table_params(
+    sort: Annotated[SortKey, Query(description="column to sort by")] = SortKey.feature_index,
+    order: Annotated[SortOrder, Query(description="asc or desc")] = SortOrder.asc,
+    flag: Annotated[FlagName | None, Query(description="only features with this flag")] = None,
+    min_frequency: Annotated[float | None, Query(ge=0, le=1)] = None,
+    max_frequency: Annotated[float | None, Query(ge=0, le=1)] = None,
+    after: Annotated[
+        str | None, Query(max_length=100, description="cursor from the previous page")
+    ] = None,
+    limit: Annotated[int | None, Query(ge=1, le=MAX_PAGE_SIZE)] = None,
+) -> FeatureTableParams:
+    return FeatureTableParams(sort, order, flag, min_frequency, max_frequency, after, limit)
+
+
+FeatureTableQuery = Annotated[FeatureTableParams, Depends(feature_table_params)]

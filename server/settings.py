@@ -1,0 +1,18 @@
+"""Server settings: from arguments of `saescope serve`, or SAESCOPE_* environment variables."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    """Every setting of the server; the README's configuration table lists the same."""
+
+    model_config = SettingsConfigDict(env_prefix="SAESCOPE_")
+
+    database: Path = Field(description="database file written by `saescope build`")
+    page_size: int = Field(50, ge=1, le=200, description="features per page of the feature table")
+    search_limit: int = Field(10, ge=1, le=50, description="matching tokens shown per search")
