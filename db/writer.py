@@ -7,16 +7,17 @@ previous one intact.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
 import sqlite3
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from sqlalchemy import delete, insert, select
+from sqlalchemy import JSON, delete, select
 from sqlalchemy.orm import Session
 
 from db.engine import SchemaMismatchError, check_schema_version, writable_engine
@@ -57,13 +58,31 @@ class CorpusData:
 
 @dataclass
 class SaeData:
-    """One SAE's row, and the rows of its features, examples and token tables."""
+    """One SAE's row, its features' rows, and its examples and token tables as columns."""
 
     sae: dict[str, Any]
     features: list[dict[str, Any]]
-    examples: list[dict[str, Any]]
-    token_stats: list[dict[str, Any]]
-    token_latents: list[dict[str, Any]] = field(default_factory=list)
+    examples: dict[str, list]
+    token_stats: dict[str, list]
+    token_latents: dict[str, list]
+
+
+def _insert_columns(session: Session, model: type[Base], columns: dict[str, Any]) -> None:
+    """Bulk insert through the driver: one executemany, no per-row ORM work. A scalar value
+    (not a list) fills its column in every row; JSON columns are serialised here."""
+    table = model.__table__
+    length = max(len(v) for v in columns.values() if isinstance(v, list))
+    values = []
+    for name, value in columns.items():
+        column = value if isinstance(value, list) else [value] * length
+        if isinstance(table.c[name].type, JSON):
+            column = [json.dumps(v) for v in column]
+        values.append(column)
+    names = ", ".join(columns)
+    marks = ", ".join("?" * len(columns))
+    session.connection().exec_driver_sql(
+        f"INSERT INTO {table.name} ({names}) VALUES ({marks})", list(zip(*values, strict=True))
+    )
 
 
 def float32_blob(values: np.ndarray) -> bytes:
@@ -151,16 +170,18 @@ class DatabaseWriter:
             sae = Sae(**data.sae, name=self.name, corpus_id=corpus_id)
             session.add(sae)
             session.flush()
-            for model, rows in (
-                (Feature, data.features),
+            features = {name: [row[name] for row in data.features] for name in data.features[0]}
+            for model, columns in (
+                (Feature, features),
                 (Example, data.examples),
                 (TokenStat, data.token_stats),
                 (TokenLatent, data.token_latents),
             ):
-                if rows:
-                    session.execute(insert(model), [{**row, "sae_id": sae.id} for row in rows])
+                _insert_columns(session, model, {"sae_id": sae.id, **columns})
             session.commit()
-        logger.info("wrote %d features and %d examples", len(data.features), len(data.examples))
+        logger.info(
+            "wrote %d features and %d examples", len(data.features), len(data.examples["rank"])
+        )
 
     def _corpus_id(self, session: Session, corpus: CorpusData) -> int:
         existing = session.scalar(select(Corpus.id).where(Corpus.fingerprint == corpus.fingerprint))
@@ -176,24 +197,24 @@ class DatabaseWriter:
         )
         session.add(row)
         session.flush()
-        session.execute(
-            insert(CorpusSequence),
-            [
-                {"corpus_id": row.id, "sequence_index": index, "token_ids": int32_blob(tokens)}
-                for index, tokens in enumerate(corpus.token_ids)
-            ],
+        _insert_columns(
+            session,
+            CorpusSequence,
+            {
+                "corpus_id": row.id,
+                "sequence_index": list(range(n_sequences)),
+                "token_ids": [int32_blob(tokens) for tokens in corpus.token_ids],
+            },
         )
-        session.execute(
-            insert(VocabToken),
-            [
-                {
-                    "corpus_id": row.id,
-                    "token_id": token_id,
-                    "token": token,
-                    "special": token_id in corpus.special_token_ids,
-                }
-                for token_id, token in enumerate(corpus.vocab)
-            ],
+        _insert_columns(
+            session,
+            VocabToken,
+            {
+                "corpus_id": row.id,
+                "token_id": list(range(len(corpus.vocab))),
+                "token": corpus.vocab,
+                "special": [i in corpus.special_token_ids for i in range(len(corpus.vocab))],
+            },
         )
         return row.id
 

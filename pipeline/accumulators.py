@@ -124,21 +124,28 @@ class Batch:
 class FeatureStats:
     """Counts, sums, extremes, log-spaced histogram and positional profile of each feature."""
 
-    def __init__(self, n_features: int, context_length: int) -> None:
+    def __init__(self, n_features: int, context_length: int, device: torch.device) -> None:
+        self.device = device
         self.n_features = n_features
         self.context_length = context_length
         self.tokens_seen = 0
         self.special_tokens_seen = 0
-        self.count = torch.zeros(n_features, dtype=torch.int64)
-        self.sum = torch.zeros(n_features, dtype=torch.float64)
-        self.sum_sq = torch.zeros(n_features, dtype=torch.float64)
-        self.max = torch.zeros(n_features)
-        self.min = torch.full((n_features,), math.inf)
-        self.special_count = torch.zeros(n_features, dtype=torch.int64)
-        self.position_tokens = torch.zeros(context_length, dtype=torch.int64)
-        self.position_count = torch.zeros(context_length, n_features, dtype=torch.int64)
-        self.position_sum = torch.zeros(context_length, n_features, dtype=torch.float64)
-        self.histogram = torch.zeros(n_features, HISTOGRAM_BINS, dtype=torch.int64)
+        self.count = torch.zeros(n_features, dtype=torch.int64, device=self.device)
+        self.sum = torch.zeros(n_features, dtype=torch.float64, device=self.device)
+        self.sum_sq = torch.zeros(n_features, dtype=torch.float64, device=self.device)
+        self.max = torch.zeros(n_features, device=self.device)
+        self.min = torch.full((n_features,), math.inf, device=self.device)
+        self.special_count = torch.zeros(n_features, dtype=torch.int64, device=self.device)
+        self.position_tokens = torch.zeros(context_length, dtype=torch.int64, device=self.device)
+        self.position_count = torch.zeros(
+            context_length, n_features, dtype=torch.int64, device=self.device
+        )
+        self.position_sum = torch.zeros(
+            context_length, n_features, dtype=torch.float64, device=self.device
+        )
+        self.histogram = torch.zeros(
+            n_features, HISTOGRAM_BINS, dtype=torch.int64, device=self.device
+        )
 
     def update(self, batch: Batch) -> None:
         features, values = batch.active_features, batch.active_values
@@ -159,7 +166,7 @@ class FeatureStats:
         self.histogram.view(-1).index_add_(0, hist_cell, torch.ones_like(hist_cell))
 
     def _reduce(self, features: Tensor, values: Tensor, how: str, empty: float) -> Tensor:
-        out = torch.full((self.n_features,), empty, dtype=values.dtype)
+        out = torch.full((self.n_features,), empty, dtype=values.dtype, device=self.device)
         return out.scatter_reduce_(0, features, values, reduce=how, include_self=True)
 
     def merge(self, other: FeatureStats) -> None:
@@ -183,16 +190,16 @@ class FeatureStats:
         return FeatureStatsResult(
             tokens_seen=self.tokens_seen,
             special_tokens_seen=self.special_tokens_seen,
-            count=self.count.numpy(),
-            sum=self.sum.numpy(),
-            sum_sq=self.sum_sq.numpy(),
-            max=self.max.double().numpy(),
-            min=np.where(self.count.numpy() > 0, self.min.double().numpy(), 0.0),
-            special_count=self.special_count.numpy(),
-            position_tokens=self.position_tokens.numpy(),
-            position_count=self.position_count.numpy(),
-            position_sum=self.position_sum.numpy(),
-            histogram=self.histogram.numpy(),
+            count=self.count.cpu().numpy(),
+            sum=self.sum.cpu().numpy(),
+            sum_sq=self.sum_sq.cpu().numpy(),
+            max=self.max.double().cpu().numpy(),
+            min=np.where(self.count.cpu().numpy() > 0, self.min.double().cpu().numpy(), 0.0),
+            special_count=self.special_count.cpu().numpy(),
+            position_tokens=self.position_tokens.cpu().numpy(),
+            position_count=self.position_count.cpu().numpy(),
+            position_sum=self.position_sum.cpu().numpy(),
+            histogram=self.histogram.cpu().numpy(),
         )
 
 
@@ -222,7 +229,7 @@ def block_best(
     if padding:
         score = torch.nn.functional.pad(score, (0, 0, 0, padding), value=-math.inf)
     values, offset = score.view(n_seq, n_blocks, block, n_features).max(dim=2)
-    return values, offset + torch.arange(n_blocks).view(1, -1, 1) * block
+    return values, offset + torch.arange(n_blocks, device=score.device).view(1, -1, 1) * block
 
 
 def sparse_block_best(
@@ -236,9 +243,13 @@ def sparse_block_best(
     sequence = batch.active_rows // ctx
     cell = (sequence * n_blocks + position // block) * n_features + batch.active_features
     size = n_seq * n_blocks * n_features
-    values = torch.full((size,), -math.inf).scatter_reduce_(0, cell, score, "amax")
+    values = torch.full((size,), -math.inf, device=batch.feature_acts.device).scatter_reduce_(
+        0, cell, score, "amax"
+    )
     best = torch.where(score == values[cell], position, ctx)
-    positions = torch.full((size,), ctx).scatter_reduce_(0, cell, best, "amin")
+    positions = torch.full((size,), ctx, device=batch.feature_acts.device).scatter_reduce_(
+        0, cell, best, "amin"
+    )
     shape = (n_seq, n_blocks, n_features)
     return values.view(shape), positions.view(shape)
 
@@ -256,7 +267,7 @@ def nonoverlapping_candidates(
     n_seq, _, n_features = values.shape
     close = (positions[:, 1:] - positions[:, :-1]) <= gap
     left_wins = values[:, :-1] >= values[:, 1:]
-    kept = torch.zeros((n_seq, 1, n_features), dtype=torch.bool)
+    kept = torch.zeros((n_seq, 1, n_features), dtype=torch.bool, device=values.device)
     drop_right = torch.cat([kept, close & left_wins], dim=1)
     drop_left = torch.cat([close & ~left_wins, kept], dim=1)
     values = values.masked_fill(drop_right | drop_left, -math.inf)
@@ -295,15 +306,16 @@ class TopExamples:
     Slots are unordered until `finalize`.
     """
 
-    def __init__(self, k: int, n_features: int, context_length: int) -> None:
+    def __init__(self, k: int, n_features: int, context_length: int, device: torch.device) -> None:
+        self.device = device
         self.k = k
         self.n_features = n_features
         self.context_length = context_length
         # Distinct empty keys below every real key keep the admission arithmetic exact.
-        self.key = EMPTY_KEY + 1 + torch.arange(k).repeat(n_features, 1)
+        self.key = EMPTY_KEY + 1 + torch.arange(k, device=self.device).repeat(n_features, 1)
         self.payload: dict[str, Tensor] = {
-            "activation": torch.zeros(n_features, k),
-            "window": torch.full((n_features, k, WINDOW_LENGTH), math.nan),
+            "activation": torch.zeros(n_features, k, device=self.device),
+            "window": torch.full((n_features, k, WINDOW_LENGTH), math.nan, device=self.device),
         }
 
     def candidates(self, batch: Batch) -> tuple[Tensor, Tensor, Tensor]:
@@ -330,10 +342,15 @@ class TopExamples:
         order = order[torch.argsort(features[order], stable=True)]
         features, keys, promising = features[order], keys[order], promising[order]
         per_feature = torch.bincount(features, minlength=self.n_features)
-        rank = torch.arange(len(features)) - (torch.cumsum(per_feature, 0) - per_feature)[features]
+        rank = (
+            torch.arange(len(features), device=self.device)
+            - (torch.cumsum(per_feature, 0) - per_feature)[features]
+        )
         best = rank < self.k
-        candidate_key = torch.full((self.n_features, self.k), EMPTY_KEY)
-        candidate_index = torch.zeros((self.n_features, self.k), dtype=torch.int64)
+        candidate_key = torch.full((self.n_features, self.k), EMPTY_KEY, device=self.device)
+        candidate_index = torch.zeros(
+            (self.n_features, self.k), dtype=torch.int64, device=self.device
+        )
         candidate_key[features[best], rank[best]] = keys[best]
         candidate_index[features[best], rank[best]] = promising[best]
         # A token seen twice (overlapping shards) must not be kept twice.
@@ -353,7 +370,7 @@ class TopExamples:
         """The feature's activation at each row and on every token of the row's window."""
         ctx, n_features = batch.context_length, batch.n_features
         flat = batch.feature_acts.view(-1)
-        offsets = torch.arange(-WINDOW_LEFT, WINDOW_RIGHT + 1)
+        offsets = torch.arange(-WINDOW_LEFT, WINDOW_RIGHT + 1, device=self.device)
         positions = (rows % ctx).unsqueeze(-1) + offsets
         valid = (positions >= 0) & (positions < ctx)
         window_rows = torch.where(valid, rows.unsqueeze(-1) + offsets, rows.unsqueeze(-1))
@@ -441,8 +458,10 @@ class BottomActivations(TopExamples):
 class RandomActivations(TopExamples):
     """A uniform random sample of the active positions of each feature (score = -random key)."""
 
-    def __init__(self, k: int, n_features: int, context_length: int, seed: int) -> None:
-        super().__init__(k, n_features, context_length)
+    def __init__(
+        self, k: int, n_features: int, context_length: int, device: torch.device, seed: int
+    ) -> None:
+        super().__init__(k, n_features, context_length, device)
         self.seed = seed
 
     def candidates(self, batch: Batch) -> tuple[Tensor, Tensor, Tensor]:
@@ -466,12 +485,16 @@ class DecoderTop(TopExamples):
         decoder: Float[Tensor, "d_sae d_model"],
         n_absorbers: int,
     ) -> None:
-        super().__init__(k, n_features, context_length)
+        super().__init__(k, n_features, context_length, decoder.device)
         self.decoder = decoder
         self.decoder_unit = decoder / decoder.norm(dim=1, keepdim=True).clamp_min(1e-12)
         self.n_absorbers = n_absorbers
-        self.payload["absorber"] = torch.full((n_features, k, n_absorbers), -1, dtype=torch.int64)
-        self.payload["absorber_weight"] = torch.zeros(n_features, k, n_absorbers)
+        self.payload["absorber"] = torch.full(
+            (n_features, k, n_absorbers), -1, dtype=torch.int64, device=self.device
+        )
+        self.payload["absorber_weight"] = torch.zeros(
+            n_features, k, n_absorbers, device=self.device
+        )
 
     def candidates(self, batch: Batch) -> tuple[Tensor, Tensor, Tensor]:
         values, positions = block_best(batch.projections, WINDOW_LENGTH - 1)
@@ -479,8 +502,10 @@ class DecoderTop(TopExamples):
 
     def _fetch(self, batch: Batch, rows: Tensor, features: Tensor) -> dict[str, Tensor]:
         payload = super()._fetch(batch, rows, features)
-        absorber = torch.full((len(rows), self.n_absorbers), -1, dtype=torch.int64)
-        weight = torch.zeros(len(rows), self.n_absorbers)
+        absorber = torch.full(
+            (len(rows), self.n_absorbers), -1, dtype=torch.int64, device=self.device
+        )
+        weight = torch.zeros(len(rows), self.n_absorbers, device=self.device)
         missed = torch.nonzero(payload["activation"] <= 0).squeeze(1)
         for chunk in missed.split(1024):
             absorber[chunk], weight[chunk] = self._absorbers(batch, rows[chunk], features[chunk])
@@ -491,8 +516,8 @@ class DecoderTop(TopExamples):
         """Top contributions f_j·(ŵ_i·W_dec[j]) over the latents j active at each row."""
         start = torch.searchsorted(batch.active_rows, rows)
         count = torch.searchsorted(batch.active_rows, rows, right=True) - start
-        owner = torch.repeat_interleave(torch.arange(len(rows)), count)
-        offset = torch.arange(len(owner)) - torch.repeat_interleave(
+        owner = torch.repeat_interleave(torch.arange(len(rows), device=self.device), count)
+        offset = torch.arange(len(owner), device=self.device) - torch.repeat_interleave(
             torch.cumsum(count, 0) - count, count
         )
         entry = start[owner] + offset
@@ -501,9 +526,9 @@ class DecoderTop(TopExamples):
         cosines = self.decoder_unit[unique] @ self.decoder.T
         contribution = batch.active_values[entry] * cosines[inverse[owner], latent]
         width = max(int(count.max()) if len(count) else 0, self.n_absorbers)
-        dense = torch.full((len(rows), width), -math.inf)
+        dense = torch.full((len(rows), width), -math.inf, device=self.device)
         dense[owner, offset] = contribution
-        dense_latent = torch.full((len(rows), width), -1, dtype=torch.int64)
+        dense_latent = torch.full((len(rows), width), -1, dtype=torch.int64, device=self.device)
         dense_latent[owner, offset] = latent
         weight, slot = dense.topk(self.n_absorbers, dim=1)
         absorber = dense_latent.gather(1, slot).masked_fill(weight <= 0, -1)
@@ -515,13 +540,14 @@ class TokenTable:
     """Per (token id, feature): how often the feature fires on the token and the summed activation;
     per token id: how often it occurs (special tokens excluded)."""
 
-    def __init__(self, n_features: int, vocab_size: int) -> None:
+    def __init__(self, n_features: int, vocab_size: int, device: torch.device) -> None:
+        self.device = device
         self.n_features = n_features
         self.vocab_size = vocab_size
-        self.token_count = torch.zeros(vocab_size, dtype=torch.int64)
-        self.keys = torch.zeros(0, dtype=torch.int64)
-        self.count = torch.zeros(0, dtype=torch.int64)
-        self.sum = torch.zeros(0, dtype=torch.float64)
+        self.token_count = torch.zeros(vocab_size, dtype=torch.int64, device=self.device)
+        self.keys = torch.zeros(0, dtype=torch.int64, device=self.device)
+        self.count = torch.zeros(0, dtype=torch.int64, device=self.device)
+        self.sum = torch.zeros(0, dtype=torch.float64, device=self.device)
         self._pending: list[tuple[Tensor, Tensor, Tensor]] = []
         self._pending_size = 0
 
@@ -546,8 +572,12 @@ class TokenTable:
         count = torch.cat([self.count, *(p[1] for p in self._pending)])
         total = torch.cat([self.sum, *(p[2] for p in self._pending)])
         self.keys, inverse = torch.unique(keys, sorted=True, return_inverse=True)
-        self.count = torch.zeros(len(self.keys), dtype=torch.int64).index_add_(0, inverse, count)
-        self.sum = torch.zeros(len(self.keys), dtype=torch.float64).index_add_(0, inverse, total)
+        self.count = torch.zeros(len(self.keys), dtype=torch.int64, device=self.device).index_add_(
+            0, inverse, count
+        )
+        self.sum = torch.zeros(len(self.keys), dtype=torch.float64, device=self.device).index_add_(
+            0, inverse, total
+        )
         self._pending, self._pending_size = [], 0
 
     def merge(self, other: TokenTable) -> None:
@@ -557,13 +587,13 @@ class TokenTable:
 
     def finalize(self) -> TokenTableResult:
         self._compact()
-        keys = self.keys.numpy()
+        keys = self.keys.cpu().numpy()
         return TokenTableResult(
-            token_count=self.token_count.numpy(),
+            token_count=self.token_count.cpu().numpy(),
             token_id=keys // self.n_features,
             feature_index=keys % self.n_features,
-            count=self.count.numpy(),
-            sum=self.sum.numpy(),
+            count=self.count.cpu().numpy(),
+            sum=self.sum.cpu().numpy(),
         )
 
 
@@ -604,14 +634,15 @@ class FeatureAccumulators:
         sizes: ExampleSizes,
         seed: int,
     ) -> None:
-        self.stats = FeatureStats(n_features, context_length)
-        self.top = TopActivations(sizes.top, n_features, context_length)
-        self.bottom = BottomActivations(sizes.bottom, n_features, context_length)
-        self.random = RandomActivations(sizes.random, n_features, context_length, seed)
+        device = decoder.device
+        self.stats = FeatureStats(n_features, context_length, device)
+        self.top = TopActivations(sizes.top, n_features, context_length, device)
+        self.bottom = BottomActivations(sizes.bottom, n_features, context_length, device)
+        self.random = RandomActivations(sizes.random, n_features, context_length, device, seed)
         self.decoder_top = DecoderTop(
             sizes.decoder_top, n_features, context_length, decoder, sizes.absorbers
         )
-        self.tokens = TokenTable(n_features, vocab_size)
+        self.tokens = TokenTable(n_features, vocab_size, device)
 
     def parts(self) -> tuple:
         return (self.stats, self.top, self.bottom, self.random, self.decoder_top, self.tokens)

@@ -78,6 +78,14 @@ def quantile_edges(histogram: np.ndarray, low: float, high: float, n_bands: int)
     return edges
 
 
+def all_quantile_edges(result: AccumulatedResult, n_bands: int) -> list[list[float]]:
+    stats = result.stats
+    return [
+        quantile_edges(stats.histogram[i], stats.min[i], stats.max[i], n_bands)
+        for i in range(len(stats.count))
+    ]
+
+
 def band_mass(histogram: np.ndarray, edges: list[float]) -> list[float]:
     """Share of the summed activation in each band, from the fine histogram's bin centres."""
     if not edges:
@@ -130,6 +138,7 @@ def feature_rows(
     decoder: Float[Tensor, "d_sae d_in"],
     unembed: Float[Tensor, "d_in vocab"],
     settings: AnalysisSettings,
+    edges: list[list[float]],
 ) -> list[dict[str, Any]]:
     stats = result.stats
     n_features = len(stats.count)
@@ -159,9 +168,6 @@ def feature_rows(
     for i in range(n_features):
         nonzero = np.flatnonzero(stats.histogram[i])
         first, last = (nonzero[0], nonzero[-1] + 1) if len(nonzero) else (0, 0)
-        edges = quantile_edges(
-            stats.histogram[i], stats.min[i], stats.max[i], settings.quantile_bands
-        )
         rows.append(
             {
                 "feature_index": i,
@@ -184,8 +190,8 @@ def feature_rows(
                 "histogram_counts": int32_blob(stats.histogram[i, first:last]),
                 "position_rate": float32_blob(position_rate[i]),
                 "position_mean": float32_blob(position_mean[i]),
-                "quantile_edges": edges,
-                "quantile_mass": band_mass(stats.histogram[i], edges),
+                "quantile_edges": edges[i],
+                "quantile_mass": band_mass(stats.histogram[i], edges[i]),
                 "logits_top": _pairs(logits[1][i], logits[0][i], "token_id", "logit"),
                 "logits_bottom": _pairs(logits[3][i], logits[2][i], "token_id", "logit"),
                 "neighbours": _pairs(
@@ -274,84 +280,98 @@ def feature_top_tokens(result: AccumulatedResult, n: int) -> list[list[dict]]:
     return out
 
 
-def token_rows(result: AccumulatedResult, n: int) -> tuple[list[dict], list[dict]]:
+def token_columns(result: AccumulatedResult, n: int) -> tuple[dict[str, list], dict[str, list]]:
     """Token occurrence counts, and per token the latents with the highest mean activation over
     all its occurrences (a latent that fires rarely on the token ranks low)."""
     table = result.tokens
-    stats = [
-        {"token_id": int(t), "count": int(c)} for t, c in enumerate(table.token_count) if c > 0
-    ]
+    seen = np.flatnonzero(table.token_count)
+    stats = {"token_id": seen.tolist(), "count": table.token_count[seen].tolist()}
     mean = table.sum / np.maximum(table.token_count[table.token_id], 1)
     order = np.lexsort((table.feature_index, -mean, table.token_id))
     keep = order[ranks_within_groups(table.token_id[order]) < n]
-    ranks = ranks_within_groups(table.token_id[keep])
-    latents = [
-        {
-            "token_id": int(table.token_id[j]),
-            "rank": int(rank),
-            "feature_index": int(table.feature_index[j]),
-            "count": int(table.count[j]),
-            "mean_activation": float(mean[j]),
-        }
-        for j, rank in zip(keep, ranks, strict=True)
-    ]
+    latents = {
+        "token_id": table.token_id[keep].tolist(),
+        "rank": ranks_within_groups(table.token_id[keep]).tolist(),
+        "feature_index": table.feature_index[keep].tolist(),
+        "count": table.count[keep].tolist(),
+        "mean_activation": mean[keep].tolist(),
+    }
     return stats, latents
 
 
-def example_rows(result: AccumulatedResult, settings: AnalysisSettings) -> list[dict[str, Any]]:
-    rows: list[dict[str, Any]] = []
+def example_columns(
+    result: AccumulatedResult, settings: AnalysisSettings, edges: list[list[float]]
+) -> dict[str, list]:
+    """Every stored example as columns of the `examples` table."""
+    parts = []
     for kind in ("top", "bottom", "decoder_top"):
         examples: ExamplesResult = getattr(result, kind)
-        for i, slot in zip(*np.nonzero(examples.valid), strict=True):
-            rows.append(_example_row(examples, i, slot, kind, int(slot), None))
-            if kind == "decoder_top":
-                rows[-1]["projection"] = float(examples.score[i, slot])
-    rows.extend(quantile_example_rows(result, settings))
-    return rows
+        feature, slot = np.nonzero(examples.valid)
+        projection = examples.score[feature, slot] if kind == "decoder_top" else None
+        parts.append(_columns(examples, feature, slot, kind, slot, None, projection))
+    parts.append(_quantile_columns(result.random, settings, edges))
+    return {name: [x for part in parts for x in part[name]] for name in parts[0]}
 
 
-def quantile_example_rows(
-    result: AccumulatedResult, settings: AnalysisSettings
-) -> list[dict[str, Any]]:
-    """Up to `examples_per_band` random examples per band, in random order."""
-    stats, random = result.stats, result.random
-    rows = []
-    for i in range(random.valid.shape[0]):
-        edges = quantile_edges(
-            stats.histogram[i], stats.min[i], stats.max[i], settings.quantile_bands
-        )
-        if not edges:
+def _quantile_columns(
+    random: ExamplesResult, settings: AnalysisSettings, edges: list[list[float]]
+) -> dict[str, list]:
+    """Up to `examples_per_band` of the random sample per band, in the sample's random order."""
+    per_band = settings.examples_per_band
+    features, slots, bands, ranks = [], [], [], []
+    for i, feature_edges in enumerate(edges):
+        slot = np.flatnonzero(random.valid[i])
+        if len(slot) == 0 or not feature_edges:
             continue
-        taken = [0] * settings.quantile_bands
-        for slot in np.flatnonzero(random.valid[i]):
-            band = int(np.searchsorted(edges[1:-1], random.activation[i, slot], side="right"))
-            if taken[band] < settings.examples_per_band:
-                rank = band * settings.examples_per_band + taken[band]
-                rows.append(_example_row(random, i, slot, "quantile", rank, band))
-                taken[band] += 1
-    return rows
+        band = np.searchsorted(feature_edges[1:-1], random.activation[i, slot], side="right")
+        order = np.argsort(band, kind="stable")
+        rank = ranks_within_groups(band[order])
+        keep = order[rank < per_band]
+        features.append(np.full(len(keep), i))
+        slots.append(slot[keep])
+        bands.append(band[keep])
+        ranks.append(band[keep] * per_band + rank[rank < per_band])
+    if not features:
+        return _columns(random, np.zeros(0, int), np.zeros(0, int), "quantile", [], [], None)
+    band = np.concatenate(bands)
+    return _columns(
+        random,
+        np.concatenate(features),
+        np.concatenate(slots),
+        "quantile",
+        np.concatenate(ranks),
+        band,
+        None,
+    )
 
 
-def _example_row(
+def _columns(
     examples: ExamplesResult,
-    feature: int,
-    slot: int,
+    feature: np.ndarray,
+    slot: np.ndarray,
     kind: str,
-    rank: int,
-    band: int | None,
-) -> dict[str, Any]:
-    position = int(examples.position[feature, slot])
-    window = examples.window[feature, slot]
-    start = max(position - WINDOW_LEFT, 0)
+    rank,
+    band,
+    projection,
+) -> dict[str, list]:
+    position = examples.position[feature, slot]
+    windows = examples.window[feature, slot].astype("<f4")
+    # NaN marks window tokens outside the sequence: only the real ones are stored.
+    inside = ~np.isnan(windows)
+    first = inside.argmax(axis=1)
+    length = inside.sum(axis=1)
+    n = len(feature)
     return {
-        "feature_index": int(feature),
-        "kind": kind,
-        "rank": rank,
-        "band": band,
-        "sequence_index": int(examples.sequence_index[feature, slot]),
-        "position": position,
-        "activation": float(examples.activation[feature, slot]),
-        "projection": None,
-        "window_start": start,
-        "window_activations": float32_blob(window[~np.isnan(window)]),
+        "feature_index": feature.tolist(),
+        "kind": [kind] * n,
+        "rank": np.asarray(rank).tolist(),
+        "band": np.asarray(band).tolist() if band is not None else [None] * n,
+        "sequence_index": examples.sequence_index[feature, slot].tolist(),
+        "position": position.tolist(),
+        "activation": examples.activation[feature, slot].tolist(),
+        "projection": projection.tolist() if projection is not None else [None] * n,
+        "window_start": np.maximum(position - WINDOW_LEFT, 0).tolist(),
+        "window_activations": [
+            w[f : f + m].tobytes() for w, f, m in zip(windows, first, length, strict=True)
+        ],
     }

@@ -175,48 +175,50 @@ def stream(model, sae, config: BuildConfig, tokens: np.ndarray, special_ids: set
     decoder, decoder_bias = sources.decoder_and_bias(sae)
     decoder_unit = decoder / decoder.norm(dim=1, keepdim=True).clamp_min(1e-12)
     special = torch.tensor(sorted(special_ids), dtype=torch.int64, device=config.device)
-    with torch.device(config.device):
-        accumulators = FeatureAccumulators(
-            n_features=decoder.shape[0],
-            context_length=context_length,
-            vocab_size=model.cfg.d_vocab,
-            decoder=decoder,
-            sizes=config.examples,
-            seed=config.seed,
-        )
-        progress = tqdm(
-            total=n_sequences * context_length,
-            unit="tok",
-            unit_scale=True,
-            desc="build",
-            disable=config.quiet,
-        )
-        with progress:
-            for start in range(0, n_sequences, config.batch_size):
-                batch_tokens = torch.from_numpy(tokens[start : start + config.batch_size]).to(
-                    config.device
-                )
-                feature_acts, projections = encode_batch(
-                    model, sae, config.hook, batch_tokens, decoder_unit, decoder_bias
-                )
-                batch = Batch.from_activations(
-                    start,
-                    batch_tokens,
-                    feature_acts,
-                    projections,
-                    torch.isin(batch_tokens, special),
-                )
-                accumulators.update(batch)
-                progress.update(batch_tokens.numel())
-        return accumulators.finalize()
+    accumulators = FeatureAccumulators(
+        n_features=decoder.shape[0],
+        context_length=context_length,
+        vocab_size=model.cfg.d_vocab,
+        decoder=decoder,
+        sizes=config.examples,
+        seed=config.seed,
+    )
+    progress = tqdm(
+        total=n_sequences * context_length,
+        unit="tok",
+        unit_scale=True,
+        desc="build",
+        disable=config.quiet,
+    )
+    with progress:
+        for start in range(0, n_sequences, config.batch_size):
+            batch_tokens = torch.from_numpy(tokens[start : start + config.batch_size]).to(
+                config.device
+            )
+            feature_acts, projections = encode_batch(
+                model, sae, config.hook, batch_tokens, decoder_unit, decoder_bias
+            )
+            batch = Batch.from_activations(
+                start,
+                batch_tokens,
+                feature_acts,
+                projections,
+                torch.isin(batch_tokens, special),
+            )
+            accumulators.update(batch)
+            progress.update(batch_tokens.numel())
+    return accumulators.finalize()
 
 
 def sae_data(config, model, sae, accumulated, evaluation: dict, shape) -> SaeData:
     decoder, _ = sources.decoder_and_bias(sae)
     unembed = model.W_U.detach().float()
-    features = analysis.feature_rows(accumulated, decoder, unembed, config.analysis)
-    examples = analysis.example_rows(accumulated, config.analysis)
-    token_stats, token_latents = analysis.token_rows(accumulated, config.analysis.n_token_latents)
+    edges = analysis.all_quantile_edges(accumulated, config.analysis.quantile_bands)
+    features = analysis.feature_rows(accumulated, decoder, unembed, config.analysis, edges)
+    examples = analysis.example_columns(accumulated, config.analysis, edges)
+    token_stats, token_latents = analysis.token_columns(
+        accumulated, config.analysis.n_token_latents
+    )
     stats = accumulated.stats
     frequency = stats.count / max(stats.tokens_seen, 1)
     sae_row = {
