@@ -11,9 +11,12 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+# Markup that a page must show as text.
+XSS = ["<script>alert(1)</script>", '"><img src=x onerror=alert(1)>']
 TEXT = (
     "The cat sat on the mat. Mr Smith went to the market (on Monday) and bought bread. "
     "def add(a, b): return a + b. The quick brown fox jumps over the lazy dog. "
+    f"{XSS[0]} {XSS[1]} "
 )
 
 
@@ -37,6 +40,7 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     wrapped = PreTrainedTokenizerFast(
         tokenizer_object=tokenizer, bos_token="<|endoftext|>", eos_token="<|endoftext|>"
     )
+    wrapped.add_tokens(XSS)  # whole tokens, so a page must show each as one escaped string
     torch.manual_seed(0)
     config = GPT2Config(
         vocab_size=len(wrapped),
@@ -96,3 +100,26 @@ def token_file(tmp_path_factory: pytest.TempPathFactory, vocab_size: int) -> Pat
     path = tmp_path_factory.mktemp("corpus") / "tokens.npy"
     np.save(path, tokens)
     return path
+
+
+@pytest.fixture(scope="session")
+def dashboard_db(tmp_path_factory, tiny_model_dir: Path, tiny_sae_dir: Path) -> Path:
+    """A database built from a text corpus that contains markup, for the server's tests."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from pipeline.cli import app
+
+    directory = tmp_path_factory.mktemp("dashboard")
+    corpus = directory / "docs.jsonl"
+    corpus.write_text("\n".join(json.dumps({"text": TEXT * 4}) for _ in range(6)))
+    out = directory / "dashboard.db"
+    args = [
+        "build", "--model", str(tiny_model_dir), "--hook", "blocks.1.hook_resid_pre",
+        "--sae", str(tiny_sae_dir), "--corpus", str(corpus), "--out", str(out),
+        "--n-tokens", "1024", "--context-length", "32", "--eval-sequences", "4", "--quiet",
+    ]  # fmt: skip
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    return out

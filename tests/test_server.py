@@ -1,0 +1,257 @@
+"""In-process tests of every route: status codes, the JSON contract, error bodies, escaping."""
+
+from __future__ import annotations
+
+import sqlite3
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+
+from server.app import create_app
+from server.settings import Settings
+from tests.conftest import XSS
+
+SAE = "tiny-sae"
+
+
+@pytest.fixture(scope="module")
+def client(dashboard_db: Path) -> TestClient:
+    return TestClient(create_app(Settings(database=dashboard_db)))
+
+
+def assert_error(response, status: int, fragment: str) -> None:
+    assert response.status_code == status
+    body = response.json()
+    assert set(body) == {"error"}
+    assert set(body["error"]) == {"status", "title", "message", "details"}
+    assert body["error"]["status"] == status
+    assert fragment in body["error"]["message"]
+
+
+def test_health(client: TestClient) -> None:
+    assert client.get("/api/v1/health").json() == {"status": "ok", "schema_version": 1, "saes": 1}
+
+
+def test_saes_carry_their_metrics(client: TestClient) -> None:
+    (sae,) = client.get("/api/v1/saes").json()
+    assert sae["name"] == SAE and sae["d_sae"] == 64 and sae["hook"] == "blocks.1.hook_resid_pre"
+    for key in ("l0", "explained_variance", "ce_score", "dead_count", "dense_count", "mse"):
+        assert key in sae
+    detail = client.get(f"/api/v1/saes/{SAE}").json()
+    assert detail["config"]["hook"] == "blocks.1.hook_resid_pre"
+
+
+def test_feature_json_contract(client: TestClient, dashboard_db: Path) -> None:
+    index = most_frequent_feature(dashboard_db)
+    feature = client.get(f"/api/v1/saes/{SAE}/features/{index}").json()
+    for key in ("frequency", "mean_activation", "max_activation", "flags", "histogram"):
+        assert key in feature
+    assert set(feature["examples"]) == {"top", "bottom", "quantiles", "decoder_top"}
+    assert set(feature["encoder_decoder"]) == {"jaccard", "miss_rate", "absorbers"}
+    top = feature["examples"]["top"]
+    assert top, "the most frequent feature has top examples"
+    assert [e["activation"] for e in top] == sorted((e["activation"] for e in top), reverse=True)
+    assert top[0]["activation"] == pytest.approx(feature["max_activation"], rel=1e-5)
+    for example in top + feature["examples"]["bottom"] + feature["examples"]["decoder_top"]:
+        assert len(example["tokens"]) == len(example["token_ids"]) == len(example["activations"])
+        assert example["activations"][example["focus"]] == pytest.approx(
+            example["activation"], abs=1e-4
+        )
+    assert len(feature["positional"]["firing_rate"]) == 32
+    assert sum(feature["histogram"]["counts"]) == feature["count"]
+    shares = [band["mass_share"] for band in feature["examples"]["quantiles"]]
+    assert sum(shares) == pytest.approx(1.0)
+
+
+def most_frequent_feature(db: Path) -> int:
+    with sqlite3.connect(db) as connection:
+        return connection.execute(
+            "select feature_index from features order by count desc limit 1"
+        ).fetchone()[0]
+
+
+def test_feature_table_sorts_filters_and_pages_by_key(client: TestClient) -> None:
+    url = f"/api/v1/saes/{SAE}/features?sort=frequency&order=desc&limit=10"
+    seen, cursor = [], None
+    while True:
+        page = client.get(url + (f"&after={cursor}" if cursor else "")).json()
+        seen += page["items"]
+        cursor = page["next_cursor"]
+        if cursor is None:
+            break
+    assert sorted(f["feature_index"] for f in seen) == list(range(64))
+    frequencies = [f["frequency"] for f in seen]
+    assert frequencies == sorted(frequencies, reverse=True)
+    dead = client.get(f"/api/v1/saes/{SAE}/features?flag=dead&limit=200").json()["items"]
+    assert all("dead" in f["flags"] and f["frequency"] == 0 for f in dead)
+    band = client.get(f"/api/v1/saes/{SAE}/features?min_frequency=0.01&max_frequency=0.5").json()
+    assert all(0.01 <= f["frequency"] <= 0.5 for f in band["items"])
+
+
+def test_token_search_finds_exact_tokens_first(client: TestClient) -> None:
+    result = client.get(f"/api/v1/saes/{SAE}/search", params={"token": "cat"}).json()
+    assert result["matches"][0]["token"].strip() == "cat"
+    assert result["matches"][0]["exact"] is True
+    for latent in result["matches"][0]["latents"]:
+        for example in latent["examples"]:
+            assert example["token_ids"][example["focus"]] == result["matches"][0]["token_id"]
+
+
+def test_flags_report(client: TestClient) -> None:
+    report = client.get(f"/api/v1/saes/{SAE}/flags?threshold=0.01").json()
+    groups = {g["name"]: g for g in report["groups"]}
+    assert set(groups) == {"high_frequency", "dead", "positional", "bos_dominated"}
+    assert "1%" in groups["high_frequency"]["rule"]
+    assert groups["high_frequency"]["count"] >= len(groups["high_frequency"]["features"])
+
+
+@pytest.mark.parametrize(
+    ("url", "status", "fragment"),
+    [
+        ("/api/v1/saes/nope", 404, "no SAE named 'nope'"),
+        ("/api/v1/saes/nope/features/1", 404, "no SAE named 'nope'"),
+        (f"/api/v1/saes/{SAE}/features/64", 404, "has no feature 64"),
+        ("/api/v1/nothing-here", 404, "no page at /api/v1/nothing-here"),
+        (f"/api/v1/saes/{SAE}/features/x", 422, "feature_index"),
+        (f"/api/v1/saes/{SAE}/features/-1", 422, "feature_index"),
+        (f"/api/v1/saes/{SAE}/features?sort=colour", 422, "sort"),
+        (f"/api/v1/saes/{SAE}/features?limit=100000", 422, "limit"),
+        (f"/api/v1/saes/{SAE}/search", 422, "token"),
+        (f"/api/v1/saes/{SAE}/flags?threshold=2", 422, "threshold"),
+        (f"/api/v1/saes/{SAE}/features?min_frequency=0.5&max_frequency=0.1", 400, "greater"),
+        (f"/api/v1/saes/{SAE}/features?sort=frequency&after=oops", 400, "cursor"),
+    ],
+)
+def test_json_errors_share_one_body(client: TestClient, url: str, status: int, fragment: str):
+    assert_error(client.get(url), status, fragment)
+
+
+@pytest.mark.parametrize(
+    ("url", "status"),
+    [
+        ("/saes/nope", 404),
+        (f"/saes/{SAE}/features/64", 404),
+        (f"/saes/{SAE}/features/x", 422),
+        (f"/saes/{SAE}?min_frequency=0.5&max_frequency=0.1", 400),
+        ("/no/such/page", 404),
+    ],
+)
+def test_html_errors_are_pages_with_the_same_status(client, url: str, status: int) -> None:
+    response = client.get(url)
+    assert response.status_code == status
+    assert response.headers["content-type"].startswith("text/html")
+    assert f"<h1>{status} " in response.text
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "/",
+        f"/saes/{SAE}",
+        f"/saes/{SAE}?sort=miss_rate&order=desc&flag=dead",
+        f"/saes/{SAE}/features/0",
+        f"/saes/{SAE}/search?token=the",
+        f"/saes/{SAE}/flags",
+    ],
+)
+def test_every_page_renders_and_links_its_json_twin(client: TestClient, url: str) -> None:
+    response = client.get(url)
+    assert response.status_code == 200, response.text
+    path, _, query = url.partition("?")
+    twin = "/api/v1/saes" if path == "/" else "/api/v1" + path
+    if path == f"/saes/{SAE}":
+        twin += "/features"
+    twin += f"?{query}" if query else ""
+    assert f'href="{twin.replace("&", "&amp;")}"' in response.text
+    assert client.get(twin).status_code == 200
+
+
+def test_corpus_markup_is_escaped_everywhere(client: TestClient, dashboard_db: Path) -> None:
+    with sqlite3.connect(dashboard_db) as connection:
+        ids = {
+            token: token_id
+            for token_id, token in connection.execute("select token_id, token from vocab")
+        }
+    for markup in XSS:
+        assert markup in ids, f"the tokenizer should hold {markup!r} as one token"
+        page = client.get(f"/saes/{SAE}/search", params={"token": markup}).text
+        assert markup not in page
+        assert "&lt;script&gt;alert(1)&lt;/script&gt;" in page or "&#34;&gt;&lt;img" in page
+    features = [client.get(f"/saes/{SAE}/features/{i}").text for i in range(64)]
+    shown = [page for page in features if "&lt;script&gt;" in page]
+    assert shown, "some feature page shows the markup token"
+    assert not any("<script>alert(1)" in page or "<img src=x" in page for page in features)
+
+
+def test_database_is_opened_read_only(client: TestClient, dashboard_db: Path) -> None:
+    engine = client.app.state.engine
+    with engine.connect() as connection, pytest.raises(Exception, match="readonly|read-only"):
+        connection.exec_driver_sql("delete from features")
+    assert client.get("/api/v1/health").status_code == 200
+
+
+def test_schema_version_is_checked_at_start(tmp_path: Path, dashboard_db: Path) -> None:
+    from db.engine import SchemaMismatchError
+
+    copy = tmp_path / "old.db"
+    copy.write_bytes(dashboard_db.read_bytes())
+    with sqlite3.connect(copy) as connection:
+        connection.execute("update meta set value = '0' where key = 'schema_version'")
+    with pytest.raises(SchemaMismatchError, match="schema version 0"):
+        create_app(Settings(database=copy))
+    result = subprocess.run(
+        [sys.executable, "-m", "server", str(copy)], capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 2
+    assert "rebuild the database" in result.stderr
+
+
+def test_openapi_lists_every_json_route(client: TestClient) -> None:
+    paths = client.get("/openapi.json").json()["paths"]
+    assert set(paths) == {
+        "/api/v1/health",
+        "/api/v1/saes",
+        "/api/v1/saes/{sae}",
+        "/api/v1/saes/{sae}/features",
+        "/api/v1/saes/{sae}/features/{feature_index}",
+        "/api/v1/saes/{sae}/search",
+        "/api/v1/saes/{sae}/flags",
+    }
+
+
+def test_server_never_imports_torch(dashboard_db: Path) -> None:
+    code = (
+        "import sys\n"
+        "from fastapi.testclient import TestClient\n"
+        "from server.app import create_app\n"
+        "from server.settings import Settings\n"
+        f"client = TestClient(create_app(Settings(database={str(dashboard_db)!r})))\n"
+        "for url in ['/', '/saes/tiny-sae', '/saes/tiny-sae/features/1', '/api/v1/saes']:\n"
+        "    assert client.get(url).status_code == 200\n"
+        "assert 'torch' not in sys.modules, 'torch was imported'\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+def test_layers_import_one_way() -> None:
+    """pipeline → db ← server: db and server never import the pipeline (nor torch)."""
+    import ast
+
+    root = Path(__file__).parent.parent
+    for package, forbidden in (
+        ("db", {"pipeline", "server", "torch"}),
+        ("server", {"pipeline", "torch"}),
+    ):
+        for path in (root / package).rglob("*.py"):
+            tree = ast.parse(path.read_text())
+            for node in ast.walk(tree):
+                names = []
+                if isinstance(node, ast.Import):
+                    names = [alias.name for alias in node.names]
+                elif isinstance(node, ast.ImportFrom) and node.module:
+                    names = [node.module]
+                for name in names:
+                    assert name.split(".")[0] not in forbidden, f"{path} imports {name}"
