@@ -188,7 +188,7 @@ def test_corpus_markup_is_escaped_everywhere(client: TestClient, dashboard_db: P
 
 def test_database_is_opened_read_only(client: TestClient, dashboard_db: Path) -> None:
     engine = client.app.state.engine
-    with engine.connect() as connection, pytest.raises(Exception, match="readonly|read-only"):
+    with engine.connect() as connection, pytest.raises(Exception, match=r"readonly|read-only"):
         connection.exec_driver_sql("delete from features")
     assert client.get("/api/v1/health").status_code == 200
 
