@@ -32,7 +32,9 @@ WINDOW_LEFT = 12
 WINDOW_RIGHT = 4
 WINDOW_LENGTH = WINDOW_LEFT + WINDOW_RIGHT + 1
 
-# Pending (token, feature) pairs are folded into the token table once there are this many.
+# The token table is dense up to this many (token, feature) cells (12 bytes each); beyond, its
+# pending sparse pairs are folded in once there are TOKEN_TABLE_COMPACT_EVERY of them.
+DENSE_TOKEN_TABLE_CELLS = 1 << 25
 TOKEN_TABLE_COMPACT_EVERY = 4_000_000
 
 _HASH_MASK = (1 << 62) - 1
@@ -538,16 +540,24 @@ class DecoderTop(TopExamples):
 
 class TokenTable:
     """Per (token id, feature): how often the feature fires on the token and the summed activation;
-    per token id: how often it occurs (special tokens excluded)."""
+    per token id: how often it occurs (special tokens excluded).
+
+    A dense vocab × features table while it has at most DENSE_TOKEN_TABLE_CELLS cells (fixed
+    memory); beyond, the pairs that fired, kept sparse (memory grows with the distinct pairs).
+    """
 
     def __init__(self, n_features: int, vocab_size: int, device: torch.device) -> None:
         self.device = device
         self.n_features = n_features
         self.vocab_size = vocab_size
-        self.token_count = torch.zeros(vocab_size, dtype=torch.int64, device=self.device)
-        self.keys = torch.zeros(0, dtype=torch.int64, device=self.device)
-        self.count = torch.zeros(0, dtype=torch.int64, device=self.device)
-        self.sum = torch.zeros(0, dtype=torch.float64, device=self.device)
+        self.dense = vocab_size * n_features <= DENSE_TOKEN_TABLE_CELLS
+        size = vocab_size * n_features if self.dense else 0
+        self.token_count = torch.zeros(vocab_size, dtype=torch.int64, device=device)
+        self.keys = torch.zeros(0, dtype=torch.int64, device=device)
+        self.count = torch.zeros(
+            size, dtype=torch.int32 if self.dense else torch.int64, device=device
+        )
+        self.sum = torch.zeros(size, dtype=torch.float64, device=device)
         self._pending: list[tuple[Tensor, Tensor, Tensor]] = []
         self._pending_size = 0
 
@@ -560,6 +570,10 @@ class TokenTable:
         self._add(keys, torch.ones_like(keys), batch.active_values.double())
 
     def _add(self, keys: Tensor, count: Tensor, total: Tensor) -> None:
+        if self.dense:
+            self.count.index_add_(0, keys, count.to(self.count.dtype))
+            self.sum.index_add_(0, keys, total)
+            return
         self._pending.append((keys, count, total))
         self._pending_size += len(keys)
         if self._pending_size >= TOKEN_TABLE_COMPACT_EVERY:
@@ -572,28 +586,31 @@ class TokenTable:
         count = torch.cat([self.count, *(p[1] for p in self._pending)])
         total = torch.cat([self.sum, *(p[2] for p in self._pending)])
         self.keys, inverse = torch.unique(keys, sorted=True, return_inverse=True)
-        self.count = torch.zeros(len(self.keys), dtype=torch.int64, device=self.device).index_add_(
-            0, inverse, count
-        )
-        self.sum = torch.zeros(len(self.keys), dtype=torch.float64, device=self.device).index_add_(
-            0, inverse, total
-        )
+        self.count = torch.zeros_like(self.keys).index_add_(0, inverse, count)
+        self.sum = torch.zeros(len(self.keys), dtype=torch.float64, device=self.device)
+        self.sum.index_add_(0, inverse, total)
         self._pending, self._pending_size = [], 0
 
+    def entries(self) -> tuple[Tensor, Tensor, Tensor]:
+        """Keys token·n_features + feature of the pairs that fired, ascending; count; sum."""
+        if self.dense:
+            keys = torch.nonzero(self.count).squeeze(1)
+            return keys, self.count[keys].long(), self.sum[keys]
+        self._compact()
+        return self.keys, self.count, self.sum
+
     def merge(self, other: TokenTable) -> None:
-        other._compact()
         self.token_count += other.token_count
-        self._add(other.keys, other.count, other.sum)
+        self._add(*other.entries())
 
     def finalize(self) -> TokenTableResult:
-        self._compact()
-        keys = self.keys.cpu().numpy()
+        keys, count, total = (x.cpu().numpy() for x in self.entries())
         return TokenTableResult(
             token_count=self.token_count.cpu().numpy(),
             token_id=keys // self.n_features,
             feature_index=keys % self.n_features,
-            count=self.count.cpu().numpy(),
-            sum=self.sum.cpu().numpy(),
+            count=count,
+            sum=total,
         )
 
 

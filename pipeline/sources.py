@@ -213,7 +213,7 @@ def load_corpus(
         context_length = context_length or DEFAULT_CONTEXT_LENGTH
         max_sequences = math.ceil(n_tokens / context_length)
         texts = _read_texts(path) if path.exists() else _read_dataset(spec)
-        tokens = _pack(texts, tokenizer, context_length, max_sequences, prepend_bos)
+        tokens = pack_texts(texts, tokenizer, context_length, max_sequences, prepend_bos)
         if len(tokens) == 0:
             raise InputError(
                 f"corpus {spec} is empty or shorter than a single context "
@@ -301,9 +301,11 @@ def _read_dataset(name: str) -> Iterator[str]:
         ) from None
 
 
-def _pack(
+def pack_texts(
     texts: Iterable[str], tokenizer, context_length: int, max_sequences: int, prepend_bos: bool
 ) -> np.ndarray:
+    """Documents joined by the BOS token and cut into contexts, each starting with BOS when
+    `prepend_bos`; the last partial context is dropped."""
     bos = tokenizer.bos_token_id
     if prepend_bos and bos is None:
         raise InputError("the SAE expects a BOS token but the tokenizer has none")

@@ -300,3 +300,17 @@ def test_example_keys_order_by_score_then_earlier_token() -> None:
     assert order.index(len(scores) - 2) < order.index(len(scores) - 3)
     assert torch.equal(key_tokens(keys), tokens)
     assert torch.equal(key_scores(keys), scores)
+
+
+def test_sparse_token_table_equals_the_dense_one(data, result, monkeypatch) -> None:
+    import pipeline.accumulators as accumulators
+
+    monkeypatch.setattr(accumulators, "DENSE_TOKEN_TABLE_CELLS", 0)
+    monkeypatch.setattr(accumulators, "TOKEN_TABLE_COMPACT_EVERY", 50)
+    first = accumulate(data, range(3), batch_size=2)
+    second = accumulate(data, range(3, N_SEQ), batch_size=2)
+    assert not first.tokens.dense
+    first.merge(second)
+    sparse = first.finalize().tokens
+    for name, value in vars(result.tokens).items():
+        np.testing.assert_allclose(getattr(sparse, name), value, rtol=1e-12, err_msg=name)
