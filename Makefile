@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 # torch first and pinned: pip then takes the local CPU build and never a newer CUDA one.
 TORCH_PIN := torch==2.13.0
 
-.PHONY: install test lint format bench
+.PHONY: install test lint format demo demo-db bench
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -27,3 +27,14 @@ format: install
 
 test: lint
 	$(BIN)/pytest -q
+
+# The embedded demo: trains the demo SAE if none is cached, builds data/demo/demo.db if missing.
+demo-db: install
+	$(BIN)/saescope demo --no-serve
+
+# ... and serves it at http://127.0.0.1:8000/
+demo: install
+	$(BIN)/saescope demo
+
+bench: install
+	$(BIN)/python tests/benchmarks/build_speed.py

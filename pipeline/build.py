@@ -8,6 +8,7 @@ CPU-sized run (a few seconds with the embedded demo model):
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from dataclasses import asdict, dataclass, field
@@ -22,6 +23,7 @@ from db.writer import CorpusData, DatabaseWriter, SaeData
 from pipeline import analysis, sources
 from pipeline.accumulators import Batch, ExampleSizes, FeatureAccumulators
 from pipeline.evaluate import evaluate_sae
+from pipeline.train_sae import TRAINING_LOG
 
 logger = logging.getLogger(__name__)
 
@@ -72,8 +74,6 @@ class BuildConfig:
     """replace an SAE of the same name already in the database"""
     quiet: bool = False
     """no progress bars"""
-    training_log: list[dict[str, Any]] | None = None
-    """training curve to store with the SAE, if known"""
 
 
 @dataclass
@@ -237,7 +237,7 @@ def sae_data(config, model, sae, accumulated, evaluation: dict, shape) -> SaeDat
         "dense_count": int((frequency > config.analysis.high_frequency_threshold).sum()),
         **evaluation,
         "config": _config_record(config),
-        "training_log": config.training_log,
+        "training_log": training_log(config.sae),
     }
     return SaeData(
         sae=sae_row,
@@ -248,8 +248,15 @@ def sae_data(config, model, sae, accumulated, evaluation: dict, shape) -> SaeDat
     )
 
 
+def training_log(sae_directory: Path | None) -> list[dict[str, Any]] | None:
+    """The log `saescope train` saves beside the SAE, for the dashboard's training curves."""
+    if sae_directory is None or not (sae_directory / TRAINING_LOG).is_file():
+        return None
+    return json.loads((sae_directory / TRAINING_LOG).read_text())["log"]
+
+
 def _config_record(config: BuildConfig) -> dict[str, Any]:
     record = asdict(config)
-    for key in ("training_log", "quiet", "out", "replace"):  # not properties of the SAE's data
+    for key in ("quiet", "out", "replace"):  # not properties of the SAE's data
         record.pop(key)
     return {key: str(value) if isinstance(value, Path) else value for key, value in record.items()}

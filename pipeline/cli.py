@@ -174,6 +174,179 @@ def build(
     )
 
 
+@app.command("train-lm")
+def train_lm(
+    out: Annotated[Path, typer.Option(help="Directory for the model and tokenizer.")] = Path(
+        "pipeline/demo/model"
+    ),
+    vocab_size: Annotated[int, typer.Option(help="BPE vocabulary size.")] = 4096,
+    d_model: Annotated[int, typer.Option(help="Residual stream width.")] = 128,
+    n_layers: Annotated[int, typer.Option(help="Transformer blocks.")] = 4,
+    n_heads: Annotated[int, typer.Option(help="Attention heads per block.")] = 4,
+    context_length: Annotated[int, typer.Option(help="Tokens per training context.")] = 128,
+    batch_size: Annotated[int, typer.Option(help="Contexts per step.")] = 32,
+    epochs: Annotated[float, typer.Option(help="Passes over the training contexts.")] = 6.0,
+    learning_rate: Annotated[float, typer.Option(help="Peak AdamW learning rate.")] = 2e-3,
+    seed: Annotated[int, typer.Option(help="Seed of initialisation and batch order.")] = 0,
+    quiet: Annotated[bool, typer.Option(help="No progress bars or log lines.")] = False,
+) -> None:
+    """Train the demo language model on the standard library's docstrings and pydoc topics."""
+    setup_logging(quiet)
+    from pipeline.train_lm import LanguageModelConfig, train_language_model
+
+    if min(vocab_size, d_model, n_layers, n_heads, context_length, batch_size) < 1 or epochs <= 0:
+        fail("sizes, --batch-size and --epochs must be positive")
+    if d_model % n_heads:
+        fail("--d-model must be a multiple of --n-heads")
+    config = LanguageModelConfig(
+        vocab_size=vocab_size,
+        d_model=d_model,
+        n_layers=n_layers,
+        n_heads=n_heads,
+        context_length=context_length,
+        batch_size=batch_size,
+        epochs=epochs,
+        learning_rate=learning_rate,
+        seed=seed,
+    )
+    summary = train_language_model(out, config, quiet=quiet)
+    typer.echo(
+        f"{out}: held-out loss {summary['held_out_loss']:.3f} "
+        f"(unigram baseline {summary['unigram_loss']:.3f}) in {summary['seconds']:.0f}s"
+    )
+
+
+@app.command()
+def train(
+    model: Annotated[
+        str, typer.Option(help="HuggingFace model name, or a local HuggingFace model directory.")
+    ],
+    hook: Annotated[str, typer.Option(help="Hook name whose activations the SAE reads.")],
+    corpus: Annotated[
+        str,
+        typer.Option(
+            help="Token ids as .npy/.pt/.safetensors, .txt/.jsonl files, or a HuggingFace "
+            "dataset name (as for build)."
+        ),
+    ],
+    out: Annotated[Path, typer.Option(help="Directory to save the SAE in (SAELens format).")],
+    objective: Annotated[
+        str, typer.Option(help="l1, sqrt, l0 (tanh L0 + frequency penalty) or topk (+AuxK).")
+    ] = "topk",
+    d_sae: Annotated[int, typer.Option(help="Dictionary size.")] = 2048,
+    sparsity_coefficient: Annotated[
+        float, typer.Option("--sparsity-coefficient", "--lambda", help="λ of l1, sqrt and l0.")
+    ] = 1.0,
+    k: Annotated[int, typer.Option(help="Active latents per token (topk).")] = 32,
+    n_tokens: Annotated[int, typer.Option(help="Training tokens.")] = 2_000_000,
+    corpus_tokens: Annotated[
+        int, typer.Option(help="Corpus tokens to draw activations from (cycled if fewer).")
+    ] = 1_000_000,
+    context_length: Annotated[
+        int | None, typer.Option(help="Tokens per context (default: array width, else 128).")
+    ] = None,
+    batch_size: Annotated[int, typer.Option(help="Tokens per optimiser step.")] = 4096,
+    learning_rate: Annotated[float, typer.Option(help="Peak Adam learning rate.")] = 1e-3,
+    warmup_fraction: Annotated[float, typer.Option(help="Share of steps warming up.")] = 0.05,
+    decay_fraction: Annotated[
+        float, typer.Option(help="Share of steps, at the end, decaying to zero.")
+    ] = 0.2,
+    normalize_decoder: Annotated[bool, typer.Option(help="Keep decoder rows at unit norm.")] = True,
+    init_b_dec_median: Annotated[
+        bool, typer.Option(help="Initialise b_dec to the geometric median of activations.")
+    ] = True,
+    init_decoder_from_data: Annotated[
+        bool, typer.Option(help="Initialise decoder rows from sampled activations.")
+    ] = False,
+    resample_every: Annotated[
+        int, typer.Option(help="Steps between dead-latent resampling; 0 never.")
+    ] = 0,
+    dead_after: Annotated[
+        int, typer.Option(help="Tokens without firing after which a latent is dead.")
+    ] = 200_000,
+    frequency_target: Annotated[
+        float, typer.Option(help="l0: firing frequency above which the penalty starts.")
+    ] = 0.05,
+    frequency_coefficient: Annotated[
+        float, typer.Option(help="l0: weight μ of the frequency penalty.")
+    ] = 10.0,
+    log_every: Annotated[int, typer.Option(help="Steps between training-log rows.")] = 20,
+    device: Annotated[str, typer.Option(help="torch device.")] = "cpu",
+    weight_processing: Annotated[
+        bool,
+        typer.Option(
+            "--weight-processing/--no-weight-processing",
+            help="Fold LayerNorm and centre writing weights (HookedTransformer numerics).",
+        ),
+    ] = True,
+    seed: Annotated[int, typer.Option(help="Seed of initialisation and shuffling.")] = 0,
+    quiet: Annotated[bool, typer.Option(help="No progress bars or log lines.")] = False,
+) -> None:
+    """Train an SAE on the activations at --hook and save it in SAELens format."""
+    setup_logging(quiet)
+    from pipeline.sources import InputError
+    from pipeline.train_sae import TrainConfig, train_on_model
+
+    config = TrainConfig(
+        objective=objective,
+        d_sae=d_sae,
+        sparsity_coefficient=sparsity_coefficient,
+        k=k,
+        n_tokens=n_tokens,
+        batch_size=batch_size,
+        learning_rate=learning_rate,
+        warmup_fraction=warmup_fraction,
+        decay_fraction=decay_fraction,
+        normalize_decoder=normalize_decoder,
+        init_b_dec_median=init_b_dec_median,
+        init_decoder_from_data=init_decoder_from_data,
+        resample_every=resample_every,
+        dead_after=dead_after,
+        frequency_target=frequency_target,
+        frequency_coefficient=frequency_coefficient,
+        log_every=log_every,
+        seed=seed,
+    )
+    try:
+        log = train_on_model(
+            model, hook, corpus, out, config, corpus_tokens, context_length, device,
+            weight_processing, quiet,
+        )  # fmt: skip
+    except InputError as error:
+        fail(str(error))
+    except KeyboardInterrupt:
+        fail("interrupted; no SAE was saved", code=130)
+    last = log[-1]
+    typer.echo(
+        f"{out}: {objective} SAE, {d_sae} latents: L0 {last['l0']:.1f}, explained variance "
+        f"{last['explained_variance']:.3f}, {last['dead']} dead"
+    )
+
+
+@app.command()
+def demo(
+    data: Annotated[Path, typer.Option(help="Directory for the demo SAE and database.")] = Path(
+        "data/demo"
+    ),
+    serve_after: Annotated[
+        bool, typer.Option("--serve/--no-serve", help="Serve the dashboard once built.")
+    ] = True,
+    host: Annotated[str, typer.Option(help="Interface to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to listen on.")] = 8000,
+    quiet: Annotated[bool, typer.Option(help="No progress bars or log lines.")] = False,
+) -> None:
+    """Build the embedded demo (SAE and database, whatever is missing) and serve it."""
+    from pipeline.demo import demo_commands
+
+    for command in demo_commands(data, quiet):
+        typer.echo(f"saescope {command[0]} ...", err=True)
+        code = app(command, standalone_mode=False)
+        if code:
+            raise typer.Exit(code)
+    if serve_after:
+        serve(data / "demo.db", host=host, port=port)
+
+
 app.command()(serve)
 
 

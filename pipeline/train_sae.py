@@ -220,6 +220,7 @@ def train_sae(
     chunks of the corpus's activations (special tokens excluded) each time it is called."""
     config.validate()
     torch.manual_seed(config.seed)
+    torch.set_flush_denormal(True)  # L1 drives many latents towards denormal values: slow on CPU
     sae = SparseAutoencoder(d_in, config.d_sae, config.k if config.objective == "topk" else None)
     sample = next(sample_activations())[:4096]
     with torch.no_grad():
@@ -341,11 +342,51 @@ def model_activation_source(
     """A factory of iterators over the activations at `hook`, special tokens excluded."""
     special = torch.tensor(sorted(special_ids), dtype=torch.int64)
 
+    @torch.no_grad()  # not around the yield: grad mode would leak into the training loop
+    def activations(batch: Tensor) -> Tensor:
+        x = sources.activations_at_hook(model, hook, batch).float()
+        return x[~torch.isin(batch, special)]
+
     def sample_activations() -> Iterator[Tensor]:
-        with torch.no_grad():
-            for start in range(0, len(tokens), batch_size):
-                batch = torch.from_numpy(tokens[start : start + batch_size])
-                x = sources.activations_at_hook(model, hook, batch).float()
-                yield x[~torch.isin(batch, special)]
+        for start in range(0, len(tokens), batch_size):
+            yield activations(torch.from_numpy(tokens[start : start + batch_size]))
 
     return sample_activations
+
+
+def train_on_model(
+    model_name: str,
+    hook: str,
+    corpus: str,
+    out: Path,
+    config: TrainConfig,
+    corpus_tokens: int,
+    context_length: int | None,
+    device: str,
+    weight_processing: bool,
+    quiet: bool,
+) -> list[dict]:
+    """`saescope train` on a language model: validates everything before the first step."""
+    config.validate()
+    model = sources.load_model(
+        model_name, device, torch.float32, {} if weight_processing else None, quiet
+    )
+    sources.check_hook(model, hook)
+    tokens = sources.load_corpus(
+        corpus, model.tokenizer, model.cfg.d_vocab, context_length, corpus_tokens, True
+    ).token_ids
+    special_ids = sources.special_token_ids(model.tokenizer)
+    sample_activations = model_activation_source(model, hook, tokens, special_ids)
+    d_in = next(sample_activations()).shape[-1]
+    sae, log = train_sae(sample_activations, d_in, config, quiet)
+    metadata = {
+        "model_name": model_name,
+        "hook_name": hook,
+        "context_size": int(tokens.shape[1]),
+        "prepend_bos": True,
+        "model_from_pretrained_kwargs": {"fold_ln": True, "center_writing_weights": True}
+        if weight_processing
+        else {"fold_ln": False, "center_writing_weights": False},
+    }
+    save_sae(sae, out, metadata, log, config)
+    return log
