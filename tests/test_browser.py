@@ -1,0 +1,133 @@
+"""The dashboard in a real browser: Debian's Chromium, headless, driven by Playwright."""
+
+from __future__ import annotations
+
+import os
+import socket
+import sqlite3
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import uvicorn
+
+from server.app import create_app
+from server.settings import Settings
+
+CHROMIUM = "/usr/bin/chromium"
+# Without the networking flags Chromium tries to reach Google's hosts, which this machine refuses.
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+
+
+@pytest.fixture(scope="module")
+def base_url(dashboard_db: Path) -> Iterator[str]:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    config = uvicorn.Config(
+        create_app(Settings(database=dashboard_db)), host="127.0.0.1", port=port, log_level="error"
+    )
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        assert time.monotonic() < deadline, "server did not start"
+        time.sleep(0.05)
+    yield f"http://127.0.0.1:{port}"
+    server.should_exit = True
+    thread.join(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def browser():
+    assert Path(CHROMIUM).exists(), f"{CHROMIUM} is missing: `make test` installs Debian's chromium"
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(
+            executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS
+        )
+        yield browser
+        browser.close()
+
+
+@pytest.fixture()
+def screenshots(tmp_path: Path) -> Path:
+    directory = Path(os.environ.get("SAESCOPE_SCREENSHOTS", tmp_path))
+    directory.mkdir(parents=True, exist_ok=True)
+    return directory
+
+
+def busiest_feature(db: Path) -> int:
+    with sqlite3.connect(db) as connection:
+        return connection.execute(
+            "select feature_index from features order by count desc limit 1"
+        ).fetchone()[0]
+
+
+def test_feature_page_draws_its_charts_and_tokens_link_to_search(
+    browser, base_url: str, dashboard_db: Path, screenshots: Path
+) -> None:
+    page = browser.new_page(viewport={"width": 1400, "height": 1000})
+    errors: list[str] = []
+    page.on("console", lambda message: message.type == "error" and errors.append(message.text))
+    page.on("pageerror", lambda error: errors.append(str(error)))
+    feature = busiest_feature(dashboard_db)
+    page.goto(f"{base_url}/saes/tiny-sae/features/{feature}")
+    page.wait_for_function("document.querySelectorAll('.js-plotly-plot .main-svg').length >= 2")
+    charts = page.locator("[data-chart]")
+    assert charts.count() == 2
+    for index in range(charts.count()):
+        chart = charts.nth(index)
+        assert chart.locator(".main-svg").count() >= 1
+        assert chart.locator(".bars path, .scatterlayer .trace").count() >= 1, "chart has no data"
+    assert page.locator(".example").count() > 0
+    page.screenshot(path=str(screenshots / "feature.png"), full_page=True)
+    assert errors == []
+
+    token = page.locator(".example a.tok").first
+    token_text = token.text_content()
+    token.click()
+    page.wait_for_url("**/saes/tiny-sae/search?token=*")
+    assert "Tokens matching" in page.locator("h1").text_content()
+    assert page.locator(".match").count() >= 1
+    assert token_text.strip() in page.locator(".match h2").first.text_content()
+    page.screenshot(path=str(screenshots / "search.png"), full_page=True)
+    assert errors == []
+    page.close()
+
+
+@pytest.mark.parametrize("path", ["/", "/saes/tiny-sae", "/saes/tiny-sae/flags"])
+def test_other_pages_load_without_console_errors(browser, base_url, screenshots, path) -> None:
+    page = browser.new_page()
+    errors: list[str] = []
+    page.on("console", lambda message: message.type == "error" and errors.append(message.text))
+    page.on("pageerror", lambda error: errors.append(str(error)))
+    page.goto(base_url + path)
+    page.wait_for_load_state("networkidle")
+    name = path.strip("/").replace("/", "_") or "index"
+    page.screenshot(path=str(screenshots / f"{name}.png"), full_page=True)
+    assert errors == []
+    page.close()
+
+
+def test_markup_tokens_do_not_run(browser, base_url: str) -> None:
+    page = browser.new_page()
+    dialogs: list[str] = []
+    page.on("dialog", lambda dialog: (dialogs.append(dialog.message), dialog.dismiss()))
+    page.goto(f"{base_url}/saes/tiny-sae/search?token=%3Cscript%3E")
+    page.wait_for_load_state("networkidle")
+    assert "<script>alert(1)</script>" in page.locator("main").inner_text()
+    assert dialogs == []
+    page.close()

@@ -1,0 +1,53 @@
+"""The README is the user's manual: its CLI reference, API routes and settings match the code."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+import typer.main
+
+from pipeline.cli import app
+from server.settings import Settings
+
+README = (Path(__file__).parent.parent / "README.md").read_text()
+COMMANDS = ("build", "train", "train-lm", "demo", "serve")
+
+
+def option_table(command_name: str) -> str:
+    """The README's table for one command, generated from its options' help."""
+    group = typer.main.get_command(app)
+    command = group.commands[command_name]
+    rows = ["| option | default | meaning |", "| --- | --- | --- |"]
+    for parameter in command.params:
+        if isinstance(parameter, click.Argument):
+            name, default = parameter.human_readable_name, "(required)"
+        else:
+            name = " / ".join(f"`{opt}`" for opt in parameter.opts + parameter.secondary_opts)
+            if parameter.required:
+                default = "(required)"
+            elif parameter.default is None:
+                default = ""
+            else:
+                default = f"`{parameter.default}`"
+        rows.append(f"| {name} | {default} | {(parameter.help or '').replace('|', '/')} |")
+    return "\n".join(rows)
+
+
+def test_readme_documents_every_command_option() -> None:
+    for name in COMMANDS:
+        table = option_table(name)
+        assert table in README, f"README's table for `saescope {name}` is out of date:\n{table}"
+
+
+def test_readme_documents_every_setting() -> None:
+    for name, field in Settings.model_fields.items():
+        assert f"`SAESCOPE_{name.upper()}`" in README, name
+        assert field.description in README, name
+
+
+def test_readme_lists_every_api_route() -> None:
+    from server import api
+
+    for route in api.router.routes:
+        assert f"GET {route.path}" in README, route.path
