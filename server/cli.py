@@ -12,7 +12,12 @@ def serve(
     database: Annotated[Path, typer.Argument(help="Database file written by `saescope build`.")],
     host: Annotated[str, typer.Option(help="Interface to listen on.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Port to listen on.")] = 8000,
-    page_size: Annotated[int, typer.Option(help="Features per page of the feature table.")] = 50,
+    page_size: Annotated[
+        int | None,
+        typer.Option(
+            help="Features per page of the feature table (default 50, or SAESCOPE_PAGE_SIZE)."
+        ),
+    ] = None,
 ) -> None:
     """Serve the dashboard and the JSON API for DATABASE, read-only."""
     import uvicorn
@@ -22,7 +27,8 @@ def serve(
     from server.settings import Settings
 
     try:
-        app = create_app(Settings(database=database, page_size=page_size))
+        overrides = {"page_size": page_size} if page_size is not None else {}
+        app = create_app(Settings(database=database, **overrides))
     except (FileNotFoundError, SchemaMismatchError) as error:
         typer.echo(f"error: {database}: {error}", err=True)
         raise typer.Exit(2) from None
