@@ -31,15 +31,20 @@ function drawPositional(element, positional) {
 }
 
 function drawTraining(element, log) {
-  const steps = log.map((row) => row.tokens ?? row.step);
+  const tokens = log.map((row) => row.tokens ?? row.step);
   const series = ["loss", "l0", "explained_variance", "dead"].filter((key) => key in (log[0] || {}));
+  const axis = (i) => (i === 0 ? "" : String(i + 1));
+  const extra = {};
+  series.forEach((key, i) => {
+    extra[`xaxis${axis(i)}`] = { title: { text: "tokens" } };
+    extra[`yaxis${axis(i)}`] = { title: { text: key.replace("_", " ") }, type: key === "loss" ? "log" : "linear" };
+  });
   Plotly.newPlot(element, series.map((key, i) => ({
-    x: steps, y: log.map((row) => row[key]), name: key, xaxis: "x", yaxis: i === 0 ? "y" : `y${i + 1}`,
+    x: tokens, y: log.map((row) => row[key]), name: key, xaxis: `x${axis(i)}`, yaxis: `y${axis(i)}`,
+    line: { color: "#c25400" },
   })), {
     grid: { rows: 1, columns: series.length, pattern: "independent" },
-    margin: { l: 40, r: 10, t: 24, b: 36 }, showlegend: false,
-    annotations: series.map((key, i) => ({ text: key, xref: `x${i ? i + 1 : ""} domain`, yref: `y${i ? i + 1 : ""} domain`,
-      x: 0.5, y: 1.12, showarrow: false })),
+    margin: { l: 56, r: 10, t: 10, b: 44 }, showlegend: false, ...extra,
   }, config);
 }
 
