@@ -17,6 +17,11 @@ $(BIN)/.installed: pyproject.toml
 
 install: $(BIN)/.installed
 
+# The browser tests drive Debian's Chromium (a browser download is impossible offline).
+CHROMIUM := /usr/bin/chromium
+$(CHROMIUM):
+	apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium
+
 lint: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
@@ -25,7 +30,7 @@ format: install
 	$(BIN)/ruff check --fix .
 	$(BIN)/ruff format .
 
-test: lint
+test: lint $(CHROMIUM)
 	$(BIN)/pytest -q
 
 # The embedded demo: trains the demo SAE if none is cached, builds data/demo/demo.db if missing.

@@ -51,3 +51,23 @@ def test_readme_lists_every_api_route() -> None:
 
     for route in api.router.routes:
         assert f"GET {route.path}" in README, route.path
+
+
+def test_compose_file_is_accepted() -> None:
+    import shutil
+    import subprocess
+
+    import pytest
+
+    root = Path(__file__).parent.parent
+    if shutil.which("docker-compose"):
+        command = ["docker-compose", "config", "--quiet"]
+    elif (
+        shutil.which("docker")
+        and subprocess.run(["docker", "compose", "version"], capture_output=True).returncode == 0
+    ):
+        command = ["docker", "compose", "config", "--quiet"]
+    else:
+        pytest.skip("no docker compose client on this machine")
+    result = subprocess.run(command, cwd=root, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
