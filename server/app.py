@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from importlib.resources import files
 
+import swagger_ui_bundle
 from fastapi import FastAPI
-from fastapi.responses import FileResponse
+from fastapi.openapi.docs import get_swagger_ui_html
+from fastapi.responses import FileResponse, HTMLResponse
 from fastapi.staticfiles import StaticFiles
 
 from db.engine import check_schema_version, readonly_engine
@@ -25,7 +27,8 @@ def create_app(settings: Settings) -> FastAPI:
         title="saescope",
         summary="What the latents of sparse autoencoders mean: features, examples, flags.",
         version="1",
-        docs_url="/docs",
+        docs_url=None,  # served below from local files: the default page loads a CDN
+        redoc_url=None,
     )
     app.state.engine = engine
     app.state.settings = settings
@@ -38,5 +41,17 @@ def create_app(settings: Settings) -> FastAPI:
         """plotly.js from the installed plotly package: these pages never reach a CDN."""
         return FileResponse(str(PLOTLY_JS), media_type="text/javascript")
 
+    @app.get("/docs", include_in_schema=False)
+    def docs() -> HTMLResponse:
+        return get_swagger_ui_html(
+            openapi_url="/openapi.json",
+            title="saescope API",
+            swagger_js_url="/static/swagger/swagger-ui-bundle.js",
+            swagger_css_url="/static/swagger/swagger-ui.css",
+            swagger_favicon_url="/static/favicon.svg",
+        )
+
+    swagger = StaticFiles(directory=swagger_ui_bundle.swagger_ui_path)
+    app.mount("/static/swagger", swagger, name="swagger")
     app.mount("/static", StaticFiles(directory=str(STATIC_DIR)), name="static")
     return app

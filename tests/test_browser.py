@@ -131,3 +131,15 @@ def test_markup_tokens_do_not_run(browser, base_url: str) -> None:
     assert "<script>alert(1)</script>" in page.locator("main").inner_text()
     assert dialogs == []
     page.close()
+
+
+def test_api_docs_render_offline(browser, base_url: str) -> None:
+    page = browser.new_page()
+    errors: list[str] = []
+    page.on("pageerror", lambda error: errors.append(str(error)))
+    page.goto(f"{base_url}/docs")
+    page.wait_for_selector(".opblock-summary-path", timeout=15_000)
+    paths = page.locator(".opblock-summary-path").all_text_contents()
+    assert "/api/v1/saes/{sae}/features/{feature_index}" in [p.replace("\u200b", "") for p in paths]
+    assert errors == []
+    page.close()
