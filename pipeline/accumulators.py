@@ -235,23 +235,19 @@ def block_best(
 
 
 def sparse_block_best(
-    batch: Batch, score: Float[Tensor, " n_active"], block: int
+    batch: Batch, rows: Int[Tensor, " n"], features: Int[Tensor, " n"], score: Tensor, block: int
 ) -> tuple[Float[Tensor, "seq blocks d_sae"], Int[Tensor, "seq blocks d_sae"]]:
-    """`block_best` over the active entries only (-inf where a block has none); ties go to the
+    """`block_best` over the given entries only (-inf where a block has none); ties go to the
     earliest position."""
     n_seq, ctx, n_features = batch.feature_acts.shape
     n_blocks = -(-ctx // block)
-    position = batch.positions(batch.active_rows)
-    sequence = batch.active_rows // ctx
-    cell = (sequence * n_blocks + position // block) * n_features + batch.active_features
+    position = batch.positions(rows)
+    cell = ((rows // ctx) * n_blocks + position // block) * n_features + features
     size = n_seq * n_blocks * n_features
-    values = torch.full((size,), -math.inf, device=batch.feature_acts.device).scatter_reduce_(
-        0, cell, score, "amax"
-    )
+    device = score.device
+    values = torch.full((size,), -math.inf, device=device).scatter_reduce_(0, cell, score, "amax")
     best = torch.where(score == values[cell], position, ctx)
-    positions = torch.full((size,), ctx, device=batch.feature_acts.device).scatter_reduce_(
-        0, cell, best, "amin"
-    )
+    positions = torch.full((size,), ctx, device=device).scatter_reduce_(0, cell, best, "amin")
     shape = (n_seq, n_blocks, n_features)
     return values.view(shape), positions.view(shape)
 
@@ -323,6 +319,22 @@ class TopExamples:
     def candidates(self, batch: Batch) -> tuple[Tensor, Tensor, Tensor]:
         """Rows (into the flattened batch), features and scores of this batch's candidates."""
         raise NotImplementedError
+
+    def threshold(self) -> Float[Tensor, " d_sae"]:
+        """The score a candidate must reach to have a chance to enter: the k-th kept score, or
+        -inf while a feature has free slots."""
+        lowest = self.key.min(dim=1).values
+        return torch.where(lowest > EMPTY_KEY + self.k, key_scores(lowest), -math.inf)
+
+    def _sparse_candidates(self, batch: Batch, score: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Non-overlapping candidates among the active entries, scored by `score`. Entries below
+        the threshold are dropped first: they can neither enter nor suppress one that can."""
+        reaching = torch.nonzero(score >= self.threshold()[batch.active_features]).squeeze(1)
+        rows, features = batch.active_rows[reaching], batch.active_features[reaching]
+        values, positions = sparse_block_best(
+            batch, rows, features, score[reaching], WINDOW_LENGTH - 1
+        )
+        return _dense_candidates(values, positions, batch.context_length, self.threshold())
 
     def update(self, batch: Batch) -> None:
         rows, features, scores = self.candidates(batch)
@@ -432,11 +444,14 @@ class ExamplesResult:
     extra: dict[str, np.ndarray] = field(default_factory=dict)
 
 
-def _dense_candidates(values: Tensor, positions: Tensor, ctx: int) -> tuple[Tensor, Tensor, Tensor]:
-    """(rows, features, scores) of the valid non-overlapping block proposals."""
+def _dense_candidates(
+    values: Tensor, positions: Tensor, ctx: int, threshold: Tensor
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(rows, features, scores) of the non-overlapping block proposals that reach `threshold`."""
     scores, positions = nonoverlapping_candidates(values, positions, WINDOW_LENGTH - 1)
     n_blocks = values.shape[1]
-    candidate, features = torch.nonzero(scores > -math.inf, as_tuple=True)
+    reaching = (scores >= threshold) & (scores > -math.inf)
+    candidate, features = torch.nonzero(reaching, as_tuple=True)
     rows = positions[candidate, features] + (candidate // n_blocks) * ctx
     return rows, features, scores[candidate, features]
 
@@ -445,16 +460,14 @@ class TopActivations(TopExamples):
     """Highest activations, one per non-overlapping window."""
 
     def candidates(self, batch: Batch) -> tuple[Tensor, Tensor, Tensor]:
-        values, positions = sparse_block_best(batch, batch.active_values, WINDOW_LENGTH - 1)
-        return _dense_candidates(values, positions, batch.context_length)
+        return self._sparse_candidates(batch, batch.active_values)
 
 
 class BottomActivations(TopExamples):
     """Weakest positive activations, one per non-overlapping window (score = -activation)."""
 
     def candidates(self, batch: Batch) -> tuple[Tensor, Tensor, Tensor]:
-        values, positions = sparse_block_best(batch, -batch.active_values, WINDOW_LENGTH - 1)
-        return _dense_candidates(values, positions, batch.context_length)
+        return self._sparse_candidates(batch, -batch.active_values)
 
 
 class RandomActivations(TopExamples):
@@ -500,7 +513,7 @@ class DecoderTop(TopExamples):
 
     def candidates(self, batch: Batch) -> tuple[Tensor, Tensor, Tensor]:
         values, positions = block_best(batch.projections, WINDOW_LENGTH - 1)
-        return _dense_candidates(values, positions, batch.context_length)
+        return _dense_candidates(values, positions, batch.context_length, self.threshold())
 
     def _fetch(self, batch: Batch, rows: Tensor, features: Tensor) -> dict[str, Tensor]:
         payload = super()._fetch(batch, rows, features)
