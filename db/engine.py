@@ -19,7 +19,10 @@ def readonly_engine(path: Path) -> Engine:
     if not path.is_file():
         raise FileNotFoundError(f"no database at {path}")
     url = f"sqlite:///file:{path.resolve()}?mode=ro&uri=true"
-    engine = create_engine(url, connect_args={"check_same_thread": False})
+    # Enough pooled connections for every worker thread of the server; each request holds one.
+    engine = create_engine(
+        url, connect_args={"check_same_thread": False}, pool_size=8, max_overflow=64
+    )
     event.listen(engine, "connect", _readonly_pragmas)
     return engine
 

@@ -6,12 +6,11 @@ Results are pydantic models, so the JSON API's field names are the models' field
 from __future__ import annotations
 
 from enum import StrEnum
-from functools import lru_cache
 from typing import Any
 
 import numpy as np
 from pydantic import BaseModel, Field
-from sqlalchemy import Engine, and_, func, or_, select
+from sqlalchemy import and_, func, or_, select
 from sqlalchemy.orm import Session
 
 from db.models import (
@@ -267,19 +266,21 @@ def _sae(session: Session, name: str) -> Sae:
     return sae
 
 
+_VOCAB_CACHE: dict[tuple[str, int], list[str]] = {}
+
+
 def _vocab(session: Session, corpus_id: int) -> list[str]:
-    return _cached_vocab(session.get_bind(), corpus_id)
-
-
-@lru_cache(maxsize=16)
-def _cached_vocab(engine: Engine, corpus_id: int) -> list[str]:
-    with Session(engine) as session:
+    """The token strings of a corpus, read once per database file (read-only, so never stale).
+    Read through the caller's session: a second connection per request could exhaust the pool."""
+    key = (str(session.get_bind().url), corpus_id)
+    if key not in _VOCAB_CACHE:
         rows = session.execute(
-            select(VocabToken.token_id, VocabToken.token)
+            select(VocabToken.token)
             .where(VocabToken.corpus_id == corpus_id)
             .order_by(VocabToken.token_id)
         )
-        return [token for _, token in rows]
+        _VOCAB_CACHE[key] = list(rows.scalars())
+    return _VOCAB_CACHE[key]
 
 
 def _token_counts(items: list[dict], vocab: list[str]) -> list[TokenCount]:
@@ -320,7 +321,7 @@ class _ExampleRenderer:
             projection=row.projection,
             tokens=[self.vocab[t] for t in token_ids],
             token_ids=token_ids,
-            activations=[round(float(a), 5) for a in activations],
+            activations=np.round(activations.astype(np.float64), 5).tolist(),
             focus=row.position - row.window_start,
         )
 
@@ -468,7 +469,7 @@ def get_feature(session: Session, sae_name: str, feature_index: int) -> FeatureD
 
 
 def _floats(blob: bytes) -> list[float]:
-    return [round(float(v), 6) for v in np.frombuffer(blob, dtype="<f4")]
+    return np.round(np.frombuffer(blob, dtype="<f4").astype(np.float64), 6).tolist()
 
 
 def _histogram(feature: Feature) -> Histogram:
