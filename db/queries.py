@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 from pydantic import BaseModel, Field
-from sqlalchemy import and_, func, or_, select
+from sqlalchemy import Row, and_, func, or_, select
 from sqlalchemy.orm import Session
 
 from db.models import (
@@ -296,7 +296,7 @@ class _ExampleRenderer:
         self.vocab = vocab
         self.sequences: dict[int, np.ndarray] = {}
 
-    def load(self, rows: list[Example]) -> None:
+    def load(self, rows: list[Row]) -> None:
         wanted = {row.sequence_index for row in rows} - self.sequences.keys()
         if not wanted:
             return
@@ -309,12 +309,13 @@ class _ExampleRenderer:
         for index, blob in found:
             self.sequences[index] = np.frombuffer(blob, dtype="<i4")
 
-    def render(self, row: Example) -> ExampleOut:
+    def render(self, row: Row) -> ExampleOut:
         activations = np.frombuffer(row.window_activations, dtype="<f4")
         token_ids = self.sequences[row.sequence_index][
             row.window_start : row.window_start + len(activations)
         ].tolist()
-        return ExampleOut(
+        # Trusted data straight from the file: construct without re-validating every field.
+        return ExampleOut.model_construct(
             sequence_index=row.sequence_index,
             position=row.position,
             activation=row.activation,
@@ -412,15 +413,15 @@ def get_feature(session: Session, sae_name: str, feature_index: int) -> FeatureD
         )
     vocab = _vocab(session, sae.corpus_id)
     rows = list(
-        session.scalars(
-            select(Example)
+        session.execute(
+            select(Example.__table__)
             .where(Example.sae_id == sae.id, Example.feature_index == feature_index)
             .order_by(Example.kind, Example.rank)
         )
     )
     renderer = _ExampleRenderer(session, sae, vocab)
     renderer.load(rows)
-    grouped: dict[str, list[Example]] = {kind: [] for kind in EXAMPLE_KINDS}
+    grouped: dict[str, list[Row]] = {kind: [] for kind in EXAMPLE_KINDS}
     for row in rows:
         grouped[row.kind].append(row)
     edges = feature.quantile_edges
@@ -541,8 +542,8 @@ def _latent_for_token(
 ) -> LatentForToken:
     """The latent with up to two of its stored examples whose focus token is this token."""
     rows = list(
-        session.scalars(
-            select(Example)
+        session.execute(
+            select(Example.__table__)
             .where(Example.sae_id == sae.id, Example.feature_index == latent.feature_index)
             .where(Example.kind.in_(("top", "quantile")))
             .order_by(Example.activation.desc())
