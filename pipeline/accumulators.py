@@ -222,16 +222,25 @@ class FeatureStatsResult:
 
 
 def block_best(
-    score: Float[Tensor, "seq ctx d_sae"], block: int
+    score: Float[Tensor, "seq ctx d_sae"], block: int, threshold: Float[Tensor, " d_sae"]
 ) -> tuple[Float[Tensor, "seq blocks d_sae"], Int[Tensor, "seq blocks d_sae"]]:
-    """The best score of each block of `block` tokens per sequence and feature, and its position."""
+    """The best score of each block of `block` tokens per sequence and feature, and its first
+    position, for the blocks whose best reaches `threshold` (-inf elsewhere: such blocks can
+    neither enter nor suppress one that can). Positions are looked up only for those blocks;
+    the block maxima alone are a fast reduction."""
     n_seq, ctx, n_features = score.shape
     n_blocks = -(-ctx // block)
     padding = n_blocks * block - ctx
     if padding:
         score = torch.nn.functional.pad(score, (0, 0, 0, padding), value=-math.inf)
-    values, offset = score.view(n_seq, n_blocks, block, n_features).max(dim=2)
-    return values, offset + torch.arange(n_blocks, device=score.device).view(1, -1, 1) * block
+    blocks = score.view(n_seq, n_blocks, block, n_features)
+    values = blocks.amax(dim=2)
+    values = values.masked_fill((values < threshold) | (values == -math.inf), -math.inf)
+    sequence, block_index, feature = torch.nonzero(values > -math.inf, as_tuple=True)
+    offset = blocks[sequence, block_index, :, feature].argmax(dim=1)
+    positions = torch.full_like(values, ctx, dtype=torch.int64)
+    positions[sequence, block_index, feature] = block_index * block + offset
+    return values, positions
 
 
 def sparse_block_best(
@@ -345,9 +354,10 @@ class TopExamples:
             features, keys, lambda chosen: self._fetch(batch, rows[chosen], features[chosen])
         )
 
-    def _admit(self, features: Tensor, keys: Tensor, fetch) -> None:
+    def _admit(self, features: Tensor, keys: Tensor, fetch, may_repeat: bool = False) -> None:
         """Keeps the k largest keys per feature among the current ones and the candidates;
-        `fetch(candidate_indices)` gives the payload of the candidates that enter."""
+        `fetch(candidate_indices)` gives the payload of the candidates that enter. `may_repeat`
+        when candidates can already be kept (merging overlapping shards): they are skipped."""
         promising = torch.nonzero(keys > self.key.min(dim=1).values[features]).squeeze(1)
         if len(promising) == 0:
             return
@@ -361,22 +371,24 @@ class TopExamples:
             - (torch.cumsum(per_feature, 0) - per_feature)[features]
         )
         best = rank < self.k
-        candidate_key = torch.full((self.n_features, self.k), EMPTY_KEY, device=self.device)
-        candidate_index = torch.zeros(
-            (self.n_features, self.k), dtype=torch.int64, device=self.device
-        )
-        candidate_key[features[best], rank[best]] = keys[best]
-        candidate_index[features[best], rank[best]] = promising[best]
-        # A token seen twice (overlapping shards) must not be kept twice.
-        seen = (candidate_key.unsqueeze(2) == self.key.unsqueeze(1)).any(dim=2)
-        candidate_key.masked_fill_(seen, EMPTY_KEY)
-        kth = torch.cat([self.key, candidate_key], dim=1).topk(self.k, dim=1).values[:, -1:]
+        # Only the features that have candidates take part from here on.
+        touched, local = torch.unique(features[best], return_inverse=True)
+        candidate_key = torch.full((len(touched), self.k), EMPTY_KEY, device=self.device)
+        candidate_index = torch.zeros((len(touched), self.k), dtype=torch.int64, device=self.device)
+        candidate_key[local, rank[best]] = keys[best]
+        candidate_index[local, rank[best]] = promising[best]
+        current = self.key[touched]
+        if may_repeat:
+            seen = (candidate_key.unsqueeze(2) == current.unsqueeze(1)).any(dim=2)
+            candidate_key.masked_fill_(seen, EMPTY_KEY)
+        kth = torch.cat([current, candidate_key], dim=1).topk(self.k, dim=1).values[:, -1:]
         # Per feature as many candidates enter as current examples leave; nonzero lists both
         # feature by feature, so the i-th entrant takes the i-th freed slot.
-        entering_feature, entering_rank = torch.nonzero(candidate_key >= kth, as_tuple=True)
-        leaving_feature, leaving_slot = torch.nonzero(self.key < kth, as_tuple=True)
-        self.key[leaving_feature, leaving_slot] = candidate_key[entering_feature, entering_rank]
-        payload = fetch(candidate_index[entering_feature, entering_rank])
+        entering, entering_rank = torch.nonzero(candidate_key >= kth, as_tuple=True)
+        leaving, leaving_slot = torch.nonzero(current < kth, as_tuple=True)
+        leaving_feature = touched[leaving]
+        self.key[leaving_feature, leaving_slot] = candidate_key[entering, entering_rank]
+        payload = fetch(candidate_index[entering, entering_rank])
         for name, values in payload.items():
             self.payload[name][leaving_feature, leaving_slot] = values
 
@@ -406,7 +418,7 @@ class TopExamples:
                 for name, values in other.payload.items()
             }
 
-        self._admit(features, other.key.view(-1)[flat_index], fetch)
+        self._admit(features, other.key.view(-1)[flat_index], fetch, may_repeat=True)
 
     def finalize(self) -> ExamplesResult:
         """Examples as feature-major arrays, best first; `valid` marks real entries."""
@@ -512,8 +524,9 @@ class DecoderTop(TopExamples):
         )
 
     def candidates(self, batch: Batch) -> tuple[Tensor, Tensor, Tensor]:
-        values, positions = block_best(batch.projections, WINDOW_LENGTH - 1)
-        return _dense_candidates(values, positions, batch.context_length, self.threshold())
+        threshold = self.threshold()
+        values, positions = block_best(batch.projections, WINDOW_LENGTH - 1, threshold)
+        return _dense_candidates(values, positions, batch.context_length, threshold)
 
     def _fetch(self, batch: Batch, rows: Tensor, features: Tensor) -> dict[str, Tensor]:
         payload = super()._fetch(batch, rows, features)
