@@ -535,7 +535,7 @@ class DecoderTop(TopExamples):
         )
         weight = torch.zeros(len(rows), self.n_absorbers, device=self.device)
         missed = torch.nonzero(payload["activation"] <= 0).squeeze(1)
-        for chunk in missed.split(1024):
+        for chunk in missed.split(8192):
             absorber[chunk], weight[chunk] = self._absorbers(batch, rows[chunk], features[chunk])
         payload["absorber"], payload["absorber_weight"] = absorber, weight
         return payload
