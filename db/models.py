@@ -12,7 +12,7 @@ from sqlalchemy import JSON, ForeignKey, Index, LargeBinary, String
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 # Bump whenever a table or column changes meaning; the server refuses other versions.
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 # Activation histograms are stored with HISTOGRAM_BINS_PER_DECADE log-spaced bins per power of
 # ten between 10**HISTOGRAM_LOG10_MIN and 10**HISTOGRAM_LOG10_MAX, plus an underflow bin (index 0)
@@ -90,10 +90,15 @@ class Sae(Base):
     eval_tokens: Mapped[int]
     mse: Mapped[float]
     explained_variance: Mapped[float | None]
-    ce_clean: Mapped[float]
-    ce_sae: Mapped[float]
-    ce_zero: Mapped[float]
+    # Cross-entropy needs a language model: NULL for synthetic sources.
+    ce_clean: Mapped[float | None]
+    ce_sae: Mapped[float | None]
+    ce_zero: Mapped[float | None]
     ce_score: Mapped[float | None]
+    # Only for synthetic sources, whose true features are known.
+    mmcs: Mapped[float | None]
+    recovered_share: Mapped[float | None]
+    ground_truth: Mapped[dict[str, Any] | None]
     config: Mapped[dict[str, Any]]
     training_log: Mapped[list[Any] | None]
 
@@ -116,6 +121,7 @@ class Feature(Base):
     high_frequency: Mapped[bool]
     positional: Mapped[bool]
     bos_dominated: Mapped[bool]
+    absorbed: Mapped[bool]
     jaccard: Mapped[float]
     miss_rate: Mapped[float]
     absorbers: Mapped[list[Any]]
@@ -129,6 +135,11 @@ class Feature(Base):
     logits_bottom: Mapped[list[Any]]
     neighbours: Mapped[list[Any]]
     top_tokens: Mapped[list[Any]]
+    # Only for synthetic sources: the closest true feature, and the closest sum of two.
+    gt_feature: Mapped[str | None]
+    gt_cosine: Mapped[float | None]
+    composed_of: Mapped[list[Any] | None]
+    composed_cosine: Mapped[float | None]
     __table_args__ = (
         Index("ix_features_frequency", "sae_id", "frequency"),
         Index("ix_features_max", "sae_id", "max_activation"),

@@ -17,10 +17,12 @@ from pipeline.accumulators import (
     ExamplesResult,
     histogram_edges,
 )
+from pipeline.synthetic import GroundTruthMatch
 
 # Flag rules (documented in the README).
 POSITIONAL_R2_THRESHOLD = 0.5
 BOS_SHARE_THRESHOLD = 0.5
+ABSORBED_MISS_RATE = 0.5
 
 
 @dataclass
@@ -139,7 +141,10 @@ def feature_rows(
     unembed: Float[Tensor, "d_in vocab"],
     settings: AnalysisSettings,
     edges: list[list[float]],
+    ground_truth: tuple[GroundTruthMatch, list[str]] | None = None,
 ) -> list[dict[str, Any]]:
+    """One row per feature; `unembed` None (no language model) leaves the logit effects empty,
+    `ground_truth` (the match and the true features' names) fills the ground-truth columns."""
     stats = result.stats
     n_features = len(stats.count)
     tokens_seen = max(stats.tokens_seen, 1)
@@ -161,7 +166,7 @@ def feature_rows(
         where=stats.position_count > 0,
     ).T
     jaccard, miss_rate, absorbers = encoder_decoder_agreement(result, settings.n_absorbers)
-    logits = logit_effects(decoder, unembed, settings.n_logits)
+    logits = logit_effects(decoder, unembed, settings.n_logits) if unembed is not None else None
     neighbour_cosine, neighbour_id = decoder_neighbours(decoder, settings.n_neighbours)
     top_tokens = feature_top_tokens(result, settings.n_top_tokens)
     rows = []
@@ -183,6 +188,7 @@ def feature_rows(
                 "high_frequency": bool(frequency[i] > settings.high_frequency_threshold),
                 "positional": bool(r2[i] > POSITIONAL_R2_THRESHOLD),
                 "bos_dominated": bool(bos_share[i] > BOS_SHARE_THRESHOLD),
+                "absorbed": bool(miss_rate[i] >= ABSORBED_MISS_RATE and absorbers[i]),
                 "jaccard": float(jaccard[i]),
                 "miss_rate": float(miss_rate[i]),
                 "absorbers": absorbers[i],
@@ -192,15 +198,32 @@ def feature_rows(
                 "position_mean": float32_blob(position_mean[i]),
                 "quantile_edges": edges[i],
                 "quantile_mass": band_mass(stats.histogram[i], edges[i]),
-                "logits_top": _pairs(logits[1][i], logits[0][i], "token_id", "logit"),
-                "logits_bottom": _pairs(logits[3][i], logits[2][i], "token_id", "logit"),
+                "logits_top": _pairs(logits[1][i], logits[0][i], "token_id", "logit")
+                if logits
+                else [],
+                "logits_bottom": _pairs(logits[3][i], logits[2][i], "token_id", "logit")
+                if logits
+                else [],
                 "neighbours": _pairs(
                     neighbour_id[i], neighbour_cosine[i], "feature_index", "cosine"
                 ),
                 "top_tokens": top_tokens[i],
+                **ground_truth_columns(ground_truth, i),
             }
         )
     return rows
+
+
+def ground_truth_columns(ground_truth: tuple[GroundTruthMatch, list[str]] | None, i: int) -> dict:
+    if ground_truth is None:
+        return {"gt_feature": None, "gt_cosine": None, "composed_of": None, "composed_cosine": None}
+    match, names = ground_truth
+    return {
+        "gt_feature": names[match.best[i]],
+        "gt_cosine": round(float(match.cosine[i]), 6),
+        "composed_of": [names[j] for j in match.pair[i]],
+        "composed_cosine": round(float(match.pair_cosine[i]), 6),
+    }
 
 
 def _pairs(ids: np.ndarray, values: np.ndarray, id_name: str, value_name: str) -> list[dict]:

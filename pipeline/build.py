@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,7 +23,9 @@ from tqdm.auto import tqdm
 from db.writer import CorpusData, DatabaseWriter, SaeData
 from pipeline import analysis, sources
 from pipeline.accumulators import Batch, ExampleSizes, FeatureAccumulators
-from pipeline.evaluate import evaluate_sae
+from pipeline.evaluate import evaluate_reconstruction, evaluate_sae
+from pipeline.sources import CorpusTokens
+from pipeline.synthetic import SyntheticSource, load_source, match_ground_truth
 from pipeline.train_sae import TRAINING_LOG
 
 logger = logging.getLogger(__name__)
@@ -34,14 +37,16 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 class BuildConfig:
     """Everything `saescope build` takes."""
 
-    model: str
-    """HuggingFace model name or local HuggingFace directory"""
-    hook: str
-    """hook name, e.g. blocks.4.hook_resid_pre"""
-    corpus: str
-    """token array (.npy/.pt/.safetensors), .txt/.jsonl file or directory, or dataset name"""
     out: Path
     """database file to create or add to"""
+    model: str | None = None
+    """HuggingFace model name or local HuggingFace directory"""
+    hook: str | None = None
+    """hook name, e.g. blocks.4.hook_resid_pre"""
+    corpus: str | None = None
+    """token array (.npy/.pt/.safetensors), .txt/.jsonl file or directory, or dataset name"""
+    synthetic: Path | None = None
+    """synthetic source written by `saescope synth`, in place of model, hook and corpus"""
     sae: Path | None = None
     """SAELens-format SAE directory"""
     sae_release: str | None = None
@@ -94,6 +99,90 @@ def default_name(config: BuildConfig) -> str:
     return cleaned or "sae"
 
 
+@dataclass
+class BuildInputs:
+    """What the pass reads: the tokens shown and searched, and the activations behind them."""
+
+    tokens: np.ndarray  # [n_sequences, context_length]
+    vocab: list[str]
+    special_ids: set[int]
+    activations: Callable[[int, torch.Tensor], torch.Tensor]
+    """(first sequence, its batch of token ids) → activations [batch, context, d_in]"""
+    evaluate: Callable[[Any], dict]
+    """SAE → the per-SAE metrics"""
+    unembed: torch.Tensor | None
+    ground_truth: SyntheticSource | None
+    model: str
+    hook: str
+    fingerprint: str
+    source: str
+
+
+def model_inputs(config: BuildConfig, sae) -> BuildInputs:
+    """A language model run over a corpus, read at a hook."""
+    if not (config.model and config.hook and config.corpus):
+        raise sources.InputError("give --model, --hook and --corpus, or --synthetic")
+    metadata = sources.sae_metadata(sae)
+    processing = sources.weight_processing_kwargs(metadata, config.weight_processing)
+    model = sources.load_model(
+        config.model, config.device, DTYPES[config.dtype], processing, config.quiet
+    )
+    sources.check_hook(model, config.hook)
+    corpus = sources.load_corpus(
+        config.corpus,
+        model.tokenizer,
+        model.cfg.d_vocab,
+        config.context_length or metadata.get("context_size"),
+        config.n_tokens,
+        prepend_bos=metadata.get("prepend_bos", True),
+    )
+    special_ids = sources.special_token_ids(model.tokenizer)
+    evaluation_tokens = torch.from_numpy(corpus.token_ids[: config.eval_sequences])
+    return BuildInputs(
+        tokens=corpus.token_ids,
+        vocab=sources.vocab_strings(model.tokenizer, model.cfg.d_vocab),
+        special_ids=special_ids,
+        activations=lambda _, tokens: sources.activations_at_hook(model, config.hook, tokens),
+        evaluate=lambda sae: evaluate_sae(
+            model, sae, config.hook, evaluation_tokens, special_ids, config.batch_size, config.quiet
+        ),
+        unembed=model.W_U.detach().float(),
+        ground_truth=None,
+        model=config.model,
+        hook=config.hook,
+        fingerprint=f"{config.model}:{corpus.fingerprint}",
+        source=corpus.source,
+    )
+
+
+def synthetic_inputs(config: BuildConfig) -> BuildInputs:
+    """Activations of a synthetic source, whose token strings name the active true features."""
+    try:
+        source = load_source(config.synthetic)
+    except (OSError, ValueError) as error:
+        raise sources.InputError(
+            f"cannot read synthetic source {config.synthetic}: {error}"
+        ) from None
+    n_sequences = -(-config.n_tokens // source.token_ids.shape[1])
+    tokens = source.token_ids[:n_sequences]
+    activations = source.activations.to(config.device)
+    evaluation = activations[: config.eval_sequences].reshape(-1, activations.shape[-1])
+    digest = CorpusTokens(tokens, str(config.synthetic)).fingerprint
+    return BuildInputs(
+        tokens=tokens,
+        vocab=source.vocab,
+        special_ids=set(),
+        activations=lambda start, batch: activations[start : start + len(batch)],
+        evaluate=lambda sae: evaluate_reconstruction(sae, evaluation, 4096),
+        unembed=None,
+        ground_truth=source,
+        model="synthetic:" + source.description.get("generator", "?"),
+        hook="activations",
+        fingerprint=f"synthetic:{digest}",
+        source=str(config.synthetic),
+    )
+
+
 def run_build(config: BuildConfig) -> BuildSummary:
     started = time.perf_counter()
     if config.dtype not in DTYPES:
@@ -105,43 +194,18 @@ def run_build(config: BuildConfig) -> BuildSummary:
         sae = sources.load_sae(
             config.sae, config.sae_release, config.sae_id, config.device, config.dtype
         )
-        metadata = sources.sae_metadata(sae)
-        processing = sources.weight_processing_kwargs(metadata, config.weight_processing)
-        model = sources.load_model(
-            config.model, config.device, DTYPES[config.dtype], processing, config.quiet
-        )
-        sources.check_hook(model, config.hook)
-        corpus = sources.load_corpus(
-            config.corpus,
-            model.tokenizer,
-            model.cfg.d_vocab,
-            config.context_length or metadata.get("context_size"),
-            config.n_tokens,
-            prepend_bos=metadata.get("prepend_bos", True),
-        )
-        tokens = corpus.token_ids
-        logger.info("corpus: %d contexts of %d tokens", *tokens.shape)
-        special_ids = sources.special_token_ids(model.tokenizer)
-        accumulated = stream(model, sae, config, tokens, special_ids)
-        evaluation = evaluate_sae(
-            model,
-            sae,
-            config.hook,
-            torch.from_numpy(tokens[: config.eval_sequences]),
-            special_ids,
-            config.batch_size,
-            config.quiet,
-        )
-        data = sae_data(config, model, sae, accumulated, evaluation, tokens.shape)
-        vocab = sources.vocab_strings(model.tokenizer, model.cfg.d_vocab)
+        inputs = synthetic_inputs(config) if config.synthetic else model_inputs(config, sae)
+        logger.info("corpus: %d contexts of %d tokens", *inputs.tokens.shape)
+        accumulated = stream(sae, config, inputs)
+        data = sae_data(config, sae, accumulated, inputs.evaluate(sae), inputs)
         writer.write(
             CorpusData(
-                fingerprint=f"{config.model}:{corpus.fingerprint}",
-                source=corpus.source,
-                tokenizer=config.model,
-                token_ids=tokens,
-                vocab=vocab,
-                special_token_ids=special_ids,
+                fingerprint=inputs.fingerprint,
+                source=inputs.source,
+                tokenizer=inputs.model,
+                token_ids=inputs.tokens,
+                vocab=inputs.vocab,
+                special_token_ids=inputs.special_ids,
             ),
             data,
         )
@@ -151,13 +215,12 @@ def run_build(config: BuildConfig) -> BuildSummary:
         n_features=data.sae["d_sae"],
         tokens_seen=data.sae["tokens_seen"],
         seconds=time.perf_counter() - started,
-        metrics={key: data.sae[key] for key in ("l0", "explained_variance", "ce_score")},
+        metrics={key: data.sae[key] for key in ("l0", "explained_variance", "ce_score", "mmcs")},
     )
 
 
-def encode_batch(model, sae, hook: str, tokens: torch.Tensor, decoder_unit, decoder_bias):
-    """Feature activations f and decoder-direction projections p = (x − b_dec)·ŵ at the hook."""
-    x = sources.activations_at_hook(model, hook, tokens)
+def encode_batch(sae, x: torch.Tensor, hook: str, decoder_unit, decoder_bias):
+    """Feature activations f and decoder-direction projections p = (x − b_dec)·ŵ."""
     x = x.to(decoder_unit.dtype)
     if x.shape[-1] != decoder_unit.shape[1]:
         raise sources.InputError(
@@ -169,16 +232,17 @@ def encode_batch(model, sae, hook: str, tokens: torch.Tensor, decoder_unit, deco
     return feature_acts, projections
 
 
-def stream(model, sae, config: BuildConfig, tokens: np.ndarray, special_ids: set[int]):
+def stream(sae, config: BuildConfig, inputs: BuildInputs):
     """The one pass over the corpus: every feature's accumulators updated batch by batch."""
+    tokens = inputs.tokens
     n_sequences, context_length = tokens.shape
     decoder, decoder_bias = sources.decoder_and_bias(sae)
     decoder_unit = decoder / decoder.norm(dim=1, keepdim=True).clamp_min(1e-12)
-    special = torch.tensor(sorted(special_ids), dtype=torch.int64, device=config.device)
+    special = torch.tensor(sorted(inputs.special_ids), dtype=torch.int64, device=config.device)
     accumulators = FeatureAccumulators(
         n_features=decoder.shape[0],
         context_length=context_length,
-        vocab_size=model.cfg.d_vocab,
+        vocab_size=len(inputs.vocab),
         decoder=decoder,
         sizes=config.examples,
         seed=config.seed,
@@ -196,7 +260,11 @@ def stream(model, sae, config: BuildConfig, tokens: np.ndarray, special_ids: set
                 config.device
             )
             feature_acts, projections = encode_batch(
-                model, sae, config.hook, batch_tokens, decoder_unit, decoder_bias
+                sae,
+                inputs.activations(start, batch_tokens),
+                inputs.hook,
+                decoder_unit,
+                decoder_bias,
             )
             batch = Batch.from_activations(
                 start,
@@ -210,11 +278,20 @@ def stream(model, sae, config: BuildConfig, tokens: np.ndarray, special_ids: set
     return accumulators.finalize()
 
 
-def sae_data(config, model, sae, accumulated, evaluation: dict, shape) -> SaeData:
+def sae_data(config, sae, accumulated, evaluation: dict, inputs: BuildInputs) -> SaeData:
     decoder, _ = sources.decoder_and_bias(sae)
-    unembed = model.W_U.detach().float()
+    shape = inputs.tokens.shape
     edges = analysis.all_quantile_edges(accumulated, config.analysis.quantile_bands)
-    features = analysis.feature_rows(accumulated, decoder, unembed, config.analysis, edges)
+    truth = inputs.ground_truth
+    match = match_ground_truth(truth.directions, decoder.cpu()) if truth is not None else None
+    features = analysis.feature_rows(
+        accumulated,
+        decoder,
+        inputs.unembed,
+        config.analysis,
+        edges,
+        (match, truth.names) if truth is not None else None,
+    )
     examples = analysis.example_columns(accumulated, config.analysis, edges)
     token_stats, token_latents = analysis.token_columns(
         accumulated, config.analysis.n_token_latents
@@ -222,8 +299,8 @@ def sae_data(config, model, sae, accumulated, evaluation: dict, shape) -> SaeDat
     stats = accumulated.stats
     frequency = stats.count / max(stats.tokens_seen, 1)
     sae_row = {
-        "model": config.model,
-        "hook": config.hook,
+        "model": inputs.model,
+        "hook": inputs.hook,
         "architecture": sae.cfg.architecture(),
         "d_in": int(decoder.shape[1]),
         "d_sae": int(decoder.shape[0]),
@@ -236,6 +313,9 @@ def sae_data(config, model, sae, accumulated, evaluation: dict, shape) -> SaeDat
         "dead_count": int((stats.count == 0).sum()),
         "dense_count": int((frequency > config.analysis.high_frequency_threshold).sum()),
         **evaluation,
+        "mmcs": match.mmcs if match else None,
+        "recovered_share": match.recovered if match else None,
+        "ground_truth": {**truth.description, "features": truth.names} if truth else None,
         "config": _config_record(config),
         "training_log": training_log(config.sae),
     }

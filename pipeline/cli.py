@@ -41,18 +41,25 @@ def setup_logging(quiet: bool) -> None:
 
 @app.command()
 def build(
+    out: Annotated[Path, typer.Option(help="Database file to create, or to add this SAE to.")],
     model: Annotated[
-        str, typer.Option(help="HuggingFace model name, or a local HuggingFace model directory.")
-    ],
-    hook: Annotated[str, typer.Option(help="Hook name whose activations the SAE reads.")],
+        str | None,
+        typer.Option(help="HuggingFace model name, or a local HuggingFace model directory."),
+    ] = None,
+    hook: Annotated[
+        str | None, typer.Option(help="Hook name whose activations the SAE reads.")
+    ] = None,
     corpus: Annotated[
-        str,
+        str | None,
         typer.Option(
             help="Token ids [n_sequences, context] as .npy/.pt/.safetensors; or .txt/.jsonl "
             "files (a directory of them) to tokenize; or a HuggingFace dataset name."
         ),
-    ],
-    out: Annotated[Path, typer.Option(help="Database file to create, or to add this SAE to.")],
+    ] = None,
+    synthetic: Annotated[
+        Path | None,
+        typer.Option(help="Synthetic source from `saescope synth`, instead of model and corpus."),
+    ] = None,
     sae: Annotated[
         Path | None,
         typer.Option(help="SAELens-format SAE directory (cfg.json + sae_weights.safetensors)."),
@@ -134,6 +141,7 @@ def build(
         model=model,
         hook=hook,
         corpus=corpus,
+        synthetic=synthetic,
         out=out,
         sae=sae,
         sae_release=sae_release,
@@ -218,18 +226,25 @@ def train_lm(
 
 @app.command()
 def train(
+    out: Annotated[Path, typer.Option(help="Directory to save the SAE in (SAELens format).")],
     model: Annotated[
-        str, typer.Option(help="HuggingFace model name, or a local HuggingFace model directory.")
-    ],
-    hook: Annotated[str, typer.Option(help="Hook name whose activations the SAE reads.")],
+        str | None,
+        typer.Option(help="HuggingFace model name, or a local HuggingFace model directory."),
+    ] = None,
+    hook: Annotated[
+        str | None, typer.Option(help="Hook name whose activations the SAE reads.")
+    ] = None,
     corpus: Annotated[
-        str,
+        str | None,
         typer.Option(
             help="Token ids as .npy/.pt/.safetensors, .txt/.jsonl files, or a HuggingFace "
             "dataset name (as for build)."
         ),
-    ],
-    out: Annotated[Path, typer.Option(help="Directory to save the SAE in (SAELens format).")],
+    ] = None,
+    synthetic: Annotated[
+        Path | None,
+        typer.Option(help="Synthetic source from `saescope synth`, instead of model and corpus."),
+    ] = None,
     objective: Annotated[
         str, typer.Option(help="l1, sqrt, l0 (tanh L0 + frequency penalty) or topk (+AuxK).")
     ] = "topk",
@@ -285,7 +300,7 @@ def train(
     """Train an SAE on the activations at --hook and save it in SAELens format."""
     setup_logging(quiet)
     from pipeline.sources import InputError
-    from pipeline.train_sae import TrainConfig, train_on_model
+    from pipeline.train_sae import TrainConfig, train_on_model, train_on_synthetic
 
     config = TrainConfig(
         objective=objective,
@@ -308,10 +323,15 @@ def train(
         seed=seed,
     )
     try:
-        log = train_on_model(
-            model, hook, corpus, out, config, corpus_tokens, context_length, device,
-            weight_processing, quiet,
-        )  # fmt: skip
+        if synthetic is not None:
+            log = train_on_synthetic(synthetic, out, config, quiet)
+        elif model and hook and corpus:
+            log = train_on_model(
+                model, hook, corpus, out, config, corpus_tokens, context_length, device,
+                weight_processing, quiet,
+            )  # fmt: skip
+        else:
+            raise InputError("give --model, --hook and --corpus, or --synthetic")
     except InputError as error:
         fail(str(error))
     except KeyboardInterrupt:
@@ -345,6 +365,77 @@ def demo(
             raise typer.Exit(code)
     if serve_after:
         serve(data / "demo.db", host=host, port=port)
+
+
+@app.command()
+def synth(
+    generator: Annotated[
+        str,
+        typer.Option(
+            help="sparse (independent directions), toy (toy model of superposition), composed "
+            "(feature sets), hierarchical (parents and children: absorption)."
+        ),
+    ],
+    out: Annotated[Path, typer.Option(help="File to write (.safetensors).")],
+    n_samples: Annotated[int, typer.Option(help="Samples (tokens) to generate.")] = 262_144,
+    d: Annotated[int, typer.Option(help="Activation width (toy: hidden width m).")] = 64,
+    context_length: Annotated[int, typer.Option(help="Samples per synthetic sequence.")] = 16,
+    n_features: Annotated[int, typer.Option(help="sparse, toy: number of true features.")] = 128,
+    p_active: Annotated[float, typer.Option(help="sparse: probability a feature is on.")] = 0.02,
+    sparsity: Annotated[
+        float, typer.Option(help="toy: S, the probability a feature is off.")
+    ] = 0.9,
+    importance_decay: Annotated[
+        float, typer.Option(help="toy: importance of feature i is decay**i.")
+    ] = 0.9,
+    n_sets: Annotated[int, typer.Option(help="composed: number of feature sets.")] = 2,
+    set_size: Annotated[int, typer.Option(help="composed: features per set.")] = 2,
+    p_none: Annotated[
+        float, typer.Option(help="composed: probability a set has no active feature.")
+    ] = 0.0,
+    correlation: Annotated[
+        float, typer.Option(help="composed: probability a set copies the first set's choice.")
+    ] = 0.0,
+    correlated_amplitudes: Annotated[
+        bool, typer.Option(help="composed: one amplitude shared by a sample's sets.")
+    ] = False,
+    n_parents: Annotated[int, typer.Option(help="hierarchical: parent features.")] = 8,
+    children_per_parent: Annotated[
+        int, typer.Option(help="hierarchical: children of each parent.")
+    ] = 3,
+    p_parent: Annotated[
+        float, typer.Option(help="hierarchical: probability a parent is on.")
+    ] = 0.1,
+    p_child: Annotated[
+        float, typer.Option(help="hierarchical: probability an active parent has a child on.")
+    ] = 0.7,
+    seed: Annotated[int, typer.Option(help="Seed of the generator.")] = 0,
+) -> None:
+    """Write a synthetic source with known true features for `train` and `build --synthetic`."""
+    from pipeline import synthetic as synthetic_data
+
+    makers = {
+        "sparse": lambda: synthetic_data.sparse_linear_combinations(
+            n_features, d, n_samples, p_active, seed
+        ),
+        "toy": lambda: synthetic_data.toy_model(
+            n_features, d, n_samples, sparsity, importance_decay, seed
+        ),
+        "composed": lambda: synthetic_data.composed(
+            n_sets, set_size, d, n_samples, p_none, correlation, correlated_amplitudes, seed
+        ),
+        "hierarchical": lambda: synthetic_data.hierarchical(
+            n_parents, children_per_parent, d, n_samples, p_parent, p_child, seed
+        ),
+    }
+    if generator not in makers:
+        fail(f"--generator must be one of {', '.join(makers)}")
+    if n_samples < context_length or min(d, context_length, n_features) < 1:
+        fail("--n-samples must cover one sequence; sizes must be positive")
+    data = makers[generator]()
+    description = {"generator": generator, "seed": seed, "n_samples": n_samples, "d": d}
+    synthetic_data.save_source(data, out, context_length, description)
+    typer.echo(f"{out}: {generator}, {len(data.names)} true features in {d} dimensions")
 
 
 app.command()(serve)

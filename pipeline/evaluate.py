@@ -11,16 +11,43 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 
+class ReconstructionTotals:
+    """Running sums for MSE (mean over tokens and dimensions) and explained variance
+    1 − Σ‖x − x̂‖² / Σ‖x − x̄‖²."""
+
+    def __init__(self) -> None:
+        self.sse = 0.0
+        self.sum_sq = 0.0
+        self.count = 0
+        self.x_sum: Tensor | None = None
+
+    def add(self, x: Tensor, reconstruction: Tensor) -> None:
+        x = x.double().reshape(-1, x.shape[-1])
+        self.sse += float((reconstruction.double().reshape(x.shape) - x).pow(2).sum())
+        self.sum_sq += float(x.pow(2).sum())
+        self.count += x.shape[0]
+        self.x_sum = x.sum(0) if self.x_sum is None else self.x_sum + x.sum(0)
+
+    def metrics(self) -> dict[str, float | int | None]:
+        if self.x_sum is None:
+            return {"eval_tokens": 0, "mse": 0.0, "explained_variance": None}
+        variance = self.sum_sq - float(self.x_sum.pow(2).sum()) / self.count
+        return {
+            "eval_tokens": self.count,
+            "mse": self.sse / (self.count * len(self.x_sum)),
+            "explained_variance": 1.0 - self.sse / variance if variance > 0 else None,
+        }
+
+
 def evaluate_sae(
     model, sae, hook: str, tokens: Tensor, special_ids: set[int], batch_size: int, quiet: bool
 ) -> dict[str, float | None]:
-    """MSE (mean over tokens and dimensions), explained variance, and the model's next-token
-    cross-entropy clean, with the SAE reconstruction spliced in at the hook, and with the hook
-    zero-ablated; CE score = (CE_zero − CE_sae) / (CE_zero − CE_clean)."""
+    """Reconstruction metrics, and the model's next-token cross-entropy clean, with the SAE
+    reconstruction spliced in at the hook, and with the hook zero-ablated;
+    CE score = (CE_zero − CE_sae) / (CE_zero − CE_clean)."""
     device = next(sae.parameters()).device
     special = torch.tensor(sorted(special_ids), dtype=torch.int64, device=device)
-    totals = {"sse": 0.0, "sum": 0.0, "sum_sq": 0.0, "count": 0}
-    x_sum: Tensor | None = None
+    totals = ReconstructionTotals()
     losses = {"clean": 0.0, "sae": 0.0, "zero": 0.0}
     n_predictions = 0
 
@@ -32,15 +59,8 @@ def evaluate_sae(
         mask = torch.isin(batch, special)
 
         def splice(activation: Tensor, hook, mask=mask) -> Tensor:
-            nonlocal x_sum
-            x = activation.float()
             reconstruction = sae(activation.to(sae.dtype)).float()
-            kept = x[~mask].double()
-            error = (reconstruction[~mask].double() - kept).pow(2).sum()
-            totals["sse"] += float(error)
-            totals["sum_sq"] += float(kept.pow(2).sum())
-            totals["count"] += kept.shape[0]
-            x_sum = kept.sum(0) if x_sum is None else x_sum + kept.sum(0)
+            totals.add(activation[~mask], reconstruction[~mask])
             return keep_special(activation, reconstruction, mask)
 
         def zero(activation: Tensor, hook, mask=mask) -> Tensor:
@@ -48,27 +68,25 @@ def evaluate_sae(
 
         n = batch.shape[0] * (batch.shape[1] - 1)
         losses["clean"] += float(model(batch, return_type="loss")) * n
-        losses["sae"] += (
-            float(model.run_with_hooks(batch, return_type="loss", fwd_hooks=[(hook, splice)])) * n
-        )
-        losses["zero"] += (
-            float(model.run_with_hooks(batch, return_type="loss", fwd_hooks=[(hook, zero)])) * n
-        )
+        for name, hook_fn in (("sae", splice), ("zero", zero)):
+            loss = model.run_with_hooks(batch, return_type="loss", fwd_hooks=[(hook, hook_fn)])
+            losses[name] += float(loss) * n
         n_predictions += n
 
-    count = max(totals["count"], 1)
-    d_in = sae.cfg.d_in
-    total_variance = (
-        totals["sum_sq"] - float(x_sum.pow(2).sum()) / count if x_sum is not None else 0.0
-    )
     ce = {key: value / max(n_predictions, 1) for key, value in losses.items()}
     gap = ce["zero"] - ce["clean"]
     return {
-        "eval_tokens": int(totals["count"]),
-        "mse": totals["sse"] / (count * d_in),
-        "explained_variance": 1.0 - totals["sse"] / total_variance if total_variance > 0 else None,
+        **totals.metrics(),
         "ce_clean": ce["clean"],
         "ce_sae": ce["sae"],
         "ce_zero": ce["zero"],
         "ce_score": (ce["zero"] - ce["sae"]) / gap if abs(gap) > 1e-12 else None,
     }
+
+
+def evaluate_reconstruction(sae, activations: Tensor, batch_size: int) -> dict:
+    """Reconstruction metrics alone, for activations that come without a language model."""
+    totals = ReconstructionTotals()
+    for chunk in activations.split(batch_size):
+        totals.add(chunk, sae(chunk.to(sae.dtype)).float())
+    return {**totals.metrics(), "ce_clean": None, "ce_sae": None, "ce_zero": None, "ce_score": None}

@@ -390,3 +390,24 @@ def train_on_model(
     }
     save_sae(sae, out, metadata, log, config)
     return log
+
+
+def train_on_synthetic(path: Path, out: Path, config: TrainConfig, quiet: bool) -> list[dict]:
+    """`saescope train --synthetic`: the source's activations, shuffled by the buffer."""
+    from pipeline.synthetic import chunked, load_source
+
+    config.validate()
+    try:
+        source = load_source(path)
+    except (OSError, ValueError) as error:
+        raise sources.InputError(f"cannot read synthetic source {path}: {error}") from None
+    activations = source.activations.reshape(-1, source.activations.shape[-1])
+    sae, log = train_sae(chunked(activations), activations.shape[-1], config, quiet)
+    metadata = {
+        "model_name": "synthetic:" + source.description.get("generator", "?"),
+        "hook_name": "activations",
+        "context_size": int(source.activations.shape[1]),
+        "prepend_bos": False,
+    }
+    save_sae(sae, out, metadata, log, config)
+    return log

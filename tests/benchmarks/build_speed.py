@@ -88,15 +88,20 @@ def make_inputs(directory: Path, d_sae: int) -> tuple[Path, Path, Path]:
 
 def time_passes(model_dir: Path, sae_dir: Path, tokens_path: Path, n_tokens: int) -> dict:
     from pipeline import sources
-    from pipeline.build import BuildConfig, encode_batch, stream
+    from pipeline.build import BuildConfig, encode_batch, model_inputs, stream
 
     sae = sources.load_sae(sae_dir, None, None, "cpu", "float32")
     model = sources.load_model(str(model_dir), "cpu", torch.float32, {}, quiet=True)
-    tokens = np.load(tokens_path)[: n_tokens // CONTEXT]
     config = BuildConfig(
-        model=str(model_dir), hook=HOOK, corpus=str(tokens_path), out=Path("unused"), quiet=True
+        model=str(model_dir),
+        hook=HOOK,
+        corpus=str(tokens_path),
+        out=Path("unused"),
+        n_tokens=n_tokens,
+        quiet=True,
     )
-    special = sources.special_token_ids(model.tokenizer)
+    inputs = model_inputs(config, sae)
+    tokens = inputs.tokens
     decoder, bias = sources.decoder_and_bias(sae)
     unit = decoder / decoder.norm(dim=1, keepdim=True)
 
@@ -107,7 +112,7 @@ def time_passes(model_dir: Path, sae_dir: Path, tokens_path: Path, n_tokens: int
             sae.encode(x)
 
     def full() -> None:
-        stream(model, sae, config, tokens, special)
+        stream(sae, config, inputs)
 
     with torch.inference_mode():
         bare()  # warm-up
@@ -121,7 +126,8 @@ def time_passes(model_dir: Path, sae_dir: Path, tokens_path: Path, n_tokens: int
         started = time.perf_counter()
         for start in range(0, len(tokens), BATCH):
             batch = torch.from_numpy(tokens[start : start + BATCH])
-            encode_batch(model, sae, HOOK, batch, unit, bias)
+            x = sources.activations_at_hook(model, HOOK, batch)
+            encode_batch(sae, x, HOOK, unit, bias)
         times["encode_and_project"] = [time.perf_counter() - started]
     return {name: min(values) for name, values in times.items()}
 
