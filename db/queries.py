@@ -53,13 +53,19 @@ class SaeSummary(BaseModel):
     l0: float
     mse: float
     explained_variance: float | None
-    ce_clean: float
-    ce_sae: float
-    ce_zero: float
+    ce_clean: float | None = Field(description="null without a language model (synthetic data)")
+    ce_sae: float | None
+    ce_zero: float | None
     ce_score: float | None
     dead_count: int
     dense_count: int
     high_frequency_threshold: float
+    mmcs: float | None = Field(
+        description="synthetic data: mean over true features of the best decoder cosine"
+    )
+    recovered_share: float | None = Field(
+        description="synthetic data: share of true features with a latent at cosine > 0.9"
+    )
 
 
 class SaeDetail(SaeSummary):
@@ -158,6 +164,17 @@ class Neighbour(BaseModel):
     cosine: float
 
 
+class GroundTruth(BaseModel):
+    """Synthetic data only: the true feature closest to this latent's decoder direction, and
+    the closest normalised sum of two true features."""
+
+    feature: str
+    cosine: float
+    composed: bool = Field(description="closer to the sum of two true features than to any one")
+    composed_of: list[str]
+    composed_cosine: float
+
+
 class FeatureDetail(BaseModel):
     sae: str
     feature_index: int
@@ -177,6 +194,7 @@ class FeatureDetail(BaseModel):
     logits_bottom: list[LogitEffect]
     neighbours: list[Neighbour]
     top_tokens: list[TokenCount]
+    ground_truth: GroundTruth | None
 
 
 class LatentForToken(BaseModel):
@@ -235,6 +253,7 @@ class FlagName(StrEnum):
     high_frequency = "high_frequency"
     positional = "positional"
     bos_dominated = "bos_dominated"
+    absorbed = "absorbed"
 
 
 FLAG_RULES = {
@@ -242,6 +261,7 @@ FLAG_RULES = {
     "high_frequency": "fires on more than {threshold:.0%} of tokens",
     "positional": "position explains more than half of the activation variance (R² > 0.5)",
     "bos_dominated": "more than half of its firings are on BOS/special tokens",
+    "absorbed": "off on at least half of its decoder-top positions, where other latents fire",
 }
 
 
@@ -255,6 +275,8 @@ def flag_reasons(feature: Feature, threshold: float) -> list[Flag]:
         "high_frequency": f"fires on {feature.frequency:.1%} of tokens (threshold {threshold:.0%})",
         "positional": f"position explains {feature.positional_r2:.0%} of its activation variance",
         "bos_dominated": f"{feature.bos_share:.0%} of its firings are on BOS/special tokens",
+        "absorbed": f"off on {feature.miss_rate:.0%} of the positions where its decoder "
+        "direction is strongest; the latents listed under encoder vs decoder fire there",
     }
     return [Flag(name=name, reason=reasons[name]) for name in flags_of(feature)]
 
@@ -466,6 +488,15 @@ def get_feature(session: Session, sae_name: str, feature_index: int) -> FeatureD
         logits_bottom=[LogitEffect(token=vocab[x["token_id"]], **x) for x in feature.logits_bottom],
         neighbours=[Neighbour(**n) for n in feature.neighbours],
         top_tokens=_token_counts(feature.top_tokens, vocab),
+        ground_truth=None
+        if feature.gt_feature is None
+        else GroundTruth(
+            feature=feature.gt_feature,
+            cosine=feature.gt_cosine,
+            composed=feature.composed_cosine > feature.gt_cosine,
+            composed_of=feature.composed_of,
+            composed_cosine=feature.composed_cosine,
+        ),
     )
 
 
@@ -573,6 +604,7 @@ def flags_report(
         "dead": (Feature.dead.is_(True), Feature.feature_index.asc()),
         "positional": (Feature.positional.is_(True), Feature.positional_r2.desc()),
         "bos_dominated": (Feature.bos_dominated.is_(True), Feature.bos_share.desc()),
+        "absorbed": (Feature.absorbed.is_(True), Feature.miss_rate.desc()),
     }
     groups = []
     for name, (condition, ordering) in conditions.items():

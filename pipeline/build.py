@@ -116,6 +116,8 @@ class BuildInputs:
     hook: str
     fingerprint: str
     source: str
+    batch_sequences: int
+    """sequences per batch of the pass"""
 
 
 def model_inputs(config: BuildConfig, sae) -> BuildInputs:
@@ -152,6 +154,7 @@ def model_inputs(config: BuildConfig, sae) -> BuildInputs:
         hook=config.hook,
         fingerprint=f"{config.model}:{corpus.fingerprint}",
         source=corpus.source,
+        batch_sequences=config.batch_size,
     )
 
 
@@ -180,6 +183,8 @@ def synthetic_inputs(config: BuildConfig) -> BuildInputs:
         hook="activations",
         fingerprint=f"synthetic:{digest}",
         source=str(config.synthetic),
+        # No forward pass to bound: batches of about 4,096 samples keep per-batch work small.
+        batch_sequences=max(config.batch_size, 4096 // tokens.shape[1]),
     )
 
 
@@ -255,8 +260,8 @@ def stream(sae, config: BuildConfig, inputs: BuildInputs):
         disable=config.quiet,
     )
     with progress:
-        for start in range(0, n_sequences, config.batch_size):
-            batch_tokens = torch.from_numpy(tokens[start : start + config.batch_size]).to(
+        for start in range(0, n_sequences, inputs.batch_sequences):
+            batch_tokens = torch.from_numpy(tokens[start : start + inputs.batch_sequences]).to(
                 config.device
             )
             feature_acts, projections = encode_batch(

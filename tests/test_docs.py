@@ -11,7 +11,7 @@ from pipeline.cli import app
 from server.settings import Settings
 
 README = (Path(__file__).parent.parent / "README.md").read_text()
-COMMANDS = ("build", "train", "train-lm", "demo", "serve")
+COMMANDS = ("build", "train", "train-lm", "synth", "demo", "serve")
 
 
 def option_table(command_name: str) -> str:

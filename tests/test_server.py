@@ -32,7 +32,7 @@ def assert_error(response, status: int, fragment: str) -> None:
 
 
 def test_health(client: TestClient) -> None:
-    assert client.get("/api/v1/health").json() == {"status": "ok", "schema_version": 1, "saes": 1}
+    assert client.get("/api/v1/health").json() == {"status": "ok", "schema_version": 2, "saes": 1}
 
 
 def test_saes_carry_their_metrics(client: TestClient) -> None:
@@ -103,7 +103,7 @@ def test_token_search_finds_exact_tokens_first(client: TestClient) -> None:
 def test_flags_report(client: TestClient) -> None:
     report = client.get(f"/api/v1/saes/{SAE}/flags?threshold=0.01").json()
     groups = {g["name"]: g for g in report["groups"]}
-    assert set(groups) == {"high_frequency", "dead", "positional", "bos_dominated"}
+    assert set(groups) == {"high_frequency", "dead", "positional", "bos_dominated", "absorbed"}
     assert "1%" in groups["high_frequency"]["rule"]
     assert groups["high_frequency"]["count"] >= len(groups["high_frequency"]["features"])
 

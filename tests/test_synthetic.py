@@ -1,0 +1,135 @@
+"""Synthetic sources: seeded generators, their planted structure, and the build on them."""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from pipeline import synthetic
+from pipeline.cli import app
+
+runner = CliRunner()
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda seed: synthetic.sparse_linear_combinations(16, 8, 500, 0.1, seed),
+        lambda seed: synthetic.toy_model(10, 4, 500, 0.8, 0.9, seed, train_steps=50),
+        lambda seed: synthetic.composed(2, 3, 8, 500, 0.1, 0.5, False, seed),
+        lambda seed: synthetic.hierarchical(3, 2, 12, 500, 0.3, 0.6, seed),
+    ],
+)
+def test_generators_are_seeded(make) -> None:
+    first, again, other = make(1), make(1), make(2)
+    assert torch.equal(first.activations, again.activations)
+    assert torch.equal(first.directions, again.directions)
+    assert not torch.equal(first.activations, other.activations)
+    torch.testing.assert_close(
+        first.activations, first.amplitudes @ first.directions, rtol=1e-4, atol=1e-5
+    )
+
+
+def test_hierarchical_parent_is_on_whenever_a_child_is() -> None:
+    data = synthetic.hierarchical(4, 3, 16, 20_000, 0.2, 0.7, seed=0)
+    on = data.amplitudes > 0
+    for child, parent in data.parents.items():
+        assert not (on[:, child] & ~on[:, parent]).any()
+    with_child = sum(on[:, child] for child in data.parents).bool()
+    assert 0.6 < with_child.float().mean() / on[:, 0::4].any(1).float().mean() < 0.8
+
+
+def test_composed_sets_have_one_feature_each_and_follow_the_correlation() -> None:
+    data = synthetic.composed(2, 3, 8, 20_000, 0.0, 1.0, True, seed=0)
+    on = (data.amplitudes > 0).int()
+    assert (on[:, :3].sum(1) == 1).all() and (on[:, 3:].sum(1) == 1).all()
+    assert torch.equal(on[:, :3], on[:, 3:])  # correlation 1: the same index in both sets
+    assert torch.equal(data.amplitudes[:, :3].sum(1), data.amplitudes[:, 3:].sum(1))
+    independent = synthetic.composed(2, 3, 8, 30_000, 0.2, 0.0, False, seed=0)
+    on = independent.amplitudes > 0
+    assert abs(float((~on[:, :3].any(1)).float().mean()) - 0.2) < 0.02
+    joint = on[:, 0] & on[:, 3]
+    assert abs(float(joint.float().mean()) - (0.8 / 3) ** 2) < 0.01
+
+
+def test_composed_detector_and_mmcs() -> None:
+    directions = torch.eye(4)
+    pair = (directions[0] + directions[1]) / 2**0.5
+    decoder = torch.stack([pair, directions[2], directions[3] * 3])
+    match = synthetic.match_ground_truth(directions, decoder)
+    assert match.composed.tolist() == [True, False, False]
+    assert match.pair[0].tolist() == [0, 1]
+    assert match.best[1:].tolist() == [2, 3]
+    assert match.mmcs == pytest.approx((2**-0.5 * 2 + 1 + 1) / 4)
+    assert match.recovered == pytest.approx(0.5)
+
+
+def test_build_on_a_synthetic_source(tmp_path: Path) -> None:
+    source = tmp_path / "easy.safetensors"
+    result = runner.invoke(
+        app,
+        ["synth", "--generator", "sparse", "--out", str(source), "--n-features", "24",
+         "--d", "32", "--p-active", "0.04", "--n-samples", "65536", "--seed", "3"],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    sae = tmp_path / "sae"
+    result = runner.invoke(
+        app,
+        ["train", "--synthetic", str(source), "--out", str(sae), "--objective", "topk",
+         "--k", "2", "--d-sae", "32", "--n-tokens", "120000", "--batch-size", "512",
+         "--learning-rate", "0.003", "--dead-after", "20000", "--quiet"],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    db = tmp_path / "easy.db"
+    result = runner.invoke(
+        app,
+        ["build", "--synthetic", str(source), "--sae", str(sae), "--out", str(db),
+         "--n-tokens", "16384", "--quiet"],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    with sqlite3.connect(db) as connection:
+        mmcs, recovered, ce = connection.execute(
+            "select mmcs, recovered_share, ce_score from saes"
+        ).fetchone()
+        assert mmcs >= 0.9 and recovered >= 0.8 and ce is None
+        rows = connection.execute(
+            "select feature_index, gt_feature, gt_cosine from features where count > 0"
+        ).fetchall()
+    assert all(name.startswith("f") and cosine > 0 for _, name, cosine in rows)
+
+    from fastapi.testclient import TestClient
+
+    from server.app import create_app
+    from server.settings import Settings
+
+    client = TestClient(create_app(Settings(database=db)))
+    well_matched = [(index, name) for index, name, cosine in rows if cosine > 0.95]
+    assert len(well_matched) >= 16
+    for index, name in well_matched:
+        # The latent's strongest firing is on a sample whose token names its true feature.
+        feature = client.get(f"/api/v1/saes/sae/features/{index}").json()
+        top = feature["examples"]["top"][0]
+        assert name in top["tokens"][top["focus"]].split("+")
+        assert feature["ground_truth"]["feature"] == name
+    assert client.get("/api/v1/saes/sae").json()["mmcs"] == pytest.approx(mmcs)
+    assert "true feature" in client.get(f"/saes/sae/features/{index}").text
+    assert client.get("/").status_code == 200
+
+
+def test_synth_rejects_unknown_generators(tmp_path: Path) -> None:
+    result = runner.invoke(app, ["synth", "--generator", "fractal", "--out", str(tmp_path / "x")])
+    assert result.exit_code == 2
+    assert "--generator must be one of" in result.output
+    bad = tmp_path / "not-synthetic.safetensors"
+    from safetensors.torch import save_file
+
+    save_file({"x": torch.zeros(2)}, str(bad))
+    result = runner.invoke(
+        app,
+        ["build", "--synthetic", str(bad), "--sae", str(tmp_path), "--out", str(tmp_path / "o.db")],
+    )
+    assert result.exit_code == 2
