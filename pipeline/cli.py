@@ -21,6 +21,31 @@ app = typer.Typer(
 logger = logging.getLogger("saescope")
 
 
+# Options shared by build and train.
+ModelOption = Annotated[
+    str | None,
+    typer.Option("--model", help="HuggingFace model name, or a local HuggingFace model directory."),
+]
+HookOption = Annotated[
+    str | None, typer.Option("--hook", help="Hook name whose activations the SAE reads.")
+]
+CorpusOption = Annotated[
+    str | None,
+    typer.Option(
+        "--corpus",
+        help="Token ids [n_sequences, context] as .npy/.pt/.safetensors; or .txt/.jsonl files "
+        "(a directory of them) to tokenize; or a HuggingFace dataset name.",
+    ),
+]
+SyntheticOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--synthetic", help="Synthetic source from `saescope synth`, instead of model and corpus."
+    ),
+]
+QuietOption = Annotated[bool, typer.Option("--quiet", help="No progress bars or log lines.")]
+
+
 @app.callback()
 def cli() -> None:
     """Precompute and browse what the latents of a sparse autoencoder mean."""
@@ -42,24 +67,10 @@ def setup_logging(quiet: bool) -> None:
 @app.command()
 def build(
     out: Annotated[Path, typer.Option(help="Database file to create, or to add this SAE to.")],
-    model: Annotated[
-        str | None,
-        typer.Option(help="HuggingFace model name, or a local HuggingFace model directory."),
-    ] = None,
-    hook: Annotated[
-        str | None, typer.Option(help="Hook name whose activations the SAE reads.")
-    ] = None,
-    corpus: Annotated[
-        str | None,
-        typer.Option(
-            help="Token ids [n_sequences, context] as .npy/.pt/.safetensors; or .txt/.jsonl "
-            "files (a directory of them) to tokenize; or a HuggingFace dataset name."
-        ),
-    ] = None,
-    synthetic: Annotated[
-        Path | None,
-        typer.Option(help="Synthetic source from `saescope synth`, instead of model and corpus."),
-    ] = None,
+    model: ModelOption = None,
+    hook: HookOption = None,
+    corpus: CorpusOption = None,
+    synthetic: SyntheticOption = None,
     sae: Annotated[
         Path | None,
         typer.Option(help="SAELens-format SAE directory (cfg.json + sae_weights.safetensors)."),
@@ -115,7 +126,7 @@ def build(
     replace: Annotated[
         bool, typer.Option(help="Replace an SAE of the same name already in the database.")
     ] = False,
-    quiet: Annotated[bool, typer.Option(help="No progress bars or log lines.")] = False,
+    quiet: QuietOption = False,
 ) -> None:
     """Run the model over the corpus once and precompute every feature's data into --out."""
     setup_logging(quiet)
@@ -196,7 +207,7 @@ def train_lm(
     epochs: Annotated[float, typer.Option(help="Passes over the training contexts.")] = 6.0,
     learning_rate: Annotated[float, typer.Option(help="Peak AdamW learning rate.")] = 2e-3,
     seed: Annotated[int, typer.Option(help="Seed of initialisation and batch order.")] = 0,
-    quiet: Annotated[bool, typer.Option(help="No progress bars or log lines.")] = False,
+    quiet: QuietOption = False,
 ) -> None:
     """Train the demo language model on the standard library's docstrings and pydoc topics."""
     setup_logging(quiet)
@@ -227,24 +238,10 @@ def train_lm(
 @app.command()
 def train(
     out: Annotated[Path, typer.Option(help="Directory to save the SAE in (SAELens format).")],
-    model: Annotated[
-        str | None,
-        typer.Option(help="HuggingFace model name, or a local HuggingFace model directory."),
-    ] = None,
-    hook: Annotated[
-        str | None, typer.Option(help="Hook name whose activations the SAE reads.")
-    ] = None,
-    corpus: Annotated[
-        str | None,
-        typer.Option(
-            help="Token ids as .npy/.pt/.safetensors, .txt/.jsonl files, or a HuggingFace "
-            "dataset name (as for build)."
-        ),
-    ] = None,
-    synthetic: Annotated[
-        Path | None,
-        typer.Option(help="Synthetic source from `saescope synth`, instead of model and corpus."),
-    ] = None,
+    model: ModelOption = None,
+    hook: HookOption = None,
+    corpus: CorpusOption = None,
+    synthetic: SyntheticOption = None,
     objective: Annotated[
         str, typer.Option(help="l1, sqrt, l0 (tanh L0 + frequency penalty) or topk (+AuxK).")
     ] = "topk",
@@ -295,7 +292,7 @@ def train(
         ),
     ] = True,
     seed: Annotated[int, typer.Option(help="Seed of initialisation and shuffling.")] = 0,
-    quiet: Annotated[bool, typer.Option(help="No progress bars or log lines.")] = False,
+    quiet: QuietOption = False,
 ) -> None:
     """Train an SAE on the activations at --hook and save it in SAELens format."""
     setup_logging(quiet)
@@ -353,7 +350,7 @@ def demo(
     ] = True,
     host: Annotated[str, typer.Option(help="Interface to listen on.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Port to listen on.")] = 8000,
-    quiet: Annotated[bool, typer.Option(help="No progress bars or log lines.")] = False,
+    quiet: QuietOption = False,
 ) -> None:
     """Build the embedded demo (SAE and database, whatever is missing) and serve it."""
     from pipeline.demo import demo_commands

@@ -42,17 +42,7 @@ def features(
     sae: SaeName, params: FeatureTableQuery, session: SessionDep, settings: SettingsDep
 ) -> queries.FeaturePage:
     """The feature table, sorted, filtered and paginated by key."""
-    return queries.list_features(
-        session,
-        sae,
-        sort=params.sort,
-        order=params.order,
-        flag=params.flag,
-        min_frequency=params.min_frequency,
-        max_frequency=params.max_frequency,
-        after=params.after,
-        limit=params.limit or settings.page_size,
-    )
+    return params.page(session, sae, settings.page_size)
 
 
 @router.get(

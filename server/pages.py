@@ -36,17 +36,7 @@ def sae_page(
     settings: SettingsDep,
 ) -> HTMLResponse:
     detail = queries.get_sae(session, sae)
-    page = queries.list_features(
-        session,
-        sae,
-        sort=params.sort,
-        order=params.order,
-        flag=params.flag,
-        min_frequency=params.min_frequency,
-        max_frequency=params.max_frequency,
-        after=params.after,
-        limit=params.limit or settings.page_size,
-    )
+    page = params.page(session, sae, settings.page_size)
     return render(
         request, "sae.html", f"/saes/{sae}/features", sae=detail, page=page, params=params
     )

@@ -6,8 +6,9 @@ from dataclasses import dataclass
 from typing import Annotated
 
 from fastapi import Depends, Path, Query
+from sqlalchemy.orm import Session
 
-from db.queries import MAX_PAGE_SIZE, FlagName, SortKey, SortOrder
+from db.queries import MAX_PAGE_SIZE, FeaturePage, FlagName, SortKey, SortOrder, list_features
 
 SaeName = Annotated[str, Path(description="name of the SAE in the database")]
 FeatureIndex = Annotated[int, Path(ge=0, description="latent index")]
@@ -28,6 +29,20 @@ class FeatureTableParams:
     max_frequency: float | None
     after: str | None
     limit: int | None
+
+    def page(self, session: Session, sae: str, default_limit: int) -> FeaturePage:
+        """The page of the feature table these parameters ask for."""
+        return list_features(
+            session,
+            sae,
+            sort=self.sort,
+            order=self.order,
+            flag=self.flag,
+            min_frequency=self.min_frequency,
+            max_frequency=self.max_frequency,
+            after=self.after,
+            limit=self.limit or default_limit,
+        )
 
 
 def feature_table_params(

@@ -24,22 +24,12 @@ TEXT = (
 def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A 2-layer GPT-2 with a small byte-level BPE vocabulary, saved as a HuggingFace directory."""
     import torch
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from pipeline.train_lm import train_tokenizer
 
     directory = tmp_path_factory.mktemp("tiny_model")
-    tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=400,
-        special_tokens=["<|endoftext|>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-    )
-    tokenizer.train_from_iterator([TEXT] * 50, trainer)
-    wrapped = PreTrainedTokenizerFast(
-        tokenizer_object=tokenizer, bos_token="<|endoftext|>", eos_token="<|endoftext|>"
-    )
+    wrapped = train_tokenizer([TEXT] * 50, vocab_size=400)
     wrapped.add_tokens(XSS)  # whole tokens, so a page must show each as one escaped string
     torch.manual_seed(0)
     config = GPT2Config(

@@ -35,25 +35,13 @@ def make_inputs(directory: Path, d_sae: int) -> tuple[Path, Path, Path]:
     """A random 2-layer GPT-2 with a 4,096-token BPE vocabulary, an SAE, and random token rows."""
     from sae_lens import StandardSAE, StandardSAEConfig
     from sae_lens.saes.sae import SAEMetadata
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+    from transformers import GPT2Config, GPT2LMHeadModel
 
     from pipeline.lm_corpus import stdlib_texts
+    from pipeline.train_lm import train_tokenizer
 
     model_dir, sae_dir = directory / "model", directory / "sae"
-    tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=4096,
-        special_tokens=["<|endoftext|>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tokenizer.train_from_iterator(stdlib_texts(), trainer)
-    wrapped = PreTrainedTokenizerFast(
-        tokenizer_object=tokenizer, bos_token="<|endoftext|>", eos_token="<|endoftext|>"
-    )
+    wrapped = train_tokenizer(list(stdlib_texts()), vocab_size=4096)
     torch.manual_seed(0)
     config = GPT2Config(
         vocab_size=len(wrapped), n_positions=CONTEXT, n_embd=128, n_layer=2, n_head=4
