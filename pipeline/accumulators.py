@@ -493,8 +493,9 @@ class RandomActivations(TopExamples):
 
     def candidates(self, batch: Batch) -> tuple[Tensor, Tensor, Tensor]:
         rows, features = batch.active_rows, batch.active_features
-        keys = random_keys(rows + batch.first_token, features, self.seed)
-        return rows, features, -keys.float()
+        scores = -random_keys(rows + batch.first_token, features, self.seed).float()
+        reaching = torch.nonzero(scores >= self.threshold()[features]).squeeze(1)
+        return rows[reaching], features[reaching], scores[reaching]
 
 
 class DecoderTop(TopExamples):

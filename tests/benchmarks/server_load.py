@@ -1,10 +1,14 @@
 """Server latency under load: feature page and feature JSON against a trivial endpoint.
 
 Builds (once, cached at --db) a database of 16,384 features with the embedded demo model and an
-SAE of random directions, serves it with uvicorn in a subprocess, and runs 32 concurrent clients
-on loopback for --seconds against each endpoint in turn (the trivial one first and last, to see
-drift), requesting random features. Prints p50, p95 and throughput as ratios to the trivial
-endpoint, and the error count.
+SAE of random directions, and serves it with uvicorn in a subprocess. Then 32 concurrent clients
+on loopback, requesting random features:
+  - mixed: for --seconds, every client cycles through the feature page, the feature JSON and
+    the trivial endpoint (/api/v1/health), so all three are measured side by side under the
+    same load;
+  - one endpoint at a time: --seconds against each in turn (the trivial one first and last, to
+    see drift), which shows each endpoint's own saturated cost.
+Prints p50, p95 and throughput per endpoint, as ratios to the trivial endpoint, and errors.
 
     python tests/benchmarks/server_load.py --db /tmp/bench16k.db
 """
@@ -64,28 +68,52 @@ def build_database(path: Path) -> None:
         )  # fmt: skip
 
 
-async def load(base: str, path_for, clients: int, seconds: float) -> tuple[list[float], int]:
-    latencies: list[float] = []
-    errors = 0
+async def load(base: str, paths: dict, clients: int, seconds: float) -> dict[str, tuple]:
+    """Each client cycles through `paths` (name → function of a Random giving a path)."""
+    latencies: dict[str, list[float]] = {name: [] for name in paths}
+    errors = dict.fromkeys(paths, 0)
     deadline = time.perf_counter() + seconds
     limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
     async with httpx.AsyncClient(base_url=base, limits=limits, timeout=30) as client:
 
         async def worker(seed: int) -> None:
-            nonlocal errors
             rng = random.Random(seed)
+            names = list(paths)
+            turn = seed
             while time.perf_counter() < deadline:
+                name = names[turn % len(names)]
+                turn += 1
                 started = time.perf_counter()
                 try:
-                    response = await client.get(path_for(rng))
+                    response = await client.get(paths[name](rng))
                     ok = response.status_code == 200
                 except httpx.HTTPError:
                     ok = False
-                latencies.append(time.perf_counter() - started)
-                errors += not ok
+                latencies[name].append(time.perf_counter() - started)
+                errors[name] += not ok
 
         await asyncio.gather(*(worker(seed) for seed in range(clients)))
-    return latencies, errors
+    return {
+        name: (
+            np.percentile(values, 50),
+            np.percentile(values, 95),
+            len(values) / seconds,
+            errors[name],
+        )
+        for name, values in latencies.items()
+    }
+
+
+def report(title: str, results: dict[str, tuple], trivial: str) -> None:
+    base = results[trivial]
+    print(title)
+    print(f"  {'endpoint':<26}{'p50 ms':>9}{'p95 ms':>9}{'req/s':>8}{'errors':>8}"
+          f"{'p50 ×':>8}{'p95 ×':>8}{'req/s ×':>9}")  # fmt: skip
+    for name, (p50, p95, rate, errors) in results.items():
+        print(
+            f"  {name:<26}{p50 * 1e3:9.1f}{p95 * 1e3:9.1f}{rate:8.0f}{errors:8d}"
+            f"{p50 / base[0]:8.2f}{p95 / base[1]:8.2f}{rate / base[2]:9.2f}"
+        )
 
 
 def main() -> None:
@@ -115,29 +143,25 @@ def main() -> None:
         def feature(rng: random.Random) -> int:
             return rng.randrange(N_FEATURES)
 
-        endpoints = [
-            ("trivial (/api/v1/health)", lambda rng: "/api/v1/health"),
-            ("feature page", lambda rng: f"/saes/{SAE_NAME}/features/{feature(rng)}"),
-            ("feature JSON", lambda rng: f"/api/v1/saes/{SAE_NAME}/features/{feature(rng)}"),
-            ("trivial again", lambda rng: "/api/v1/health"),
-        ]
-        results = {}
-        for name, path_for in endpoints:
-            latencies, errors = asyncio.run(load(base, path_for, args.clients, args.seconds))
-            results[name] = (np.percentile(latencies, 50), np.percentile(latencies, 95),
-                             len(latencies) / args.seconds, errors)  # fmt: skip
+        trivial = "trivial (/api/v1/health)"
+        paths = {
+            trivial: lambda rng: "/api/v1/health",
+            "feature page": lambda rng: f"/saes/{SAE_NAME}/features/{feature(rng)}",
+            "feature JSON": lambda rng: f"/api/v1/saes/{SAE_NAME}/features/{feature(rng)}",
+        }
+        mixed = asyncio.run(load(base, paths, args.clients, args.seconds))
+        alone = {}
+        for name in [trivial, "feature page", "feature JSON", trivial]:
+            result = asyncio.run(load(base, {name: paths[name]}, args.clients, args.seconds))
+            alone[name if name not in alone else "trivial again"] = result[name]
     finally:
         server.terminate()
         server.wait()
-    trivial = results["trivial (/api/v1/health)"]
-    print(f"{args.clients} clients, {args.seconds:.0f} s per endpoint, {N_FEATURES} features")
-    print(f"{'endpoint':<26}{'p50 ms':>9}{'p95 ms':>9}{'req/s':>8}{'errors':>8}"
-          f"{'p50 ×':>8}{'p95 ×':>8}{'req/s ×':>9}")  # fmt: skip
-    for name, (p50, p95, rate, errors) in results.items():
-        print(
-            f"{name:<26}{p50 * 1e3:9.1f}{p95 * 1e3:9.1f}{rate:8.0f}{errors:8d}"
-            f"{p50 / trivial[0]:8.2f}{p95 / trivial[1]:8.2f}{rate / trivial[2]:9.2f}"
-        )
+    print(
+        f"{args.clients} clients on loopback, {args.seconds:.0f} s per run, {N_FEATURES} features"
+    )
+    report("mixed: all three endpoints in one run", mixed, trivial)
+    report("one endpoint at a time", alone, trivial)
 
 
 if __name__ == "__main__":
