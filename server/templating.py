@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from functools import lru_cache
 from importlib.resources import files
 from urllib.parse import quote
 
@@ -19,31 +20,41 @@ def visible(token: str) -> str:
     return token.replace("\n", "↵").replace("\t", "⇥") or "∅"
 
 
-def heat(activation: float, maximum: float) -> str:
-    """Background colour for a token: transparent at 0, saturated orange at the maximum."""
-    share = 0.0 if maximum <= 0 else max(0.0, min(1.0, activation / maximum))
-    return f"rgba(255,140,0,{share * 0.85:.3f})"
+HEAT_LEVELS = 10
+
+
+def heat(activation: float, maximum: float) -> int:
+    """Colour level 0..HEAT_LEVELS of a token: its activation as a share of the maximum."""
+    if maximum <= 0 or activation <= 0:
+        return 0
+    return max(1, min(HEAT_LEVELS, round(HEAT_LEVELS * activation / maximum)))
 
 
 def context_html(sae: str, tokens: list[str], activations: list[float], focus: int, scale: float):
-    """An example's window: one link to the token search per token, coloured by activation.
+    """An example's window: one link to the token search per token, coloured by activation
+    (classes h0..h10 in style.css), the value in the title.
 
     Built here rather than in a template loop: a feature page holds about two thousand tokens,
     and this is several times faster. Every token string goes through `escape`."""
     search = f"/saes/{quote(sae, safe='')}/search?token="
     spans = []
     for index, (token, activation) in enumerate(zip(tokens, activations, strict=True)):
-        kind = "tok focus" if index == focus else "tok"
-        text = escape(token)
+        focus_class = " focus" if index == focus else ""
+        text, quoted, shown = _token_parts(token)
         spans.append(
-            f'<a class="{kind}" style="background:{heat(activation, scale)}" '
-            f'title="{text} · {activation:.4g}" href="{search}{quote(token, safe="")}">'
-            f"{escape(visible(token))}</a>"
+            f'<a class="tok h{heat(activation, scale)}{focus_class}" title="{text} · '
+            f'{activation:.4g}" href="{search}{quoted}">{shown}</a>'
         )
     return Markup("".join(spans))
+
+
+@lru_cache(maxsize=1 << 16)
+def _token_parts(token: str) -> tuple[str, str, str]:
+    """A token escaped for an attribute, quoted for a URL, and escaped as shown: tokens repeat
+    across a page's examples, and across pages."""
+    return str(escape(token)), quote(token, safe=""), str(escape(visible(token)))
 
 
 templates.env.filters["visible"] = visible
 templates.env.globals["context_html"] = context_html
 templates.env.filters["quote"] = lambda text: quote(str(text), safe="")
-templates.env.globals["heat"] = heat
