@@ -233,14 +233,3 @@ class DatabaseWriter:
     def _remove_temporary(self) -> None:
         for path in (self.temporary, Path(f"{self.temporary}-journal")):
             path.unlink(missing_ok=True)
-
-
-__all__ = [
-    "CorpusData",
-    "DatabaseWriteError",
-    "DatabaseWriter",
-    "SaeData",
-    "SchemaMismatchError",
-    "float32_blob",
-    "int32_blob",
-]

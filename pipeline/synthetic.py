@@ -149,9 +149,9 @@ def hierarchical(
 ) -> SyntheticData:
     """Hierarchical features that induce absorption (Chanin et al., 2024): each parent is active
     with probability `p_parent`; an active parent has one of its children active with
-    probability `p_child`, so a parent is always active when any of its children is. Active
-    features have amplitude 1, as in that paper: a latent for parent + child then reconstructs
-    the pair exactly, and the parent's own latent can stay off."""
+    probability `p_child`, so a parent is always active when any of its children is. An active
+    child shares its parent's amplitude (uniform in [0.5, 1.5]): a latent for parent + child then
+    reconstructs the pair exactly, and the parent's own latent can stay off, i.e. be absorbed."""
     generator = torch.Generator().manual_seed(seed)
     n_features = n_parents * (1 + children_per_parent)
     directions = _unit_directions(n_features, d, generator)
@@ -162,10 +162,11 @@ def hierarchical(
         index = parent * (1 + children_per_parent)
         names += [f"p{parent}"] + [f"p{parent}.c{c}" for c in range(children_per_parent)]
         active = torch.rand(n_samples, generator=generator) < p_parent
-        amplitudes[:, index] = active.float()
+        magnitude = _magnitudes((n_samples,), generator)
+        amplitudes[:, index] = active * magnitude
         with_child = active & (torch.rand(n_samples, generator=generator) < p_child)
         child = index + 1 + torch.randint(children_per_parent, (n_samples,), generator=generator)
-        amplitudes[rows, child] = with_child.float()
+        amplitudes[rows, child] = with_child * magnitude
         for c in range(children_per_parent):
             parents[index + 1 + c] = index
     return SyntheticData(amplitudes @ directions, directions, amplitudes, names, parents)

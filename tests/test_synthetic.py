@@ -68,6 +68,30 @@ def test_composed_detector_and_mmcs() -> None:
     assert match.recovered == pytest.approx(0.5)
 
 
+def test_l1_sae_learns_composed_pairs_of_two_sets() -> None:
+    """Anders et al. (2024): with two sets of two features (one of each set always on, a shared
+    amplitude), an L1 SAE with four latents learns the four pairs, not the single features."""
+    from pipeline.train_sae import TrainConfig, train_sae
+
+    data = synthetic.composed(2, 2, 4, 60_000, 0.0, 0.0, True, seed=0)
+    config = TrainConfig(
+        objective="l1",
+        d_sae=4,
+        sparsity_coefficient=0.3,
+        n_tokens=400_000,
+        batch_size=512,
+        learning_rate=3e-3,
+        dead_after=20_000,
+        log_every=1000,
+    )
+    sae, _ = train_sae(synthetic.chunked(data.activations), 4, config, quiet=True)
+    match = synthetic.match_ground_truth(data.directions, sae.W_dec.detach())
+    assert match.composed.all()
+    pairs = {tuple(data.names[j] for j in pair) for pair in match.pair}
+    assert pairs == {("x0", "y0"), ("x0", "y1"), ("x1", "y0"), ("x1", "y1")}
+    assert (match.pair_cosine > 0.85).all()
+
+
 def test_build_on_a_synthetic_source(tmp_path: Path) -> None:
     source = tmp_path / "easy.safetensors"
     result = runner.invoke(
