@@ -1,12 +1,13 @@
 """Server latency under load: feature page and feature JSON against a trivial endpoint.
 
 Builds (once, cached at --db) a database of 16,384 features with the embedded demo model and an
-SAE of random directions, and serves it with uvicorn in a subprocess. Then 32 concurrent clients
-on loopback, requesting random features:
-  - mixed: for --seconds, every client cycles through the feature page, the feature JSON and
-    the trivial endpoint (/api/v1/health), so all three are measured side by side under the
-    same load;
-  - one endpoint at a time: --seconds against each in turn (the trivial one first and last, to
+SAE of random directions, serves it with `python -m server` in a subprocess, and loads it with
+wrk (Debian's `wrk`, a C client, so the load generator takes little of the two cores), requesting
+random features:
+  - mixed, in one run: three wrk processes at once, 32 connections in all, one per endpoint (the
+    feature page, the feature JSON, /api/v1/health), so all three are measured side by side
+    under the same load;
+  - one endpoint at a time: 32 connections on each in turn, the trivial one first and last (to
     see drift), which shows each endpoint's own saturated cost.
 Prints p50, p95 and throughput per endpoint, as ratios to the trivial endpoint, and errors.
 
@@ -16,20 +17,42 @@ Prints p50, p95 and throughput per endpoint, as ratios to the trivial endpoint, 
 from __future__ import annotations
 
 import argparse
-import asyncio
-import random
+import os
+import re
+import shutil
 import socket
 import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from pathlib import Path
 
-import httpx
 import numpy as np
 
 N_FEATURES = 16_384
 SAE_NAME = "bench"
+TRIVIAL = "trivial (/api/v1/health)"
+ENDPOINTS = {
+    TRIVIAL: "/api/v1/health",
+    "feature page": f"/saes/{SAE_NAME}/features/",
+    "feature JSON": f"/api/v1/saes/{SAE_NAME}/features/",
+}
+# A random feature per request when the path ends with '/'; wrk prints one RESULT line.
+WRK_SCRIPT = """
+local prefix = os.getenv("PREFIX")
+math.randomseed(tonumber(os.getenv("SEED")))
+request = function()
+  if prefix:sub(-1) == "/" then return wrk.format("GET", prefix .. math.random(0, LAST)) end
+  return wrk.format("GET", prefix)
+end
+done = function(summary, latency, requests)
+  local e = summary.errors
+  io.write(string.format("RESULT %f %f %f %d\\n", latency:percentile(50) / 1e6,
+    latency:percentile(95) / 1e6, summary.requests / (summary.duration / 1e6),
+    e.connect + e.read + e.write + e.status + e.timeout))
+end
+""".replace("LAST", str(N_FEATURES - 1))
 
 
 def build_database(path: Path) -> None:
@@ -37,6 +60,7 @@ def build_database(path: Path) -> None:
     from sae_lens import StandardSAE, StandardSAEConfig
     from sae_lens.saes.sae import SAEMetadata
 
+    from pipeline import sources
     from pipeline.cli import app
     from pipeline.demo import DEMO_HOOK, DEMO_MODEL, token_file
 
@@ -53,10 +77,9 @@ def build_database(path: Path) -> None:
         )
         with torch.no_grad():  # every latent fires on about 0.5% of tokens
             sae.W_enc.normal_()
-            from pipeline import sources
-
             model = sources.load_model(str(DEMO_MODEL), "cpu", torch.float32, {}, quiet=True)
-            x = sources.activations_at_hook(model, DEMO_HOOK, torch.from_numpy(np.load(tokens)[:8]))
+            sample = torch.from_numpy(np.load(tokens)[:8])
+            x = sources.activations_at_hook(model, DEMO_HOOK, sample)
             pre = (x.reshape(-1, 128) - sae.b_dec) @ sae.W_enc
             sae.b_enc.copy_(-torch.quantile(pre, 0.995, dim=0))
         sae.save_model(directory / "sae")
@@ -68,40 +91,21 @@ def build_database(path: Path) -> None:
         )  # fmt: skip
 
 
-async def load(base: str, paths: dict, clients: int, seconds: float) -> dict[str, tuple]:
-    """Each client cycles through `paths` (name → function of a Random giving a path)."""
-    latencies: dict[str, list[float]] = {name: [] for name in paths}
-    errors = dict.fromkeys(paths, 0)
-    deadline = time.perf_counter() + seconds
-    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
-    async with httpx.AsyncClient(base_url=base, limits=limits, timeout=30) as client:
+def wrk(base: str, path: str, connections: int, seconds: float, script: Path, seed: int):
+    """Starts wrk against one endpoint; returns the process (read with `result`)."""
+    environment = {**os.environ, "PREFIX": path, "SEED": str(seed)}
+    command = ["wrk", "-t1", f"-c{connections}", f"-d{seconds:.0f}s", "--timeout", "10s",
+               "-s", str(script), base]  # fmt: skip
+    return subprocess.Popen(command, env=environment, stdout=subprocess.PIPE, text=True)
 
-        async def worker(seed: int) -> None:
-            rng = random.Random(seed)
-            names = list(paths)
-            turn = seed
-            while time.perf_counter() < deadline:
-                name = names[turn % len(names)]
-                turn += 1
-                started = time.perf_counter()
-                try:
-                    response = await client.get(paths[name](rng))
-                    ok = response.status_code == 200
-                except httpx.HTTPError:
-                    ok = False
-                latencies[name].append(time.perf_counter() - started)
-                errors[name] += not ok
 
-        await asyncio.gather(*(worker(seed) for seed in range(clients)))
-    return {
-        name: (
-            np.percentile(values, 50),
-            np.percentile(values, 95),
-            len(values) / seconds,
-            errors[name],
-        )
-        for name, values in latencies.items()
-    }
+def result(process: subprocess.Popen) -> tuple[float, float, float, int]:
+    output = process.communicate()[0]
+    match = re.search(r"RESULT (\S+) (\S+) (\S+) (\d+)", output)
+    if match is None:
+        raise RuntimeError(f"wrk printed no result:\n{output}")
+    p50, p95, rate, errors = match.groups()
+    return float(p50), float(p95), float(rate), int(errors)
 
 
 def report(title: str, results: dict[str, tuple], trivial: str) -> None:
@@ -122,6 +126,8 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=32)
     parser.add_argument("--seconds", type=float, default=20.0)
     args = parser.parse_args()
+    if shutil.which("wrk") is None:
+        sys.exit("needs wrk: apt-get install wrk")
     if not args.db.exists():
         build_database(args.db)
     with socket.socket() as probe:
@@ -132,36 +138,35 @@ def main() -> None:
         stderr=subprocess.DEVNULL,
     )
     base = f"http://127.0.0.1:{port}"
-    try:
-        for _ in range(100):
-            try:
-                httpx.get(f"{base}/api/v1/health", timeout=1)
-                break
-            except httpx.HTTPError:
-                time.sleep(0.2)
-
-        def feature(rng: random.Random) -> int:
-            return rng.randrange(N_FEATURES)
-
-        trivial = "trivial (/api/v1/health)"
-        paths = {
-            trivial: lambda rng: "/api/v1/health",
-            "feature page": lambda rng: f"/saes/{SAE_NAME}/features/{feature(rng)}",
-            "feature JSON": lambda rng: f"/api/v1/saes/{SAE_NAME}/features/{feature(rng)}",
-        }
-        mixed = asyncio.run(load(base, paths, args.clients, args.seconds))
-        alone = {}
-        for name in [trivial, "feature page", "feature JSON", trivial]:
-            result = asyncio.run(load(base, {name: paths[name]}, args.clients, args.seconds))
-            alone[name if name not in alone else "trivial again"] = result[name]
-    finally:
-        server.terminate()
-        server.wait()
-    print(
-        f"{args.clients} clients on loopback, {args.seconds:.0f} s per run, {N_FEATURES} features"
-    )
-    report("mixed: all three endpoints in one run", mixed, trivial)
-    report("one endpoint at a time", alone, trivial)
+    with tempfile.TemporaryDirectory() as tmp:
+        script = Path(tmp) / "random.lua"
+        script.write_text(WRK_SCRIPT)
+        try:
+            for _ in range(100):
+                try:
+                    urllib.request.urlopen(f"{base}/api/v1/health", timeout=1)
+                    break
+                except OSError:
+                    time.sleep(0.2)
+            shares = np.array_split(np.arange(args.clients), len(ENDPOINTS))
+            running = {
+                name: wrk(base, path, len(share), args.seconds, script, seed)
+                for seed, ((name, path), share) in enumerate(
+                    zip(ENDPOINTS.items(), shares, strict=True)
+                )
+            }
+            mixed = {name: result(process) for name, process in running.items()}
+            alone = {}
+            for name in [TRIVIAL, "feature page", "feature JSON", TRIVIAL]:
+                process = wrk(base, ENDPOINTS[name], args.clients, args.seconds, script, 7)
+                alone[name if name not in alone else "trivial again"] = result(process)
+        finally:
+            server.terminate()
+            server.wait()
+    print(f"{args.clients} connections on loopback, {args.seconds:.0f} s per run, "
+          f"{N_FEATURES} features")  # fmt: skip
+    report("mixed: all three endpoints in one run", mixed, TRIVIAL)
+    report("one endpoint at a time", alone, TRIVIAL)
 
 
 if __name__ == "__main__":
