@@ -90,10 +90,13 @@ class Batch:
         special: Bool[Tensor, "seq ctx"],
     ) -> Batch:
         """Masks special tokens in place and extracts the sparse list of active entries."""
-        special_feature_acts = feature_acts[special]
-        feature_acts[special] = 0.0
-        projections[special] = -math.inf
-        flat = feature_acts.view(-1, feature_acts.shape[-1])
+        n_features = feature_acts.shape[-1]
+        flat = feature_acts.view(-1, n_features)
+        # Row indices, not a boolean mask over the whole tensor: special tokens are few.
+        special_rows = torch.nonzero(special.reshape(-1)).squeeze(1)
+        special_feature_acts = flat[special_rows]
+        flat[special_rows] = 0.0
+        projections.view(-1, n_features)[special_rows] = -math.inf
         active_rows, active_features = torch.nonzero(flat > 0, as_tuple=True)
         return cls(
             first_sequence=first_sequence,
@@ -104,7 +107,7 @@ class Batch:
             special_feature_acts=special_feature_acts,
             active_rows=active_rows,
             active_features=active_features,
-            active_values=flat[active_rows, active_features],
+            active_values=feature_acts.view(-1)[active_rows * n_features + active_features],
         )
 
     @property
@@ -373,15 +376,17 @@ class TopExamples:
         best = rank < self.k
         # Only the features that have candidates take part from here on.
         touched, local = torch.unique(features[best], return_inverse=True)
-        candidate_key = torch.full((len(touched), self.k), EMPTY_KEY, device=self.device)
-        candidate_index = torch.zeros((len(touched), self.k), dtype=torch.int64, device=self.device)
+        width = int(rank[best].max()) + 1  # most candidates any feature has
+        candidate_key = torch.full((len(touched), width), EMPTY_KEY, device=self.device)
+        candidate_index = torch.zeros((len(touched), width), dtype=torch.int64, device=self.device)
         candidate_key[local, rank[best]] = keys[best]
         candidate_index[local, rank[best]] = promising[best]
         current = self.key[touched]
         if may_repeat:
             seen = (candidate_key.unsqueeze(2) == current.unsqueeze(1)).any(dim=2)
             candidate_key.masked_fill_(seen, EMPTY_KEY)
-        kth = torch.cat([current, candidate_key], dim=1).topk(self.k, dim=1).values[:, -1:]
+        union = torch.cat([current, candidate_key], dim=1)
+        kth = union.kthvalue(union.shape[1] - self.k + 1, dim=1, keepdim=True).values
         # Per feature as many candidates enter as current examples leave; nonzero lists both
         # feature by feature, so the i-th entrant takes the i-th freed slot.
         entering, entering_rank = torch.nonzero(candidate_key >= kth, as_tuple=True)
