@@ -40,6 +40,11 @@ TOKEN_TABLE_COMPACT_EVERY = 4_000_000
 _HASH_MASK = (1 << 62) - 1
 
 
+def unit_rows(matrix: Float[Tensor, "rows d"]) -> Float[Tensor, "rows d"]:
+    """Each row scaled to unit norm (zero rows stay zero): decoder directions ŵ."""
+    return matrix / matrix.norm(dim=1, keepdim=True).clamp_min(1e-12)
+
+
 def histogram_edges() -> np.ndarray:
     """Edges of the finite histogram bins; bin 0 is below edges[0], the last bin above edges[-1]."""
     n_finite = HISTOGRAM_BINS - 2
@@ -343,12 +348,13 @@ class TopExamples:
     def _sparse_candidates(self, batch: Batch, score: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Non-overlapping candidates among the active entries, scored by `score`. Entries below
         the threshold are dropped first: they can neither enter nor suppress one that can."""
-        reaching = torch.nonzero(score >= self.threshold()[batch.active_features]).squeeze(1)
+        threshold = self.threshold()
+        reaching = torch.nonzero(score >= threshold[batch.active_features]).squeeze(1)
         rows, features = batch.active_rows[reaching], batch.active_features[reaching]
         values, positions = sparse_block_best(
             batch, rows, features, score[reaching], WINDOW_LENGTH - 1
         )
-        return _dense_candidates(values, positions, batch.context_length, self.threshold())
+        return _dense_candidates(values, positions, batch.context_length, threshold)
 
     def update(self, batch: Batch) -> None:
         rows, features, scores = self.candidates(batch)
@@ -522,7 +528,7 @@ class DecoderTop(TopExamples):
     ) -> None:
         super().__init__(k, n_features, context_length, decoder.device)
         self.decoder = decoder
-        self.decoder_unit = decoder / decoder.norm(dim=1, keepdim=True).clamp_min(1e-12)
+        self.decoder_unit = unit_rows(decoder)
         self.n_absorbers = n_absorbers
         self.payload["absorber"] = torch.full(
             (n_features, k, n_absorbers), -1, dtype=torch.int64, device=self.device

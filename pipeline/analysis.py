@@ -16,6 +16,7 @@ from pipeline.accumulators import (
     AccumulatedResult,
     ExamplesResult,
     histogram_edges,
+    unit_rows,
 )
 from pipeline.synthetic import GroundTruthMatch
 
@@ -122,7 +123,7 @@ def decoder_neighbours(
     decoder: Float[Tensor, "d_sae d_in"], n: int
 ) -> tuple[np.ndarray, np.ndarray]:
     """The n latents with the highest decoder cosine to each latent (itself excluded)."""
-    unit = decoder / decoder.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    unit = unit_rows(decoder)
     n = min(n, decoder.shape[0] - 1)
     values, ids = [], []
     for start in range(0, unit.shape[0], 1024):

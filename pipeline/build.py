@@ -242,7 +242,6 @@ def stream(sae, config: BuildConfig, inputs: BuildInputs):
     tokens = inputs.tokens
     n_sequences, context_length = tokens.shape
     decoder, decoder_bias = sources.decoder_and_bias(sae)
-    decoder_unit = decoder / decoder.norm(dim=1, keepdim=True).clamp_min(1e-12)
     special = torch.tensor(sorted(inputs.special_ids), dtype=torch.int64, device=config.device)
     accumulators = FeatureAccumulators(
         n_features=decoder.shape[0],
@@ -252,6 +251,7 @@ def stream(sae, config: BuildConfig, inputs: BuildInputs):
         sizes=config.examples,
         seed=config.seed,
     )
+    decoder_unit = accumulators.decoder_top.decoder_unit
     progress = tqdm(
         total=n_sequences * context_length,
         unit="tok",

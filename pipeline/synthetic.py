@@ -19,6 +19,8 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from pipeline.accumulators import unit_rows
+
 GENERATORS = ("sparse", "toy", "composed", "hierarchical")
 SET_NAMES = "xyzwvuts"
 
@@ -252,8 +254,7 @@ def chunked(activations: Tensor, chunk: int = 4096) -> Callable[[], Iterator[Ten
 
 def mean_max_cosine(directions: Tensor, decoder: Tensor) -> float:
     """MMCS: mean over ground-truth directions of the best decoder cosine (Sharkey et al., 2022)."""
-    unit = decoder / decoder.norm(dim=1, keepdim=True).clamp_min(1e-12)
-    return float((directions @ unit.T).max(dim=1).values.mean())
+    return float((directions @ unit_rows(decoder).T).max(dim=1).values.mean())
 
 
 @dataclass
@@ -275,12 +276,11 @@ class GroundTruthMatch:
 
 
 def match_ground_truth(directions: Tensor, decoder: Tensor) -> GroundTruthMatch:
-    unit = decoder / decoder.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    unit = unit_rows(decoder)
     cosine = unit @ directions.T  # [d_sae, n_features]
     best_cosine, best = cosine.max(dim=1)
     first, second = torch.triu_indices(len(directions), len(directions), offset=1)
-    sums = directions[first] + directions[second]
-    sums = sums / sums.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    sums = unit_rows(directions[first] + directions[second])
     pair_cosine, pair = (unit @ sums.T).max(dim=1)
     per_feature = cosine.max(dim=0).values
     return GroundTruthMatch(

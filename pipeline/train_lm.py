@@ -70,12 +70,6 @@ def train_tokenizer(texts: list[str], vocab_size: int):
     return PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token=BOS, eos_token=BOS)
 
 
-def pack(texts: list[str], tokenizer, context_length: int) -> np.ndarray:
-    return sources.pack_texts(
-        texts, tokenizer, context_length, max_sequences=10**9, prepend_bos=True
-    )
-
-
 def unigram_loss(train: np.ndarray, held_out: np.ndarray, vocab_size: int) -> float:
     """Cross-entropy of the held-out next tokens under the training tokens' frequencies
     (add-one smoothed): the loss of a model that ignores context."""
@@ -107,8 +101,10 @@ def train_language_model(out: Path, config: LanguageModelConfig, quiet: bool = F
     train_texts = list(lm_corpus.stdlib_texts(held_out=False))
     held_out_texts = list(lm_corpus.stdlib_texts(held_out=True))
     tokenizer = train_tokenizer(train_texts, config.vocab_size)
-    train = pack(train_texts, tokenizer, config.context_length)
-    held_out = pack(held_out_texts, tokenizer, config.context_length)
+    train, held_out = (
+        sources.pack_texts(texts, tokenizer, config.context_length, 10**9, prepend_bos=True)
+        for texts in (train_texts, held_out_texts)
+    )
     logger.info("training on %d contexts, %d held out", len(train), len(held_out))
     model = GPT2LMHeadModel(
         GPT2Config(
