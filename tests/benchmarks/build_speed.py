@@ -76,6 +76,7 @@ def make_inputs(directory: Path, d_sae: int) -> tuple[Path, Path, Path]:
 
 def time_passes(model_dir: Path, sae_dir: Path, tokens_path: Path, n_tokens: int) -> dict:
     from pipeline import sources
+    from pipeline.accumulators import unit_rows
     from pipeline.build import BuildConfig, encode_batch, model_inputs, stream
 
     sae = sources.load_sae(sae_dir, None, None, "cpu", "float32")
@@ -91,7 +92,7 @@ def time_passes(model_dir: Path, sae_dir: Path, tokens_path: Path, n_tokens: int
     inputs = model_inputs(config, sae)
     tokens = inputs.tokens
     decoder, bias = sources.decoder_and_bias(sae)
-    unit = decoder / decoder.norm(dim=1, keepdim=True)
+    unit = unit_rows(decoder)
 
     def bare() -> None:
         for start in range(0, len(tokens), BATCH):
