@@ -12,7 +12,7 @@ from sqlalchemy import JSON, ForeignKey, Index, LargeBinary, String
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 # Bump whenever a table or column changes meaning; the server refuses other versions.
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 # Activation histograms are stored with HISTOGRAM_BINS_PER_DECADE log-spaced bins per power of
 # ten between 10**HISTOGRAM_LOG10_MIN and 10**HISTOGRAM_LOG10_MAX, plus an underflow bin (index 0)
@@ -87,6 +87,8 @@ class Sae(Base):
     l0: Mapped[float]
     dead_count: Mapped[int]
     dense_count: Mapped[int]
+    # Positions in the uniform sample the absorption measure runs on.
+    sample_positions: Mapped[int]
     eval_tokens: Mapped[int]
     mse: Mapped[float]
     explained_variance: Mapped[float | None]
@@ -124,6 +126,9 @@ class Feature(Base):
     absorbed: Mapped[bool]
     jaccard: Mapped[float]
     miss_rate: Mapped[float]
+    # Absorption, on the SAE's position sample; None where the feature fires there too rarely.
+    present_miss_rate: Mapped[float | None]
+    present_positions: Mapped[int]
     absorbers: Mapped[list[Any]]
     histogram_first_bin: Mapped[int]
     histogram_counts: Mapped[bytes] = mapped_column(LargeBinary)
@@ -145,6 +150,7 @@ class Feature(Base):
         Index("ix_features_max", "sae_id", "max_activation"),
         Index("ix_features_jaccard", "sae_id", "jaccard"),
         Index("ix_features_miss_rate", "sae_id", "miss_rate"),
+        Index("ix_features_present_miss_rate", "sae_id", "present_miss_rate"),
     )
 
 

@@ -88,6 +88,7 @@ class FeatureRow(BaseModel):
     max_activation: float
     jaccard: float
     miss_rate: float
+    present_miss_rate: float | None
     flags: list[str]
     top_tokens: list[TokenCount]
 
@@ -133,14 +134,21 @@ class Examples(BaseModel):
 
 class Absorber(BaseModel):
     feature_index: int
-    weight: float = Field(description="Σ f_j·(ŵ_i·W_dec[j]) over the missed positions")
-    count: int = Field(description="missed positions where it fires")
+    weight: float = Field(description="Σ f_j·(ŵ_i·W_dec[j]) over the missed sampled positions")
+    share: float = Field(description="weight / Σ p_i over the missed sampled positions")
+    count: int = Field(description="missed sampled positions where it fires")
 
 
 class EncoderDecoder(BaseModel):
-    jaccard: float
-    miss_rate: float
-    absorbers: list[Absorber]
+    jaccard: float = Field(description="Jaccard overlap of the top and decoder-top positions")
+    miss_rate: float = Field(description="share of decoder-top positions where f_i = 0")
+    present_miss_rate: float | None = Field(
+        description="share of sampled positions with p_i at or above its median firing "
+        "projection where f_i = 0; null when it fires on too few sampled positions"
+    )
+    present_positions: int = Field(description="sampled positions where p_i reaches it")
+    sample_positions: int = Field(description="size of the SAE's uniform position sample")
+    absorbers: list[Absorber] = Field(description="latents active on the missed positions")
 
 
 class Histogram(BaseModel):
@@ -261,7 +269,8 @@ FLAG_RULES = {
     "high_frequency": "fires on more than {threshold:.0%} of tokens",
     "positional": "position explains more than half of the activation variance (R² > 0.5)",
     "bos_dominated": "more than half of its firings are on BOS/special tokens",
-    "absorbed": "off on at least half of its decoder-top positions, where other latents fire",
+    "absorbed": "off on at least 40% of the sampled positions where its decoder direction is "
+    "present, and one other latent writes at least half of that direction there",
 }
 
 
@@ -275,8 +284,8 @@ def flag_reasons(feature: Feature, threshold: float) -> list[Flag]:
         "high_frequency": f"fires on {feature.frequency:.1%} of tokens (threshold {threshold:.0%})",
         "positional": f"position explains {feature.positional_r2:.0%} of its activation variance",
         "bos_dominated": f"{feature.bos_share:.0%} of its firings are on BOS/special tokens",
-        "absorbed": f"off on {feature.miss_rate:.0%} of the positions where its decoder "
-        "direction is strongest; the latents listed under encoder vs decoder fire there",
+        "absorbed": f"off on {feature.present_miss_rate or 0:.0%} of the sampled positions where "
+        "its decoder direction is present; the latents listed under encoder vs decoder fire there",
     }
     return [Flag(name=name, reason=reasons[name]) for name in flags_of(feature)]
 
@@ -402,6 +411,7 @@ def list_features(
             max_activation=f.max_activation,
             jaccard=f.jaccard,
             miss_rate=f.miss_rate,
+            present_miss_rate=f.present_miss_rate,
             flags=flags_of(f),
             top_tokens=_token_counts(f.top_tokens[:5], vocab),
         )
@@ -477,6 +487,9 @@ def get_feature(session: Session, sae_name: str, feature_index: int) -> FeatureD
         encoder_decoder=EncoderDecoder(
             jaccard=feature.jaccard,
             miss_rate=feature.miss_rate,
+            present_miss_rate=feature.present_miss_rate,
+            present_positions=feature.present_positions,
+            sample_positions=sae.sample_positions,
             absorbers=[Absorber(**a) for a in feature.absorbers],
         ),
         histogram=_histogram(feature),
@@ -604,7 +617,7 @@ def flags_report(
         "dead": (Feature.dead.is_(True), Feature.feature_index.asc()),
         "positional": (Feature.positional.is_(True), Feature.positional_r2.desc()),
         "bos_dominated": (Feature.bos_dominated.is_(True), Feature.bos_share.desc()),
-        "absorbed": (Feature.absorbed.is_(True), Feature.miss_rate.desc()),
+        "absorbed": (Feature.absorbed.is_(True), Feature.present_miss_rate.desc()),
     }
     groups = []
     for name, (condition, ordering) in conditions.items():

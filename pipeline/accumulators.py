@@ -13,7 +13,7 @@ across shards by its global index `sequence_index * context_length + position`.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -57,19 +57,24 @@ def histogram_bin(values: Float[Tensor, " n"]) -> Int[Tensor, " n"]:
     return (torch.floor(scaled).long() + 1).clamp_(0, HISTOGRAM_BINS - 1)
 
 
-def random_keys(token_index: Int[Tensor, " n"], feature_index: Int[Tensor, " n"], seed: int):
-    """A uniform key in [0, 1) per (token, feature), the same in whichever shard sees it."""
+def position_hash(token_index: Int[Tensor, " n"], feature_index: Int[Tensor, " n"], seed: int):
+    """A 62-bit hash per (token, feature), the same in whichever shard sees it."""
     x = (token_index * 0x9E3779B1 + feature_index * 0x85EBCA77 + seed * 0xC2B2AE3D) & _HASH_MASK
     for multiplier in (0xBF58476D1CE4E5B9 & _HASH_MASK, 0x94D049BB133111EB & _HASH_MASK):
         x = ((x ^ (x >> 31)) * multiplier) & _HASH_MASK
-    x = x ^ (x >> 29)
+    return x ^ (x >> 29)
+
+
+def random_keys(token_index: Int[Tensor, " n"], feature_index: Int[Tensor, " n"], seed: int):
+    """A uniform key in [0, 1) per (token, feature), the same in whichever shard sees it."""
     # 24 bits: exactly representable as the float32 score of a RandomActivations example.
-    return (x >> 38).double() / float(1 << 24)
+    return (position_hash(token_index, feature_index, seed) >> 38).double() / float(1 << 24)
 
 
 @dataclass
 class Batch:
-    """Activations for whole sequences `first_sequence ..` of the corpus.
+    """Activations for whole sequences `first_sequence ..` of the corpus: the hook's `inputs`, the
+    SAE's `feature_acts` and the decoder-direction `projections`.
 
     `feature_acts` is zero and `projections` is -inf on special tokens (BOS/EOS/pad), which are
     excluded from all statistics; `special_feature_acts` keeps their activations for BOS counting.
@@ -77,6 +82,7 @@ class Batch:
 
     first_sequence: int
     token_ids: Int[Tensor, "seq ctx"]
+    inputs: Float[Tensor, "seq ctx d_model"]
     feature_acts: Float[Tensor, "seq ctx d_sae"]
     projections: Float[Tensor, "seq ctx d_sae"]
     special: Bool[Tensor, "seq ctx"]
@@ -90,6 +96,7 @@ class Batch:
         cls,
         first_sequence: int,
         token_ids: Int[Tensor, "seq ctx"],
+        inputs: Float[Tensor, "seq ctx d_model"],
         feature_acts: Float[Tensor, "seq ctx d_sae"],
         projections: Float[Tensor, "seq ctx d_sae"],
         special: Bool[Tensor, "seq ctx"],
@@ -106,6 +113,7 @@ class Batch:
         return cls(
             first_sequence=first_sequence,
             token_ids=token_ids,
+            inputs=inputs,
             feature_acts=feature_acts,
             projections=projections,
             special=special,
@@ -452,9 +460,8 @@ class TopExamples:
             sequence_index=torch.where(valid, token // ctx, -1).cpu().numpy(),
             position=torch.where(valid, token % ctx, -1).cpu().numpy(),
             score=key_scores(key).double().cpu().numpy(),
-            activation=payload.pop("activation").astype(np.float64),
-            window=payload.pop("window"),
-            extra=payload,
+            activation=payload["activation"].astype(np.float64),
+            window=payload["window"],
         )
 
 
@@ -466,7 +473,6 @@ class ExamplesResult:
     score: np.ndarray
     activation: np.ndarray
     window: np.ndarray  # [d_sae, k, WINDOW_LENGTH], nan outside the sequence
-    extra: dict[str, np.ndarray] = field(default_factory=dict)
 
 
 def _dense_candidates(
@@ -512,70 +518,60 @@ class RandomActivations(TopExamples):
 
 
 class DecoderTop(TopExamples):
-    """Highest decoder-direction projections p_i = (x - b_dec)·ŵ_i, with the feature's activation.
-
-    Where the feature stays at zero (a miss), the latents that fire instead are recorded: the
-    `n_absorbers` largest contributions f_j·(ŵ_i·W_dec[j]) at that position.
-    """
-
-    def __init__(
-        self,
-        k: int,
-        n_features: int,
-        context_length: int,
-        decoder: Float[Tensor, "d_sae d_model"],
-        n_absorbers: int,
-    ) -> None:
-        super().__init__(k, n_features, context_length, decoder.device)
-        self.decoder = decoder
-        self.decoder_unit = unit_rows(decoder)
-        self.n_absorbers = n_absorbers
-        self.payload["absorber"] = torch.full(
-            (n_features, k, n_absorbers), -1, dtype=torch.int64, device=self.device
-        )
-        self.payload["absorber_weight"] = torch.zeros(
-            n_features, k, n_absorbers, device=self.device
-        )
+    """Highest decoder-direction projections p_i = (x - b_dec)·ŵ_i, with the feature's
+    activation there."""
 
     def candidates(self, batch: Batch) -> tuple[Tensor, Tensor, Tensor]:
         threshold = self.threshold()
         values, positions = block_best(batch.projections, WINDOW_LENGTH - 1, threshold)
         return _dense_candidates(values, positions, batch.context_length, threshold)
 
-    def _fetch(self, batch: Batch, rows: Tensor, features: Tensor) -> dict[str, Tensor]:
-        payload = super()._fetch(batch, rows, features)
-        absorber = torch.full(
-            (len(rows), self.n_absorbers), -1, dtype=torch.int64, device=self.device
-        )
-        weight = torch.zeros(len(rows), self.n_absorbers, device=self.device)
-        missed = torch.nonzero(payload["activation"] <= 0).squeeze(1)
-        for chunk in missed.split(8192):
-            absorber[chunk], weight[chunk] = self._absorbers(batch, rows[chunk], features[chunk])
-        payload["absorber"], payload["absorber_weight"] = absorber, weight
-        return payload
 
-    def _absorbers(self, batch: Batch, rows: Tensor, features: Tensor) -> tuple[Tensor, Tensor]:
-        """Top contributions f_j·(ŵ_i·W_dec[j]) over the latents j active at each row."""
-        start = torch.searchsorted(batch.active_rows, rows)
-        count = torch.searchsorted(batch.active_rows, rows, right=True) - start
-        owner = torch.repeat_interleave(torch.arange(len(rows), device=self.device), count)
-        offset = torch.arange(len(owner), device=self.device) - torch.repeat_interleave(
-            torch.cumsum(count, 0) - count, count
+class PositionSample:
+    """A uniform random sample of `size` positions (special tokens excluded) with the hook's
+    input there: the positions with the smallest hash keys, so any split of the corpus into
+    batches or shards gives the same sample. The absorption measure re-encodes it at the end."""
+
+    def __init__(self, size: int, d_model: int, device: torch.device, seed: int) -> None:
+        self.size = size
+        self.seed = seed
+        self.key = torch.zeros(0, dtype=torch.int64, device=device)
+        self.token = torch.zeros(0, dtype=torch.int64, device=device)
+        self.inputs = torch.zeros(0, d_model, device=device)
+
+    def update(self, batch: Batch) -> None:
+        rows = torch.nonzero(~batch.special.reshape(-1)).squeeze(1)
+        tokens = rows + batch.first_token
+        keys = position_hash(tokens, torch.full_like(tokens, -1), self.seed)
+        if len(self.key) == self.size:
+            below = torch.nonzero(keys < self.key.max()).squeeze(1)
+            rows, tokens, keys = rows[below], tokens[below], keys[below]
+        inputs = batch.inputs.reshape(-1, batch.inputs.shape[-1])[rows]
+        self._add(keys, tokens, inputs)
+
+    def _add(self, keys: Tensor, tokens: Tensor, inputs: Tensor) -> None:
+        keys = torch.cat([self.key, keys])
+        tokens = torch.cat([self.token, tokens])
+        inputs = torch.cat([self.inputs, inputs.to(self.inputs.dtype)])
+        if len(keys) > self.size:
+            keep = torch.topk(keys, self.size, largest=False).indices
+            keys, tokens, inputs = keys[keep], tokens[keep], inputs[keep]
+        self.key, self.token, self.inputs = keys, tokens, inputs
+
+    def merge(self, other: PositionSample) -> None:
+        self._add(other.key, other.token, other.inputs)
+
+    def finalize(self) -> PositionSampleResult:
+        order = torch.argsort(self.token)
+        return PositionSampleResult(
+            token_index=self.token[order].cpu().numpy(), inputs=self.inputs[order]
         )
-        entry = start[owner] + offset
-        latent = batch.active_features[entry]
-        unique, inverse = torch.unique(features, return_inverse=True)
-        cosines = self.decoder_unit[unique] @ self.decoder.T
-        contribution = batch.active_values[entry] * cosines[inverse[owner], latent]
-        width = max(int(count.max()) if len(count) else 0, self.n_absorbers)
-        dense = torch.full((len(rows), width), -math.inf, device=self.device)
-        dense[owner, offset] = contribution
-        dense_latent = torch.full((len(rows), width), -1, dtype=torch.int64, device=self.device)
-        dense_latent[owner, offset] = latent
-        weight, slot = dense.topk(self.n_absorbers, dim=1)
-        absorber = dense_latent.gather(1, slot).masked_fill(weight <= 0, -1)
-        weight = weight.clamp_min(0.0)
-        return absorber, weight
+
+
+@dataclass
+class PositionSampleResult:
+    token_index: np.ndarray  # global token index, ascending
+    inputs: Tensor  # [n, d_model], on the build's device
 
 
 class TokenTable:
@@ -675,8 +671,8 @@ class ExampleSizes:
     """highest decoder-direction projections"""
     random: int = 100
     """uniform sample of active positions, later split into quantile bands"""
-    absorbers: int = 8
-    """latents recorded per missed decoder-top position"""
+    sample_positions: int = 16_384
+    """uniform sample of all positions, for the absorption measure"""
 
 
 class FeatureAccumulators:
@@ -687,22 +683,29 @@ class FeatureAccumulators:
         n_features: int,
         context_length: int,
         vocab_size: int,
-        decoder: Float[Tensor, "d_sae d_model"],
+        d_model: int,
         sizes: ExampleSizes,
         seed: int,
+        device: torch.device,
     ) -> None:
-        device = decoder.device
         self.stats = FeatureStats(n_features, context_length, device)
         self.top = TopActivations(sizes.top, n_features, context_length, device)
         self.bottom = BottomActivations(sizes.bottom, n_features, context_length, device)
         self.random = RandomActivations(sizes.random, n_features, context_length, device, seed)
-        self.decoder_top = DecoderTop(
-            sizes.decoder_top, n_features, context_length, decoder, sizes.absorbers
-        )
+        self.decoder_top = DecoderTop(sizes.decoder_top, n_features, context_length, device)
         self.tokens = TokenTable(n_features, vocab_size, device)
+        self.sample = PositionSample(sizes.sample_positions, d_model, device, seed)
 
     def parts(self) -> tuple:
-        return (self.stats, self.top, self.bottom, self.random, self.decoder_top, self.tokens)
+        return (
+            self.stats,
+            self.top,
+            self.bottom,
+            self.random,
+            self.decoder_top,
+            self.tokens,
+            self.sample,
+        )
 
     def update(self, batch: Batch) -> None:
         for part in self.parts():
@@ -720,6 +723,7 @@ class FeatureAccumulators:
             random=self.random.finalize(),
             decoder_top=self.decoder_top.finalize(),
             tokens=self.tokens.finalize(),
+            sample=self.sample.finalize(),
         )
 
 
@@ -731,3 +735,4 @@ class AccumulatedResult:
     random: ExamplesResult
     decoder_top: ExamplesResult
     tokens: TokenTableResult
+    sample: PositionSampleResult

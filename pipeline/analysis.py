@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,7 +25,10 @@ from pipeline.synthetic import GroundTruthMatch
 # Flag rules (documented in the README).
 POSITIONAL_R2_THRESHOLD = 0.5
 BOS_SHARE_THRESHOLD = 0.5
-ABSORBED_MISS_RATE = 0.5
+ABSORBED_MISS_RATE = 0.4
+ABSORBER_SHARE = 0.5
+# The absorption measure needs this many firings of a feature in the position sample.
+ABSORPTION_MIN_FIRINGS = 20
 
 
 @dataclass
@@ -136,12 +141,94 @@ def decoder_neighbours(
     return torch.cat(values).cpu().numpy(), torch.cat(ids).cpu().numpy()
 
 
+@dataclass
+class Absorption:
+    present_miss_rate: np.ndarray  # nan where the feature fires too rarely in the sample
+    present_positions: np.ndarray  # sampled positions where its decoder direction is present
+    absorbers: list[list[dict]]
+
+
+def absorption(
+    inputs: Float[Tensor, "n d_in"],
+    encode: Callable[[Tensor], Tensor],
+    decoder: Float[Tensor, "d_sae d_in"],
+    decoder_bias: Float[Tensor, " d_in"],
+    n_absorbers: int,
+    features_per_chunk: int = 1024,
+) -> Absorption:
+    """Feature absorption measured on a uniform sample of positions.
+
+    Feature i's decoder direction counts as present where its projection p_i = (x − b_dec)·ŵ_i
+    reaches the median of p_i over the sampled positions where i fires. The present miss rate is
+    the share of those positions where f_i = 0; the absorbers are the latents j active on them,
+    ranked by Σ f_j·(ŵ_i·W_dec[j]), i.e. how much of i's direction they write instead, with that
+    sum's share of Σ p_i over the missed positions."""
+    n_features = decoder.shape[0]
+    n = inputs.shape[0]
+    unit = unit_rows(decoder)
+    x = inputs.to(decoder.dtype)
+    rows, cols, values = [], [], []
+    for start in range(0, n, 4096):
+        acts = encode(x[start : start + 4096]).float()
+        r, c = torch.nonzero(acts > 0, as_tuple=True)
+        rows.append(r + start)
+        cols.append(c)
+        values.append(acts[r, c])
+    row, col, value = torch.cat(rows), torch.cat(cols), torch.cat(values)
+    transposed = torch.stack([col, row])
+    acts_by_feature = torch.sparse_coo_tensor(transposed, value, (n_features, n)).coalesce()
+    fires_by_feature = torch.sparse_coo_tensor(
+        transposed, torch.ones_like(value), (n_features, n)
+    ).coalesce()
+    centred = (x - decoder_bias).float()
+    miss_rate = np.full(n_features, np.nan)
+    present_positions = np.zeros(n_features, dtype=np.int64)
+    absorbers: list[list[dict]] = []
+    for a in range(0, n_features, features_per_chunk):
+        b = min(a + features_per_chunk, n_features)
+        projection = centred @ unit[a:b].float().T
+        in_chunk = (col >= a) & (col < b)
+        fired = torch.zeros(n, b - a, dtype=torch.bool, device=x.device)
+        fired[row[in_chunk], col[in_chunk] - a] = True
+        threshold = torch.nanquantile(projection.masked_fill(~fired, math.nan), 0.5, dim=0)
+        measurable = fired.sum(0) >= ABSORPTION_MIN_FIRINGS
+        present = (projection >= threshold) & measurable
+        missed = (present & ~fired).float()
+        n_present = present.sum(0)
+        rate = missed.sum(0) / n_present.clamp_min(1)
+        miss_rate[a:b] = torch.where(measurable, rate, math.nan).cpu().numpy()
+        present_positions[a:b] = n_present.cpu().numpy()
+        weight = torch.sparse.mm(acts_by_feature, missed).T * (unit[a:b] @ decoder.T).float()
+        count = torch.sparse.mm(fires_by_feature, missed).T
+        missed_projection = (projection * missed).sum(0).clamp_min(1e-12).unsqueeze(1)
+        share = weight / missed_projection
+        top_weight, top_latent = weight.topk(min(n_absorbers, n_features), dim=1)
+        top_count = count.gather(1, top_latent).round().long()
+        top_share = share.gather(1, top_latent)
+        for weights, latents, counts, shares in zip(
+            top_weight.tolist(),
+            top_latent.tolist(),
+            top_count.tolist(),
+            top_share.tolist(),
+            strict=True,
+        ):
+            absorbers.append(
+                [
+                    {"feature_index": j, "weight": round(w, 6), "share": round(h, 6), "count": c}
+                    for w, j, c, h in zip(weights, latents, counts, shares, strict=True)
+                    if w > 0
+                ]
+            )
+    return Absorption(miss_rate, present_positions, absorbers)
+
+
 def feature_rows(
     result: AccumulatedResult,
     decoder: Float[Tensor, "d_sae d_in"],
     unembed: Float[Tensor, "d_in vocab"],
     settings: AnalysisSettings,
     edges: list[list[float]],
+    absorbed: Absorption,
     ground_truth: tuple[GroundTruthMatch, list[str]] | None = None,
 ) -> list[dict[str, Any]]:
     """One row per feature; `unembed` None (no language model) leaves the logit effects empty,
@@ -166,7 +253,7 @@ def feature_rows(
         out=np.zeros_like(stats.position_sum),
         where=stats.position_count > 0,
     ).T
-    jaccard, miss_rate, absorbers = encoder_decoder_agreement(result, settings.n_absorbers)
+    jaccard, miss_rate = encoder_decoder_agreement(result)
     logits = logit_effects(decoder, unembed, settings.n_logits) if unembed is not None else None
     neighbour_cosine, neighbour_id = decoder_neighbours(decoder, settings.n_neighbours)
     top_tokens = feature_top_tokens(result, settings.n_top_tokens)
@@ -189,10 +276,18 @@ def feature_rows(
                 "high_frequency": bool(frequency[i] > settings.high_frequency_threshold),
                 "positional": bool(r2[i] > POSITIONAL_R2_THRESHOLD),
                 "bos_dominated": bool(bos_share[i] > BOS_SHARE_THRESHOLD),
-                "absorbed": bool(miss_rate[i] >= ABSORBED_MISS_RATE and absorbers[i]),
+                "absorbed": bool(
+                    absorbed.present_miss_rate[i] >= ABSORBED_MISS_RATE
+                    and absorbed.absorbers[i]
+                    and absorbed.absorbers[i][0]["share"] >= ABSORBER_SHARE
+                ),
                 "jaccard": float(jaccard[i]),
                 "miss_rate": float(miss_rate[i]),
-                "absorbers": absorbers[i],
+                "present_miss_rate": None
+                if np.isnan(absorbed.present_miss_rate[i])
+                else float(absorbed.present_miss_rate[i]),
+                "present_positions": int(absorbed.present_positions[i]),
+                "absorbers": absorbed.absorbers[i],
                 "histogram_first_bin": int(first),
                 "histogram_counts": int32_blob(stats.histogram[i, first:last]),
                 "position_rate": float32_blob(position_rate[i]),
@@ -247,42 +342,21 @@ def positional_r2(result: AccumulatedResult) -> np.ndarray:
     return np.clip(np.nan_to_num(r2), 0.0, 1.0)
 
 
-def encoder_decoder_agreement(
-    result: AccumulatedResult, n_absorbers: int
-) -> tuple[np.ndarray, np.ndarray, list[list[dict]]]:
-    """Jaccard of the encoder-top and decoder-top position sets, the decoder-top miss rate, and
-    the latents that fire on the missed positions ranked by Σ f_j·(ŵ_i·W_dec[j])."""
+def encoder_decoder_agreement(result: AccumulatedResult) -> tuple[np.ndarray, np.ndarray]:
+    """Jaccard of the encoder-top and decoder-top position sets, and the share of decoder-top
+    positions where the feature stays at zero."""
     top, decoder = result.top, result.decoder_top
     n_features = top.valid.shape[0]
     ctx_key = top.sequence_index.astype(np.int64) * 1_000_003 + top.position
     decoder_key = decoder.sequence_index.astype(np.int64) * 1_000_003 + decoder.position
     jaccard = np.zeros(n_features)
-    miss_rate = np.zeros(n_features)
-    absorbers: list[list[dict]] = []
     for i in range(n_features):
         a = set(ctx_key[i][top.valid[i]].tolist())
         b = set(decoder_key[i][decoder.valid[i]].tolist())
         jaccard[i] = len(a & b) / len(a | b) if a | b else 0.0
-        missed = decoder.valid[i] & (decoder.activation[i] <= 0)
-        miss_rate[i] = missed.sum() / max(decoder.valid[i].sum(), 1)
-        latent = decoder.extra["absorber"][i][missed].ravel()
-        weight = decoder.extra["absorber_weight"][i][missed].ravel()
-        keep = latent >= 0
-        totals = np.bincount(latent[keep], weights=weight[keep])
-        counts = np.bincount(latent[keep])
-        best = np.argsort(-totals, kind="stable")[:n_absorbers]
-        absorbers.append(
-            [
-                {
-                    "feature_index": int(j),
-                    "weight": round(float(totals[j]), 6),
-                    "count": int(counts[j]),
-                }
-                for j in best
-                if totals[j] > 0
-            ]
-        )
-    return jaccard, miss_rate, absorbers
+    missed = decoder.valid & (decoder.activation <= 0)
+    miss_rate = missed.sum(1) / np.maximum(decoder.valid.sum(1), 1)
+    return jaccard, miss_rate
 
 
 def feature_top_tokens(result: AccumulatedResult, n: int) -> list[list[dict]]:

@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from db.writer import CorpusData, DatabaseWriter, SaeData
 from pipeline import analysis, sources
-from pipeline.accumulators import Batch, ExampleSizes, FeatureAccumulators
+from pipeline.accumulators import Batch, ExampleSizes, FeatureAccumulators, unit_rows
 from pipeline.evaluate import evaluate_reconstruction, evaluate_sae
 from pipeline.sources import CorpusTokens
 from pipeline.synthetic import SyntheticSource, load_source, match_ground_truth
@@ -225,7 +225,8 @@ def run_build(config: BuildConfig) -> BuildSummary:
 
 
 def encode_batch(sae, x: torch.Tensor, hook: str, decoder_unit, decoder_bias):
-    """Feature activations f and decoder-direction projections p = (x − b_dec)·ŵ."""
+    """The hook's input in the SAE's dtype, feature activations f and decoder-direction
+    projections p = (x − b_dec)·ŵ."""
     x = x.to(decoder_unit.dtype)
     if x.shape[-1] != decoder_unit.shape[1]:
         raise sources.InputError(
@@ -234,7 +235,7 @@ def encode_batch(sae, x: torch.Tensor, hook: str, decoder_unit, decoder_bias):
         )
     feature_acts = sae.encode(x).float()
     projections = (x - decoder_bias) @ decoder_unit.T
-    return feature_acts, projections
+    return x, feature_acts, projections
 
 
 def stream(sae, config: BuildConfig, inputs: BuildInputs):
@@ -242,16 +243,17 @@ def stream(sae, config: BuildConfig, inputs: BuildInputs):
     tokens = inputs.tokens
     n_sequences, context_length = tokens.shape
     decoder, decoder_bias = sources.decoder_and_bias(sae)
+    decoder_unit = unit_rows(decoder)
     special = torch.tensor(sorted(inputs.special_ids), dtype=torch.int64, device=config.device)
     accumulators = FeatureAccumulators(
         n_features=decoder.shape[0],
         context_length=context_length,
         vocab_size=len(inputs.vocab),
-        decoder=decoder,
+        d_model=decoder.shape[1],
         sizes=config.examples,
         seed=config.seed,
+        device=decoder.device,
     )
-    decoder_unit = accumulators.decoder_top.decoder_unit
     progress = tqdm(
         total=n_sequences * context_length,
         unit="tok",
@@ -264,18 +266,16 @@ def stream(sae, config: BuildConfig, inputs: BuildInputs):
             batch_tokens = torch.from_numpy(tokens[start : start + inputs.batch_sequences]).to(
                 config.device
             )
-            feature_acts, projections = encode_batch(
-                sae,
-                inputs.activations(start, batch_tokens),
-                inputs.hook,
-                decoder_unit,
-                decoder_bias,
-            )
             batch = Batch.from_activations(
                 start,
                 batch_tokens,
-                feature_acts,
-                projections,
+                *encode_batch(
+                    sae,
+                    inputs.activations(start, batch_tokens),
+                    inputs.hook,
+                    decoder_unit,
+                    decoder_bias,
+                ),
                 torch.isin(batch_tokens, special),
             )
             accumulators.update(batch)
@@ -284,7 +284,7 @@ def stream(sae, config: BuildConfig, inputs: BuildInputs):
 
 
 def sae_data(config, sae, accumulated, evaluation: dict, inputs: BuildInputs) -> SaeData:
-    decoder, _ = sources.decoder_and_bias(sae)
+    decoder, decoder_bias = sources.decoder_and_bias(sae)
     shape = inputs.tokens.shape
     edges = analysis.all_quantile_edges(accumulated, config.analysis.quantile_bands)
     truth = inputs.ground_truth
@@ -295,6 +295,13 @@ def sae_data(config, sae, accumulated, evaluation: dict, inputs: BuildInputs) ->
         inputs.unembed,
         config.analysis,
         edges,
+        analysis.absorption(
+            accumulated.sample.inputs,
+            sae.encode,
+            decoder,
+            decoder_bias,
+            config.analysis.n_absorbers,
+        ),
         (match, truth.names) if truth is not None else None,
     )
     examples = analysis.example_columns(accumulated, config.analysis, edges)
@@ -317,6 +324,7 @@ def sae_data(config, sae, accumulated, evaluation: dict, inputs: BuildInputs) ->
         "l0": float(stats.count.sum() / max(stats.tokens_seen, 1)),
         "dead_count": int((stats.count == 0).sum()),
         "dense_count": int((frequency > config.analysis.high_frequency_threshold).sum()),
+        "sample_positions": len(accumulated.sample.token_index),
         **evaluation,
         "mmcs": match.mmcs if match else None,
         "recovered_share": match.recovered if match else None,

@@ -112,6 +112,9 @@ def build(
     k_decoder: Annotated[
         int, typer.Option(help="Decoder-direction top examples per feature.")
     ] = 20,
+    sample_positions: Annotated[
+        int, typer.Option(help="Positions sampled uniformly for the absorption measure.")
+    ] = 16_384,
     quantile_bands: Annotated[
         int, typer.Option(help="Bands cut at equally spaced quantiles of the active values.")
     ] = 10,
@@ -140,6 +143,7 @@ def build(
         ("--k-top", k_top),
         ("--k-bottom", k_bottom),
         ("--k-decoder", k_decoder),
+        ("--sample-positions", sample_positions),
         ("--quantile-bands", quantile_bands),
         ("--examples-per-band", examples_per_band),
         ("--eval-sequences", eval_sequences),
@@ -169,6 +173,7 @@ def build(
             bottom=k_bottom,
             decoder_top=k_decoder,
             random=max(100, 3 * quantile_bands * examples_per_band),
+            sample_positions=sample_positions,
         ),
         analysis=AnalysisSettings(
             high_frequency_threshold=high_frequency_threshold,

@@ -48,6 +48,9 @@ def demo_commands(data: Path, quiet: bool) -> list[list[str]]:
              "--corpus", str(token_file(data, held_out=False)), "--out", str(sae),
              *DEMO_TRAIN_ARGS, *flags]
         )  # fmt: skip
+    if database.exists() and not _current_schema(database):
+        logger.info("%s was built by another saescope version: rebuilding it", database)
+        database.unlink()
     if not database.exists():
         commands.append(
             ["build", "--model", str(DEMO_MODEL), "--hook", DEMO_HOOK, "--sae", str(sae),
@@ -55,3 +58,16 @@ def demo_commands(data: Path, quiet: bool) -> list[list[str]]:
              "--name", DEMO_SAE_NAME, "--n-tokens", "200000", "--eval-sequences", "128", *flags]
         )  # fmt: skip
     return commands
+
+
+def _current_schema(database: Path) -> bool:
+    from db.engine import SchemaMismatchError, check_schema_version, readonly_engine
+
+    engine = readonly_engine(database)
+    try:
+        check_schema_version(engine)
+    except SchemaMismatchError:
+        return False
+    finally:
+        engine.dispose()
+    return True

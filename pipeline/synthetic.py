@@ -152,10 +152,8 @@ def hierarchical(
     """Hierarchical features that induce absorption (Chanin et al., 2024): each parent is active
     with probability `p_parent`; an active parent has one of its children active with
     probability `p_child`, so a parent is always active when any of its children is. An active
-    child shares its parent's amplitude, 0.5 plus an exponential of mean 0.5: a latent for
-    parent + child then reconstructs the pair exactly, and the parent's own latent can stay off,
-    i.e. be absorbed. The long tail keeps the top of each feature's amplitudes spread out, so a
-    decoder direction a little off the true one does not reorder them."""
+    child shares its parent's amplitude, uniform on [0.5, 1.5]: a latent for parent + child then
+    reconstructs the pair exactly, and the parent's own latent can stay off, i.e. be absorbed."""
     generator = torch.Generator().manual_seed(seed)
     n_features = n_parents * (1 + children_per_parent)
     directions = _unit_directions(n_features, d, generator)
@@ -166,7 +164,7 @@ def hierarchical(
         index = parent * (1 + children_per_parent)
         names += [f"p{parent}"] + [f"p{parent}.c{c}" for c in range(children_per_parent)]
         active = torch.rand(n_samples, generator=generator) < p_parent
-        magnitude = 0.5 + torch.empty(n_samples).exponential_(2.0, generator=generator)
+        magnitude = 0.5 + torch.rand(n_samples, generator=generator)
         amplitudes[:, index] = active * magnitude
         with_child = active & (torch.rand(n_samples, generator=generator) < p_child)
         child = index + 1 + torch.randint(children_per_parent, (n_samples,), generator=generator)

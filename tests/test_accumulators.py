@@ -16,11 +16,12 @@ from pipeline.accumulators import (
     ExampleSizes,
     FeatureAccumulators,
     histogram_edges,
+    position_hash,
     random_keys,
 )
 
 N_SEQ, CTX, N_FEATURES, D_MODEL, VOCAB = 8, 45, 6, 4, 13
-SIZES = ExampleSizes(top=5, bottom=4, decoder_top=5, random=7, absorbers=3)
+SIZES = ExampleSizes(top=5, bottom=4, decoder_top=5, random=7, sample_positions=50)
 SEED = 3
 
 
@@ -38,6 +39,7 @@ def data() -> dict[str, torch.Tensor]:
     return {
         "feature_acts": feature_acts,
         "projections": torch.randn(shape, generator=generator),
+        "inputs": torch.randn(N_SEQ, CTX, D_MODEL, generator=generator),
         "tokens": tokens,
         "special": tokens == 0,
         "decoder": torch.randn(N_FEATURES, D_MODEL, generator=generator),
@@ -45,12 +47,15 @@ def data() -> dict[str, torch.Tensor]:
 
 
 def accumulate(data: dict, sequences: range, batch_size: int) -> FeatureAccumulators:
-    accumulators = FeatureAccumulators(N_FEATURES, CTX, VOCAB, data["decoder"], SIZES, seed=SEED)
+    accumulators = FeatureAccumulators(
+        N_FEATURES, CTX, VOCAB, D_MODEL, SIZES, seed=SEED, device=torch.device("cpu")
+    )
     for start in range(sequences.start, sequences.stop, batch_size):
         part = slice(start, min(start + batch_size, sequences.stop))
         batch = Batch.from_activations(
             start,
             data["tokens"][part],
+            data["inputs"][part],
             data["feature_acts"][part].clone(),
             data["projections"][part].clone(),
             data["special"][part],
@@ -211,29 +216,14 @@ def test_random_keys_are_uniform() -> None:
     assert np.all(np.abs(counts - 10_000) < 500)
 
 
-def test_absorbers_are_the_largest_contributions_on_missed_positions(data, result) -> None:
-    acts, _ = masked(data)
-    decoder = data["decoder"].numpy()
-    unit = decoder / np.linalg.norm(decoder, axis=1, keepdims=True)
-    examples = result.decoder_top
-    missed_seen = 0
-    for feature in range(N_FEATURES):
-        for slot in np.flatnonzero(examples.valid[feature]):
-            sequence = examples.sequence_index[feature, slot]
-            position = examples.position[feature, slot]
-            absorbers = examples.extra["absorber"][feature, slot]
-            if acts[sequence, position, feature] > 0:
-                assert (absorbers == -1).all()
-                continue
-            missed_seen += 1
-            contribution = acts[sequence, position] * (decoder @ unit[feature])
-            ranked = [j for j in np.argsort(-contribution) if contribution[j] > 0][
-                : SIZES.absorbers
-            ]
-            assert [j for j in absorbers.tolist() if j >= 0] == ranked
-            weights = examples.extra["absorber_weight"][feature, slot][: len(ranked)]
-            np.testing.assert_allclose(weights, contribution[ranked], rtol=1e-5)
-    assert missed_seen > 0
+def test_position_sample_is_the_smallest_hash_keys_of_ordinary_tokens(data, result) -> None:
+    special = data["special"].reshape(-1)
+    tokens = torch.nonzero(~special).squeeze(1)
+    keys = position_hash(tokens, torch.full_like(tokens, -1), SEED)
+    expected = np.sort(tokens[torch.argsort(keys)[: SIZES.sample_positions]].numpy())
+    np.testing.assert_array_equal(result.sample.token_index, expected)
+    inputs = data["inputs"].reshape(-1, D_MODEL)[expected]
+    np.testing.assert_array_equal(result.sample.inputs.numpy(), inputs.numpy())
 
 
 def test_token_table(data: dict, result: AccumulatedResult) -> None:
@@ -266,10 +256,10 @@ def assert_results_equal(a: AccumulatedResult, b: AccumulatedResult) -> None:
         for name in ("valid", "sequence_index", "position", "score", "activation"):
             np.testing.assert_array_equal(getattr(left, name), getattr(right, name), err_msg=kind)
         np.testing.assert_array_equal(left.window, right.window)
-        for name, value in left.extra.items():
-            np.testing.assert_array_equal(value, right.extra[name])
     for name, value in vars(a.tokens).items():
         np.testing.assert_allclose(value, getattr(b.tokens, name), rtol=1e-12, err_msg=name)
+    np.testing.assert_array_equal(a.sample.token_index, b.sample.token_index)
+    np.testing.assert_array_equal(a.sample.inputs.numpy(), b.sample.inputs.numpy())
 
 
 @pytest.mark.parametrize("split", [1, 4, 7])

@@ -260,3 +260,23 @@ def test_ctrl_c_leaves_the_previous_database(
         app, build_args(tiny_model_dir, tiny_sae_dir, token_file, previous_db, "--replace")
     )
     assert_failed_cleanly(result, previous_db, built_db, "interrupted", code=130)
+
+
+def test_demo_rebuilds_only_a_database_of_another_schema(
+    tmp_path: Path, dashboard_db: Path
+) -> None:
+    import shutil
+
+    from pipeline.demo import demo_commands
+
+    (tmp_path / "sae").mkdir()
+    (tmp_path / "sae" / "cfg.json").write_text("{}")
+    np.save(tmp_path / "held_out_tokens.npy", np.zeros((1, 4), dtype=np.int64))
+    database = tmp_path / "demo.db"
+    shutil.copy(dashboard_db, database)
+    assert demo_commands(tmp_path, quiet=True) == []
+    with sqlite3.connect(database) as connection:
+        connection.execute("update meta set value = '1' where key = 'schema_version'")
+    commands = demo_commands(tmp_path, quiet=True)
+    assert not database.exists()
+    assert [command[0] for command in commands] == ["build"]

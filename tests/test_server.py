@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 from fastapi.testclient import TestClient
 
+from db.models import SCHEMA_VERSION
 from server.app import create_app
 from server.settings import Settings
 from tests.conftest import XSS
@@ -32,7 +33,11 @@ def assert_error(response, status: int, fragment: str) -> None:
 
 
 def test_health(client: TestClient) -> None:
-    assert client.get("/api/v1/health").json() == {"status": "ok", "schema_version": 2, "saes": 1}
+    assert client.get("/api/v1/health").json() == {
+        "status": "ok",
+        "schema_version": SCHEMA_VERSION,
+        "saes": 1,
+    }
 
 
 def test_saes_carry_their_metrics(client: TestClient) -> None:
@@ -50,7 +55,14 @@ def test_feature_json_contract(client: TestClient, dashboard_db: Path) -> None:
     for key in ("frequency", "mean_activation", "max_activation", "flags", "histogram"):
         assert key in feature
     assert set(feature["examples"]) == {"top", "bottom", "quantiles", "decoder_top"}
-    assert set(feature["encoder_decoder"]) == {"jaccard", "miss_rate", "absorbers"}
+    assert set(feature["encoder_decoder"]) == {
+        "jaccard",
+        "miss_rate",
+        "present_miss_rate",
+        "present_positions",
+        "sample_positions",
+        "absorbers",
+    }
     top = feature["examples"]["top"]
     assert top, "the most frequent feature has top examples"
     assert [e["activation"] for e in top] == sorted((e["activation"] for e in top), reverse=True)

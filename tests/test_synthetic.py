@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sqlite3
 from pathlib import Path
 
@@ -142,6 +143,72 @@ def test_build_on_a_synthetic_source(tmp_path: Path) -> None:
     assert client.get("/api/v1/saes/sae").json()["mmcs"] == pytest.approx(mmcs)
     assert "true feature" in client.get(f"/saes/sae/features/{index}").text
     assert client.get("/").status_code == 200
+
+
+def absorbed_parent_latents(source_path: Path, sae_path: Path) -> dict[int, str]:
+    """The planted truth, from the SAE's behaviour on the source: latents matching a parent
+    (decoder cosine > 0.9) that stay off on most samples where a child accompanies the parent,
+    with the name of that parent."""
+    from sae_lens import SAE
+
+    source = synthetic.load_source(source_path)
+    sae = SAE.load_from_disk(str(sae_path))
+    x = source.activations.reshape(-1, source.activations.shape[-1])
+    active = [set(source.vocab[t].split("+")) for t in source.token_ids.reshape(-1).tolist()]
+    with torch.no_grad():
+        fires = sae.encode(x) > 0
+        match = synthetic.match_ground_truth(source.directions, sae.W_dec)
+    absorbed = {}
+    for latent, (feature, cosine) in enumerate(zip(match.best, match.cosine, strict=True)):
+        parent = source.names[int(feature)]
+        if int(feature) not in source.parents.values() or cosine <= 0.9:
+            continue
+        with_child = torch.tensor(
+            [any(name.startswith(parent + ".") for name in names) for names in active]
+        )
+        if fires[with_child, latent].float().mean() < 0.5:
+            absorbed[latent] = parent
+    return absorbed
+
+
+def test_absorbed_flag_finds_planted_absorption(tmp_path: Path) -> None:
+    """Chanin et al. (2024): on parents that are always on with their child, an L1 SAE's parent
+    latent stays off when the child is on; the flag finds those latents, the children fire
+    instead."""
+    true_positives = flagged = truly_absorbed = 0
+    for seed in (1, 2):
+        source, sae, db = (tmp_path / f"{name}{seed}" for name in ("h.safetensors", "sae", "h.db"))
+        for command in (
+            ["synth", "--generator", "hierarchical", "--out", str(source), "--n-parents", "8",
+             "--children-per-parent", "1", "--p-parent", "0.15", "--p-child", "0.7",
+             "--d", "32", "--n-samples", "120000", "--seed", str(seed)],
+            ["train", "--synthetic", str(source), "--out", str(sae), "--objective", "l1",
+             "--d-sae", "16", "--sparsity-coefficient", "0.3", "--n-tokens", "400000",
+             "--batch-size", "512", "--learning-rate", "0.003", "--dead-after", "20000",
+             "--seed", str(seed), "--quiet"],
+            ["build", "--synthetic", str(source), "--sae", str(sae), "--out", str(db),
+             "--n-tokens", "60000", "--quiet"],
+        ):  # fmt: skip
+            result = runner.invoke(app, command)
+            assert result.exit_code == 0, result.output
+        truth = absorbed_parent_latents(source, sae)
+        with sqlite3.connect(db) as connection:
+            rows = connection.execute(
+                "select feature_index, absorbed, present_miss_rate, absorbers from features"
+            ).fetchall()
+            gt = dict(connection.execute("select feature_index, gt_feature from features"))
+        for index, is_flagged, miss_rate, absorbers in rows:
+            flagged += is_flagged
+            true_positives += is_flagged and index in truth
+            if index in truth:
+                # The encoder/decoder view: a high miss rate, and the child writes its direction.
+                assert miss_rate >= 0.4
+                top = json.loads(absorbers)[0]
+                assert gt[top["feature_index"]].startswith(truth[index] + ".")
+        truly_absorbed += len(truth)
+    assert truly_absorbed >= 8
+    assert true_positives / flagged >= 0.8
+    assert true_positives / truly_absorbed >= 0.8
 
 
 def test_synth_rejects_unknown_generators(tmp_path: Path) -> None:

@@ -1,0 +1,59 @@
+"""Per-feature analyses against brute force on small tensors."""
+
+import numpy as np
+import torch
+
+from pipeline.analysis import ABSORPTION_MIN_FIRINGS, absorption
+
+N, D_MODEL, N_FEATURES, N_ABSORBERS = 400, 6, 7, 3
+
+
+def test_absorption_matches_brute_force() -> None:
+    generator = torch.Generator().manual_seed(0)
+    inputs = torch.randn(N, D_MODEL, generator=generator)
+    encoder = torch.randn(D_MODEL, N_FEATURES, generator=generator)
+    encoder_bias = torch.full((N_FEATURES,), -0.5)
+    encoder_bias[-1] = -6.0  # fires too rarely to measure
+    decoder = torch.randn(N_FEATURES, D_MODEL, generator=generator)
+    decoder_bias = torch.randn(D_MODEL, generator=generator) * 0.1
+
+    def encode(x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(x @ encoder + encoder_bias)
+
+    # Small chunks exercise the per-chunk bookkeeping.
+    got = absorption(inputs, encode, decoder, decoder_bias, N_ABSORBERS, features_per_chunk=3)
+
+    acts = encode(inputs).numpy()
+    dec = decoder.numpy()
+    unit = dec / np.linalg.norm(dec, axis=1, keepdims=True)
+    projection = (inputs - decoder_bias).numpy() @ unit.T
+    assert (acts[:, -1] > 0).sum() < ABSORPTION_MIN_FIRINGS
+    measured = 0
+    for i in range(N_FEATURES):
+        fired = acts[:, i] > 0
+        if fired.sum() < ABSORPTION_MIN_FIRINGS:
+            assert np.isnan(got.present_miss_rate[i])
+            assert got.present_positions[i] == 0 and got.absorbers[i] == []
+            continue
+        measured += 1
+        present = projection[:, i] >= np.median(projection[fired, i])
+        missed = present & ~fired
+        assert got.present_positions[i] == present.sum()
+        np.testing.assert_allclose(got.present_miss_rate[i], missed.sum() / present.sum())
+        weight = acts[missed].sum(0) * (dec @ unit[i])
+        ranked = [j for j in np.argsort(-weight) if weight[j] > 0][:N_ABSORBERS]
+        assert [a["feature_index"] for a in got.absorbers[i]] == ranked
+        np.testing.assert_allclose(
+            [a["weight"] for a in got.absorbers[i]], weight[ranked], rtol=1e-4, atol=1e-5
+        )
+        np.testing.assert_allclose(
+            [a["share"] for a in got.absorbers[i]],
+            weight[ranked] / projection[missed, i].sum(),
+            rtol=1e-4,
+            atol=1e-5,
+        )
+        assert [a["count"] for a in got.absorbers[i]] == [
+            int((acts[missed, j] > 0).sum()) for j in ranked
+        ]
+    assert measured >= 4
+    assert any(got.absorbers)
