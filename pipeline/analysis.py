@@ -176,9 +176,11 @@ def absorption(
         values.append(acts[r, c])
     row, col, value = torch.cat(rows), torch.cat(cols), torch.cat(values)
     transposed = torch.stack([col, row])
-    acts_by_feature = torch.sparse_coo_tensor(transposed, value, (n_features, n)).coalesce()
+    acts_by_feature = torch.sparse_coo_tensor(
+        transposed, value, (n_features, n), check_invariants=False
+    ).coalesce()
     fires_by_feature = torch.sparse_coo_tensor(
-        transposed, torch.ones_like(value), (n_features, n)
+        transposed, torch.ones_like(value), (n_features, n), check_invariants=False
     ).coalesce()
     centred = (x - decoder_bias).float()
     miss_rate = np.full(n_features, np.nan)
