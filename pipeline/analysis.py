@@ -141,6 +141,22 @@ def decoder_neighbours(
     return torch.cat(values).cpu().numpy(), torch.cat(ids).cpu().numpy()
 
 
+def group_medians(values: Tensor, groups: Tensor, n_groups: int) -> Tensor:
+    """The median of the values of each group 0 .. n_groups − 1 (nan for an empty group)."""
+    if len(values) == 0:
+        return torch.full((n_groups,), math.nan, device=values.device)
+    order = torch.argsort(values, stable=True)
+    order = order[torch.argsort(groups[order], stable=True)]
+    ordered = values[order]
+    counts = torch.bincount(groups, minlength=n_groups)
+    starts = torch.cumsum(counts, 0) - counts
+    # Empty groups point anywhere valid; they are masked below.
+    low = (starts + (counts - 1) // 2).clamp(0, len(values) - 1)
+    high = (starts + counts // 2).clamp(0, len(values) - 1)
+    median = (ordered[low] + ordered[high]) / 2
+    return torch.where(counts > 0, median, math.nan)
+
+
 @dataclass
 class Absorption:
     present_miss_rate: np.ndarray  # nan where the feature fires too rarely in the sample
@@ -175,13 +191,8 @@ def absorption(
         cols.append(c)
         values.append(acts[r, c])
     row, col, value = torch.cat(rows), torch.cat(cols), torch.cat(values)
-    transposed = torch.stack([col, row])
-    acts_by_feature = torch.sparse_coo_tensor(
-        transposed, value, (n_features, n), check_invariants=False
-    ).coalesce()
-    fires_by_feature = torch.sparse_coo_tensor(
-        transposed, torch.ones_like(value), (n_features, n), check_invariants=False
-    ).coalesce()
+    latents_per_row = torch.bincount(row, minlength=n)
+    row_starts = torch.cumsum(latents_per_row, 0) - latents_per_row  # row-major, as nonzero gives
     centred = (x - decoder_bias).float()
     miss_rate = np.full(n_features, np.nan)
     present_positions = np.zeros(n_features, dtype=np.int64)
@@ -189,19 +200,33 @@ def absorption(
     for a in range(0, n_features, features_per_chunk):
         b = min(a + features_per_chunk, n_features)
         projection = centred @ unit[a:b].float().T
-        in_chunk = (col >= a) & (col < b)
+        in_chunk = torch.nonzero((col >= a) & (col < b)).squeeze(1)
+        fired_row, fired_feature = row[in_chunk], col[in_chunk] - a
         fired = torch.zeros(n, b - a, dtype=torch.bool, device=x.device)
-        fired[row[in_chunk], col[in_chunk] - a] = True
-        threshold = torch.nanquantile(projection.masked_fill(~fired, math.nan), 0.5, dim=0)
+        fired[fired_row, fired_feature] = True
+        threshold = group_medians(projection[fired_row, fired_feature], fired_feature, b - a)
         measurable = fired.sum(0) >= ABSORPTION_MIN_FIRINGS
         present = (projection >= threshold) & measurable
-        missed = (present & ~fired).float()
+        missed = present & ~fired
         n_present = present.sum(0)
         rate = missed.sum(0) / n_present.clamp_min(1)
         miss_rate[a:b] = torch.where(measurable, rate, math.nan).cpu().numpy()
         present_positions[a:b] = n_present.cpu().numpy()
-        weight = torch.sparse.mm(acts_by_feature, missed).T * (unit[a:b] @ decoder.T).float()
-        count = torch.sparse.mm(fires_by_feature, missed).T
+        missed_row, missed_feature = torch.nonzero(missed, as_tuple=True)
+        activation_sum = torch.zeros(b - a, n_features, device=x.device)
+        count = torch.zeros(b - a, n_features, device=x.device)
+        for start in range(0, len(missed_row), 1 << 16):
+            # Every latent active on each missed (row, feature) pair: the row's run of entries.
+            rows_here = missed_row[start : start + (1 << 16)]
+            n_active = latents_per_row[rows_here]
+            first = torch.cumsum(n_active, 0) - n_active
+            entry = torch.repeat_interleave(row_starts[rows_here] - first, n_active)
+            entry += torch.arange(len(entry), device=x.device)
+            owner = torch.repeat_interleave(missed_feature[start : start + (1 << 16)], n_active)
+            cell = owner * n_features + col[entry]
+            activation_sum.view(-1).index_add_(0, cell, value[entry])
+            count.view(-1).index_add_(0, cell, torch.ones_like(value[entry]))
+        weight = activation_sum * (unit[a:b] @ decoder.T).float()
         missed_projection = (projection * missed).sum(0).clamp_min(1e-12).unsqueeze(1)
         share = weight / missed_projection
         top_weight, top_latent = weight.topk(min(n_absorbers, n_features), dim=1)

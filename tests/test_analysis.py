@@ -57,3 +57,14 @@ def test_absorption_matches_brute_force() -> None:
         ]
     assert measured >= 4
     assert any(got.absorbers)
+
+
+def test_group_medians() -> None:
+    from pipeline.analysis import group_medians
+
+    values = torch.tensor([5.0, 1.0, 3.0, 2.0, 9.0, 4.0, 7.0])
+    groups = torch.tensor([0, 0, 0, 2, 2, 2, 2])
+    medians = group_medians(values, groups, 4)
+    assert medians[0] == 3.0 and medians[2] == 5.5
+    assert medians[1].isnan() and medians[3].isnan()
+    assert group_medians(torch.zeros(0), torch.zeros(0, dtype=torch.int64), 2).isnan().all()

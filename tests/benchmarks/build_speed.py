@@ -24,6 +24,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from pipeline.memory import keep_freed_memory
+
 HOOK = "blocks.1.hook_resid_pre"
 CONTEXT = 128
 BATCH = 32
@@ -149,6 +151,8 @@ def main() -> None:
     parser.add_argument("--d-sae", type=int, default=4096)
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    # The floor runs under the allocator setting the saescope commands use.
+    keep_freed_memory()
     with tempfile.TemporaryDirectory() as tmp:
         directory = Path(tmp)
         model_dir, sae_dir, tokens_path = make_inputs(directory, args.d_sae)

@@ -22,6 +22,7 @@ import torch
 
 from pipeline import sources
 from pipeline.demo import DEMO_HOOK, DEMO_MODEL, token_file
+from pipeline.memory import keep_freed_memory
 from pipeline.train_sae import (
     SparseAutoencoder,
     TrainConfig,
@@ -39,6 +40,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=4096)
     parser.add_argument("--data", default="/tmp/saescope-bench")
     args = parser.parse_args()
+    keep_freed_memory()  # as under the saescope commands, for both sides of the ratio
     data = Path(args.data)
     data.mkdir(parents=True, exist_ok=True)
     model = sources.load_model(str(DEMO_MODEL), "cpu", torch.float32, {}, quiet=True)
