@@ -24,6 +24,7 @@ from db.writer import CorpusData, DatabaseWriter, SaeData
 from pipeline import analysis, sources
 from pipeline.accumulators import Batch, ExampleSizes, FeatureAccumulators, unit_rows
 from pipeline.evaluate import evaluate_reconstruction, evaluate_sae
+from pipeline.memory import release_freed_memory
 from pipeline.sources import CorpusTokens
 from pipeline.synthetic import SyntheticSource, load_source, match_ground_truth
 from pipeline.train_sae import TRAINING_LOG
@@ -280,6 +281,8 @@ def stream(sae, config: BuildConfig, inputs: BuildInputs):
             )
             accumulators.update(batch)
             progress.update(batch_tokens.numel())
+    del batch
+    release_freed_memory()
     return accumulators.finalize()
 
 
