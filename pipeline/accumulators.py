@@ -148,8 +148,6 @@ class FeatureStats:
         self.context_length = context_length
         self.tokens_seen = 0
         self.special_tokens_seen = 0
-        self.count = torch.zeros(n_features, dtype=torch.int64, device=self.device)
-        self.sum = torch.zeros(n_features, dtype=torch.float64, device=self.device)
         self.sum_sq = torch.zeros(n_features, dtype=torch.float64, device=self.device)
         self.max = torch.zeros(n_features, device=self.device)
         self.min = torch.full((n_features,), math.inf, device=self.device)
@@ -170,20 +168,18 @@ class FeatureStats:
         values64 = values.double()
         self.tokens_seen += int((~batch.special).sum())
         self.special_tokens_seen += int(batch.special.sum())
-        self.count += torch.bincount(features, minlength=self.n_features)
-        self.sum.index_add_(0, features, values64)
         self.sum_sq.index_add_(0, features, values64 * values64)
         self.max = torch.maximum(self.max, self._reduce(features, values, "amax", 0.0))
         self.min = torch.minimum(self.min, self._reduce(features, values, "amin", math.inf))
         self.special_count += (batch.special_feature_acts > 0).sum(0)
         self.position_tokens += (~batch.special).sum(0)
         cell = batch.positions(batch.active_rows) * self.n_features + features
-        # bincount beats index_add_ on these position × feature tables (measured: ~4× faster).
+        # bincount beats index_add_ on these tables (measured: 1.7–4× faster).
         size = self.position_count.numel()
         self.position_count.view(-1).add_(torch.bincount(cell, minlength=size))
         self.position_sum.view(-1).add_(torch.bincount(cell, weights=values64, minlength=size))
         hist_cell = features * HISTOGRAM_BINS + histogram_bin(values)
-        self.histogram.view(-1).index_add_(0, hist_cell, torch.ones_like(hist_cell))
+        self.histogram.view(-1).add_(torch.bincount(hist_cell, minlength=self.histogram.numel()))
 
     def _reduce(self, features: Tensor, values: Tensor, how: str, empty: float) -> Tensor:
         out = torch.full((self.n_features,), empty, dtype=values.dtype, device=self.device)
@@ -193,8 +189,6 @@ class FeatureStats:
         self.tokens_seen += other.tokens_seen
         self.special_tokens_seen += other.special_tokens_seen
         for name in (
-            "count",
-            "sum",
             "sum_sq",
             "special_count",
             "position_tokens",
@@ -207,14 +201,16 @@ class FeatureStats:
         self.min = torch.minimum(self.min, other.min)
 
     def finalize(self) -> FeatureStatsResult:
+        # Counts and sums are the positional tables summed over positions.
+        count = self.position_count.sum(0)
         return FeatureStatsResult(
             tokens_seen=self.tokens_seen,
             special_tokens_seen=self.special_tokens_seen,
-            count=self.count.cpu().numpy(),
-            sum=self.sum.cpu().numpy(),
+            count=count.cpu().numpy(),
+            sum=self.position_sum.sum(0).cpu().numpy(),
             sum_sq=self.sum_sq.cpu().numpy(),
             max=self.max.double().cpu().numpy(),
-            min=np.where(self.count.cpu().numpy() > 0, self.min.double().cpu().numpy(), 0.0),
+            min=np.where(count.cpu().numpy() > 0, self.min.double().cpu().numpy(), 0.0),
             special_count=self.special_count.cpu().numpy(),
             position_tokens=self.position_tokens.cpu().numpy(),
             position_count=self.position_count.cpu().numpy(),
