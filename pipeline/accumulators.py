@@ -73,18 +73,17 @@ def random_keys(token_index: Int[Tensor, " n"], feature_index: Int[Tensor, " n"]
 
 @dataclass
 class Batch:
-    """Activations for whole sequences `first_sequence ..` of the corpus: the hook's `inputs`, the
-    SAE's `feature_acts` and the decoder-direction `projections`.
+    """Activations for whole sequences `first_sequence ..` of the corpus: the hook's `inputs` and
+    the SAE's `feature_acts`.
 
-    `feature_acts` is zero and `projections` is -inf on special tokens (BOS/EOS/pad), which are
-    excluded from all statistics; `special_feature_acts` keeps their activations for BOS counting.
+    `feature_acts` is zero on special tokens (BOS/EOS/pad), which are excluded from all
+    statistics; `special_feature_acts` keeps their activations for BOS counting.
     """
 
     first_sequence: int
     token_ids: Int[Tensor, "seq ctx"]
     inputs: Float[Tensor, "seq ctx d_model"]
     feature_acts: Float[Tensor, "seq ctx d_sae"]
-    projections: Float[Tensor, "seq ctx d_sae"]
     special: Bool[Tensor, "seq ctx"]
     special_feature_acts: Float[Tensor, "n_special d_sae"]
     active_rows: Int[Tensor, " n_active"]
@@ -98,7 +97,6 @@ class Batch:
         token_ids: Int[Tensor, "seq ctx"],
         inputs: Float[Tensor, "seq ctx d_model"],
         feature_acts: Float[Tensor, "seq ctx d_sae"],
-        projections: Float[Tensor, "seq ctx d_sae"],
         special: Bool[Tensor, "seq ctx"],
     ) -> Batch:
         """Masks special tokens in place and extracts the sparse list of active entries."""
@@ -108,14 +106,12 @@ class Batch:
         special_rows = torch.nonzero(special.reshape(-1)).squeeze(1)
         special_feature_acts = flat[special_rows]
         flat[special_rows] = 0.0
-        projections.view(-1, n_features)[special_rows] = -math.inf
         active_rows, active_features = torch.nonzero(flat > 0, as_tuple=True)
         return cls(
             first_sequence=first_sequence,
             token_ids=token_ids,
             inputs=inputs,
             feature_acts=feature_acts,
-            projections=projections,
             special=special,
             special_feature_acts=special_feature_acts,
             active_rows=active_rows,
@@ -517,9 +513,23 @@ class DecoderTop(TopExamples):
     """Highest decoder-direction projections p_i = (x - b_dec)·ŵ_i, with the feature's
     activation there."""
 
+    def __init__(
+        self,
+        k: int,
+        n_features: int,
+        context_length: int,
+        decoder: Float[Tensor, "d_sae d_model"],
+        decoder_bias: Float[Tensor, " d_model"],
+    ) -> None:
+        super().__init__(k, n_features, context_length, decoder.device)
+        self.decoder_unit = unit_rows(decoder)
+        self.decoder_bias = decoder_bias
+
     def candidates(self, batch: Batch) -> tuple[Tensor, Tensor, Tensor]:
         threshold = self.threshold()
-        values, positions = block_best(batch.projections, WINDOW_LENGTH - 1, threshold)
+        projections = (batch.inputs - self.decoder_bias) @ self.decoder_unit.T
+        projections[batch.special] = -math.inf
+        values, positions = block_best(projections, WINDOW_LENGTH - 1, threshold)
         return _dense_candidates(values, positions, batch.context_length, threshold)
 
 
@@ -679,18 +689,21 @@ class FeatureAccumulators:
         n_features: int,
         context_length: int,
         vocab_size: int,
-        d_model: int,
+        decoder: Float[Tensor, "d_sae d_model"],
+        decoder_bias: Float[Tensor, " d_model"],
         sizes: ExampleSizes,
         seed: int,
-        device: torch.device,
     ) -> None:
+        device = decoder.device
         self.stats = FeatureStats(n_features, context_length, device)
         self.top = TopActivations(sizes.top, n_features, context_length, device)
         self.bottom = BottomActivations(sizes.bottom, n_features, context_length, device)
         self.random = RandomActivations(sizes.random, n_features, context_length, device, seed)
-        self.decoder_top = DecoderTop(sizes.decoder_top, n_features, context_length, device)
+        self.decoder_top = DecoderTop(
+            sizes.decoder_top, n_features, context_length, decoder, decoder_bias
+        )
         self.tokens = TokenTable(n_features, vocab_size, device)
-        self.sample = PositionSample(sizes.sample_positions, d_model, device, seed)
+        self.sample = PositionSample(sizes.sample_positions, decoder.shape[1], device, seed)
 
     def parts(self) -> tuple:
         return (

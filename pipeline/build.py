@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from db.writer import CorpusData, DatabaseWriter, SaeData
 from pipeline import analysis, sources
-from pipeline.accumulators import Batch, ExampleSizes, FeatureAccumulators, unit_rows
+from pipeline.accumulators import Batch, ExampleSizes, FeatureAccumulators
 from pipeline.evaluate import evaluate_reconstruction, evaluate_sae
 from pipeline.memory import release_freed_memory
 from pipeline.sources import CorpusTokens
@@ -225,18 +225,16 @@ def run_build(config: BuildConfig) -> BuildSummary:
     )
 
 
-def encode_batch(sae, x: torch.Tensor, hook: str, decoder_unit, decoder_bias):
-    """The hook's input in the SAE's dtype, feature activations f and decoder-direction
-    projections p = (x − b_dec)·ŵ."""
-    x = x.to(decoder_unit.dtype)
-    if x.shape[-1] != decoder_unit.shape[1]:
+def encode_batch(sae, x: torch.Tensor, hook: str, d_in: int):
+    """The hook's input in float32 (for the decoder projections and the position sample; the SAE
+    casts it to its own dtype), and the feature activations f."""
+    if x.shape[-1] != d_in:
         raise sources.InputError(
-            f"the SAE reads {decoder_unit.shape[1]}-dimensional activations but hook "
+            f"the SAE reads {d_in}-dimensional activations but hook "
             f"{hook!r} gives {x.shape[-1]}; is this the SAE's model and hook?"
         )
-    feature_acts = sae.encode(x).float()
-    projections = (x - decoder_bias) @ decoder_unit.T
-    return x, feature_acts, projections
+    x = x.float()
+    return x, sae.encode(x).float()
 
 
 def stream(sae, config: BuildConfig, inputs: BuildInputs):
@@ -244,16 +242,15 @@ def stream(sae, config: BuildConfig, inputs: BuildInputs):
     tokens = inputs.tokens
     n_sequences, context_length = tokens.shape
     decoder, decoder_bias = sources.decoder_and_bias(sae)
-    decoder_unit = unit_rows(decoder)
     special = torch.tensor(sorted(inputs.special_ids), dtype=torch.int64, device=config.device)
     accumulators = FeatureAccumulators(
         n_features=decoder.shape[0],
         context_length=context_length,
         vocab_size=len(inputs.vocab),
-        d_model=decoder.shape[1],
+        decoder=decoder,
+        decoder_bias=decoder_bias,
         sizes=config.examples,
         seed=config.seed,
-        device=decoder.device,
     )
     progress = tqdm(
         total=n_sequences * context_length,
@@ -274,8 +271,7 @@ def stream(sae, config: BuildConfig, inputs: BuildInputs):
                     sae,
                     inputs.activations(start, batch_tokens),
                     inputs.hook,
-                    decoder_unit,
-                    decoder_bias,
+                    decoder.shape[1],
                 ),
                 torch.isin(batch_tokens, special),
             )

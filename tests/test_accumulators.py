@@ -38,17 +38,17 @@ def data() -> dict[str, torch.Tensor]:
     tokens[:, 0] = 0
     return {
         "feature_acts": feature_acts,
-        "projections": torch.randn(shape, generator=generator),
         "inputs": torch.randn(N_SEQ, CTX, D_MODEL, generator=generator),
         "tokens": tokens,
         "special": tokens == 0,
         "decoder": torch.randn(N_FEATURES, D_MODEL, generator=generator),
+        "decoder_bias": torch.randn(D_MODEL, generator=generator) * 0.1,
     }
 
 
 def accumulate(data: dict, sequences: range, batch_size: int) -> FeatureAccumulators:
     accumulators = FeatureAccumulators(
-        N_FEATURES, CTX, VOCAB, D_MODEL, SIZES, seed=SEED, device=torch.device("cpu")
+        N_FEATURES, CTX, VOCAB, data["decoder"], data["decoder_bias"], SIZES, seed=SEED
     )
     for start in range(sequences.start, sequences.stop, batch_size):
         part = slice(start, min(start + batch_size, sequences.stop))
@@ -57,7 +57,6 @@ def accumulate(data: dict, sequences: range, batch_size: int) -> FeatureAccumula
             data["tokens"][part],
             data["inputs"][part],
             data["feature_acts"][part].clone(),
-            data["projections"][part].clone(),
             data["special"][part],
         )
         accumulators.update(batch)
@@ -70,11 +69,13 @@ def result(data: dict) -> AccumulatedResult:
 
 
 def masked(data: dict) -> tuple[np.ndarray, np.ndarray]:
-    """Feature activations and projections with special tokens removed, as the build sees them."""
+    """Feature activations and decoder projections (x − b_dec)·ŵ with special tokens removed,
+    as the build sees them."""
     special = data["special"].numpy()
     acts = data["feature_acts"].numpy().copy()
     acts[special] = 0.0
-    projections = data["projections"].numpy().copy()
+    unit = data["decoder"] / data["decoder"].norm(dim=1, keepdim=True)
+    projections = ((data["inputs"] - data["decoder_bias"]) @ unit.T).numpy()
     projections[special] = -np.inf
     return acts, projections
 

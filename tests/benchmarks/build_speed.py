@@ -79,7 +79,7 @@ def make_inputs(directory: Path, d_sae: int) -> tuple[Path, Path, Path]:
 def time_passes(model_dir: Path, sae_dir: Path, tokens_path: Path, n_tokens: int) -> dict:
     from pipeline import sources
     from pipeline.accumulators import unit_rows
-    from pipeline.build import BuildConfig, encode_batch, model_inputs, stream
+    from pipeline.build import BuildConfig, model_inputs, stream
 
     sae = sources.load_sae(sae_dir, None, None, "cpu", "float32")
     model = sources.load_model(str(model_dir), "cpu", torch.float32, {}, quiet=True)
@@ -118,7 +118,8 @@ def time_passes(model_dir: Path, sae_dir: Path, tokens_path: Path, n_tokens: int
         for start in range(0, len(tokens), BATCH):
             batch = torch.from_numpy(tokens[start : start + BATCH])
             x = sources.activations_at_hook(model, HOOK, batch)
-            encode_batch(sae, x, HOOK, unit, bias)
+            sae.encode(x)
+            (x - bias) @ unit.T
         times["encode_and_project"] = [time.perf_counter() - started]
     return {name: min(values) for name, values in times.items()}
 
