@@ -2,9 +2,9 @@
 
 Every accumulator sees each batch once (`update`), combines with an accumulator of another shard
 of the corpus (`merge`) and turns its state into plain numpy results (`finalize`). State is
-bounded by the number of features times k (or the number of histogram bins or positions), never
-by the number of tokens, except `TokenTable`, bounded by the number of distinct (token, feature)
-pairs.
+bounded by the number of features times k (or the number of histogram bins or positions, or the
+size of the position sample), never by the number of tokens, except `TokenTable`, bounded by the
+number of distinct (token, feature) pairs.
 
 A batch holds whole sequences that are contiguous in corpus order, so a token is identified
 across shards by its global index `sequence_index * context_length + position`.
