@@ -68,3 +68,11 @@ def test_group_medians() -> None:
     assert medians[0] == 3.0 and medians[2] == 5.5
     assert medians[1].isnan() and medians[3].isnan()
     assert group_medians(torch.zeros(0), torch.zeros(0, dtype=torch.int64), 2).isnan().all()
+
+
+def test_grouped_order_sorts_by_group_then_key_keeping_ties_in_order() -> None:
+    from pipeline.analysis import grouped_order
+
+    groups = np.array([1, 0, 1, 0, 1, 0])
+    key = np.array([-2.0, -5.0, -2.0, -1.0, -3.0, -5.0])
+    assert grouped_order(groups, key).tolist() == [1, 5, 3, 4, 0, 2]
