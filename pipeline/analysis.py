@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from jaxtyping import Float
+from jaxtyping import Float, Int
 from torch import Tensor
 
 from db.writer import float32_blob, int32_blob
@@ -165,6 +165,53 @@ def group_medians(values: Tensor, groups: Tensor, n_groups: int) -> Tensor:
 
 
 @dataclass
+class ActiveEntries:
+    """The (row, latent, value) entries where the SAE fires on a set of rows, row-major."""
+
+    row: Tensor
+    col: Tensor
+    value: Tensor
+    per_row: Tensor  # entries of each row
+    n_features: int
+
+    def sums_over(
+        self, rows: Tensor, groups: Tensor, n_groups: int
+    ) -> tuple[Float[Tensor, "groups d_sae"], Int[Tensor, "groups d_sae"]]:
+        """For each group, Σ f_j and the number of firings of every latent j over the given rows
+        (row `rows[k]` counted in group `groups[k]`)."""
+        per_row = self.per_row
+        row_start = torch.cumsum(per_row, 0) - per_row
+        total = torch.zeros(n_groups * self.n_features, device=self.value.device)
+        count = torch.zeros(n_groups * self.n_features, dtype=torch.int64, device=total.device)
+        for start in range(0, len(rows), 1 << 16):
+            # Each row's run of entries, expanded: entry = its row's start + offset in the run.
+            here = rows[start : start + (1 << 16)]
+            n_active = per_row[here]
+            entry = torch.repeat_interleave(
+                row_start[here] - (torch.cumsum(n_active, 0) - n_active), n_active
+            )
+            entry += torch.arange(len(entry), device=entry.device)
+            group = torch.repeat_interleave(groups[start : start + (1 << 16)], n_active)
+            cell = group * self.n_features + self.col[entry]
+            total.index_add_(0, cell, self.value[entry])
+            count.index_add_(0, cell, torch.ones_like(cell))
+        return total.view(n_groups, -1), count.view(n_groups, -1)
+
+
+def _active_entries(x: Tensor, encode: Callable[[Tensor], Tensor]) -> ActiveEntries:
+    rows, cols, values = [], [], []
+    for start in range(0, len(x), 4096):
+        acts = encode(x[start : start + 4096]).float()
+        r, c = torch.nonzero(acts > 0, as_tuple=True)
+        rows.append(r + start)
+        cols.append(c)
+        values.append(acts[r, c])
+    row = torch.cat(rows)
+    per_row = torch.bincount(row, minlength=len(x))
+    return ActiveEntries(row, torch.cat(cols), torch.cat(values), per_row, acts.shape[1])
+
+
+@dataclass
 class Absorption:
     present_miss_rate: np.ndarray  # nan where the feature fires too rarely in the sample
     present_positions: np.ndarray  # sampled positions where its decoder direction is present
@@ -190,25 +237,16 @@ def absorption(
     n = inputs.shape[0]
     unit = unit_rows(decoder)
     x = inputs.to(decoder.dtype)
-    rows, cols, values = [], [], []
-    for start in range(0, n, 4096):
-        acts = encode(x[start : start + 4096]).float()
-        r, c = torch.nonzero(acts > 0, as_tuple=True)
-        rows.append(r + start)
-        cols.append(c)
-        values.append(acts[r, c])
-    row, col, value = torch.cat(rows), torch.cat(cols), torch.cat(values)
-    latents_per_row = torch.bincount(row, minlength=n)
-    row_starts = torch.cumsum(latents_per_row, 0) - latents_per_row  # row-major, as nonzero gives
-    centred = (x - decoder_bias).float()
+    active = _active_entries(x, encode)
+    centred = x - decoder_bias
     miss_rate = np.full(n_features, np.nan)
     present_positions = np.zeros(n_features, dtype=np.int64)
     absorbers: list[list[dict]] = []
     for a in range(0, n_features, features_per_chunk):
         b = min(a + features_per_chunk, n_features)
-        projection = centred @ unit[a:b].float().T
-        in_chunk = torch.nonzero((col >= a) & (col < b)).squeeze(1)
-        fired_row, fired_feature = row[in_chunk], col[in_chunk] - a
+        projection = centred @ unit[a:b].T
+        in_chunk = torch.nonzero((active.col >= a) & (active.col < b)).squeeze(1)
+        fired_row, fired_feature = active.row[in_chunk], active.col[in_chunk] - a
         fired = torch.zeros(n, b - a, dtype=torch.bool, device=x.device)
         fired[fired_row, fired_feature] = True
         threshold = group_medians(projection[fired_row, fired_feature], fired_feature, b - a)
@@ -219,31 +257,16 @@ def absorption(
         rate = missed.sum(0) / n_present.clamp_min(1)
         miss_rate[a:b] = torch.where(measurable, rate, math.nan).cpu().numpy()
         present_positions[a:b] = n_present.cpu().numpy()
-        missed_row, missed_feature = torch.nonzero(missed, as_tuple=True)
-        activation_sum = torch.zeros(b - a, n_features, device=x.device)
-        count = torch.zeros(b - a, n_features, device=x.device)
-        for start in range(0, len(missed_row), 1 << 16):
-            # Every latent active on each missed (row, feature) pair: the row's run of entries.
-            rows_here = missed_row[start : start + (1 << 16)]
-            n_active = latents_per_row[rows_here]
-            first = torch.cumsum(n_active, 0) - n_active
-            entry = torch.repeat_interleave(row_starts[rows_here] - first, n_active)
-            entry += torch.arange(len(entry), device=x.device)
-            owner = torch.repeat_interleave(missed_feature[start : start + (1 << 16)], n_active)
-            cell = owner * n_features + col[entry]
-            activation_sum.view(-1).index_add_(0, cell, value[entry])
-            count.view(-1).index_add_(0, cell, torch.ones_like(value[entry]))
-        weight = activation_sum * (unit[a:b] @ decoder.T).float()
+        activation_sum, count = active.sums_over(*torch.nonzero(missed, as_tuple=True), b - a)
+        weight = activation_sum * (unit[a:b] @ decoder.T)
         missed_projection = (projection * missed).sum(0).clamp_min(1e-12).unsqueeze(1)
         share = weight / missed_projection
         top_weight, top_latent = weight.topk(min(n_absorbers, n_features), dim=1)
-        top_count = count.gather(1, top_latent).round().long()
-        top_share = share.gather(1, top_latent)
         for weights, latents, counts, shares in zip(
             top_weight.tolist(),
             top_latent.tolist(),
-            top_count.tolist(),
-            top_share.tolist(),
+            count.gather(1, top_latent).tolist(),
+            share.gather(1, top_latent).tolist(),
             strict=True,
         ):
             absorbers.append(
