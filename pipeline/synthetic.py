@@ -175,10 +175,11 @@ def hierarchical(
 
 
 def token_strings(data: SyntheticData) -> list[str]:
-    """Each sample's token: the names of its active features joined by '+', or '∅'."""
+    """Each sample's token: the names of its active features joined by '+', or '∅', after a space
+    like a word token's, so that a context reads as separate samples (token search ignores it)."""
     active = (data.amplitudes > 0).numpy()
     names = np.array(data.names)
-    return ["+".join(names[row]) or "∅" for row in active]
+    return [" " + ("+".join(names[row]) or "∅") for row in active]
 
 
 # ---------------------------------------------------------------------------------------------

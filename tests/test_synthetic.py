@@ -138,8 +138,12 @@ def test_build_on_a_synthetic_source(tmp_path: Path) -> None:
         # The latent's strongest firing is on a sample whose token names its true feature.
         feature = client.get(f"/api/v1/saes/sae/features/{index}").json()
         top = feature["examples"]["top"][0]
-        assert name in top["tokens"][top["focus"]].split("+")
+        assert name in top["tokens"][top["focus"]].strip().split("+")
         assert feature["ground_truth"]["feature"] == name
+        # Token search finds the sample that holds only this true feature, by its name.
+        matches = client.get(f"/api/v1/saes/sae/search?token={name}").json()["matches"]
+        assert matches[0]["exact"] and matches[0]["token"] == " " + name
+        assert index in [latent["feature_index"] for latent in matches[0]["latents"]]
     assert client.get("/api/v1/saes/sae").json()["mmcs"] == pytest.approx(mmcs)
     assert "true feature" in client.get(f"/saes/sae/features/{index}").text
     assert client.get("/").status_code == 200
@@ -154,7 +158,9 @@ def absorbed_parent_latents(source_path: Path, sae_path: Path) -> dict[int, str]
     source = synthetic.load_source(source_path)
     sae = SAE.load_from_disk(str(sae_path))
     x = source.activations.reshape(-1, source.activations.shape[-1])
-    active = [set(source.vocab[t].split("+")) for t in source.token_ids.reshape(-1).tolist()]
+    active = [
+        set(source.vocab[t].strip().split("+")) for t in source.token_ids.reshape(-1).tolist()
+    ]
     with torch.no_grad():
         fires = sae.encode(x) > 0
         match = synthetic.match_ground_truth(source.directions, sae.W_dec)
