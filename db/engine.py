@@ -49,3 +49,15 @@ def check_schema_version(engine: Engine) -> None:
             f"database schema version {found}, this saescope reads version {SCHEMA_VERSION}; "
             "rebuild the database with `saescope build`"
         )
+
+
+def has_current_schema(path: Path) -> bool:
+    """Whether the file at `path` is a saescope database with this version's schema."""
+    engine = readonly_engine(path)
+    try:
+        check_schema_version(engine)
+    except SchemaMismatchError:
+        return False
+    finally:
+        engine.dispose()
+    return True

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
+from db.engine import has_current_schema
 from pipeline import lm_corpus, sources
 
 logger = logging.getLogger(__name__)
@@ -48,7 +49,7 @@ def demo_commands(data: Path, quiet: bool) -> list[list[str]]:
              "--corpus", str(token_file(data, held_out=False)), "--out", str(sae),
              *DEMO_TRAIN_ARGS, *flags]
         )  # fmt: skip
-    if database.exists() and not _current_schema(database):
+    if database.exists() and not has_current_schema(database):
         logger.info("%s was built by another saescope version: rebuilding it", database)
         database.unlink()
     if not database.exists():
@@ -58,16 +59,3 @@ def demo_commands(data: Path, quiet: bool) -> list[list[str]]:
              "--name", DEMO_SAE_NAME, "--n-tokens", "200000", "--eval-sequences", "128", *flags]
         )  # fmt: skip
     return commands
-
-
-def _current_schema(database: Path) -> bool:
-    from db.engine import SchemaMismatchError, check_schema_version, readonly_engine
-
-    engine = readonly_engine(database)
-    try:
-        check_schema_version(engine)
-    except SchemaMismatchError:
-        return False
-    finally:
-        engine.dispose()
-    return True

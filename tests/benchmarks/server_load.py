@@ -128,7 +128,10 @@ def main() -> None:
     args = parser.parse_args()
     if shutil.which("wrk") is None:
         sys.exit("needs wrk: apt-get install wrk")
-    if not args.db.exists():
+    from db.engine import has_current_schema
+
+    if not args.db.exists() or not has_current_schema(args.db):
+        args.db.unlink(missing_ok=True)
         build_database(args.db)
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
@@ -148,6 +151,8 @@ def main() -> None:
                     break
                 except OSError:
                     time.sleep(0.2)
+            else:
+                sys.exit(f"the server did not answer on {base}")
             shares = np.array_split(np.arange(args.clients), len(ENDPOINTS))
             running = {
                 name: wrk(base, path, len(share), args.seconds, script, seed)
