@@ -134,9 +134,11 @@ class Examples(BaseModel):
 
 class Absorber(BaseModel):
     feature_index: int
-    weight: float = Field(description="Σ f_j·(ŵ_i·W_dec[j]) over the missed sampled positions")
-    share: float = Field(description="weight / Σ p_i over the missed sampled positions")
-    count: int = Field(description="missed sampled positions where it fires")
+    weight: float = Field(
+        description="Σ f_j·(ŵ_i·W_dec[j]) over the missed sampled positions examined (≤ 64)"
+    )
+    share: float = Field(description="weight / Σ p_i over the same positions")
+    count: int = Field(description="of those positions, how many it fires on")
 
 
 class EncoderDecoder(BaseModel):

@@ -568,7 +568,7 @@ class PositionSample:
         self._add(other.key, other.token, other.inputs)
 
     def finalize(self) -> PositionSampleResult:
-        order = torch.argsort(self.token)
+        order = torch.argsort(self.key)
         return PositionSampleResult(
             token_index=self.token[order].cpu().numpy(), inputs=self.inputs[order]
         )
@@ -576,7 +576,7 @@ class PositionSample:
 
 @dataclass
 class PositionSampleResult:
-    token_index: np.ndarray  # global token index, ascending
+    token_index: np.ndarray  # global token index, in random (hash key) order
     inputs: Tensor  # [n, d_model], on the build's device
 
 

@@ -27,8 +27,10 @@ POSITIONAL_R2_THRESHOLD = 0.5
 BOS_SHARE_THRESHOLD = 0.5
 ABSORBED_MISS_RATE = 0.4
 ABSORBER_SHARE = 0.5
-# The absorption measure needs this many firings of a feature in the position sample.
+# The absorption measure needs this many firings of a feature in the position sample; its
+# absorbers are summed over at most ABSORBER_POSITIONS missed positions (a random subset).
 ABSORPTION_MIN_FIRINGS = 20
+ABSORBER_POSITIONS = 64
 
 
 @dataclass
@@ -230,9 +232,10 @@ def absorption(
 
     Feature i's decoder direction counts as present where its projection p_i = (x − b_dec)·ŵ_i
     reaches the median of p_i over the sampled positions where i fires. The present miss rate is
-    the share of those positions where f_i = 0; the absorbers are the latents j active on them,
-    ranked by Σ f_j·(ŵ_i·W_dec[j]), i.e. how much of i's direction they write instead, with that
-    sum's share of Σ p_i over the missed positions."""
+    the share of those positions where f_i = 0; the absorbers are the latents j active on them
+    (on at most ABSORBER_POSITIONS of them, taken in the sample's random order), ranked by
+    Σ f_j·(ŵ_i·W_dec[j]), i.e. how much of i's direction they write instead, with that sum's
+    share of Σ p_i over the same positions."""
     n_features = decoder.shape[0]
     n = inputs.shape[0]
     unit = unit_rows(decoder)
@@ -257,9 +260,11 @@ def absorption(
         rate = missed.sum(0) / n_present.clamp_min(1)
         miss_rate[a:b] = torch.where(measurable, rate, math.nan).cpu().numpy()
         present_positions[a:b] = n_present.cpu().numpy()
-        activation_sum, count = active.sums_over(*torch.nonzero(missed, as_tuple=True), b - a)
+        # The sample is in random order: the first missed positions are a uniform subset.
+        examined = missed & (torch.cumsum(missed, 0, dtype=torch.int32) <= ABSORBER_POSITIONS)
+        activation_sum, count = active.sums_over(*torch.nonzero(examined, as_tuple=True), b - a)
         weight = activation_sum * (unit[a:b] @ decoder.T)
-        missed_projection = (projection * missed).sum(0).clamp_min(1e-12).unsqueeze(1)
+        missed_projection = (projection * examined).sum(0).clamp_min(1e-12).unsqueeze(1)
         share = weight / missed_projection
         top_weight, top_latent = weight.topk(min(n_absorbers, n_features), dim=1)
         for weights, latents, counts, shares in zip(
