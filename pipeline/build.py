@@ -24,7 +24,7 @@ from db.writer import CorpusData, DatabaseWriter, SaeData
 from pipeline import analysis, sources
 from pipeline.accumulators import Batch, ExampleSizes, FeatureAccumulators
 from pipeline.evaluate import evaluate_reconstruction, evaluate_sae
-from pipeline.memory import release_freed_memory
+from pipeline.memory import reused_memory
 from pipeline.sources import CorpusTokens
 from pipeline.synthetic import SyntheticSource, load_source, match_ground_truth
 from pipeline.train_sae import TRAINING_LOG
@@ -259,7 +259,7 @@ def stream(sae, config: BuildConfig, inputs: BuildInputs):
         desc="build",
         disable=config.quiet,
     )
-    with progress:
+    with progress, reused_memory():
         for start in range(0, n_sequences, inputs.batch_sequences):
             batch_tokens = torch.from_numpy(tokens[start : start + inputs.batch_sequences]).to(
                 config.device
@@ -277,8 +277,7 @@ def stream(sae, config: BuildConfig, inputs: BuildInputs):
             )
             accumulators.update(batch)
             progress.update(batch_tokens.numel())
-    del batch
-    release_freed_memory()
+        del batch  # before the memory kept for reuse is handed back
     return accumulators.finalize()
 
 

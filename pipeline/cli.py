@@ -49,9 +49,6 @@ QuietOption = Annotated[bool, typer.Option("--quiet", help="No progress bars or 
 @app.callback()
 def cli() -> None:
     """Precompute and browse what the latents of a sparse autoencoder mean."""
-    from pipeline.memory import keep_freed_memory
-
-    keep_freed_memory()
 
 
 def fail(message: str, code: int = 2) -> None:

@@ -31,6 +31,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from pipeline import sources
+from pipeline.memory import reused_memory
 
 logger = logging.getLogger(__name__)
 
@@ -246,29 +247,32 @@ def train_sae(
     batches = activation_batches(
         sample_activations, steps * config.batch_size, config.batch_size, config.seed
     )
-    for step, x in enumerate(batches):
-        dead = tokens_since_fired >= config.dead_after
-        loss, terms, f = objective_loss(sae, x, config, dead)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if config.normalize_decoder:
-            sae.remove_parallel_gradient()
-        optimizer.step()
-        schedule.step()
-        if config.normalize_decoder:
-            sae.normalize_decoder()
-        fired = (f > 0).any(0)
-        tokens_since_fired = torch.where(fired, 0, tokens_since_fired + len(x))
-        if config.resample_every and step > 0 and step % config.resample_every == 0:
-            resample_dead(sae, optimizer, x, tokens_since_fired >= config.dead_after)
-            tokens_since_fired[tokens_since_fired >= config.dead_after] = 0
-        progress.update(len(x))
-        if step % config.log_every == 0 or step == steps - 1:
-            row = log_row(
-                step, (step + 1) * len(x), x, f, sae, terms, loss, tokens_since_fired, config
-            )
-            log.append(row)
-            progress.set_postfix(loss=f"{row['loss']:.4g}", l0=f"{row['l0']:.1f}", dead=row["dead"])
+    with reused_memory():
+        for step, x in enumerate(batches):
+            dead = tokens_since_fired >= config.dead_after
+            loss, terms, f = objective_loss(sae, x, config, dead)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if config.normalize_decoder:
+                sae.remove_parallel_gradient()
+            optimizer.step()
+            schedule.step()
+            if config.normalize_decoder:
+                sae.normalize_decoder()
+            fired = (f > 0).any(0)
+            tokens_since_fired = torch.where(fired, 0, tokens_since_fired + len(x))
+            if config.resample_every and step > 0 and step % config.resample_every == 0:
+                resample_dead(sae, optimizer, x, tokens_since_fired >= config.dead_after)
+                tokens_since_fired[tokens_since_fired >= config.dead_after] = 0
+            progress.update(len(x))
+            if step % config.log_every == 0 or step == steps - 1:
+                row = log_row(
+                    step, (step + 1) * len(x), x, f, sae, terms, loss, tokens_since_fired, config
+                )
+                log.append(row)
+                progress.set_postfix(
+                    loss=f"{row['loss']:.4g}", l0=f"{row['l0']:.1f}", dead=row["dead"]
+                )
     progress.close()
     logger.info("trained %d steps in %.1fs", steps, time.perf_counter() - started)
     return sae, log

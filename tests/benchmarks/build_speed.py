@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline.memory import keep_freed_memory
+from pipeline.memory import reused_memory
 
 HOOK = "blocks.1.hook_resid_pre"
 CONTEXT = 128
@@ -97,10 +97,12 @@ def time_passes(model_dir: Path, sae_dir: Path, tokens_path: Path, n_tokens: int
     unit = unit_rows(decoder)
 
     def bare() -> None:
-        for start in range(0, len(tokens), BATCH):
-            batch = torch.from_numpy(tokens[start : start + BATCH])
-            x = sources.activations_at_hook(model, HOOK, batch)
-            sae.encode(x)
+        # Under the same allocator setting as the build's pass.
+        with reused_memory():
+            for start in range(0, len(tokens), BATCH):
+                batch = torch.from_numpy(tokens[start : start + BATCH])
+                x = sources.activations_at_hook(model, HOOK, batch)
+                sae.encode(x)
 
     def full() -> None:
         stream(sae, config, inputs)
@@ -115,11 +117,12 @@ def time_passes(model_dir: Path, sae_dir: Path, tokens_path: Path, n_tokens: int
                 times[name].append(time.perf_counter() - started)
         # The decoder projection alone: the one extra matmul the floor does not have.
         started = time.perf_counter()
-        for start in range(0, len(tokens), BATCH):
-            batch = torch.from_numpy(tokens[start : start + BATCH])
-            x = sources.activations_at_hook(model, HOOK, batch)
-            sae.encode(x)
-            (x - bias) @ unit.T
+        with reused_memory():
+            for start in range(0, len(tokens), BATCH):
+                batch = torch.from_numpy(tokens[start : start + BATCH])
+                x = sources.activations_at_hook(model, HOOK, batch)
+                sae.encode(x)
+                (x - bias) @ unit.T
         times["encode_and_project"] = [time.perf_counter() - started]
     return {name: min(values) for name, values in times.items()}
 
@@ -152,8 +155,6 @@ def main() -> None:
     parser.add_argument("--d-sae", type=int, default=4096)
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    # The floor runs under the allocator setting the saescope commands use.
-    keep_freed_memory()
     with tempfile.TemporaryDirectory() as tmp:
         directory = Path(tmp)
         model_dir, sae_dir, tokens_path = make_inputs(directory, args.d_sae)

@@ -22,7 +22,7 @@ import torch
 
 from pipeline import sources
 from pipeline.demo import DEMO_HOOK, DEMO_MODEL, token_file
-from pipeline.memory import keep_freed_memory
+from pipeline.memory import reused_memory
 from pipeline.train_sae import (
     SparseAutoencoder,
     TrainConfig,
@@ -40,7 +40,6 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=4096)
     parser.add_argument("--data", default="/tmp/saescope-bench")
     args = parser.parse_args()
-    keep_freed_memory()  # as under the saescope commands, for both sides of the ratio
     data = Path(args.data)
     data.mkdir(parents=True, exist_ok=True)
     model = sources.load_model(str(DEMO_MODEL), "cpu", torch.float32, {}, quiet=True)
@@ -56,6 +55,7 @@ def main() -> None:
     )
     torch.set_flush_denormal(True)
 
+    @reused_memory()  # as the training loop runs
     def floor() -> None:
         sae = SparseAutoencoder(128, args.d_sae, config.k if args.objective == "topk" else None)
         dead = torch.zeros(args.d_sae, dtype=torch.bool)
