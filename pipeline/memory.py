@@ -23,9 +23,10 @@ def reused_memory() -> Iterator[None]:
     defaults come back and the kept memory is handed back to the system."""
     try:
         libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt, libc.malloc_trim  # noqa: B018 (glibc, not another C library)
-    except (OSError, AttributeError):
-        yield
+    except OSError:
+        libc = None
+    if libc is None or not hasattr(libc, "mallopt") or not hasattr(libc, "malloc_trim"):
+        yield  # not glibc
         return
     libc.mallopt(_M_MMAP_THRESHOLD, 1 << 30)
     libc.mallopt(_M_TRIM_THRESHOLD, (1 << 31) - 1)
