@@ -251,6 +251,7 @@ class SortKey(StrEnum):
     max_activation = "max_activation"
     jaccard = "jaccard"
     miss_rate = "miss_rate"
+    present_miss_rate = "present_miss_rate"
 
 
 class SortOrder(StrEnum):
@@ -388,7 +389,7 @@ def list_features(
     if min_frequency is not None and max_frequency is not None and min_frequency > max_frequency:
         raise BadRequestError("min_frequency is greater than max_frequency")
     sae = _sae(session, sae_name)
-    column = getattr(Feature, sort.value)
+    column = _sort_column(sort)
     query = select(Feature).where(Feature.sae_id == sae.id)
     if flag is not None:
         query = query.where(getattr(Feature, flag.value).is_(True))
@@ -422,10 +423,26 @@ def list_features(
     next_cursor = None
     if len(features) > limit:
         last = features[limit - 1]
-        next_cursor = f"{getattr(last, sort.value)!r}:{last.feature_index}"
+        next_cursor = f"{_sort_value(last, sort)!r}:{last.feature_index}"
     return FeaturePage(
         sae=sae.name, sort=sort.value, order=order.value, items=items, next_cursor=next_cursor
     )
+
+
+# Features too rare to measure absorption on sort as if their present miss rate were -1.
+_UNMEASURED = -1.0
+
+
+def _sort_column(sort: SortKey):
+    column = getattr(Feature, sort.value)
+    if sort is SortKey.present_miss_rate:
+        return func.coalesce(column, _UNMEASURED)
+    return column
+
+
+def _sort_value(feature: Feature, sort: SortKey) -> float | int:
+    value = getattr(feature, sort.value)
+    return _UNMEASURED if value is None else value
 
 
 def _parse_cursor(cursor: str, sort: SortKey) -> tuple[float, int]:

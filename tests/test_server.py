@@ -85,18 +85,29 @@ def most_frequent_feature(db: Path) -> int:
         ).fetchone()[0]
 
 
-def test_feature_table_sorts_filters_and_pages_by_key(client: TestClient) -> None:
-    url = f"/api/v1/saes/{SAE}/features?sort=frequency&order=desc&limit=10"
+def all_pages(client: TestClient, url: str) -> list[dict]:
     seen, cursor = [], None
     while True:
         page = client.get(url + (f"&after={cursor}" if cursor else "")).json()
         seen += page["items"]
         cursor = page["next_cursor"]
         if cursor is None:
-            break
+            return seen
+
+
+def test_feature_table_sorts_filters_and_pages_by_key(client: TestClient) -> None:
+    seen = all_pages(client, f"/api/v1/saes/{SAE}/features?sort=frequency&order=desc&limit=10")
     assert sorted(f["feature_index"] for f in seen) == list(range(64))
     frequencies = [f["frequency"] for f in seen]
     assert frequencies == sorted(frequencies, reverse=True)
+    # Absorption: latents too rare to measure (null) come last, pages still cover every latent.
+    seen = all_pages(
+        client, f"/api/v1/saes/{SAE}/features?sort=present_miss_rate&order=desc&limit=7"
+    )
+    assert sorted(f["feature_index"] for f in seen) == list(range(64))
+    rates = [-1.0 if f["present_miss_rate"] is None else f["present_miss_rate"] for f in seen]
+    assert rates == sorted(rates, reverse=True)
+    assert None in [f["present_miss_rate"] for f in seen] and max(rates) >= 0
     dead = client.get(f"/api/v1/saes/{SAE}/features?flag=dead&limit=200").json()["items"]
     assert all("dead" in f["flags"] and f["frequency"] == 0 for f in dead)
     band = client.get(f"/api/v1/saes/{SAE}/features?min_frequency=0.01&max_frequency=0.5").json()
