@@ -667,7 +667,8 @@ class TokenTableResult:
 
 @dataclass
 class ExampleSizes:
-    """How many examples of each kind to keep per feature."""
+    """How many examples of each kind to keep per feature, and how many positions to sample for
+    all features together."""
 
     top: int = 20
     """highest activations"""

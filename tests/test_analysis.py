@@ -80,6 +80,6 @@ def test_group_medians() -> None:
 def test_grouped_order_sorts_by_group_then_key_keeping_ties_in_order() -> None:
     from pipeline.analysis import grouped_order
 
-    groups = np.array([1, 0, 1, 0, 1, 0])
-    key = np.array([-2.0, -5.0, -2.0, -1.0, -3.0, -5.0])
+    groups = torch.tensor([1, 0, 1, 0, 1, 0])
+    key = torch.tensor([-2.0, -5.0, -2.0, -1.0, -3.0, -5.0])
     assert grouped_order(groups, key).tolist() == [1, 5, 3, 4, 0, 2]
