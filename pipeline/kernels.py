@@ -1,0 +1,402 @@
+"""Compiled kernels (numba) for the per-entry work of the build's pass.
+
+Eager tensor code spends most of a batch extracting and sorting the sparse active entries; these
+kernels visit each entry once instead. Every kernel splits the features into one contiguous range
+per thread, and a thread walks its range row by row in corpus order: each table cell and each
+feature's examples are written by one thread only, in the same order whatever the thread count,
+so results do not depend on it.
+
+Example sets are kept per feature as k slots with int64 keys (see `example_key`) and a binary
+min-heap of slot indices over them: a candidate enters iff its key beats the heap's root, the
+k-th best so far. Keys are unique, so the kept set is the k largest keys whatever the order in
+which candidates arrive.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numba
+import numpy as np
+from numba import njit, prange
+
+from db.models import HISTOGRAM_BINS, HISTOGRAM_BINS_PER_DECADE, HISTOGRAM_LOG10_MIN
+
+# Numba's OpenMP layer and torch's OpenMP runtime crash in one process; numba's own pool is safe.
+numba.config.THREADING_LAYER = "workqueue"
+
+# Example windows show this many tokens before and after the example's token.
+WINDOW_LEFT = 12
+WINDOW_RIGHT = 4
+WINDOW_LENGTH = WINDOW_LEFT + WINDOW_RIGHT + 1
+# Each block of GAP tokens of a sequence proposes its best position (see `_end_block`).
+GAP = WINDOW_LENGTH - 1
+
+# Example keys order (score, then earlier token first) in one int64: an order-preserving integer
+# image of the float32 score in the high bits, the complement of the token index in the low 31.
+TOKEN_LIMIT = 1 << 31
+EMPTY_KEY = np.iinfo(np.int64).min
+
+# Random keys are 24 bits: exactly representable as a float32 score.
+RANDOM_KEY_BITS = 24
+RANDOM_THRESHOLD_OPEN = 1 << (RANDOM_KEY_BITS + 1)  # above every random key: free slots
+
+_HASH_MASK = (1 << 62) - 1
+_HASH_MULTIPLIERS = (0xBF58476D1CE4E5B9 & _HASH_MASK, 0x94D049BB133111EB & _HASH_MASK)
+# Entries are tested this many at a time: one vectorised test skips a run of zeros.
+_RUN = 8
+
+
+@njit(inline="always")
+def position_hash(token: int, feature: int, seed: int) -> int:
+    """A 62-bit hash per (token, feature), the same in whichever shard sees it."""
+    x = (token * 0x9E3779B1 + feature * 0x85EBCA77 + seed * 0xC2B2AE3D) & _HASH_MASK
+    x = ((x ^ (x >> 31)) * _HASH_MULTIPLIERS[0]) & _HASH_MASK
+    x = ((x ^ (x >> 31)) * _HASH_MULTIPLIERS[1]) & _HASH_MASK
+    return x ^ (x >> 29)
+
+
+@njit(inline="always")
+def _key_of_bits(bits: int, token: int) -> int:
+    ordered = bits ^ 0x7FFFFFFF if bits < 0 else bits
+    return (ordered << 31) | (TOKEN_LIMIT - 1 - token)
+
+
+@njit(inline="always")
+def _score_of_key(key: int, score_buffer, bits_buffer) -> float:
+    ordered = key >> 31
+    bits_buffer[0] = ordered ^ 0x7FFFFFFF if ordered < 0 else ordered
+    return score_buffer[0]
+
+
+@njit(inline="always")
+def _key_of_score(score, token: int, score_buffer, bits_buffer) -> int:
+    score_buffer[0] = score
+    return _key_of_bits(np.int64(bits_buffer[0]), token)
+
+
+@njit(inline="always")
+def _push(key, heap, feature: int, new_key: int) -> int:
+    """Replaces the feature's smallest key by `new_key` (larger); returns the slot it takes."""
+    k = key.shape[1]
+    slot = heap[feature, 0]
+    key[feature, slot] = new_key
+    i = 0
+    while True:
+        child = 2 * i + 1
+        if child >= k:
+            break
+        if (
+            child + 1 < k
+            and key[feature, heap[feature, child + 1]] < key[feature, heap[feature, child]]
+        ):
+            child += 1
+        if key[feature, heap[feature, child]] >= new_key:
+            break
+        heap[feature, i] = heap[feature, child]
+        i = child
+    heap[feature, i] = slot
+    return slot
+
+
+@njit(inline="always")
+def _root(key, heap, feature: int) -> int:
+    return key[feature, heap[feature, 0]]
+
+
+@njit(inline="always")
+def _fetch(
+    acts, row: int, position: int, context: int, feature: int, slot: int, activation, window
+):
+    """The feature's activation at `row` and on every token of the row's window."""
+    activation[feature, slot] = acts[row, feature]
+    for w in range(WINDOW_LENGTH):
+        offset = w - WINDOW_LEFT
+        if 0 <= position + offset < context:
+            window[feature, slot, w] = acts[row + offset, feature]
+        else:
+            window[feature, slot, w] = np.nan
+
+
+@njit(inline="always")
+def _offer(examples, threshold, acts, row, position, context, token, feature, score, buffers):
+    """Admits (score, token) to the feature's examples if its key beats the k-th kept one."""
+    key, heap, activation, window = examples
+    new_key = _key_of_score(score, token, buffers[0], buffers[1])
+    if new_key > _root(key, heap, feature):
+        slot = _push(key, heap, feature, new_key)
+        _fetch(acts, row, position, context, feature, slot, activation, window)
+        root = _root(key, heap, feature)
+        if root > EMPTY_KEY + key.shape[1]:
+            threshold[feature] = _score_of_key(root, buffers[0], buffers[1])
+
+
+@njit(inline="always")
+def _propose(value, position, local, best, best_position, touched, n_touched) -> int:
+    """Records `value` at `position` as the block's best for the feature if it beats it (ties go
+    to the earlier position); returns the new count of features touched in this block."""
+    if value > best[local]:
+        if best[local] == -np.inf:
+            touched[n_touched] = local
+            n_touched += 1
+        best[local] = value
+        best_position[local] = position
+    return n_touched
+
+
+@njit(inline="always")
+def _end_block(
+    proposals,
+    n_current,
+    n_previous,
+    first,
+    sequence,
+    context,
+    first_token,
+    acts,
+    examples,
+    threshold,
+    buffers,
+) -> int:
+    """Settles the previous block's proposals now that the current block's are known.
+
+    Of two proposals of neighbouring blocks at most GAP tokens apart the lower (on a tie the
+    later) is dropped, so kept examples of a sequence are more than GAP apart. Proposals below
+    the threshold are never made: they could neither enter nor drop one that can. Returns how
+    many proposals the current block hands on as the new previous block.
+    """
+    best, best_position, previous, previous_position, dropped, current, earlier = proposals
+    for i in range(n_current):
+        local = current[i]
+        if previous[local] > -np.inf and best_position[local] - previous_position[local] <= GAP:
+            if previous[local] >= best[local]:
+                best[local] = -np.inf
+            else:
+                dropped[local] = True
+    for i in range(n_previous):
+        local = earlier[i]
+        if not dropped[local]:
+            position = previous_position[local]
+            row = sequence * context + position
+            _offer(
+                examples,
+                threshold,
+                acts,
+                row,
+                position,
+                context,
+                first_token + row,
+                first + local,
+                previous[local],
+                buffers,
+            )
+        previous[local] = -np.inf
+        dropped[local] = False
+    n_next = 0
+    for i in range(n_current):
+        local = current[i]
+        if best[local] > -np.inf:
+            previous[local] = best[local]
+            previous_position[local] = best_position[local]
+            earlier[n_next] = local
+            n_next += 1
+        best[local] = -np.inf
+    return n_next
+
+
+@njit(inline="always")
+def _proposal_state(n: int):
+    return (
+        np.full(n, -np.inf, np.float32),  # best score in the current block
+        np.zeros(n, np.int64),  # its position
+        np.full(n, -np.inf, np.float32),  # the previous block's proposal
+        np.zeros(n, np.int64),  # its position
+        np.zeros(n, np.bool_),  # dropped by its left neighbour
+        np.zeros(n, np.int64),  # features with a proposal in the current block
+        np.zeros(n, np.int64),  # ... in the previous block
+    )
+
+
+@njit(inline="always")
+def _histogram_bin(value: float) -> int:
+    scaled = (math.log10(value) - HISTOGRAM_LOG10_MIN) * HISTOGRAM_BINS_PER_DECADE
+    return min(max(math.floor(scaled) + 1, 0), HISTOGRAM_BINS - 1)
+
+
+@njit(parallel=True, cache=True)
+def scan_activations(
+    acts, token_ids, context, first_token, seed, n_threads,
+    position_count, position_sum, sum_sq, maximum, minimum, histogram,
+    token_table, dense_token_table,
+    top, top_threshold, bottom, bottom_threshold, random, random_threshold,
+):  # fmt: skip
+    """One batch's active entries (acts > 0; rows are whole sequences in corpus order) into the
+    feature statistics, the dense token table, and the top, bottom and random examples.
+
+    Thresholds hold each feature's k-th kept score (-inf while slots are free); the random one
+    in random-key units (RANDOM_THRESHOLD_OPEN while slots are free).
+    """
+    n_rows, n_features = acts.shape
+    n_sequences = n_rows // context
+    n_blocks = -(-context // GAP)
+    for thread in prange(n_threads):
+        first = thread * n_features // n_threads
+        last = (thread + 1) * n_features // n_threads
+        n = last - first
+        score_buffer = np.empty(1, np.float32)
+        buffers = (score_buffer, score_buffer.view(np.int32))
+        top_proposals = _proposal_state(n)
+        bottom_proposals = _proposal_state(n)
+        for sequence in range(n_sequences):
+            n_top_previous = 0
+            n_bottom_previous = 0
+            for block in range(n_blocks + 1):
+                n_top = 0
+                n_bottom = 0
+                for position in range(block * GAP, min(block * GAP + GAP, context)):
+                    row = sequence * context + position
+                    token = first_token + row
+                    values = acts[row, first:last]
+                    for start in range(0, n, _RUN):
+                        stop = min(start + _RUN, n)
+                        run_max = np.float32(0.0)
+                        for local in range(start, stop):
+                            run_max = max(run_max, values[local])
+                        if run_max <= 0:
+                            continue
+                        for local in range(start, stop):
+                            value = values[local]
+                            if value <= 0:
+                                continue
+                            feature = first + local
+                            value64 = np.float64(value)
+                            position_count[position, feature] += 1
+                            position_sum[position, feature] += value64
+                            sum_sq[feature] += value64 * value64
+                            maximum[feature] = max(maximum[feature], value)
+                            minimum[feature] = min(minimum[feature], value)
+                            histogram[feature, _histogram_bin(value64)] += 1
+                            if dense_token_table:
+                                token_table[token_ids[row], feature, 0] += 1.0
+                                token_table[token_ids[row], feature, 1] += value64
+                            if value >= top_threshold[feature]:
+                                n_top = _propose(
+                                    value, position, local, top_proposals[0],
+                                    top_proposals[1], top_proposals[5], n_top,
+                                )  # fmt: skip
+                            if -value >= bottom_threshold[feature]:
+                                n_bottom = _propose(
+                                    -value, position, local, bottom_proposals[0],
+                                    bottom_proposals[1], bottom_proposals[5], n_bottom,
+                                )  # fmt: skip
+                            random_key = position_hash(token, feature, seed) >> (
+                                62 - RANDOM_KEY_BITS
+                            )
+                            if random_key <= random_threshold[feature]:
+                                _offer_random(
+                                    random, random_threshold, acts, row, position, context,
+                                    token, feature, random_key, buffers,
+                                )  # fmt: skip
+                n_top_previous = _end_block(
+                    top_proposals, n_top, n_top_previous, first, sequence, context,
+                    first_token, acts, top, top_threshold, buffers,
+                )  # fmt: skip
+                n_bottom_previous = _end_block(
+                    bottom_proposals, n_bottom, n_bottom_previous, first, sequence, context,
+                    first_token, acts, bottom, bottom_threshold, buffers,
+                )  # fmt: skip
+
+
+@njit(inline="always")
+def _offer_random(
+    random, threshold, acts, row, position, context, token, feature, random_key, buffers
+):
+    """Admits a random example: score -random_key / 2**24, exact in float32."""
+    key, heap, activation, window = random
+    score = np.float32(-(random_key / float(1 << RANDOM_KEY_BITS)))
+    new_key = _key_of_score(score, token, buffers[0], buffers[1])
+    if new_key > _root(key, heap, feature):
+        slot = _push(key, heap, feature, new_key)
+        _fetch(acts, row, position, context, feature, slot, activation, window)
+        root = _root(key, heap, feature)
+        if root > EMPTY_KEY + key.shape[1]:
+            kth = _score_of_key(root, buffers[0], buffers[1])
+            threshold[feature] = np.int64(-kth * float(1 << RANDOM_KEY_BITS))
+
+
+@njit(parallel=True, cache=True)
+def scan_scores(scores, acts, context, first_token, n_threads, examples, threshold):
+    """The top examples of a dense score per (row, feature), e.g. decoder projections (-inf on
+    tokens to skip), each carrying the feature's activation (`acts`) there."""
+    n_rows, n_features = scores.shape
+    n_sequences = n_rows // context
+    n_blocks = -(-context // GAP)
+    for thread in prange(n_threads):
+        first = thread * n_features // n_threads
+        last = (thread + 1) * n_features // n_threads
+        n = last - first
+        score_buffer = np.empty(1, np.float32)
+        buffers = (score_buffer, score_buffer.view(np.int32))
+        proposals = _proposal_state(n)
+        local_threshold = threshold[first:last]
+        for sequence in range(n_sequences):
+            n_previous = 0
+            for block in range(n_blocks + 1):
+                n_current = 0
+                for position in range(block * GAP, min(block * GAP + GAP, context)):
+                    row = sequence * context + position
+                    values = scores[row, first:last]
+                    for start in range(0, n, _RUN):
+                        stop = min(start + _RUN, n)
+                        run_max = -np.inf
+                        for local in range(start, stop):
+                            run_max = max(run_max, values[local] - local_threshold[local])
+                        if not run_max >= 0:
+                            continue
+                        for local in range(start, stop):
+                            value = values[local]
+                            if value >= local_threshold[local] and value > -np.inf:
+                                n_current = _propose(
+                                    value, position, local, proposals[0], proposals[1],
+                                    proposals[5], n_current,
+                                )  # fmt: skip
+                n_previous = _end_block(
+                    proposals, n_current, n_previous, first, sequence, context, first_token,
+                    acts, examples, threshold, buffers,
+                )  # fmt: skip
+
+
+@njit(cache=True)
+def admit(examples, features, keys, activations, windows) -> None:
+    """Offers examples carried over from another accumulator (merging shards); keys already
+    kept (overlapping shards) are skipped."""
+    key, heap, activation, window = examples
+    for i in range(len(keys)):
+        feature = features[i]
+        if keys[i] <= _root(key, heap, feature):
+            continue
+        if np.any(key[feature] == keys[i]):
+            continue
+        slot = _push(key, heap, feature, keys[i])
+        activation[feature, slot] = activations[i]
+        window[feature, slot] = windows[i]
+
+
+@njit(cache=True)
+def position_hashes(tokens, features, seed: int):
+    """`position_hash` of each (token, feature) pair."""
+    out = np.empty(len(tokens), np.int64)
+    for i in range(len(tokens)):
+        out[i] = position_hash(tokens[i], features[i], seed)
+    return out
+
+
+@njit(cache=True)
+def example_keys(scores, tokens):
+    """The key of each (score, token) pair, as the kernels make them."""
+    score_buffer = np.empty(1, np.float32)
+    bits_buffer = score_buffer.view(np.int32)
+    out = np.empty(len(scores), np.int64)
+    for i in range(len(scores)):
+        out[i] = _key_of_score(scores[i], tokens[i], score_buffer, bits_buffer)
+    return out
