@@ -218,6 +218,23 @@ def _proposal_state(n: int):
 
 
 @njit(inline="always")
+def _active(values, active) -> int:
+    """Writes the indices of the positive values to `active`; returns how many there are."""
+    n_active = 0
+    for start in range(0, len(values), _RUN):
+        stop = min(start + _RUN, len(values))
+        run_max = np.float32(0.0)
+        for i in range(start, stop):
+            run_max = max(run_max, values[i])
+        if run_max > 0:
+            for i in range(start, stop):
+                if values[i] > 0:
+                    active[n_active] = i
+                    n_active += 1
+    return n_active
+
+
+@njit(inline="always")
 def _histogram_bin(value: float) -> int:
     scaled = (math.log10(value) - HISTOGRAM_LOG10_MIN) * HISTOGRAM_BINS_PER_DECADE
     return min(max(math.floor(scaled) + 1, 0), HISTOGRAM_BINS - 1)
@@ -247,6 +264,7 @@ def scan_activations(
         buffers = (score_buffer, score_buffer.view(np.int32))
         top_proposals = _proposal_state(n)
         bottom_proposals = _proposal_state(n)
+        active = np.empty(n, np.int64)
         for sequence in range(n_sequences):
             n_top_previous = 0
             n_bottom_previous = 0
@@ -257,46 +275,47 @@ def scan_activations(
                     row = sequence * context + position
                     token = first_token + row
                     values = acts[row, first:last]
-                    for start in range(0, n, _RUN):
-                        stop = min(start + _RUN, n)
-                        run_max = np.float32(0.0)
-                        for local in range(start, stop):
-                            run_max = max(run_max, values[local])
-                        if run_max <= 0:
-                            continue
-                        for local in range(start, stop):
-                            value = values[local]
-                            if value <= 0:
-                                continue
-                            feature = first + local
-                            value64 = np.float64(value)
-                            position_count[position, feature] += 1
-                            position_sum[position, feature] += value64
-                            sum_sq[feature] += value64 * value64
-                            maximum[feature] = max(maximum[feature], value)
-                            minimum[feature] = min(minimum[feature], value)
-                            histogram[feature, _histogram_bin(value64)] += 1
-                            if dense_token_table:
-                                token_table[token_ids[row], feature, 0] += 1.0
-                                token_table[token_ids[row], feature, 1] += value64
-                            if value >= top_threshold[feature]:
-                                n_top = _propose(
-                                    value, position, local, top_proposals[0],
-                                    top_proposals[1], top_proposals[5], n_top,
-                                )  # fmt: skip
-                            if -value >= bottom_threshold[feature]:
-                                n_bottom = _propose(
-                                    -value, position, local, bottom_proposals[0],
-                                    bottom_proposals[1], bottom_proposals[5], n_bottom,
-                                )  # fmt: skip
-                            random_key = position_hash(token, feature, seed) >> (
-                                62 - RANDOM_KEY_BITS
-                            )
-                            if random_key <= random_threshold[feature]:
-                                _offer_random(
-                                    random, random_threshold, acts, row, position, context,
-                                    token, feature, random_key, buffers,
-                                )  # fmt: skip
+                    n_active = _active(values, active)
+                    # One loop per table: independent memory accesses overlap.
+                    for i in range(n_active):
+                        feature = first + active[i]
+                        value = np.float64(values[active[i]])
+                        position_count[position, feature] += 1
+                        position_sum[position, feature] += value
+                        sum_sq[feature] += value * value
+                    for i in range(n_active):
+                        feature = first + active[i]
+                        maximum[feature] = max(maximum[feature], values[active[i]])
+                        minimum[feature] = min(minimum[feature], values[active[i]])
+                    for i in range(n_active):
+                        value = np.float64(values[active[i]])
+                        histogram[first + active[i], _histogram_bin(value)] += 1
+                    if dense_token_table:
+                        cells = token_table[token_ids[row]]
+                        for i in range(n_active):
+                            cells[first + active[i], 0] += 1.0
+                            cells[first + active[i], 1] += values[active[i]]
+                    for i in range(n_active):
+                        local = active[i]
+                        value = values[local]
+                        if value >= top_threshold[first + local]:
+                            n_top = _propose(
+                                value, position, local, top_proposals[0], top_proposals[1],
+                                top_proposals[5], n_top,
+                            )  # fmt: skip
+                        if -value >= bottom_threshold[first + local]:
+                            n_bottom = _propose(
+                                -value, position, local, bottom_proposals[0],
+                                bottom_proposals[1], bottom_proposals[5], n_bottom,
+                            )  # fmt: skip
+                    for i in range(n_active):
+                        feature = first + active[i]
+                        random_key = position_hash(token, feature, seed) >> (62 - RANDOM_KEY_BITS)
+                        if random_key <= random_threshold[feature]:
+                            _offer_random(
+                                random, random_threshold, acts, row, position, context, token,
+                                feature, random_key, buffers,
+                            )  # fmt: skip
                 n_top_previous = _end_block(
                     top_proposals, n_top, n_top_previous, first, sequence, context,
                     first_token, acts, top, top_threshold, buffers,
