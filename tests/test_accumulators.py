@@ -275,6 +275,19 @@ def test_batch_size_does_not_change_the_result(data: dict, result) -> None:
     assert_results_equal(accumulate(data, range(N_SEQ), batch_size=N_SEQ).finalize(), result)
 
 
+def test_one_thread_gives_the_multithreaded_result(data: dict, result) -> None:
+    import numba
+
+    before = numba.get_num_threads()
+    numba.set_num_threads(1)
+    try:
+        # The kernels split the features into one range per thread.
+        accumulators = accumulate(data, range(N_SEQ), batch_size=3)
+    finally:
+        numba.set_num_threads(before)
+    assert_results_equal(accumulators.finalize(), result)
+
+
 def test_example_keys_order_by_score_then_earlier_token() -> None:
     from pipeline.accumulators import key_scores, key_tokens
     from pipeline.kernels import example_keys
