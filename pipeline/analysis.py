@@ -7,12 +7,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import numba
 import numpy as np
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
 from db.writer import float32_blob, int32_blob
+from pipeline import kernels
 from pipeline.accumulators import (
     WINDOW_LEFT,
     AccumulatedResult,
@@ -251,18 +253,27 @@ def absorption(
         fired = torch.zeros(n, b - a, dtype=torch.bool, device=x.device)
         fired[fired_row, fired_feature] = True
         threshold = group_medians(projection[fired_row, fired_feature], fired_feature, b - a)
-        measurable = fired.sum(0) >= ABSORPTION_MIN_FIRINGS
-        present = (projection >= threshold) & measurable
-        missed = present & ~fired
-        n_present = present.sum(0)
-        rate = missed.sum(0) / n_present.clamp_min(1)
-        miss_rate[a:b] = torch.where(measurable, rate, math.nan).cpu().numpy()
-        present_positions[a:b] = n_present.cpu().numpy()
+        measurable = torch.bincount(fired_feature, minlength=b - a) >= ABSORPTION_MIN_FIRINGS
         # The sample is in random order: the first missed positions are a uniform subset.
-        examined = missed & (torch.cumsum(missed, 0, dtype=torch.int32) <= ABSORBER_POSITIONS)
-        activation_sum, count = active.sums_over(*torch.nonzero(examined, as_tuple=True), b - a)
+        n_present, n_missed, examined, examined_sum = kernels.presence(
+            projection.float().cpu().numpy(),
+            fired.cpu().numpy(),
+            threshold.float().cpu().numpy(),
+            measurable.cpu().numpy(),
+            ABSORBER_POSITIONS,
+            numba.get_num_threads(),
+        )
+        rate = n_missed / np.maximum(n_present, 1)
+        miss_rate[a:b] = np.where(measurable.cpu().numpy(), rate, math.nan)
+        present_positions[a:b] = n_present
+        examined_feature, examined_slot = np.nonzero(examined >= 0)
+        activation_sum, count = active.sums_over(
+            torch.from_numpy(examined[examined_feature, examined_slot]).to(x.device),
+            torch.from_numpy(examined_feature).to(x.device),
+            b - a,
+        )
         weight = activation_sum * (unit[a:b] @ decoder.T)
-        missed_projection = (projection * examined).sum(0).clamp_min(1e-12).unsqueeze(1)
+        missed_projection = torch.from_numpy(examined_sum).to(weight).clamp_min(1e-12).unsqueeze(1)
         share = weight / missed_projection
         top_weight, top_latent = weight.topk(min(n_absorbers, n_features), dim=1)
         for weights, latents, counts, shares in zip(
