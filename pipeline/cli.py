@@ -94,7 +94,13 @@ def build(
         ),
     ] = None,
     batch_size: Annotated[int, typer.Option(help="Contexts per forward pass.")] = 32,
-    device: Annotated[str, typer.Option(help="torch device: cpu, cuda, cuda:1, mps.")] = "cpu",
+    device: Annotated[
+        str,
+        typer.Option(
+            help="torch device of the model, the SAE and the decoder projections: cpu, cuda, "
+            "cuda:1, mps. The per-entry work runs on the CPU."
+        ),
+    ] = "cpu",
     dtype: Annotated[
         str, typer.Option(help="Model and SAE dtype: float32, float16 or bfloat16.")
     ] = "float32",
