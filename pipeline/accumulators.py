@@ -1,13 +1,14 @@
 """Streaming, mergeable per-feature accumulators.
 
-Every accumulator sees each batch once (`update`), combines with an accumulator of another shard
-of the corpus (`merge`) and turns its state into plain numpy results (`finalize`). State is
-bounded by the number of features times k (or the number of histogram bins or positions, or the
-size of the position sample), never by the number of tokens, except `TokenTable`, bounded by the
-number of distinct (token, feature) pairs.
+`FeatureAccumulators.update` feeds each batch once to every accumulator; each accumulator combines
+with the one of another shard of the corpus (`merge`) and turns its state into plain numpy
+results (`finalize`). State is bounded by the number of features times k (or the number of
+histogram bins or positions, or the size of the position sample), never by the number of tokens,
+except `TokenTable`, bounded by the number of distinct (token, feature) pairs.
 
 The per-entry work runs in the compiled kernels of `pipeline.kernels`, on the CPU whatever the
-build's device; the model, the SAE and the decoder projections stay on the device.
+build's device (the model, the SAE and the decoder projections stay on the device): one kernel
+pass over a batch updates the statistics, the token table and three example sets at once.
 
 A batch holds whole sequences that are contiguous in corpus order, so a token is identified
 across shards by its global index `sequence_index * context_length + position`.
@@ -35,12 +36,8 @@ from pipeline.kernels import (
     RANDOM_KEY_BITS,
     RANDOM_THRESHOLD_OPEN,
     TOKEN_LIMIT,
-    WINDOW_LEFT,
     WINDOW_LENGTH,
-    WINDOW_RIGHT,
 )
-
-__all__ = ["HISTOGRAM_BINS", "WINDOW_LEFT", "WINDOW_LENGTH", "WINDOW_RIGHT"]
 
 # The token table is dense up to this many (token, feature) cells (16 bytes each); beyond, its
 # pending sparse pairs are folded in once there are TOKEN_TABLE_COMPACT_EVERY of them.

@@ -16,12 +16,12 @@ from torch import Tensor
 from db.writer import float32_blob, int32_blob
 from pipeline import kernels
 from pipeline.accumulators import (
-    WINDOW_LEFT,
     AccumulatedResult,
     ExamplesResult,
     histogram_edges,
     unit_rows,
 )
+from pipeline.kernels import WINDOW_LEFT
 from pipeline.synthetic import GroundTruthMatch
 
 # Flag rules (documented in the README).

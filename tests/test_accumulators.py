@@ -6,11 +6,8 @@ import numpy as np
 import pytest
 import torch
 
+from db.models import HISTOGRAM_BINS
 from pipeline.accumulators import (
-    HISTOGRAM_BINS,
-    WINDOW_LEFT,
-    WINDOW_LENGTH,
-    WINDOW_RIGHT,
     AccumulatedResult,
     Batch,
     ExampleSizes,
@@ -19,6 +16,7 @@ from pipeline.accumulators import (
     position_hash,
     random_keys,
 )
+from pipeline.kernels import WINDOW_LEFT, WINDOW_LENGTH, WINDOW_RIGHT
 
 N_SEQ, CTX, N_FEATURES, D_MODEL, VOCAB = 8, 45, 6, 4, 13
 SIZES = ExampleSizes(top=5, bottom=4, decoder_top=5, random=7, sample_positions=50)
