@@ -34,7 +34,6 @@ from pipeline import kernels
 from pipeline.kernels import (
     EMPTY_KEY,
     RANDOM_KEY_BITS,
-    RANDOM_THRESHOLD_OPEN,
     TOKEN_LIMIT,
     WINDOW_LENGTH,
 )
@@ -508,10 +507,6 @@ class FeatureAccumulators:
         self.tokens.count_tokens(batch)
         # Top: highest activations; bottom: weakest positive ones (score -activation); random:
         # a uniform sample of the active positions (score -random key).
-        random_kth = self.random.kth_scores().astype(np.float64)
-        random_threshold = np.where(
-            random_kth > -np.inf, -random_kth * (1 << RANDOM_KEY_BITS), RANDOM_THRESHOLD_OPEN
-        ).astype(np.int64)
         kernels.scan_activations(
             batch.acts,
             batch.token_ids.reshape(-1).cpu().numpy(),
@@ -527,7 +522,7 @@ class FeatureAccumulators:
             self.bottom.state,
             self.bottom.kth_scores(),
             self.random.state,
-            random_threshold,
+            self.random.kth_scores(),
         )
         self.decoder_top.update(batch)
         self.sample.update(batch)

@@ -39,7 +39,6 @@ EMPTY_KEY = np.iinfo(np.int64).min
 
 # Random keys are 24 bits: exactly representable as a float32 score.
 RANDOM_KEY_BITS = 24
-RANDOM_THRESHOLD_OPEN = 1 << (RANDOM_KEY_BITS + 1)  # above every random key: free slots
 
 _HASH_MASK = (1 << 62) - 1
 _HASH_MULTIPLIERS = (0xBF58476D1CE4E5B9 & _HASH_MASK, 0x94D049BB133111EB & _HASH_MASK)
@@ -73,6 +72,19 @@ def _score_of_key(key: int, score_buffer, bits_buffer) -> float:
 def _key_of_score(score, token: int, score_buffer, bits_buffer) -> int:
     score_buffer[0] = score
     return _key_of_bits(np.int64(bits_buffer[0]), token)
+
+
+@njit(inline="always")
+def _feature_range(thread: int, n_threads: int, n_features: int) -> tuple[int, int]:
+    """The contiguous range of features a thread owns."""
+    return thread * n_features // n_threads, (thread + 1) * n_features // n_threads
+
+
+@njit(inline="always")
+def _key_buffers():
+    """A float32 and an int32 view of one word: bit casts between scores and keys."""
+    score_buffer = np.empty(1, np.float32)
+    return score_buffer, score_buffer.view(np.int32)
 
 
 @njit(inline="always")
@@ -250,18 +262,16 @@ def scan_activations(
     """One batch's active entries (acts > 0; rows are whole sequences in corpus order) into the
     feature statistics, the dense token table, and the top, bottom and random examples.
 
-    Thresholds hold each feature's k-th kept score (-inf while slots are free); the random one
-    in random-key units (RANDOM_THRESHOLD_OPEN while slots are free).
+    Thresholds hold each feature's k-th kept score (-inf while slots are free). Random examples
+    are scored -random key / 2**RANDOM_KEY_BITS.
     """
     n_rows, n_features = acts.shape
     n_sequences = n_rows // context
     n_blocks = -(-context // GAP)
     for thread in prange(n_threads):
-        first = thread * n_features // n_threads
-        last = (thread + 1) * n_features // n_threads
+        first, last = _feature_range(thread, n_threads, n_features)
         n = last - first
-        score_buffer = np.empty(1, np.float32)
-        buffers = (score_buffer, score_buffer.view(np.int32))
+        buffers = _key_buffers()
         top_proposals = _proposal_state(n)
         bottom_proposals = _proposal_state(n)
         active = np.empty(n, np.int64)
@@ -311,10 +321,12 @@ def scan_activations(
                     for i in range(n_active):
                         feature = first + active[i]
                         random_key = position_hash(token, feature, seed) >> (62 - RANDOM_KEY_BITS)
-                        if random_key <= random_threshold[feature]:
-                            _offer_random(
+                        # Exact in float32: random keys have RANDOM_KEY_BITS bits.
+                        score = np.float32(-(random_key / float(1 << RANDOM_KEY_BITS)))
+                        if score >= random_threshold[feature]:
+                            _offer(
                                 random, random_threshold, acts, row, position, context, token,
-                                feature, random_key, buffers,
+                                feature, score, buffers,
                             )  # fmt: skip
                 n_top_previous = _end_block(
                     top_proposals, n_top, n_top_previous, first, sequence, context,
@@ -326,23 +338,6 @@ def scan_activations(
                 )  # fmt: skip
 
 
-@njit(inline="always")
-def _offer_random(
-    random, threshold, acts, row, position, context, token, feature, random_key, buffers
-):
-    """Admits a random example: score -random_key / 2**24, exact in float32."""
-    key, heap, activation, window = random
-    score = np.float32(-(random_key / float(1 << RANDOM_KEY_BITS)))
-    new_key = _key_of_score(score, token, buffers[0], buffers[1])
-    if new_key > _root(key, heap, feature):
-        slot = _push(key, heap, feature, new_key)
-        _fetch(acts, row, position, context, feature, slot, activation, window)
-        root = _root(key, heap, feature)
-        if root > EMPTY_KEY + key.shape[1]:
-            kth = _score_of_key(root, buffers[0], buffers[1])
-            threshold[feature] = np.int64(-kth * float(1 << RANDOM_KEY_BITS))
-
-
 @njit(parallel=True, cache=True)
 def scan_scores(scores, acts, context, first_token, n_threads, examples, threshold):
     """The top examples of a dense score per (row, feature), e.g. decoder projections (-inf on
@@ -351,11 +346,9 @@ def scan_scores(scores, acts, context, first_token, n_threads, examples, thresho
     n_sequences = n_rows // context
     n_blocks = -(-context // GAP)
     for thread in prange(n_threads):
-        first = thread * n_features // n_threads
-        last = (thread + 1) * n_features // n_threads
+        first, last = _feature_range(thread, n_threads, n_features)
         n = last - first
-        score_buffer = np.empty(1, np.float32)
-        buffers = (score_buffer, score_buffer.view(np.int32))
+        buffers = _key_buffers()
         proposals = _proposal_state(n)
         local_threshold = threshold[first:last]
         for sequence in range(n_sequences):
@@ -413,8 +406,7 @@ def position_hashes(tokens, features, seed: int):
 @njit(cache=True)
 def example_keys(scores, tokens):
     """The key of each (score, token) pair, as the kernels make them."""
-    score_buffer = np.empty(1, np.float32)
-    bits_buffer = score_buffer.view(np.int32)
+    score_buffer, bits_buffer = _key_buffers()
     out = np.empty(len(scores), np.int64)
     for i in range(len(scores)):
         out[i] = _key_of_score(scores[i], tokens[i], score_buffer, bits_buffer)
@@ -432,8 +424,7 @@ def presence(projection, fired, threshold, measurable, max_examined: int, n_thre
     examined = np.full((n_features, max_examined), -1, np.int64)
     examined_sum = np.zeros(n_features)
     for thread in prange(n_threads):
-        first = thread * n_features // n_threads
-        last = (thread + 1) * n_features // n_threads
+        first, last = _feature_range(thread, n_threads, n_features)
         for row in range(n_rows):
             for feature in range(first, last):
                 if not measurable[feature] or projection[row, feature] < threshold[feature]:
