@@ -44,6 +44,8 @@ _HASH_MASK = (1 << 62) - 1
 _HASH_MULTIPLIERS = (0xBF58476D1CE4E5B9 & _HASH_MASK, 0x94D049BB133111EB & _HASH_MASK)
 # Entries are tested this many at a time: one vectorised test skips a run of zeros.
 _RUN = 8
+# The projection screen is tested this many entries at a time.
+_SCREEN_RUN = 64
 
 
 @njit(inline="always")
@@ -338,11 +340,68 @@ def scan_activations(
                 )  # fmt: skip
 
 
+@njit(inline="always")
+def _exact_projection(centred, unit, row: int, feature: int) -> float:
+    """centred[row]·unit[feature] in float64, rounded to float32. Four partial sums in a fixed
+    order: vectorised, and the same result on every machine."""
+    d_model = centred.shape[1]
+    full = d_model - d_model % 4
+    sum0 = sum1 = sum2 = sum3 = 0.0
+    for d in range(0, full, 4):
+        sum0 += np.float64(centred[row, d]) * np.float64(unit[feature, d])
+        sum1 += np.float64(centred[row, d + 1]) * np.float64(unit[feature, d + 1])
+        sum2 += np.float64(centred[row, d + 2]) * np.float64(unit[feature, d + 2])
+        sum3 += np.float64(centred[row, d + 3]) * np.float64(unit[feature, d + 3])
+    total = (sum0 + sum1) + (sum2 + sum3)
+    for d in range(full, d_model):
+        total += np.float64(centred[row, d]) * np.float64(unit[feature, d])
+    return np.float32(total)
+
+
+@njit(inline="always")
+def _bfloat16_key(bits) -> int:
+    """An order-preserving integer image of a bfloat16 given as int16 bits."""
+    return np.int32(bits ^ ((bits >> 15) & 0x7FFF))
+
+
+@njit
+def _screened(keys, screen, passed) -> int:
+    """Writes the indices whose bfloat16 key reaches the screen to `passed`; returns how many."""
+    n = len(keys)
+    full = n - n % _SCREEN_RUN
+    n_passed = 0
+    for start in range(0, full, _SCREEN_RUN):
+        # A fixed-length run, tested at once (vectorised): few runs hold an entry that passes.
+        run_max = np.int32(-1)
+        for i in range(start, start + _SCREEN_RUN):
+            run_max = max(run_max, _bfloat16_key(keys[i]) - screen[i])
+        if run_max < 0:
+            continue
+        for i in range(start, start + _SCREEN_RUN):
+            if _bfloat16_key(keys[i]) >= screen[i]:
+                passed[n_passed] = i
+                n_passed += 1
+    for i in range(full, n):
+        if _bfloat16_key(keys[i]) >= screen[i]:
+            passed[n_passed] = i
+            n_passed += 1
+    return n_passed
+
+
 @njit(parallel=True, cache=True)
-def scan_scores(scores, acts, context, first_token, n_threads, examples, threshold):
-    """The top examples of a dense score per (row, feature), e.g. decoder projections (-inf on
-    tokens to skip), each carrying the feature's activation (`acts`) there."""
-    n_rows, n_features = scores.shape
+def scan_projections(
+    approximate, margin, centred, unit, skip, acts, context, first_token, n_threads, examples,
+    threshold,
+):  # fmt: skip
+    """The top examples of the decoder projections centred[row]·unit[feature], each carrying the
+    feature's activation (`acts`) there; rows marked `skip` take no part.
+
+    `approximate` holds the projections as bfloat16 bits (int16), each within `margin[row]` of
+    the true value. A screen in bfloat16 keys keeps the entries that can reach the feature's
+    threshold, and only those have their projection computed exactly (float64 dot), so the
+    result is that of exact projections.
+    """
+    n_rows, n_features = approximate.shape
     n_sequences = n_rows // context
     n_blocks = -(-context // GAP)
     for thread in prange(n_threads):
@@ -351,27 +410,38 @@ def scan_scores(scores, acts, context, first_token, n_threads, examples, thresho
         buffers = _key_buffers()
         proposals = _proposal_state(n)
         local_threshold = threshold[first:last]
+        lowered = np.empty(n, np.float32)
+        lowered_bits = lowered.view(np.int32)
+        screen = np.empty(n, np.int32)
+        passed = np.empty(n, np.int64)
         for sequence in range(n_sequences):
+            # Thresholds only rise, so a screen from the sequence's start stays a safe one.
+            sequence_margin = np.float32(0.0)
+            for row in range(sequence * context, (sequence + 1) * context):
+                if not skip[row]:
+                    sequence_margin = max(sequence_margin, margin[row])
+            for local in range(n):
+                lowered[local] = local_threshold[local] - sequence_margin
+            for local in range(n):
+                bits = lowered_bits[local]
+                # Rounds down: no bfloat16 at or above the lowered threshold is screened out.
+                screen[local] = (bits ^ 0x7FFFFFFF if bits < 0 else bits) >> 16
             n_previous = 0
             for block in range(n_blocks + 1):
                 n_current = 0
                 for position in range(block * GAP, min(block * GAP + GAP, context)):
                     row = sequence * context + position
-                    values = scores[row, first:last]
-                    for start in range(0, n, _RUN):
-                        stop = min(start + _RUN, n)
-                        run_max = -np.inf
-                        for local in range(start, stop):
-                            run_max = max(run_max, values[local] - local_threshold[local])
-                        if not run_max >= 0:
-                            continue
-                        for local in range(start, stop):
-                            value = values[local]
-                            if value >= local_threshold[local] and value > -np.inf:
-                                n_current = _propose(
-                                    value, position, local, proposals[0], proposals[1],
-                                    proposals[5], n_current,
-                                )  # fmt: skip
+                    if skip[row]:
+                        continue
+                    n_passed = _screened(approximate[row, first:last], screen, passed)
+                    for i in range(n_passed):
+                        local = passed[i]
+                        value = _exact_projection(centred, unit, row, first + local)
+                        if value >= local_threshold[local]:
+                            n_current = _propose(
+                                value, position, local, proposals[0], proposals[1],
+                                proposals[5], n_current,
+                            )  # fmt: skip
                 n_previous = _end_block(
                     proposals, n_current, n_previous, first, sequence, context, first_token,
                     acts, examples, threshold, buffers,

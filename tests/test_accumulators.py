@@ -15,6 +15,7 @@ from pipeline.accumulators import (
     histogram_edges,
     position_hash,
     random_keys,
+    unit_rows,
 )
 from pipeline.kernels import WINDOW_LEFT, WINDOW_LENGTH, WINDOW_RIGHT
 
@@ -169,6 +170,44 @@ def test_examples_match_brute_force(data: dict, result: AccumulatedResult, kind:
             found, examples.activation[feature][examples.valid[feature]], strict=True
         ):
             assert activation == pytest.approx(acts[sequence, position, feature], rel=1e-6)
+
+
+@pytest.mark.parametrize("native_bfloat16", [True, False])
+def test_decoder_top_is_that_of_exact_projections(monkeypatch, native_bfloat16: bool) -> None:
+    """Projections of a feature that differ by less than the bfloat16 rounding, so the screen's
+    margin decides which enter; every fifth sequence three times as long, so its margin is looser
+    than the others'."""
+    import pipeline.accumulators
+
+    monkeypatch.setattr(pipeline.accumulators, "cpu_multiplies_bfloat16", lambda: native_bfloat16)
+    n_seq, n_features, d_model = 40, 64, 48
+    generator = torch.Generator().manual_seed(1)
+    shared = torch.randn(d_model, generator=generator)
+    noise = torch.randn(n_seq, CTX, d_model, generator=generator) * 1e-3 * shared.norm()
+    inputs = shared + noise
+    inputs[::5] *= -3
+    tokens = torch.randint(1, VOCAB, (n_seq, CTX), generator=generator)
+    tokens[:, 0] = 0
+    decoder = torch.randn(n_features, d_model, generator=generator)
+    bias = torch.randn(d_model, generator=generator)
+    acts = torch.rand(n_seq, CTX, n_features, generator=generator)
+    accumulators = FeatureAccumulators(n_features, CTX, VOCAB, decoder, bias, SIZES, seed=SEED)
+    for start in range(0, n_seq, 8):
+        part = slice(start, start + 8)
+        accumulators.update(
+            Batch.from_activations(
+                start, tokens[part], inputs[part], acts[part].clone(), tokens[part] == 0
+            )
+        )
+    found = accumulators.decoder_top.finalize()
+    exact = ((inputs - bias).double() @ unit_rows(decoder).double().T).float().numpy()
+    exact[(tokens == 0).numpy()] = -np.inf
+    expected = reference_top(exact, SIZES.decoder_top)
+    for feature in range(n_features):
+        assert examples_of(found, feature) == expected[feature], f"feature {feature}"
+        scores = found.score[feature][found.valid[feature]]
+        sequences, positions = np.array(expected[feature]).T
+        np.testing.assert_allclose(scores, exact[sequences, positions, feature], rtol=1e-6)
 
 
 def test_examples_do_not_overlap_and_start_at_the_maximum(data, result) -> None:
