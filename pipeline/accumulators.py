@@ -27,11 +27,7 @@ import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
-from db.models import (
-    HISTOGRAM_BINS,
-    HISTOGRAM_LOG10_MAX,
-    HISTOGRAM_LOG10_MIN,
-)
+from db.models import HISTOGRAM_BINS
 from pipeline import kernels
 from pipeline.kernels import (
     EMPTY_KEY,
@@ -62,12 +58,6 @@ def cpu_multiplies_bfloat16() -> bool:
 def unit_rows(matrix: Float[Tensor, "rows d"]) -> Float[Tensor, "rows d"]:
     """Each row scaled to unit norm (zero rows stay zero): decoder directions ŵ."""
     return matrix / matrix.norm(dim=1, keepdim=True).clamp_min(1e-12)
-
-
-def histogram_edges() -> np.ndarray:
-    """Edges of the finite histogram bins; bin 0 is below edges[0], the last bin above edges[-1]."""
-    n_finite = HISTOGRAM_BINS - 2
-    return np.logspace(HISTOGRAM_LOG10_MIN, HISTOGRAM_LOG10_MAX, n_finite + 1)
 
 
 def position_hash(token_index: Int[Tensor, " n"], feature_index: Int[Tensor, " n"], seed: int):

@@ -18,10 +18,9 @@ from pipeline import kernels
 from pipeline.accumulators import (
     AccumulatedResult,
     ExamplesResult,
-    histogram_edges,
     unit_rows,
 )
-from pipeline.kernels import WINDOW_LEFT
+from pipeline.kernels import WINDOW_LEFT, histogram_edges
 from pipeline.synthetic import GroundTruthMatch
 
 # Flag rules (documented in the README).

@@ -14,13 +14,11 @@ which candidates arrive.
 
 from __future__ import annotations
 
-import math
-
 import numba
 import numpy as np
 from numba import njit, prange
 
-from db.models import HISTOGRAM_BINS, HISTOGRAM_BINS_PER_DECADE, HISTOGRAM_LOG10_MIN
+from db.models import HISTOGRAM_BINS, HISTOGRAM_LOG10_MAX, HISTOGRAM_LOG10_MIN
 
 # Numba's OpenMP layer and torch's OpenMP runtime crash in one process; numba's own pool is safe.
 numba.config.THREADING_LAYER = "workqueue"
@@ -40,6 +38,32 @@ EMPTY_KEY = np.iinfo(np.int64).min
 # Random keys are 24 bits: exactly representable as a float32 score.
 RANDOM_KEY_BITS = 24
 
+
+def histogram_edges() -> np.ndarray:
+    """Edges of the finite histogram bins; bin 0 is below edges[0], the last bin above edges[-1]."""
+    n_finite = HISTOGRAM_BINS - 2
+    return np.logspace(HISTOGRAM_LOG10_MIN, HISTOGRAM_LOG10_MAX, n_finite + 1)
+
+
+def _histogram_cells() -> tuple[int, np.ndarray, np.ndarray]:
+    """Each positive float32 falls in a cell by its exponent and leading 8 mantissa bits: the
+    first cell's index, each cell's lowest bin, and each bin's upper edge. A cell spans 1/256
+    of an octave, much less than a bin (1/64 of a decade), so a value is in its cell's bin or
+    the next."""
+    upper_edge = np.concatenate([histogram_edges(), [np.inf]])
+    lowest, highest = (
+        np.array([10.0**HISTOGRAM_LOG10_MIN, 10.0**HISTOGRAM_LOG10_MAX], np.float32).view(np.int32)
+        >> _BIN_CELL_SHIFT
+    )
+    cell_start = (np.arange(lowest, highest + 1, dtype=np.int32) << _BIN_CELL_SHIFT).view(
+        np.float32
+    )
+    bin_of_cell = np.searchsorted(upper_edge, cell_start.astype(np.float64), side="right")
+    return int(lowest), bin_of_cell.astype(np.int32), upper_edge
+
+
+_BIN_CELL_SHIFT = 23 - 8
+_BIN_CELL_OFFSET, _BIN_OF_CELL, _BIN_UPPER_EDGE = _histogram_cells()
 _HASH_MASK = (1 << 62) - 1
 _HASH_MULTIPLIERS = (0xBF58476D1CE4E5B9 & _HASH_MASK, 0x94D049BB133111EB & _HASH_MASK)
 # Entries are tested this many at a time: one vectorised test skips a run of zeros.
@@ -55,6 +79,11 @@ def position_hash(token: int, feature: int, seed: int) -> int:
     x = ((x ^ (x >> 31)) * _HASH_MULTIPLIERS[0]) & _HASH_MASK
     x = ((x ^ (x >> 31)) * _HASH_MULTIPLIERS[1]) & _HASH_MASK
     return x ^ (x >> 29)
+
+
+@njit(inline="always")
+def _float32_bits(value) -> int:
+    return np.float32(value).view(np.int32)
 
 
 @njit(inline="always")
@@ -232,26 +261,40 @@ def _proposal_state(n: int):
 
 
 @njit(inline="always")
-def _active(values, active) -> int:
-    """Writes the indices of the positive values to `active`; returns how many there are."""
+def _active(values, bits, active) -> int:
+    """Writes the indices of the positive values to `active`; returns how many there are.
+    `bits` are the values' int32 images: positive where the value is (or is a NaN)."""
+    n = len(values)
+    full = n - n % _RUN
     n_active = 0
-    for start in range(0, len(values), _RUN):
-        stop = min(start + _RUN, len(values))
-        run_max = np.float32(0.0)
-        for i in range(start, stop):
-            run_max = max(run_max, values[i])
+    for start in range(0, full, _RUN):
+        # A fixed-length run, tested at once (vectorised): most runs are all zero.
+        run_max = np.int32(0)
+        for i in range(start, start + _RUN):
+            run_max = max(run_max, bits[i])
         if run_max > 0:
-            for i in range(start, stop):
-                if values[i] > 0:
-                    active[n_active] = i
-                    n_active += 1
+            for i in range(start, start + _RUN):
+                active[n_active] = i
+                n_active += values[i] > 0
+    for i in range(full, n):
+        active[n_active] = i
+        n_active += values[i] > 0
     return n_active
 
 
 @njit(inline="always")
-def _histogram_bin(value: float) -> int:
-    scaled = (math.log10(value) - HISTOGRAM_LOG10_MIN) * HISTOGRAM_BINS_PER_DECADE
-    return min(max(math.floor(scaled) + 1, 0), HISTOGRAM_BINS - 1)
+def _histogram_bin(value) -> int:
+    """The histogram bin of a positive float32, as np.histogram over [0, edges..., inf] has it:
+    a table lookup by exponent and leading mantissa bits, then at most a step up."""
+    cell = (_float32_bits(value) >> _BIN_CELL_SHIFT) - _BIN_CELL_OFFSET
+    if cell < 0:
+        return 0
+    if cell >= len(_BIN_OF_CELL):
+        return HISTOGRAM_BINS - 1
+    bin = _BIN_OF_CELL[cell]
+    while np.float64(value) >= _BIN_UPPER_EDGE[bin]:
+        bin += 1
+    return bin
 
 
 @njit(parallel=True, cache=True)
@@ -270,6 +313,7 @@ def scan_activations(
     n_rows, n_features = acts.shape
     n_sequences = n_rows // context
     n_blocks = -(-context // GAP)
+    acts_bits = acts.view(np.int32)
     for thread in prange(n_threads):
         first, last = _feature_range(thread, n_threads, n_features)
         n = last - first
@@ -287,7 +331,7 @@ def scan_activations(
                     row = sequence * context + position
                     token = first_token + row
                     values = acts[row, first:last]
-                    n_active = _active(values, active)
+                    n_active = _active(values, acts_bits[row, first:last], active)
                     # One loop per table: independent memory accesses overlap.
                     for i in range(n_active):
                         feature = first + active[i]

@@ -12,12 +12,11 @@ from pipeline.accumulators import (
     Batch,
     ExampleSizes,
     FeatureAccumulators,
-    histogram_edges,
     position_hash,
     random_keys,
     unit_rows,
 )
-from pipeline.kernels import WINDOW_LEFT, WINDOW_LENGTH, WINDOW_RIGHT
+from pipeline.kernels import WINDOW_LEFT, WINDOW_LENGTH, WINDOW_RIGHT, histogram_edges
 
 N_SEQ, CTX, N_FEATURES, D_MODEL, VOCAB = 8, 45, 6, 4, 13
 SIZES = ExampleSizes(top=5, bottom=4, decoder_top=5, random=7, sample_positions=50)
@@ -143,6 +142,30 @@ def test_histogram_counts_match_numpy(data: dict, result: AccumulatedResult) -> 
         expected, _ = np.histogram(values, bins=edges)
         assert len(expected) == HISTOGRAM_BINS
         np.testing.assert_array_equal(result.stats.histogram[feature], expected)
+
+
+def test_histogram_bins_at_the_edges_match_numpy() -> None:
+    """float32 values at, just below and just above every edge, and far outside the range."""
+    edges = histogram_edges()
+    near = np.float32(edges)
+    values = np.concatenate(
+        [
+            near,
+            np.nextafter(near, np.float32(0)),
+            np.nextafter(near, np.float32(np.inf)),
+            np.array([1e-45, 1e-30, 1e-5, 2e4, 1e5, 3e38], np.float32),
+        ]
+    ).astype(np.float32)
+    acts = torch.from_numpy(np.concatenate([[0], values]).astype(np.float32)).reshape(1, -1, 1)
+    tokens = torch.ones(acts.shape[:2], dtype=torch.int64)
+    accumulators = FeatureAccumulators(
+        1, acts.shape[1], 2, torch.ones(1, 2), torch.zeros(2), SIZES, seed=SEED
+    )
+    accumulators.update(
+        Batch.from_activations(0, tokens, torch.zeros(*acts.shape[:2], 2), acts, tokens == 0)
+    )
+    expected, _ = np.histogram(values.astype(np.float64), np.concatenate([[0], edges, [np.inf]]))
+    np.testing.assert_array_equal(accumulators.stats.histogram[0], expected)
 
 
 def test_positional_profile(data: dict, result: AccumulatedResult) -> None:
