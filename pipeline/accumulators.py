@@ -361,13 +361,26 @@ class PositionSample:
         self._add(keys, tokens, inputs)
 
     def _add(self, keys: Tensor, tokens: Tensor, inputs: Tensor) -> None:
-        keys = torch.cat([self.key, keys])
-        tokens = torch.cat([self.token, tokens])
-        inputs = torch.cat([self.inputs, inputs.to(self.inputs.dtype)])
-        if len(keys) > self.size:
-            keep = torch.topk(keys, self.size, largest=False).indices
-            keys, tokens, inputs = keys[keep], tokens[keep], inputs[keep]
-        self.key, self.token, self.inputs = keys, tokens, inputs
+        inputs = inputs.to(self.inputs.dtype)
+        if len(self.key) < self.size:
+            keys = torch.cat([self.key, keys])
+            tokens = torch.cat([self.token, tokens])
+            inputs = torch.cat([self.inputs, inputs])
+            if len(keys) > self.size:
+                keep = torch.topk(keys, self.size, largest=False).indices
+                keys, tokens, inputs = keys[keep], tokens[keep], inputs[keep]
+            self.key, self.token, self.inputs = keys, tokens, inputs
+            return
+        # Full: the newcomers that make the cut take the slots of the entries they push out, in
+        # place (copying the whole sample every batch costs more than the rest of the update).
+        keep = torch.topk(torch.cat([self.key, keys]), self.size, largest=False).indices
+        pushed_out = torch.ones(self.size, dtype=torch.bool, device=self.key.device)
+        pushed_out[keep[keep < self.size]] = False
+        slots = torch.nonzero(pushed_out).squeeze(1)
+        newcomers = keep[keep >= self.size] - self.size
+        self.key[slots] = keys[newcomers]
+        self.token[slots] = tokens[newcomers]
+        self.inputs[slots] = inputs[newcomers]
 
     def merge(self, other: PositionSample) -> None:
         self._add(other.key, other.token, other.inputs)
