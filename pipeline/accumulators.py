@@ -24,7 +24,7 @@ from pathlib import Path
 import numba
 import numpy as np
 import torch
-from jaxtyping import Bool, Float, Int
+from jaxtyping import BFloat16, Bool, Float, Int
 from torch import Tensor
 
 from db.models import HISTOGRAM_BINS
@@ -317,14 +317,18 @@ class DecoderTop(Examples):
         if self.native_bfloat16:
             self.decoder_unit = self.decoder_unit.bfloat16()
 
+    def approximate_projections(
+        self, centred: Float[Tensor, "rows d_model"]
+    ) -> BFloat16[Tensor, "rows d_sae"]:
+        """The screen: (x - b_dec)·ŵ_i in bfloat16, for rows x - b_dec."""
+        if self.native_bfloat16:
+            return centred.bfloat16() @ self.decoder_unit.T
+        return (centred @ self.decoder_unit.T).bfloat16()
+
     def update(self, batch: Batch) -> None:
         centred = (batch.inputs - self.decoder_bias).reshape(-1, batch.inputs.shape[-1])
-        if self.native_bfloat16:
-            approximate = centred.bfloat16() @ self.decoder_unit.T
-        else:
-            approximate = (centred @ self.decoder_unit.T).bfloat16()
         kernels.scan_projections(
-            approximate.view(torch.int16).cpu().numpy(),
+            self.approximate_projections(centred).view(torch.int16).cpu().numpy(),
             (centred.norm(dim=1) * PROJECTION_MARGIN).cpu().numpy(),
             centred.cpu().numpy(),
             self.unit_on_cpu,

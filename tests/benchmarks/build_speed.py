@@ -4,7 +4,9 @@ Builds a 2-layer GPT-2 (d_model 128) and a 4,096-latent SAE locally, then in one
 side by side, over the same tokens and batches:
   - bare: forward to the hook + SAE encode, nothing else;
   - stream: the build's one pass (forward, encode, decoder projections, every accumulator);
-  - build: the whole `saescope build` (pass, finalize, evaluation, database write);
+  - build: the whole `saescope build` (pass, finalize, evaluation, database write), in a fresh
+    process, against a fresh process that loads the same model and SAE and runs the bare loop
+    (both pay Python start-up, the imports of TransformerLens and SAELens, and loading);
 and the peak resident memory of whole builds at N and 4N tokens, each in a fresh process.
 
     python tests/benchmarks/build_speed.py --n-tokens 131072
@@ -76,9 +78,20 @@ def make_inputs(directory: Path, d_sae: int) -> tuple[Path, Path, Path]:
     return model_dir, sae_dir, token_path
 
 
+def forward_and_encode(model, sae, tokens: np.ndarray) -> None:
+    """The floor: forward to the hook and SAE encode, batch by batch, under the same allocator
+    setting as the build's pass."""
+    from pipeline import sources
+
+    with torch.inference_mode(), reused_memory():
+        for start in range(0, len(tokens), BATCH):
+            batch = torch.from_numpy(tokens[start : start + BATCH])
+            sae.encode(sources.activations_at_hook(model, HOOK, batch))
+
+
 def time_passes(model_dir: Path, sae_dir: Path, tokens_path: Path, n_tokens: int) -> dict:
     from pipeline import sources
-    from pipeline.accumulators import unit_rows
+    from pipeline.accumulators import DecoderTop
     from pipeline.build import BuildConfig, model_inputs, stream
 
     sae = sources.load_sae(sae_dir, None, None, "cpu", "float32")
@@ -94,15 +107,10 @@ def time_passes(model_dir: Path, sae_dir: Path, tokens_path: Path, n_tokens: int
     inputs = model_inputs(config, sae)
     tokens = inputs.tokens
     decoder, bias = sources.decoder_and_bias(sae)
-    unit = unit_rows(decoder)
+    decoder_top = DecoderTop(1, decoder.shape[0], CONTEXT, decoder, bias)
 
     def bare() -> None:
-        # Under the same allocator setting as the build's pass.
-        with reused_memory():
-            for start in range(0, len(tokens), BATCH):
-                batch = torch.from_numpy(tokens[start : start + BATCH])
-                x = sources.activations_at_hook(model, HOOK, batch)
-                sae.encode(x)
+        forward_and_encode(model, sae, tokens)
 
     def full() -> None:
         stream(sae, config, inputs)
@@ -115,16 +123,33 @@ def time_passes(model_dir: Path, sae_dir: Path, tokens_path: Path, n_tokens: int
                 started = time.perf_counter()
                 run()
                 times[name].append(time.perf_counter() - started)
-        # The decoder projection alone: the one extra matmul the floor does not have.
+        # The decoder projections' screen alone: the one extra matmul the floor does not have.
         started = time.perf_counter()
         with reused_memory():
             for start in range(0, len(tokens), BATCH):
                 batch = torch.from_numpy(tokens[start : start + BATCH])
                 x = sources.activations_at_hook(model, HOOK, batch)
                 sae.encode(x)
-                (x - bias) @ unit.T
+                decoder_top.approximate_projections(x - bias)
         times["encode_and_project"] = [time.perf_counter() - started]
     return {name: min(values) for name, values in times.items()}
+
+
+def bare_in_subprocess(model_dir, sae_dir, tokens_path, n_tokens: int) -> dict:
+    code = f"""
+import json, sys, time
+from pathlib import Path
+started = time.perf_counter()
+sys.path.insert(0, {str(Path(__file__).parent)!r})
+import numpy as np, torch
+from build_speed import forward_and_encode
+from pipeline import sources
+sae = sources.load_sae(Path({str(sae_dir)!r}), None, None, "cpu", "float32")
+model = sources.load_model({str(model_dir)!r}, "cpu", torch.float32, {{}}, quiet=True)
+forward_and_encode(model, sae, np.load({str(tokens_path)!r})[: {n_tokens // CONTEXT}])
+print(json.dumps({{"seconds": time.perf_counter() - started}}))
+"""
+    return _run_python(code)
 
 
 def build_in_subprocess(model_dir, sae_dir, tokens_path, n_tokens: int, out: Path) -> dict:
@@ -143,10 +168,15 @@ except SystemExit as exit:
 print(json.dumps({{"seconds": time.perf_counter() - started,
                   "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}}))
 """
-    output = subprocess.run(
-        [sys.executable, "-c", code], check=True, capture_output=True, text=True
-    ).stdout
-    return json.loads(output.strip().splitlines()[-1])
+    return _run_python(code)
+
+
+def _run_python(code: str) -> dict:
+    """Runs `code` in a fresh interpreter; its last line of output, as JSON."""
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    if run.returncode:
+        sys.exit(f"benchmark subprocess failed:\n{run.stderr}")
+    return json.loads(run.stdout.strip().splitlines()[-1])
 
 
 def main() -> None:
@@ -159,27 +189,35 @@ def main() -> None:
         directory = Path(tmp)
         model_dir, sae_dir, tokens_path = make_inputs(directory, args.d_sae)
         passes = time_passes(model_dir, sae_dir, tokens_path, args.n_tokens)
-        small = build_in_subprocess(
-            model_dir, sae_dir, tokens_path, args.n_tokens, directory / "n.db"
-        )
-        large = build_in_subprocess(
-            model_dir, sae_dir, tokens_path, 4 * args.n_tokens, directory / "4n.db"
-        )
+        processes = {}
+        for scale, name in ((1, "n.db"), (4, "4n.db")):
+            n_tokens = scale * args.n_tokens
+            processes[scale] = (
+                bare_in_subprocess(model_dir, sae_dir, tokens_path, n_tokens),
+                build_in_subprocess(model_dir, sae_dir, tokens_path, n_tokens, directory / name),
+            )
         bare_again = time_passes(model_dir, sae_dir, tokens_path, args.n_tokens)["bare"]
     floor = min(passes["bare"], bare_again)
     print(f"tokens N = {args.n_tokens}, d_sae = {args.d_sae}, hook = {HOOK}, batch = {BATCH}")
     print(f"bare forward-to-hook + encode : {floor:8.2f} s   (1.00)")
     print(
-        f"+ decoder projections         : {passes['encode_and_project']:8.2f} s   "
+        f"+ decoder projection screen   : {passes['encode_and_project']:8.2f} s   "
         f"({passes['encode_and_project'] / floor:.2f})"
     )
-    for label, seconds, tokens in (
-        ("build pass (stream)", passes["stream"], 1),
-        ("whole build, N tokens", small["seconds"], 1),
-        ("whole build, 4N tokens", large["seconds"], 4),
-    ):
-        # The floor was timed over N tokens; it scales linearly with the tokens.
-        print(f"{label:<30}: {seconds:8.2f} s   ({seconds / (tokens * floor):.2f})")
+    stream_seconds = passes["stream"]
+    print(
+        f"build pass (stream)           : {stream_seconds:8.2f} s   ({stream_seconds / floor:.2f})"
+    )
+    for scale, (bare, build) in processes.items():
+        label = "N" if scale == 1 else f"{scale}N"
+        # Against the in-process floor (timed over N tokens, linear in the tokens) and against
+        # the bare process over the same tokens.
+        print(
+            f"whole build, {label + ' tokens':<17}: {build['seconds']:8.2f} s   "
+            f"({build['seconds'] / (scale * floor):.2f}; bare process {bare['seconds']:.2f} s, "
+            f"build / bare process {build['seconds'] / bare['seconds']:.2f})"
+        )
+    small, large = processes[1][1], processes[4][1]
     ratio = large["peak_rss_mb"] / small["peak_rss_mb"]
     print(
         f"peak RSS at N / 4N            : {small['peak_rss_mb']:.0f} MB / "
