@@ -93,29 +93,20 @@ def _key_of_bits(bits: int, token: int) -> int:
 
 
 @njit(inline="always")
-def _score_of_key(key: int, score_buffer, bits_buffer) -> float:
+def _score_of_key(key: int) -> float:
     ordered = key >> 31
-    bits_buffer[0] = ordered ^ 0x7FFFFFFF if ordered < 0 else ordered
-    return score_buffer[0]
+    return np.int32(ordered ^ 0x7FFFFFFF if ordered < 0 else ordered).view(np.float32)
 
 
 @njit(inline="always")
-def _key_of_score(score, token: int, score_buffer, bits_buffer) -> int:
-    score_buffer[0] = score
-    return _key_of_bits(np.int64(bits_buffer[0]), token)
+def _key_of_score(score, token: int) -> int:
+    return _key_of_bits(np.int64(_float32_bits(score)), token)
 
 
 @njit(inline="always")
 def _feature_range(thread: int, n_threads: int, n_features: int) -> tuple[int, int]:
     """The contiguous range of features a thread owns."""
     return thread * n_features // n_threads, (thread + 1) * n_features // n_threads
-
-
-@njit(inline="always")
-def _key_buffers():
-    """A float32 and an int32 view of one word: bit casts between scores and keys."""
-    score_buffer = np.empty(1, np.float32)
-    return score_buffer, score_buffer.view(np.int32)
 
 
 @njit(inline="always")
@@ -162,16 +153,16 @@ def _fetch(
 
 
 @njit(inline="always")
-def _offer(examples, threshold, acts, row, position, context, token, feature, score, buffers):
+def _offer(examples, threshold, acts, row, position, context, token, feature, score):
     """Admits (score, token) to the feature's examples if its key beats the k-th kept one."""
     key, heap, activation, window = examples
-    new_key = _key_of_score(score, token, buffers[0], buffers[1])
+    new_key = _key_of_score(score, token)
     if new_key > _root(key, heap, feature):
         slot = _push(key, heap, feature, new_key)
         _fetch(acts, row, position, context, feature, slot, activation, window)
         root = _root(key, heap, feature)
         if root > EMPTY_KEY + key.shape[1]:
-            threshold[feature] = _score_of_key(root, buffers[0], buffers[1])
+            threshold[feature] = _score_of_key(root)
 
 
 @njit(inline="always")
@@ -199,7 +190,6 @@ def _end_block(
     acts,
     examples,
     threshold,
-    buffers,
 ) -> int:
     """Settles the previous block's proposals now that the current block's are known.
 
@@ -231,7 +221,6 @@ def _end_block(
                 first_token + row,
                 first + local,
                 previous[local],
-                buffers,
             )
         previous[local] = -np.inf
         dropped[local] = False
@@ -317,7 +306,6 @@ def scan_activations(
     for thread in prange(n_threads):
         first, last = _feature_range(thread, n_threads, n_features)
         n = last - first
-        buffers = _key_buffers()
         top_proposals = _proposal_state(n)
         bottom_proposals = _proposal_state(n)
         active = np.empty(n, np.int64)
@@ -372,15 +360,15 @@ def scan_activations(
                         if score >= random_threshold[feature]:
                             _offer(
                                 random, random_threshold, acts, row, position, context, token,
-                                feature, score, buffers,
+                                feature, score,
                             )  # fmt: skip
                 n_top_previous = _end_block(
                     top_proposals, n_top, n_top_previous, first, sequence, context,
-                    first_token, acts, top, top_threshold, buffers,
+                    first_token, acts, top, top_threshold,
                 )  # fmt: skip
                 n_bottom_previous = _end_block(
                     bottom_proposals, n_bottom, n_bottom_previous, first, sequence, context,
-                    first_token, acts, bottom, bottom_threshold, buffers,
+                    first_token, acts, bottom, bottom_threshold,
                 )  # fmt: skip
 
 
@@ -451,11 +439,8 @@ def scan_projections(
     for thread in prange(n_threads):
         first, last = _feature_range(thread, n_threads, n_features)
         n = last - first
-        buffers = _key_buffers()
         proposals = _proposal_state(n)
         local_threshold = threshold[first:last]
-        lowered = np.empty(n, np.float32)
-        lowered_bits = lowered.view(np.int32)
         screen = np.empty(n, np.int32)
         passed = np.empty(n, np.int64)
         for sequence in range(n_sequences):
@@ -465,9 +450,7 @@ def scan_projections(
                 if not skip[row]:
                     sequence_margin = max(sequence_margin, margin[row])
             for local in range(n):
-                lowered[local] = local_threshold[local] - sequence_margin
-            for local in range(n):
-                bits = lowered_bits[local]
+                bits = _float32_bits(local_threshold[local] - sequence_margin)
                 # Rounds down: no bfloat16 at or above the lowered threshold is screened out.
                 screen[local] = (bits ^ 0x7FFFFFFF if bits < 0 else bits) >> 16
             n_previous = 0
@@ -488,7 +471,7 @@ def scan_projections(
                             )  # fmt: skip
                 n_previous = _end_block(
                     proposals, n_current, n_previous, first, sequence, context, first_token,
-                    acts, examples, threshold, buffers,
+                    acts, examples, threshold,
                 )  # fmt: skip
 
 
@@ -520,10 +503,9 @@ def position_hashes(tokens, features, seed: int):
 @njit(cache=True)
 def example_keys(scores, tokens):
     """The key of each (score, token) pair, as the kernels make them."""
-    score_buffer, bits_buffer = _key_buffers()
     out = np.empty(len(scores), np.int64)
     for i in range(len(scores)):
-        out[i] = _key_of_score(scores[i], tokens[i], score_buffer, bits_buffer)
+        out[i] = _key_of_score(scores[i], tokens[i])
     return out
 
 
