@@ -31,7 +31,6 @@ from db.models import HISTOGRAM_BINS
 from pipeline import kernels
 from pipeline.kernels import (
     EMPTY_KEY,
-    RANDOM_KEY_BITS,
     TOKEN_LIMIT,
     WINDOW_LENGTH,
 )
@@ -64,14 +63,6 @@ def position_hash(token_index: Int[Tensor, " n"], feature_index: Int[Tensor, " n
     """A 62-bit hash per (token, feature), the same in whichever shard sees it."""
     hashes = kernels.position_hashes(token_index.cpu().numpy(), feature_index.cpu().numpy(), seed)
     return torch.from_numpy(hashes).to(token_index.device)
-
-
-def random_keys(token_index: Int[Tensor, " n"], feature_index: Int[Tensor, " n"], seed: int):
-    """A uniform key in [0, 1) per (token, feature), the same in whichever shard sees it."""
-    shift = 62 - RANDOM_KEY_BITS
-    return (position_hash(token_index, feature_index, seed) >> shift).double() / (
-        1 << RANDOM_KEY_BITS
-    )
 
 
 def key_scores(keys: np.ndarray) -> np.ndarray:

@@ -6,7 +6,7 @@ per thread, and a thread walks its range row by row in corpus order: each table 
 feature's examples are written by one thread only, in the same order whatever the thread count,
 so results do not depend on it.
 
-Example sets are kept per feature as k slots with int64 keys (see `example_key`) and a binary
+Example sets are kept per feature as k slots with int64 keys (see `_key_of_score`) and a binary
 min-heap of slot indices over them: a candidate enters iff its key beats the heap's root, the
 k-th best so far. Keys are unique, so the kept set is the k largest keys whatever the order in
 which candidates arrive.
@@ -87,20 +87,19 @@ def _float32_bits(value) -> int:
 
 
 @njit(inline="always")
-def _key_of_bits(bits: int, token: int) -> int:
-    ordered = bits ^ 0x7FFFFFFF if bits < 0 else bits
-    return (ordered << 31) | (TOKEN_LIMIT - 1 - token)
+def _ordered(bits: int) -> int:
+    """The order-preserving integer image of a float32's int32 bits (its own inverse)."""
+    return bits ^ 0x7FFFFFFF if bits < 0 else bits
 
 
 @njit(inline="always")
 def _score_of_key(key: int) -> float:
-    ordered = key >> 31
-    return np.int32(ordered ^ 0x7FFFFFFF if ordered < 0 else ordered).view(np.float32)
+    return np.int32(_ordered(key >> 31)).view(np.float32)
 
 
 @njit(inline="always")
 def _key_of_score(score, token: int) -> int:
-    return _key_of_bits(np.int64(_float32_bits(score)), token)
+    return (np.int64(_ordered(_float32_bits(score))) << 31) | (TOKEN_LIMIT - 1 - token)
 
 
 @njit(inline="always")
@@ -332,8 +331,7 @@ def scan_activations(
                         maximum[feature] = max(maximum[feature], values[active[i]])
                         minimum[feature] = min(minimum[feature], values[active[i]])
                     for i in range(n_active):
-                        value = np.float64(values[active[i]])
-                        histogram[first + active[i], _histogram_bin(value)] += 1
+                        histogram[first + active[i], _histogram_bin(values[active[i]])] += 1
                     if dense_token_table:
                         cells = token_table[token_ids[row]]
                         for i in range(n_active):
@@ -450,9 +448,9 @@ def scan_projections(
                 if not skip[row]:
                     sequence_margin = max(sequence_margin, margin[row])
             for local in range(n):
-                bits = _float32_bits(local_threshold[local] - sequence_margin)
+                lowered = _float32_bits(local_threshold[local] - sequence_margin)
                 # Rounds down: no bfloat16 at or above the lowered threshold is screened out.
-                screen[local] = (bits ^ 0x7FFFFFFF if bits < 0 else bits) >> 16
+                screen[local] = _ordered(lowered) >> 16
             n_previous = 0
             for block in range(n_blocks + 1):
                 n_current = 0

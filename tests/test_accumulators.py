@@ -13,10 +13,15 @@ from pipeline.accumulators import (
     ExampleSizes,
     FeatureAccumulators,
     position_hash,
-    random_keys,
     unit_rows,
 )
-from pipeline.kernels import WINDOW_LEFT, WINDOW_LENGTH, WINDOW_RIGHT, histogram_edges
+from pipeline.kernels import (
+    RANDOM_KEY_BITS,
+    WINDOW_LEFT,
+    WINDOW_LENGTH,
+    WINDOW_RIGHT,
+    histogram_edges,
+)
 
 N_SEQ, CTX, N_FEATURES, D_MODEL, VOCAB = 8, 45, 6, 4, 13
 SIZES = ExampleSizes(top=5, bottom=4, decoder_top=5, random=7, sample_positions=50)
@@ -257,6 +262,15 @@ def test_windows_carry_the_feature_activation_on_every_token(data, result) -> No
                     assert value == pytest.approx(acts[sequence, position + offset, feature])
                 else:
                     assert math.isnan(value)
+
+
+def random_keys(token_index: torch.Tensor, feature_index: torch.Tensor, seed: int):
+    """The documented rule: a uniform key in [0, 1) per (token, feature), the leading
+    RANDOM_KEY_BITS bits of its position hash."""
+    shift = 62 - RANDOM_KEY_BITS
+    return (position_hash(token_index, feature_index, seed) >> shift).double() / (
+        1 << RANDOM_KEY_BITS
+    )
 
 
 def test_random_sample_is_the_smallest_keys(data: dict, result: AccumulatedResult) -> None:

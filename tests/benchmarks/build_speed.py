@@ -21,6 +21,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -78,15 +79,20 @@ def make_inputs(directory: Path, d_sae: int) -> tuple[Path, Path, Path]:
     return model_dir, sae_dir, token_path
 
 
-def forward_and_encode(model, sae, tokens: np.ndarray) -> None:
+def forward_and_encode(
+    model, sae, tokens: np.ndarray, then: Callable[[torch.Tensor], object] | None = None
+) -> None:
     """The floor: forward to the hook and SAE encode, batch by batch, under the same allocator
-    setting as the build's pass."""
+    setting as the build's pass; `then`, if given, also gets each batch's hook input."""
     from pipeline import sources
 
     with torch.inference_mode(), reused_memory():
         for start in range(0, len(tokens), BATCH):
             batch = torch.from_numpy(tokens[start : start + BATCH])
-            sae.encode(sources.activations_at_hook(model, HOOK, batch))
+            x = sources.activations_at_hook(model, HOOK, batch)
+            sae.encode(x)
+            if then is not None:
+                then(x)
 
 
 def time_passes(model_dir: Path, sae_dir: Path, tokens_path: Path, n_tokens: int) -> dict:
@@ -125,12 +131,9 @@ def time_passes(model_dir: Path, sae_dir: Path, tokens_path: Path, n_tokens: int
                 times[name].append(time.perf_counter() - started)
         # The decoder projections' screen alone: the one extra matmul the floor does not have.
         started = time.perf_counter()
-        with reused_memory():
-            for start in range(0, len(tokens), BATCH):
-                batch = torch.from_numpy(tokens[start : start + BATCH])
-                x = sources.activations_at_hook(model, HOOK, batch)
-                sae.encode(x)
-                decoder_top.approximate_projections(x - bias)
+        forward_and_encode(
+            model, sae, tokens, then=lambda x: decoder_top.approximate_projections(x - bias)
+        )
         times["encode_and_project"] = [time.perf_counter() - started]
     return {name: min(values) for name, values in times.items()}
 
