@@ -58,10 +58,10 @@ class CorpusData:
 
 @dataclass
 class SaeData:
-    """One SAE's row, its features' rows, and its examples and token tables as columns."""
+    """One SAE's row, and its features, examples and token tables as columns."""
 
     sae: dict[str, Any]
-    features: list[dict[str, Any]]
+    features: dict[str, list]
     examples: dict[str, list]
     token_stats: dict[str, list]
     token_latents: dict[str, list]
@@ -170,9 +170,8 @@ class DatabaseWriter:
             sae = Sae(**data.sae, name=self.name, corpus_id=corpus_id)
             session.add(sae)
             session.flush()
-            features = {name: [row[name] for row in data.features] for name in data.features[0]}
             for model, columns in (
-                (Feature, features),
+                (Feature, data.features),
                 (Example, data.examples),
                 (TokenStat, data.token_stats),
                 (TokenLatent, data.token_latents),
@@ -180,7 +179,9 @@ class DatabaseWriter:
                 _insert_columns(session, model, {"sae_id": sae.id, **columns})
             session.commit()
         logger.info(
-            "wrote %d features and %d examples", len(data.features), len(data.examples["rank"])
+            "wrote %d features and %d examples",
+            len(data.features["feature_index"]),
+            len(data.examples["rank"]),
         )
 
     def _corpus_id(self, session: Session, corpus: CorpusData) -> int:

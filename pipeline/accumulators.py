@@ -449,9 +449,7 @@ class TokenTable:
     def entries(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Keys token·n_features + feature of the pairs that fired, ascending; count; sum."""
         if self.dense:
-            cells = self.table.reshape(-1, 2)
-            keys = np.flatnonzero(cells[:, 0])
-            return keys, cells[keys, 0].astype(np.int64), cells[keys, 1]
+            return kernels.table_entries(self.table)
         self._compact()
         return self.keys, self.count, self.sum
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
 import numba
 import numpy as np
@@ -72,48 +71,57 @@ def ranks_within_groups(sorted_groups: np.ndarray) -> np.ndarray:
     return np.arange(len(sorted_groups)) - np.repeat(starts, lengths)
 
 
-def quantile_edges(histogram: np.ndarray, low: float, high: float, n_bands: int) -> list[float]:
-    """Cut points at quantiles 0, 1/n, …, 1 of the active values, interpolated geometrically
-    inside the fine log-spaced bin that holds each quantile (ends exact: min and max)."""
-    total = histogram.sum()
-    if total == 0:
-        return []
+def quantile_edges(
+    histogram: Int[np.ndarray, "features bins"],
+    low: Float[np.ndarray, " features"],
+    high: Float[np.ndarray, " features"],
+    n_bands: int,
+) -> Float[np.ndarray, "features edges"]:
+    """Per feature, cut points at quantiles 0, 1/n, …, 1 of its active values, interpolated
+    geometrically inside the fine log-spaced bin that holds each quantile (ends exact: min and
+    max); nan for a feature that never fired."""
+    n_bins = histogram.shape[1]
     finite = histogram_edges()
-    lower = np.r_[low, finite]
-    upper = np.r_[finite, high]
-    lower = np.clip(lower, low, high)
-    upper = np.clip(upper, low, high)
-    cumulative = np.cumsum(histogram)
-    edges = [low]
-    for band in range(1, n_bands):
-        target = total * band / n_bands
-        b = int(np.searchsorted(cumulative, target, side="left"))
-        before = cumulative[b] - histogram[b]
-        fraction = (target - before) / histogram[b]
-        lo, hi = max(lower[b], 1e-30), max(upper[b], 1e-30)
-        edges.append(float(lo * (hi / lo) ** fraction))
-    edges.append(high)
+    cumulative = np.cumsum(histogram, axis=1)
+    total = cumulative[:, -1:]
+    target = total * np.arange(1, n_bands) / n_bands
+    # The bin holding each quantile: the first whose cumulative count reaches it (one band at a
+    # time keeps the comparison features × bins).
+    bin = np.zeros(target.shape, np.int64)
+    for j in range(n_bands - 1):
+        bin[:, j] = (cumulative < target[:, [j]]).sum(1)
+    count = np.take_along_axis(histogram, bin, axis=1)
+    with np.errstate(divide="ignore", invalid="ignore"):  # features that never fired
+        fraction = (target - (np.take_along_axis(cumulative, bin, axis=1) - count)) / count
+        low, high = low[:, None], high[:, None]
+        lower = np.where(bin == 0, low, finite[bin - 1]).clip(low, high)
+        upper = np.where(bin == n_bins - 1, high, finite[np.minimum(bin, n_bins - 2)]).clip(
+            low, high
+        )
+        lower, upper = np.maximum(lower, 1e-30), np.maximum(upper, 1e-30)
+        inner = lower * (upper / lower) ** fraction
+    edges = np.concatenate([low, inner, high], axis=1)
+    edges[total[:, 0] == 0] = np.nan
     return edges
 
 
-def all_quantile_edges(result: AccumulatedResult, n_bands: int) -> list[list[float]]:
-    stats = result.stats
-    return [
-        quantile_edges(stats.histogram[i], stats.min[i], stats.max[i], n_bands)
-        for i in range(len(stats.count))
-    ]
-
-
-def band_mass(histogram: np.ndarray, edges: list[float]) -> list[float]:
-    """Share of the summed activation in each band, from the fine histogram's bin centres."""
-    if not edges:
-        return []
+def band_mass(
+    histogram: Int[np.ndarray, "features bins"], edges: Float[np.ndarray, "features edges"]
+) -> Float[np.ndarray, "features bands"]:
+    """Share of each feature's summed activation in each band, from the fine histogram's bin
+    centres."""
+    n_features, n_bands = edges.shape[0], edges.shape[1] - 1
     finite = histogram_edges()
     centres = np.r_[finite[0], np.sqrt(finite[:-1] * finite[1:]), finite[-1]]
-    mass = histogram * centres
-    band = np.clip(np.searchsorted(edges[1:-1], centres, side="right"), 0, len(edges) - 2)
-    per_band = np.bincount(band, weights=mass, minlength=len(edges) - 1)
-    return (per_band / max(per_band.sum(), 1e-30)).tolist()
+    # A centre's band: how many inner edges lie at or below it.
+    band = np.zeros(histogram.shape, np.int64)
+    for j in range(1, n_bands):
+        band += edges[:, [j]] <= centres
+    cell = np.arange(n_features)[:, None] * n_bands + band
+    per_band = np.bincount(
+        cell.ravel(), weights=(histogram * centres).ravel(), minlength=n_features * n_bands
+    ).reshape(n_features, n_bands)
+    return per_band / np.maximum(per_band.sum(1, keepdims=True), 1e-30)
 
 
 def logit_effects(
@@ -292,17 +300,18 @@ def absorption(
     return Absorption(miss_rate, present_positions, absorbers)
 
 
-def feature_rows(
+def feature_columns(
     result: AccumulatedResult,
     decoder: Float[Tensor, "d_sae d_in"],
     unembed: Float[Tensor, "d_in vocab"],
     settings: AnalysisSettings,
-    edges: list[list[float]],
+    edges: Float[np.ndarray, "d_sae edges"],
     absorbed: Absorption,
     ground_truth: tuple[GroundTruthMatch, list[str]] | None = None,
-) -> list[dict[str, Any]]:
-    """One row per feature; `unembed` None (no language model) leaves the logit effects empty,
-    `ground_truth` (the match and the true features' names) fills the ground-truth columns."""
+) -> dict[str, list]:
+    """The `features` table as columns, one entry per feature; `unembed` None (no language
+    model) leaves the logit effects empty, `ground_truth` (the match and the true features'
+    names) fills the ground-truth columns."""
     stats = result.stats
     n_features = len(stats.count)
     tokens_seen = max(stats.tokens_seen, 1)
@@ -324,77 +333,86 @@ def feature_rows(
         where=stats.position_count > 0,
     ).T
     jaccard, miss_rate = encoder_decoder_agreement(result)
-    logits = logit_effects(decoder, unembed, settings.n_logits) if unembed is not None else None
     neighbour_cosine, neighbour_id = decoder_neighbours(decoder, settings.n_neighbours)
-    top_tokens = feature_top_tokens(result, settings.n_top_tokens)
-    rows = []
-    for i in range(n_features):
-        nonzero = np.flatnonzero(stats.histogram[i])
-        first, last = (nonzero[0], nonzero[-1] + 1) if len(nonzero) else (0, 0)
-        rows.append(
-            {
-                "feature_index": i,
-                "count": int(stats.count[i]),
-                "frequency": float(frequency[i]),
-                "mean_activation": float(mean_activation[i]),
-                "max_activation": float(stats.max[i]),
-                "min_activation": float(stats.min[i]),
-                "bos_count": int(stats.special_count[i]),
-                "bos_share": float(bos_share[i]),
-                "positional_r2": float(r2[i]),
-                "dead": bool(stats.count[i] == 0),
-                "high_frequency": bool(frequency[i] > settings.high_frequency_threshold),
-                "positional": bool(r2[i] > POSITIONAL_R2_THRESHOLD),
-                "bos_dominated": bool(bos_share[i] > BOS_SHARE_THRESHOLD),
-                "absorbed": bool(
-                    absorbed.present_miss_rate[i] >= ABSORBED_MISS_RATE
-                    and absorbed.absorbers[i]
-                    and absorbed.absorbers[i][0]["share"] >= ABSORBER_SHARE
-                ),
-                "jaccard": float(jaccard[i]),
-                "miss_rate": float(miss_rate[i]),
-                "present_miss_rate": None
-                if np.isnan(absorbed.present_miss_rate[i])
-                else float(absorbed.present_miss_rate[i]),
-                "present_positions": int(absorbed.present_positions[i]),
-                "absorbers": absorbed.absorbers[i],
-                "histogram_first_bin": int(first),
-                "histogram_counts": int32_blob(stats.histogram[i, first:last]),
-                "position_rate": float32_blob(position_rate[i]),
-                "position_mean": float32_blob(position_mean[i]),
-                "quantile_edges": edges[i],
-                "quantile_mass": band_mass(stats.histogram[i], edges[i]),
-                "logits_top": _pairs(logits[1][i], logits[0][i], "token_id", "logit")
-                if logits
-                else [],
-                "logits_bottom": _pairs(logits[3][i], logits[2][i], "token_id", "logit")
-                if logits
-                else [],
-                "neighbours": _pairs(
-                    neighbour_id[i], neighbour_cosine[i], "feature_index", "cosine"
-                ),
-                "top_tokens": top_tokens[i],
-                **ground_truth_columns(ground_truth, i),
-            }
+    # The histogram is stored from its first to its last nonzero bin.
+    nonzero = stats.histogram > 0
+    n_bins = nonzero.shape[1]
+    fired = nonzero.any(1)
+    first = np.where(fired, nonzero.argmax(1), 0)
+    last = np.where(fired, n_bins - nonzero[:, ::-1].argmax(1), 0)
+    top_share = np.array([a[0]["share"] if a else -np.inf for a in absorbed.absorbers])
+    present_miss_rate = absorbed.present_miss_rate
+    if unembed is not None:
+        top_logit, top_token, bottom_logit, bottom_token = logit_effects(
+            decoder, unembed, settings.n_logits
         )
-    return rows
-
-
-def ground_truth_columns(ground_truth: tuple[GroundTruthMatch, list[str]] | None, i: int) -> dict:
-    if ground_truth is None:
-        return {"gt_feature": None, "gt_cosine": None, "composed_of": None, "composed_cosine": None}
-    match, names = ground_truth
+        logits_top = _pairs(top_token, top_logit, "token_id", "logit")
+        logits_bottom = _pairs(bottom_token, bottom_logit, "token_id", "logit")
+    else:
+        logits_top = logits_bottom = [[] for _ in range(n_features)]
     return {
-        "gt_feature": names[match.best[i]],
-        "gt_cosine": round(float(match.cosine[i]), 6),
-        "composed_of": [names[j] for j in match.pair[i]],
-        "composed_cosine": round(float(match.pair_cosine[i]), 6),
+        "feature_index": list(range(n_features)),
+        "count": stats.count.tolist(),
+        "frequency": frequency.tolist(),
+        "mean_activation": mean_activation.tolist(),
+        "max_activation": stats.max.tolist(),
+        "min_activation": stats.min.tolist(),
+        "bos_count": stats.special_count.tolist(),
+        "bos_share": bos_share.tolist(),
+        "positional_r2": r2.tolist(),
+        "dead": (stats.count == 0).tolist(),
+        "high_frequency": (frequency > settings.high_frequency_threshold).tolist(),
+        "positional": (r2 > POSITIONAL_R2_THRESHOLD).tolist(),
+        "bos_dominated": (bos_share > BOS_SHARE_THRESHOLD).tolist(),
+        "absorbed": (
+            (present_miss_rate >= ABSORBED_MISS_RATE) & (top_share >= ABSORBER_SHARE)
+        ).tolist(),
+        "jaccard": jaccard.tolist(),
+        "miss_rate": miss_rate.tolist(),
+        "present_miss_rate": [None if math.isnan(x) else x for x in present_miss_rate.tolist()],
+        "present_positions": absorbed.present_positions.tolist(),
+        "absorbers": absorbed.absorbers,
+        "histogram_first_bin": first.tolist(),
+        "histogram_counts": [
+            int32_blob(counts[a:b])
+            for counts, a, b in zip(stats.histogram, first, last, strict=True)
+        ],
+        "position_rate": [float32_blob(rate) for rate in position_rate],
+        "position_mean": [float32_blob(mean) for mean in position_mean],
+        "quantile_edges": [row if row[0] == row[0] else [] for row in edges.tolist()],
+        "quantile_mass": [
+            row if has_edges else []
+            for row, has_edges in zip(
+                band_mass(stats.histogram, edges).tolist(), fired.tolist(), strict=True
+            )
+        ],
+        "logits_top": logits_top,
+        "logits_bottom": logits_bottom,
+        "neighbours": _pairs(neighbour_id, neighbour_cosine, "feature_index", "cosine"),
+        "top_tokens": feature_top_tokens(result, settings.n_top_tokens),
+        **ground_truth_columns(ground_truth, n_features),
     }
 
 
-def _pairs(ids: np.ndarray, values: np.ndarray, id_name: str, value_name: str) -> list[dict]:
+def ground_truth_columns(
+    ground_truth: tuple[GroundTruthMatch, list[str]] | None, n_features: int
+) -> dict[str, list]:
+    if ground_truth is None:
+        return dict.fromkeys(("gt_feature", "gt_cosine", "composed_of", "composed_cosine"), None)
+    match, names = ground_truth
+    return {
+        "gt_feature": [names[j] for j in match.best.tolist()],
+        "gt_cosine": [round(x, 6) for x in match.cosine.tolist()],
+        "composed_of": [[names[j] for j in pair] for pair in match.pair.tolist()],
+        "composed_cosine": [round(x, 6) for x in match.pair_cosine.tolist()],
+    }
+
+
+def _pairs(ids: np.ndarray, values: np.ndarray, id_name: str, value_name: str) -> list[list[dict]]:
+    """Rows of (id, value) pairs as lists of {id_name: id, value_name: value}."""
     return [
-        {id_name: int(a), value_name: round(float(b), 6)} for a, b in zip(ids, values, strict=True)
+        [{id_name: a, value_name: round(b, 6)} for a, b in zip(id_row, value_row, strict=True)]
+        for id_row, value_row in zip(ids.tolist(), values.tolist(), strict=True)
     ]
 
 
@@ -432,22 +450,23 @@ def encoder_decoder_agreement(result: AccumulatedResult) -> tuple[np.ndarray, np
 def feature_top_tokens(result: AccumulatedResult, n: int) -> list[list[dict]]:
     """Per feature, the tokens it fires on most often, with the mean activation there."""
     table = result.tokens
-    n_features = len(result.stats.count)
-    # Entries come token-major, so ties in count keep the lower token first.
-    order = grouped_order(torch.from_numpy(table.feature_index), torch.from_numpy(-table.count))
-    order = order.numpy()
-    feature = table.feature_index[order]
-    keep = order[ranks_within_groups(feature) < n]
-    out: list[list[dict]] = [[] for _ in range(n_features)]
-    for j in keep:
-        out[int(table.feature_index[j])].append(
-            {
-                "token_id": int(table.token_id[j]),
-                "count": int(table.count[j]),
-                "mean_activation": round(float(table.sum[j] / table.count[j]), 6),
-            }
+    # Entries come token-major, so ties in count go to the lower token.
+    top = kernels.top_per_group(table.feature_index, table.count, len(result.stats.count), n)
+    count = table.count[top]
+    return [
+        [
+            {"token_id": token, "count": c, "mean_activation": round(mean, 6)}
+            for token, c, mean, kept in zip(*row, strict=True)
+            if kept
+        ]
+        for row in zip(
+            table.token_id[top].tolist(),
+            count.tolist(),
+            (table.sum[top] / count).tolist(),
+            (top >= 0).tolist(),
+            strict=True,
         )
-    return out
+    ]
 
 
 def token_columns(result: AccumulatedResult, n: int) -> tuple[dict[str, list], dict[str, list]]:
@@ -457,12 +476,13 @@ def token_columns(result: AccumulatedResult, n: int) -> tuple[dict[str, list], d
     seen = np.flatnonzero(table.token_count)
     stats = {"token_id": seen.tolist(), "count": table.token_count[seen].tolist()}
     mean = table.sum / np.maximum(table.token_count[table.token_id], 1)
-    # Entries come token-major then by feature, so ties in mean keep the lower feature first.
-    order = grouped_order(torch.from_numpy(table.token_id), torch.from_numpy(-mean)).numpy()
-    keep = order[ranks_within_groups(table.token_id[order]) < n]
+    # Entries come token-major then by feature, so ties in mean go to the lower feature.
+    top = kernels.top_per_group(table.token_id, mean, len(table.token_count), n)
+    token, rank = np.nonzero(top >= 0)
+    keep = top[token, rank]
     latents = {
-        "token_id": table.token_id[keep].tolist(),
-        "rank": ranks_within_groups(table.token_id[keep]).tolist(),
+        "token_id": token.tolist(),
+        "rank": rank.tolist(),
         "feature_index": table.feature_index[keep].tolist(),
         "count": table.count[keep].tolist(),
         "mean_activation": mean[keep].tolist(),
@@ -471,7 +491,7 @@ def token_columns(result: AccumulatedResult, n: int) -> tuple[dict[str, list], d
 
 
 def example_columns(
-    result: AccumulatedResult, settings: AnalysisSettings, edges: list[list[float]]
+    result: AccumulatedResult, settings: AnalysisSettings, edges: Float[np.ndarray, "d_sae edges"]
 ) -> dict[str, list]:
     """Every stored example as columns of the `examples` table."""
     parts = []
@@ -485,33 +505,29 @@ def example_columns(
 
 
 def _quantile_columns(
-    random: ExamplesResult, settings: AnalysisSettings, edges: list[list[float]]
+    random: ExamplesResult, settings: AnalysisSettings, edges: Float[np.ndarray, "d_sae edges"]
 ) -> dict[str, list]:
     """Up to `examples_per_band` of the random sample per band, in the sample's random order."""
     per_band = settings.examples_per_band
-    features, slots, bands, ranks = [], [], [], []
-    for i, feature_edges in enumerate(edges):
-        slot = np.flatnonzero(random.valid[i])
-        if len(slot) == 0 or not feature_edges:
-            continue
-        band = np.searchsorted(feature_edges[1:-1], random.activation[i, slot], side="right")
-        order = np.argsort(band, kind="stable")
-        rank = ranks_within_groups(band[order])
-        keep = order[rank < per_band]
-        features.append(np.full(len(keep), i))
-        slots.append(slot[keep])
-        bands.append(band[keep])
-        ranks.append(band[keep] * per_band + rank[rank < per_band])
-    if not features:
-        return _columns(random, np.zeros(0, int), np.zeros(0, int), "quantile", [], [], None)
-    band = np.concatenate(bands)
+    n_bands = edges.shape[1] - 1
+    feature, slot = np.nonzero(random.valid)
+    activation = random.activation[feature, slot]
+    # An example's band: how many inner edges of its feature lie at or below its activation.
+    band = np.zeros(len(feature), np.int64)
+    for j in range(1, n_bands):
+        band += edges[feature, j] <= activation
+    # Stable: feature-major, then by band, each band in the sample's order.
+    group = feature * n_bands + band
+    order = np.argsort(group, kind="stable")
+    rank = ranks_within_groups(group[order])
+    keep = order[rank < per_band]
     return _columns(
         random,
-        np.concatenate(features),
-        np.concatenate(slots),
+        feature[keep],
+        slot[keep],
         "quantile",
-        np.concatenate(ranks),
-        band,
+        band[keep] * per_band + rank[rank < per_band],
+        band[keep],
         None,
     )
 

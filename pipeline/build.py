@@ -284,10 +284,13 @@ def stream(sae, config: BuildConfig, inputs: BuildInputs):
 def sae_data(config, sae, accumulated, evaluation: dict, inputs: BuildInputs) -> SaeData:
     decoder, decoder_bias = sources.decoder_and_bias(sae)
     shape = inputs.tokens.shape
-    edges = analysis.all_quantile_edges(accumulated, config.analysis.quantile_bands)
+    stats = accumulated.stats
+    edges = analysis.quantile_edges(
+        stats.histogram, stats.min, stats.max, config.analysis.quantile_bands
+    )
     truth = inputs.ground_truth
     match = match_ground_truth(truth.directions, decoder.cpu()) if truth is not None else None
-    features = analysis.feature_rows(
+    features = analysis.feature_columns(
         accumulated,
         decoder,
         inputs.unembed,
@@ -306,7 +309,6 @@ def sae_data(config, sae, accumulated, evaluation: dict, inputs: BuildInputs) ->
     token_stats, token_latents = analysis.token_columns(
         accumulated, config.analysis.n_token_latents
     )
-    stats = accumulated.stats
     frequency = stats.count / max(stats.tokens_seen, 1)
     sae_row = {
         "model": inputs.model,

@@ -1,4 +1,4 @@
-"""Compiled kernels (numba) for the per-entry work of the build's pass.
+"""Compiled kernels (numba) for the per-entry work of the build's pass and its analysis.
 
 Eager tensor code spends most of a batch extracting and sorting the sparse active entries; these
 kernels visit each entry once instead. Every kernel splits the features into one contiguous range
@@ -531,3 +531,48 @@ def presence(projection, fired, threshold, measurable, max_examined: int, n_thre
                     examined_sum[feature] += projection[row, feature]
                 n_missed[feature] += 1
     return n_present, n_missed, examined, examined_sum
+
+
+@njit(cache=True)
+def top_per_group(groups, scores, n_groups: int, n: int):
+    """Per group 0 .. n_groups − 1, the indices of its n highest scores, best first, ties to the
+    earlier index; -1 pads groups with fewer entries."""
+    top = np.full((n_groups, n), -1, np.int64)
+    filled = np.zeros(n_groups, np.int64)
+    for i in range(len(groups)):
+        group = groups[i]
+        score = scores[i]
+        if filled[group] < n:
+            slot = filled[group]
+            filled[group] += 1
+        elif score > scores[top[group, n - 1]]:
+            slot = n - 1
+        else:
+            continue
+        # Insertion into the sorted row: an equal score stays behind the earlier index.
+        while slot > 0 and scores[top[group, slot - 1]] < score:
+            top[group, slot] = top[group, slot - 1]
+            slot -= 1
+        top[group, slot] = i
+    return top
+
+
+@njit(cache=True)
+def table_entries(table):
+    """The cells of a [rows, columns, (count, sum)] table with a nonzero count: their flat index
+    row·columns + column, ascending, their count and their sum."""
+    cells = table.reshape(-1, 2)
+    n = 0
+    for cell in range(len(cells)):
+        n += cells[cell, 0] != 0
+    index = np.empty(n, np.int64)
+    count = np.empty(n, np.int64)
+    total = np.empty(n, np.float64)
+    n = 0
+    for cell in range(len(cells)):
+        if cells[cell, 0] != 0:
+            index[n] = cell
+            count[n] = np.int64(cells[cell, 0])
+            total[n] = cells[cell, 1]
+            n += 1
+    return index, count, total

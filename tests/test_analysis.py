@@ -83,3 +83,56 @@ def test_grouped_order_sorts_by_group_then_key_keeping_ties_in_order() -> None:
     groups = torch.tensor([1, 0, 1, 0, 1, 0])
     key = torch.tensor([-2.0, -5.0, -2.0, -1.0, -3.0, -5.0])
     assert grouped_order(groups, key).tolist() == [1, 5, 3, 4, 0, 2]
+
+
+def test_quantile_edges_and_band_mass_match_the_per_feature_rule() -> None:
+    from pipeline.analysis import band_mass, quantile_edges
+    from pipeline.kernels import histogram_edges
+
+    rng = np.random.default_rng(0)
+    finite = histogram_edges()
+    n_bands = 5
+    values = [rng.lognormal(rng.normal(), 1.5, size=rng.integers(1, 300)) for _ in range(30)]
+    values[3] = np.zeros(0)  # never fired
+    values[4] = np.full(7, 0.25)  # one bin
+    histogram = np.stack([np.histogram(v, np.r_[0.0, finite, np.inf])[0] for v in values])
+    low = np.array([v.min() if len(v) else 0.0 for v in values])
+    high = np.array([v.max() if len(v) else 0.0 for v in values])
+
+    edges = quantile_edges(histogram, low, high, n_bands)
+    mass = band_mass(histogram, edges)
+
+    assert np.isnan(edges[3]).all()
+    centres = np.r_[finite[0], np.sqrt(finite[:-1] * finite[1:]), finite[-1]]
+    for i, v in enumerate(values):
+        if not len(v):
+            continue
+        # Ends exact; each inner edge geometrically interpolated in the bin holding its quantile.
+        assert edges[i, 0] == v.min() and edges[i, -1] == v.max()
+        cumulative = np.cumsum(histogram[i])
+        lower = np.clip(np.r_[v.min(), finite], v.min(), v.max())
+        upper = np.clip(np.r_[finite, v.max()], v.min(), v.max())
+        for band in range(1, n_bands):
+            target = len(v) * band / n_bands
+            b = np.searchsorted(cumulative, target)
+            fraction = (target - cumulative[b] + histogram[i, b]) / histogram[i, b]
+            expected = lower[b] * (upper[b] / lower[b]) ** fraction
+            np.testing.assert_allclose(edges[i, band], expected, rtol=1e-12)
+            assert lower[b] <= np.quantile(v, band / n_bands, method="inverted_cdf") <= upper[b]
+        band_of_bin = np.searchsorted(edges[i, 1:-1], centres, side="right")
+        per_band = np.bincount(band_of_bin, weights=histogram[i] * centres, minlength=n_bands)
+        np.testing.assert_allclose(mass[i], per_band / per_band.sum(), rtol=1e-12)
+
+
+def test_top_per_group_ranks_by_score_then_earlier_index() -> None:
+    from pipeline.kernels import top_per_group
+
+    rng = np.random.default_rng(1)
+    groups = rng.integers(0, 6, size=500)
+    groups[groups == 5] = 4  # group 5 empty
+    scores = rng.integers(0, 20, size=500).astype(np.float64)  # many ties
+    got = top_per_group(groups, scores, 7, 8)
+    for group in range(7):
+        members = np.flatnonzero(groups == group)
+        expected = sorted(members, key=lambda i: (-scores[i], i))[:8]
+        assert got[group].tolist() == expected + [-1] * (8 - len(expected))
