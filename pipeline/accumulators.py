@@ -446,35 +446,76 @@ class TokenTable:
         self.sum = np.bincount(inverse, weights=total, minlength=len(self.keys))
         self._pending, self._pending_size = [], 0
 
-    def entries(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Keys token·n_features + feature of the pairs that fired, ascending; count; sum."""
-        if self.dense:
-            return kernels.table_entries(self.table)
-        self._compact()
-        return self.keys, self.count, self.sum
-
     def merge(self, other: TokenTable) -> None:
         self.token_count += other.token_count
-        self._add(*other.entries())
+        self._add(*other.finalize().pairs())
 
     def finalize(self) -> TokenTableResult:
-        keys, count, total = self.entries()
+        """The result shares the dense table (no copy of the largest state)."""
+        if self.dense:
+            empty = np.zeros(0, dtype=np.int64)
+            return TokenTableResult(
+                self.token_count.copy(), self.n_features, self.table, empty, empty, np.zeros(0)
+            )
+        self._compact()
         return TokenTableResult(
-            token_count=self.token_count.copy(),
-            token_id=keys // self.n_features,
-            feature_index=keys % self.n_features,
-            count=count,
-            sum=total,
+            self.token_count.copy(), self.n_features, None, self.keys, self.count, self.sum
         )
 
 
 @dataclass
 class TokenTableResult:
+    """The token table: the dense [vocab, d_sae, (count, sum)] `table`, or (`table` None) the
+    sparse pairs that fired, by key token·n_features + feature, ascending."""
+
     token_count: np.ndarray  # [vocab]
-    token_id: np.ndarray  # one entry per (token, feature) pair that fired, sorted by token
-    feature_index: np.ndarray
+    n_features: int
+    table: np.ndarray | None
+    keys: np.ndarray
     count: np.ndarray
     sum: np.ndarray
+
+    def pairs(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Keys of the pairs that fired, ascending; their count; their summed activation."""
+        if self.table is not None:
+            return kernels.table_entries(self.table)
+        return self.keys, self.count, self.sum
+
+    def entries(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """Token id, feature, count and summed activation of each pair that fired, token-major."""
+        keys, count, total = self.pairs()
+        return keys // self.n_features, keys % self.n_features, count, total
+
+    def top_tokens(self, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Per feature, the n tokens it fires on most often (ties to the lower token), with the
+        count and summed activation there: three [d_sae, n] arrays, padded with -1, 0, 0."""
+        if self.table is not None:
+            token = kernels.table_top_tokens(self.table, n)
+            cells = self.table[token, np.arange(self.n_features)[:, None]]
+            return _padded(token >= 0, token, cells[..., 0].astype(np.int64), cells[..., 1])
+        token, feature, count, total = self.entries()
+        top = kernels.top_per_group(feature, count, self.n_features, n)
+        return _padded(top >= 0, token[top], count[top], total[top])
+
+    def top_latents(self, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Per token id, the n latents with the highest mean activation over all the token's
+        occurrences (ties to the lower latent), with their count and that mean: three [vocab, n]
+        arrays, padded with -1, 0, 0."""
+        occurrences = np.maximum(self.token_count, 1)
+        if self.table is not None:
+            feature = kernels.table_top_latents(self.table, self.token_count, n)
+            cells = self.table[np.arange(len(self.token_count))[:, None], feature]
+            count, total, kept = cells[..., 0].astype(np.int64), cells[..., 1], feature >= 0
+        else:
+            token, feature, count, total = self.entries()
+            top = kernels.top_per_group(token, total / occurrences[token], len(self.token_count), n)
+            feature, count, total, kept = feature[top], count[top], total[top], top >= 0
+        return _padded(kept, feature, count, total / occurrences[:, None])
+
+
+def _padded(kept: np.ndarray, ids: np.ndarray, *values: np.ndarray) -> tuple[np.ndarray, ...]:
+    """`ids` with -1 and `values` with 0 where not `kept`."""
+    return (np.where(kept, ids, -1), *(np.where(kept, v, 0) for v in values))
 
 
 @dataclass

@@ -449,23 +449,15 @@ def encoder_decoder_agreement(result: AccumulatedResult) -> tuple[np.ndarray, np
 
 def feature_top_tokens(result: AccumulatedResult, n: int) -> list[list[dict]]:
     """Per feature, the tokens it fires on most often, with the mean activation there."""
-    table = result.tokens
-    # Entries come token-major, so ties in count go to the lower token.
-    top = kernels.top_per_group(table.feature_index, table.count, len(result.stats.count), n)
-    count = table.count[top]
+    token, count, total = result.tokens.top_tokens(n)
+    mean = np.divide(total, count, out=np.zeros_like(total), where=token >= 0)
     return [
         [
-            {"token_id": token, "count": c, "mean_activation": round(mean, 6)}
-            for token, c, mean, kept in zip(*row, strict=True)
-            if kept
+            {"token_id": t, "count": c, "mean_activation": round(m, 6)}
+            for t, c, m in zip(*row, strict=True)
+            if t >= 0
         ]
-        for row in zip(
-            table.token_id[top].tolist(),
-            count.tolist(),
-            (table.sum[top] / count).tolist(),
-            (top >= 0).tolist(),
-            strict=True,
-        )
+        for row in zip(token.tolist(), count.tolist(), mean.tolist(), strict=True)
     ]
 
 
@@ -475,17 +467,14 @@ def token_columns(result: AccumulatedResult, n: int) -> tuple[dict[str, list], d
     table = result.tokens
     seen = np.flatnonzero(table.token_count)
     stats = {"token_id": seen.tolist(), "count": table.token_count[seen].tolist()}
-    mean = table.sum / np.maximum(table.token_count[table.token_id], 1)
-    # Entries come token-major then by feature, so ties in mean go to the lower feature.
-    top = kernels.top_per_group(table.token_id, mean, len(table.token_count), n)
-    token, rank = np.nonzero(top >= 0)
-    keep = top[token, rank]
+    feature, count, mean = table.top_latents(n)
+    token, rank = np.nonzero(feature >= 0)
     latents = {
         "token_id": token.tolist(),
         "rank": rank.tolist(),
-        "feature_index": table.feature_index[keep].tolist(),
-        "count": table.count[keep].tolist(),
-        "mean_activation": mean[keep].tolist(),
+        "feature_index": feature[token, rank].tolist(),
+        "count": count[token, rank].tolist(),
+        "mean_activation": mean[token, rank].tolist(),
     }
     return stats, latents
 

@@ -203,8 +203,7 @@ def run_build(config: BuildConfig) -> BuildSummary:
         inputs = synthetic_inputs(config) if config.synthetic else model_inputs(config, sae)
         logger.info("corpus: %d contexts of %d tokens", *inputs.tokens.shape)
         accumulated = stream(sae, config, inputs)
-        with reused_memory():
-            data = sae_data(config, sae, accumulated, inputs.evaluate(sae), inputs)
+        data = sae_data(config, sae, accumulated, inputs.evaluate(sae), inputs)
         writer.write(
             CorpusData(
                 fingerprint=inputs.fingerprint,

@@ -533,27 +533,71 @@ def presence(projection, fired, threshold, measurable, max_examined: int, n_thre
     return n_present, n_missed, examined, examined_sum
 
 
+@njit(inline="always")
+def _rank(top, top_score, filled, group: int, index: int, score) -> None:
+    """Offers `index` with `score` to the group's row of the n best, kept best first; an equal
+    score ranks behind the indices offered before it."""
+    n = top.shape[1]
+    if filled[group] < n:
+        slot = filled[group]
+        filled[group] += 1
+    elif score > top_score[group, n - 1]:
+        slot = n - 1
+    else:
+        return
+    while slot > 0 and top_score[group, slot - 1] < score:
+        top[group, slot] = top[group, slot - 1]
+        top_score[group, slot] = top_score[group, slot - 1]
+        slot -= 1
+    top[group, slot] = index
+    top_score[group, slot] = score
+
+
+@njit(inline="always")
+def _ranking(n_groups: int, n: int):
+    return (
+        np.full((n_groups, n), -1, np.int64),
+        np.zeros((n_groups, n), np.float64),
+        np.zeros(n_groups, np.int64),
+    )
+
+
 @njit(cache=True)
 def top_per_group(groups, scores, n_groups: int, n: int):
     """Per group 0 .. n_groups − 1, the indices of its n highest scores, best first, ties to the
     earlier index; -1 pads groups with fewer entries."""
-    top = np.full((n_groups, n), -1, np.int64)
-    filled = np.zeros(n_groups, np.int64)
+    top, top_score, filled = _ranking(n_groups, n)
     for i in range(len(groups)):
-        group = groups[i]
-        score = scores[i]
-        if filled[group] < n:
-            slot = filled[group]
-            filled[group] += 1
-        elif score > scores[top[group, n - 1]]:
-            slot = n - 1
-        else:
-            continue
-        # Insertion into the sorted row: an equal score stays behind the earlier index.
-        while slot > 0 and scores[top[group, slot - 1]] < score:
-            top[group, slot] = top[group, slot - 1]
-            slot -= 1
-        top[group, slot] = i
+        _rank(top, top_score, filled, groups[i], i, np.float64(scores[i]))
+    return top
+
+
+@njit(cache=True)
+def table_top_tokens(table, n: int):
+    """Per feature (column) of a dense [tokens, features, (count, sum)] table, the n tokens with
+    the highest count, ties to the lower token; -1 pads."""
+    n_tokens, n_features = table.shape[0], table.shape[1]
+    top, top_score, filled = _ranking(n_features, n)
+    for token in range(n_tokens):
+        for feature in range(n_features):
+            if table[token, feature, 0] > 0:
+                _rank(top, top_score, filled, feature, token, table[token, feature, 0])
+    return top
+
+
+@njit(cache=True)
+def table_top_latents(table, token_count, n: int):
+    """Per token (row) of a dense [tokens, features, (count, sum)] table, the n features with
+    the highest sum / the token's count, ties to the lower feature; -1 pads."""
+    n_tokens, n_features = table.shape[0], table.shape[1]
+    top, top_score, filled = _ranking(n_tokens, n)
+    for token in range(n_tokens):
+        occurrences = max(token_count[token], 1)
+        for feature in range(n_features):
+            if table[token, feature, 0] > 0:
+                _rank(
+                    top, top_score, filled, token, feature, table[token, feature, 1] / occurrences
+                )
     return top
 
 

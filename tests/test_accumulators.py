@@ -313,12 +313,36 @@ def test_token_table(data: dict, result: AccumulatedResult) -> None:
     for feature in range(N_FEATURES):
         np.add.at(expected_count[:, feature], tokens, acts[:, :, feature] > 0)
         np.add.at(expected_sum[:, feature], tokens, acts[:, :, feature])
+    token_id, feature_index, count, total = table.entries()
     got_count = np.zeros_like(expected_count)
     got_sum = np.zeros_like(expected_sum)
-    got_count[table.token_id, table.feature_index] = table.count
-    got_sum[table.token_id, table.feature_index] = table.sum
+    got_count[token_id, feature_index] = count
+    got_sum[token_id, feature_index] = total
     np.testing.assert_array_equal(got_count, expected_count)
     np.testing.assert_allclose(got_sum, expected_sum, rtol=1e-6)
+    assert_top_entries_match(table, expected_count, expected_sum)
+
+
+def assert_top_entries_match(table, expected_count: np.ndarray, expected_sum: np.ndarray) -> None:
+    """top_tokens and top_latents against sorting every (token, feature) pair by brute force."""
+    n = 3
+    token, count, total = table.top_tokens(n)
+    for feature in range(N_FEATURES):
+        fired = np.flatnonzero(expected_count[:, feature])
+        best = sorted(fired, key=lambda t: (-expected_count[t, feature], t))[:n]
+        padded = best + [-1] * (n - len(best))
+        assert token[feature].tolist() == padded
+        np.testing.assert_array_equal(count[feature, : len(best)], expected_count[best, feature])
+        np.testing.assert_allclose(total[feature, : len(best)], expected_sum[best, feature])
+    latent, count, mean = table.top_latents(n)
+    occurrences = np.maximum(table.token_count, 1)
+    for token_id in range(VOCAB):
+        fired = np.flatnonzero(expected_count[token_id])
+        expected_mean = expected_sum[token_id] / occurrences[token_id]
+        best = sorted(fired, key=lambda f: (-expected_mean[f], f))[:n]
+        assert latent[token_id].tolist() == best + [-1] * (n - len(best))
+        np.testing.assert_array_equal(count[token_id, : len(best)], expected_count[token_id, best])
+        np.testing.assert_allclose(mean[token_id, : len(best)], expected_mean[best])
 
 
 def assert_results_equal(a: AccumulatedResult, b: AccumulatedResult) -> None:
@@ -331,10 +355,20 @@ def assert_results_equal(a: AccumulatedResult, b: AccumulatedResult) -> None:
         for name in ("valid", "sequence_index", "position", "score", "activation"):
             np.testing.assert_array_equal(getattr(left, name), getattr(right, name), err_msg=kind)
         np.testing.assert_array_equal(left.window, right.window)
-    for name, value in vars(a.tokens).items():
-        np.testing.assert_allclose(value, getattr(b.tokens, name), rtol=1e-12, err_msg=name)
+    assert_token_tables_equal(a.tokens, b.tokens)
     np.testing.assert_array_equal(a.sample.token_index, b.sample.token_index)
     np.testing.assert_array_equal(a.sample.inputs.numpy(), b.sample.inputs.numpy())
+
+
+def assert_token_tables_equal(a, b) -> None:
+    np.testing.assert_array_equal(a.token_count, b.token_count)
+    for left, right in zip(a.entries(), b.entries(), strict=True):
+        np.testing.assert_allclose(left, right, rtol=1e-12)
+    for n in (1, 4):
+        for left, right in zip(
+            a.top_tokens(n) + a.top_latents(n), b.top_tokens(n) + b.top_latents(n), strict=True
+        ):
+            np.testing.assert_allclose(left, right, rtol=1e-12)
 
 
 @pytest.mark.parametrize("split", [1, 4, 7])
@@ -391,5 +425,5 @@ def test_sparse_token_table_equals_the_dense_one(data, result, monkeypatch) -> N
     assert not first.tokens.dense
     first.merge(second)
     sparse = first.finalize().tokens
-    for name, value in vars(result.tokens).items():
-        np.testing.assert_allclose(getattr(sparse, name), value, rtol=1e-12, err_msg=name)
+    assert sparse.table is None and result.tokens.table is not None
+    assert_token_tables_equal(sparse, result.tokens)
