@@ -147,9 +147,11 @@ class FeatureStats:
         self.min = np.full(n_features, np.inf, dtype=np.float32)
         self.special_count = np.zeros(n_features, dtype=np.int64)
         self.position_tokens = np.zeros(context_length, dtype=np.int64)
-        self.position_count = np.zeros((context_length, n_features), dtype=np.int64)
+        # Per-entry counts in int32 (half the cache footprint of int64): no count exceeds the
+        # corpus's tokens, fewer than TOKEN_LIMIT = 2**31.
+        self.position_count = np.zeros((context_length, n_features), dtype=np.int32)
         self.position_sum = np.zeros((context_length, n_features))
-        self.histogram = np.zeros((n_features, HISTOGRAM_BINS), dtype=np.int64)
+        self.histogram = np.zeros((n_features, HISTOGRAM_BINS), dtype=np.int32)
 
     def kernel_tables(self) -> tuple[np.ndarray, ...]:
         """The tables `kernels.scan_activations` adds each active entry to."""
@@ -198,9 +200,9 @@ class FeatureStats:
             min=np.where(count > 0, self.min.astype(np.float64), 0.0),
             special_count=self.special_count.copy(),
             position_tokens=self.position_tokens.copy(),
-            position_count=self.position_count.copy(),
+            position_count=self.position_count.astype(np.int64),
             position_sum=self.position_sum.copy(),
-            histogram=self.histogram.copy(),
+            histogram=self.histogram.astype(np.int64),
         )
 
 
@@ -353,7 +355,8 @@ class PositionSample:
             below = torch.nonzero(keys < self.key.max()).squeeze(1)
             rows, tokens, keys = rows[below], tokens[below], keys[below]
         inputs = batch.inputs.reshape(-1, batch.inputs.shape[-1])[rows]
-        self._add(keys, tokens, inputs)
+        if len(keys):
+            self._add(keys, tokens, inputs)
 
     def _add(self, keys: Tensor, tokens: Tensor, inputs: Tensor) -> None:
         inputs = inputs.to(self.inputs.dtype)
