@@ -203,7 +203,9 @@ def run_build(config: BuildConfig) -> BuildSummary:
         inputs = synthetic_inputs(config) if config.synthetic else model_inputs(config, sae)
         logger.info("corpus: %d contexts of %d tokens", *inputs.tokens.shape)
         accumulated = stream(sae, config, inputs)
-        data = sae_data(config, sae, accumulated, inputs.evaluate(sae), inputs)
+        with reused_memory():  # forward passes at full vocabulary width
+            evaluation = inputs.evaluate(sae)
+        data = sae_data(config, sae, accumulated, evaluation, inputs)
         writer.write(
             CorpusData(
                 fingerprint=inputs.fingerprint,
@@ -290,19 +292,16 @@ def sae_data(config, sae, accumulated, evaluation: dict, inputs: BuildInputs) ->
     )
     truth = inputs.ground_truth
     match = match_ground_truth(truth.directions, decoder.cpu()) if truth is not None else None
+    absorbed = analysis.absorption(
+        accumulated.sample.inputs, sae.encode, decoder, decoder_bias, config.analysis.n_absorbers
+    )
     features = analysis.feature_columns(
         accumulated,
         decoder,
         inputs.unembed,
         config.analysis,
         edges,
-        analysis.absorption(
-            accumulated.sample.inputs,
-            sae.encode,
-            decoder,
-            decoder_bias,
-            config.analysis.n_absorbers,
-        ),
+        absorbed,
         (match, truth.names) if truth is not None else None,
     )
     examples = analysis.example_columns(accumulated, config.analysis, edges)
