@@ -418,6 +418,23 @@ def _screened(keys, screen, passed) -> int:
     return n_passed
 
 
+@njit(inline="always")
+def _block_screen(approximate, skip, rows, first, screen, margin, out) -> None:
+    """`screen` raised, per feature, to twice `margin` below the block's highest bfloat16: no
+    entry further below can be the block's best, the one position a block proposes."""
+    n = len(screen)
+    for local in range(n):
+        out[local] = _bfloat16_key(np.int16(-128))  # bfloat16 -inf
+    for row in rows:
+        if not skip[row]:
+            for local in range(n):
+                out[local] = max(out[local], _bfloat16_key(approximate[row, first + local]))
+    for local in range(n):
+        best = np.int32(_bfloat16_key(out[local]) << 16).view(np.float32)
+        lowered = _float32_bits(best - np.float32(2.0) * margin)
+        out[local] = max(screen[local], _ordered(lowered) >> 16)
+
+
 @njit(parallel=True, cache=True)
 def scan_projections(
     approximate, margin, centred, unit, skip, acts, context, first_token, n_threads, examples,
@@ -429,7 +446,9 @@ def scan_projections(
     `approximate` holds the projections as bfloat16 bits (int16), each within `margin[row]` of
     the true value. A screen in bfloat16 keys keeps the entries that can reach the feature's
     threshold, and only those have their projection computed exactly (float64 dot), so the
-    result is that of exact projections.
+    result is that of exact projections. While some feature still has free slots (a threshold
+    of -inf: the first sequences of a pass), the screen also drops entries that cannot be their
+    block's best.
     """
     n_rows, n_features = approximate.shape
     n_sequences = n_rows // context
@@ -440,6 +459,7 @@ def scan_projections(
         proposals = _proposal_state(n)
         local_threshold = threshold[first:last]
         screen = np.empty(n, np.int32)
+        block_screen = np.empty(n, np.int32)
         passed = np.empty(n, np.int64)
         for sequence in range(n_sequences):
             # Thresholds only rise, so a screen from the sequence's start stays a safe one.
@@ -447,18 +467,31 @@ def scan_projections(
             for row in range(sequence * context, (sequence + 1) * context):
                 if not skip[row]:
                     sequence_margin = max(sequence_margin, margin[row])
+            unfilled = False
             for local in range(n):
                 lowered = _float32_bits(local_threshold[local] - sequence_margin)
                 # Rounds down: no bfloat16 at or above the lowered threshold is screened out.
                 screen[local] = _ordered(lowered) >> 16
+                unfilled |= local_threshold[local] == -np.inf
             n_previous = 0
             for block in range(n_blocks + 1):
                 n_current = 0
-                for position in range(block * GAP, min(block * GAP + GAP, context)):
+                positions = range(block * GAP, min(block * GAP + GAP, context))
+                if unfilled:
+                    rows = range(
+                        sequence * context + positions.start, sequence * context + positions.stop
+                    )
+                    _block_screen(
+                        approximate, skip, rows, first, screen, sequence_margin, block_screen
+                    )
+                    current_screen = block_screen
+                else:
+                    current_screen = screen
+                for position in positions:
                     row = sequence * context + position
                     if skip[row]:
                         continue
-                    n_passed = _screened(approximate[row, first:last], screen, passed)
+                    n_passed = _screened(approximate[row, first:last], current_screen, passed)
                     for i in range(n_passed):
                         local = passed[i]
                         value = _exact_projection(centred, unit, row, first + local)
