@@ -105,6 +105,15 @@ def quantile_edges(
     return edges
 
 
+def _bands(edges: np.ndarray, values: np.ndarray) -> np.ndarray:
+    """The band of each value: how many inner edges (edges[..., 1:-1]) lie at or below it;
+    `edges[..., j]` broadcasts against `values`."""
+    band = np.zeros(np.broadcast_shapes(edges.shape[:-1], values.shape), np.int64)
+    for j in range(1, edges.shape[-1] - 1):
+        band += edges[..., j] <= values
+    return band
+
+
 def band_mass(
     histogram: Int[np.ndarray, "features bins"], edges: Float[np.ndarray, "features edges"]
 ) -> Float[np.ndarray, "features bands"]:
@@ -113,11 +122,7 @@ def band_mass(
     n_features, n_bands = edges.shape[0], edges.shape[1] - 1
     finite = histogram_edges()
     centres = np.r_[finite[0], np.sqrt(finite[:-1] * finite[1:]), finite[-1]]
-    # A centre's band: how many inner edges lie at or below it.
-    band = np.zeros(histogram.shape, np.int64)
-    for j in range(1, n_bands):
-        band += edges[:, [j]] <= centres
-    cell = np.arange(n_features)[:, None] * n_bands + band
+    cell = np.arange(n_features)[:, None] * n_bands + _bands(edges[:, None, :], centres)
     per_band = np.bincount(
         cell.ravel(), weights=(histogram * centres).ravel(), minlength=n_features * n_bands
     ).reshape(n_features, n_bands)
@@ -501,10 +506,7 @@ def _quantile_columns(
     n_bands = edges.shape[1] - 1
     feature, slot = np.nonzero(random.valid)
     activation = random.activation[feature, slot]
-    # An example's band: how many inner edges of its feature lie at or below its activation.
-    band = np.zeros(len(feature), np.int64)
-    for j in range(1, n_bands):
-        band += edges[feature, j] <= activation
+    band = _bands(edges[feature], activation)
     # Stable: feature-major, then by band, each band in the sample's order.
     group = feature * n_bands + band
     order = np.argsort(group, kind="stable")
