@@ -571,6 +571,8 @@ def _rank(top, top_score, filled, group: int, index: int, score) -> None:
     """Offers `index` with `score` to the group's row of the n best, kept best first; an equal
     score ranks behind the indices offered before it."""
     n = top.shape[1]
+    if n == 0:
+        return
     if filled[group] < n:
         slot = filled[group]
         filled[group] += 1
