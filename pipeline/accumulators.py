@@ -65,16 +65,6 @@ def position_hash(token_index: Int[Tensor, " n"], feature_index: Int[Tensor, " n
     return torch.from_numpy(hashes).to(token_index.device)
 
 
-def key_scores(keys: np.ndarray) -> np.ndarray:
-    ordered = keys >> 31
-    bits = np.where(ordered < 0, ordered ^ 0x7FFFFFFF, ordered)
-    return bits.astype(np.int32).view(np.float32)
-
-
-def key_tokens(keys: np.ndarray) -> np.ndarray:
-    return TOKEN_LIMIT - 1 - (keys & (TOKEN_LIMIT - 1))
-
-
 @dataclass
 class Batch:
     """Activations for whole sequences `first_sequence ..` of the corpus: the hook's `inputs` and
@@ -247,7 +237,7 @@ class Examples:
         """The score a candidate must reach to have a chance to enter: the k-th kept score, or
         -inf while a feature has free slots."""
         root = self.key[np.arange(len(self.key)), self.heap[:, 0]]
-        return np.where(root > EMPTY_KEY + self.k, key_scores(root), np.float32(-np.inf))
+        return np.where(root > EMPTY_KEY + self.k, kernels.key_scores(root), np.float32(-np.inf))
 
     def merge(self, other: Examples) -> None:
         filled = other.key > EMPTY_KEY + other.k
@@ -261,13 +251,13 @@ class Examples:
         order = np.argsort(-self.key, axis=1, kind="stable")
         key = np.take_along_axis(self.key, order, axis=1)
         valid = key > EMPTY_KEY + self.k
-        token = np.where(valid, key_tokens(key), -1)
+        token = np.where(valid, kernels.key_tokens(key), -1)
         ctx = self.context_length
         return ExamplesResult(
             valid=valid,
             sequence_index=np.where(valid, token // ctx, -1),
             position=np.where(valid, token % ctx, -1),
-            score=key_scores(key).astype(np.float64),
+            score=kernels.key_scores(key).astype(np.float64),
             activation=np.take_along_axis(self.activation, order, axis=1).astype(np.float64),
             window=np.take_along_axis(self.window, order[:, :, None], axis=1),
         )

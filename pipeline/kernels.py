@@ -394,6 +394,13 @@ def _bfloat16_key(bits) -> int:
     return np.int32(bits ^ ((bits >> 15) & 0x7FFF))
 
 
+@njit(inline="always")
+def _bfloat16_floor_key(value) -> int:
+    """The key of the largest bfloat16 at or below the float32 `value`: no bfloat16 at or above
+    `value` has a smaller key, so a screen at this key drops none of them."""
+    return _ordered(_float32_bits(value)) >> 16
+
+
 @njit
 def _screened(keys, screen, passed) -> int:
     """Writes the indices whose bfloat16 key reaches the screen to `passed`; returns how many."""
@@ -431,8 +438,7 @@ def _block_screen(approximate, skip, rows, first, screen, margin, out) -> None:
                 out[local] = max(out[local], _bfloat16_key(approximate[row, first + local]))
     for local in range(n):
         best = np.int32(_bfloat16_key(out[local]) << 16).view(np.float32)
-        lowered = _float32_bits(best - np.float32(2.0) * margin)
-        out[local] = max(screen[local], _ordered(lowered) >> 16)
+        out[local] = max(screen[local], _bfloat16_floor_key(best - np.float32(2.0) * margin))
 
 
 @njit(parallel=True, cache=True)
@@ -469,9 +475,7 @@ def scan_projections(
                     sequence_margin = max(sequence_margin, margin[row])
             unfilled = False
             for local in range(n):
-                lowered = _float32_bits(local_threshold[local] - sequence_margin)
-                # Rounds down: no bfloat16 at or above the lowered threshold is screened out.
-                screen[local] = _ordered(lowered) >> 16
+                screen[local] = _bfloat16_floor_key(local_threshold[local] - sequence_margin)
                 unfilled |= local_threshold[local] == -np.inf
             n_previous = 0
             for block in range(n_blocks + 1):
@@ -538,6 +542,21 @@ def example_keys(scores, tokens):
     for i in range(len(scores)):
         out[i] = _key_of_score(scores[i], tokens[i])
     return out
+
+
+@njit(cache=True)
+def key_scores(keys):
+    """The score of each key (an array of any shape), as the kernels read it."""
+    flat = keys.ravel()
+    out = np.empty(len(flat), np.float32)
+    for i in range(len(flat)):
+        out[i] = _score_of_key(flat[i])
+    return out.reshape(keys.shape)
+
+
+def key_tokens(keys: np.ndarray) -> np.ndarray:
+    """The token index of each key: the complement `_key_of_score` puts in the low bits."""
+    return TOKEN_LIMIT - 1 - (keys & (TOKEN_LIMIT - 1))
 
 
 @njit(parallel=True, cache=True)

@@ -397,8 +397,7 @@ def test_one_thread_gives_the_multithreaded_result(data: dict, result) -> None:
 
 
 def test_example_keys_order_by_score_then_earlier_token() -> None:
-    from pipeline.accumulators import key_scores, key_tokens
-    from pipeline.kernels import example_keys
+    from pipeline.kernels import example_keys, key_scores, key_tokens
 
     rng = np.random.default_rng(1)
     scores = np.concatenate(
