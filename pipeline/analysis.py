@@ -384,19 +384,19 @@ def feature_columns(
         ],
         "position_rate": [float32_blob(rate) for rate in position_rate],
         "position_mean": [float32_blob(mean) for mean in position_mean],
-        "quantile_edges": [row if row[0] == row[0] else [] for row in edges.tolist()],
-        "quantile_mass": [
-            row if has_edges else []
-            for row, has_edges in zip(
-                band_mass(stats.histogram, edges).tolist(), fired.tolist(), strict=True
-            )
-        ],
+        # Features that never fired have no bands.
+        "quantile_edges": _where_fired(edges, fired),
+        "quantile_mass": _where_fired(band_mass(stats.histogram, edges), fired),
         "logits_top": logits_top,
         "logits_bottom": logits_bottom,
         "neighbours": _pairs(neighbour_id, neighbour_cosine, "feature_index", "cosine"),
         "top_tokens": feature_top_tokens(result, settings.n_top_tokens),
         **ground_truth_columns(ground_truth, n_features),
     }
+
+
+def _where_fired(rows: np.ndarray, fired: np.ndarray) -> list[list[float]]:
+    return [row if f else [] for row, f in zip(rows.tolist(), fired.tolist(), strict=True)]
 
 
 def ground_truth_columns(
