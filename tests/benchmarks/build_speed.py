@@ -25,6 +25,11 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+# Before torch: the pipeline sets torch's OpenMP spin count as torch loads (pipeline/__init__.py),
+# for this process's passes and, through the environment, for both kinds of subprocess.
+import pipeline  # noqa: F401
+
+# isort: split
 import numpy as np
 import torch
 
