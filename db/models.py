@@ -12,7 +12,7 @@ from sqlalchemy import JSON, ForeignKey, Index, LargeBinary, String
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 # Bump whenever a table or column changes meaning; the server refuses other versions.
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 # Activation histograms are stored with HISTOGRAM_BINS_PER_DECADE log-spaced bins per power of
 # ten between 10**HISTOGRAM_LOG10_MIN and 10**HISTOGRAM_LOG10_MAX, plus an underflow bin (index 0)
@@ -21,6 +21,11 @@ HISTOGRAM_LOG10_MIN = -4
 HISTOGRAM_LOG10_MAX = 4
 HISTOGRAM_BINS_PER_DECADE = 64
 HISTOGRAM_BINS = (HISTOGRAM_LOG10_MAX - HISTOGRAM_LOG10_MIN) * HISTOGRAM_BINS_PER_DECADE + 2
+
+# An example's window: this many tokens before and after the example's token.
+WINDOW_LEFT = 12
+WINDOW_RIGHT = 4
+WINDOW_LENGTH = WINDOW_LEFT + WINDOW_RIGHT + 1
 
 
 class Base(DeclarativeBase):
@@ -155,19 +160,21 @@ class Feature(Base):
 
 
 class Example(Base):
-    """One context window of a feature: kind is top, bottom, quantile or decoder_top."""
+    """The examples of one kind (top, bottom, quantile or decoder_top) of a feature, best first
+    (quantile: by band, then in the random sample's order), as parallel arrays: one blob per
+    field, one entry per example."""
 
     __tablename__ = "examples"
     sae_id: Mapped[int] = mapped_column(ForeignKey("saes.id"), primary_key=True)
     feature_index: Mapped[int] = mapped_column(primary_key=True)
     kind: Mapped[str] = mapped_column(primary_key=True)
-    rank: Mapped[int] = mapped_column(primary_key=True)
-    band: Mapped[int | None]
-    sequence_index: Mapped[int]
-    position: Mapped[int]
-    activation: Mapped[float]
-    projection: Mapped[float | None]
-    window_start: Mapped[int]
+    sequence_index: Mapped[bytes] = mapped_column(LargeBinary)  # int32
+    position: Mapped[bytes] = mapped_column(LargeBinary)  # int32
+    activation: Mapped[bytes] = mapped_column(LargeBinary)  # float32
+    band: Mapped[bytes | None] = mapped_column(LargeBinary)  # int32, quantile only
+    projection: Mapped[bytes | None] = mapped_column(LargeBinary)  # float32, decoder_top only
+    # float32 [examples, WINDOW_LENGTH]: the feature's activation on the tokens from
+    # WINDOW_LEFT before to WINDOW_RIGHT after the example's token; NaN outside the sequence.
     window_activations: Mapped[bytes] = mapped_column(LargeBinary)
 
 

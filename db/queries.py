@@ -5,6 +5,7 @@ Results are pydantic models, so the JSON API's field names are the models' field
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
 
@@ -16,6 +17,8 @@ from sqlalchemy.orm import Session
 from db.models import (
     HISTOGRAM_BINS_PER_DECADE,
     HISTOGRAM_LOG10_MIN,
+    WINDOW_LEFT,
+    WINDOW_LENGTH,
     CorpusSequence,
     Example,
     Feature,
@@ -321,8 +324,42 @@ def _token_counts(items: list[dict], vocab: list[str]) -> list[TokenCount]:
     return [TokenCount(token=vocab[item["token_id"]], **item) for item in items]
 
 
+@dataclass
+class _StoredExample:
+    sequence_index: int
+    position: int
+    activation: float
+    projection: float | None
+    band: int | None
+    window: np.ndarray  # float32 [WINDOW_LENGTH], NaN outside the sequence
+
+
+def _stored_examples(row: Row) -> list[_StoredExample]:
+    """The examples packed in one row of the `examples` table, in stored order."""
+
+    def array(blob: bytes | None, dtype: str) -> list | None:
+        return None if blob is None else np.frombuffer(blob, dtype=dtype).tolist()
+
+    sequence = array(row.sequence_index, "<i4")
+    projection = array(row.projection, "<f4") or [None] * len(sequence)
+    band = array(row.band, "<i4") or [None] * len(sequence)
+    windows = np.frombuffer(row.window_activations, dtype="<f4").reshape(-1, WINDOW_LENGTH)
+    return [
+        _StoredExample(*fields)
+        for fields in zip(
+            sequence,
+            array(row.position, "<i4"),
+            array(row.activation, "<f4"),
+            projection,
+            band,
+            windows,
+            strict=True,
+        )
+    ]
+
+
 class _ExampleRenderer:
-    """Turns stored example rows into windows of token strings, loading each sequence once."""
+    """Turns stored examples into windows of token strings, loading each sequence once."""
 
     def __init__(self, session: Session, sae: Sae, vocab: list[str]) -> None:
         self.session = session
@@ -330,8 +367,8 @@ class _ExampleRenderer:
         self.vocab = vocab
         self.sequences: dict[int, np.ndarray] = {}
 
-    def load(self, rows: list[Row]) -> None:
-        wanted = {row.sequence_index for row in rows} - self.sequences.keys()
+    def load(self, examples: list[_StoredExample]) -> None:
+        wanted = {example.sequence_index for example in examples} - self.sequences.keys()
         if not wanted:
             return
         found = self.session.execute(
@@ -343,21 +380,23 @@ class _ExampleRenderer:
         for index, blob in found:
             self.sequences[index] = np.frombuffer(blob, dtype="<i4")
 
-    def render(self, row: Row) -> ExampleOut:
-        activations = np.frombuffer(row.window_activations, dtype="<f4")
-        token_ids = self.sequences[row.sequence_index][
-            row.window_start : row.window_start + len(activations)
+    def render(self, example: _StoredExample) -> ExampleOut:
+        inside = np.flatnonzero(~np.isnan(example.window))
+        start = example.position - WINDOW_LEFT + int(inside[0])
+        activations = example.window[inside]
+        token_ids = self.sequences[example.sequence_index][
+            start : start + len(activations)
         ].tolist()
         # Trusted data straight from the file: construct without re-validating every field.
         return ExampleOut.model_construct(
-            sequence_index=row.sequence_index,
-            position=row.position,
-            activation=row.activation,
-            projection=row.projection,
+            sequence_index=example.sequence_index,
+            position=example.position,
+            activation=example.activation,
+            projection=example.projection,
             tokens=[self.vocab[t] for t in token_ids],
             token_ids=token_ids,
             activations=np.round(activations.astype(np.float64), 5).tolist(),
-            focus=row.position - row.window_start,
+            focus=example.position - start,
         )
 
 
@@ -463,18 +502,15 @@ def get_feature(session: Session, sae_name: str, feature_index: int) -> FeatureD
             f"SAE {sae.name!r} has no feature {feature_index} (it has 0..{sae.d_sae - 1})"
         )
     vocab = _vocab(session, sae.corpus_id)
-    rows = list(
-        session.execute(
-            select(Example.__table__)
-            .where(Example.sae_id == sae.id, Example.feature_index == feature_index)
-            .order_by(Example.kind, Example.rank)
+    grouped: dict[str, list[_StoredExample]] = {kind: [] for kind in EXAMPLE_KINDS}
+    for row in session.execute(
+        select(Example.__table__).where(
+            Example.sae_id == sae.id, Example.feature_index == feature_index
         )
-    )
+    ):
+        grouped[row.kind] = _stored_examples(row)
     renderer = _ExampleRenderer(session, sae, vocab)
-    renderer.load(rows)
-    grouped: dict[str, list[Row]] = {kind: [] for kind in EXAMPLE_KINDS}
-    for row in rows:
-        grouped[row.kind].append(row)
+    renderer.load([example for examples in grouped.values() for example in examples])
     edges = feature.quantile_edges
     bands = [
         QuantileBand(
@@ -482,7 +518,7 @@ def get_feature(session: Session, sae_name: str, feature_index: int) -> FeatureD
             lower=edges[band],
             upper=edges[band + 1],
             mass_share=feature.quantile_mass[band],
-            examples=[renderer.render(r) for r in grouped["quantile"] if r.band == band],
+            examples=[renderer.render(e) for e in grouped["quantile"] if e.band == band],
         )
         for band in range(len(edges) - 1)
     ]
@@ -498,10 +534,10 @@ def get_feature(session: Session, sae_name: str, feature_index: int) -> FeatureD
         positional_r2=feature.positional_r2,
         flags=flag_reasons(feature, sae.high_frequency_threshold),
         examples=Examples(
-            top=[renderer.render(r) for r in grouped["top"]],
-            bottom=[renderer.render(r) for r in grouped["bottom"]],
+            top=[renderer.render(e) for e in grouped["top"]],
+            bottom=[renderer.render(e) for e in grouped["bottom"]],
             quantiles=bands,
-            decoder_top=[renderer.render(r) for r in grouped["decoder_top"]],
+            decoder_top=[renderer.render(e) for e in grouped["decoder_top"]],
         ),
         encoder_decoder=EncoderDecoder(
             jaccard=feature.jaccard,
@@ -604,19 +640,20 @@ def _latent_for_token(
     session: Session, sae: Sae, latent: TokenLatent, renderer: _ExampleRenderer
 ) -> LatentForToken:
     """The latent with up to two of its stored examples whose focus token is this token."""
-    rows = list(
-        session.execute(
-            select(Example.__table__)
-            .where(Example.sae_id == sae.id, Example.feature_index == latent.feature_index)
-            .where(Example.kind.in_(("top", "quantile")))
-            .order_by(Example.activation.desc())
-        )
+    rows = session.execute(
+        select(Example.__table__)
+        .where(Example.sae_id == sae.id, Example.feature_index == latent.feature_index)
+        .where(Example.kind.in_(("top", "quantile")))
     )
-    renderer.load(rows)
+    stored = sorted(
+        (example for row in rows for example in _stored_examples(row)),
+        key=lambda example: -example.activation,
+    )
+    renderer.load(stored)
     examples = [
-        renderer.render(row)
-        for row in rows
-        if renderer.sequences[row.sequence_index][row.position] == latent.token_id
+        renderer.render(example)
+        for example in stored
+        if renderer.sequences[example.sequence_index][example.position] == latent.token_id
     ][:2]
     return LatentForToken(
         feature_index=latent.feature_index,

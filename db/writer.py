@@ -181,7 +181,7 @@ class DatabaseWriter:
         logger.info(
             "wrote %d features and %d examples",
             len(data.features["feature_index"]),
-            len(data.examples["rank"]),
+            sum(len(blob) for blob in data.examples["sequence_index"]) // 4,  # int32 each
         )
 
     def _corpus_id(self, session: Session, corpus: CorpusData) -> int:

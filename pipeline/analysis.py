@@ -19,7 +19,7 @@ from pipeline.accumulators import (
     ExamplesResult,
     unit_rows,
 )
-from pipeline.kernels import WINDOW_LEFT, histogram_edges
+from pipeline.kernels import histogram_edges
 from pipeline.synthetic import GroundTruthMatch
 
 # Flag rules (documented in the README).
@@ -487,13 +487,13 @@ def token_columns(result: AccumulatedResult, n: int) -> tuple[dict[str, list], d
 def example_columns(
     result: AccumulatedResult, settings: AnalysisSettings, edges: Float[np.ndarray, "d_sae edges"]
 ) -> dict[str, list]:
-    """Every stored example as columns of the `examples` table."""
+    """The `examples` table as columns: one row per feature and kind that has examples."""
     parts = []
     for kind in ("top", "bottom", "decoder_top"):
         examples: ExamplesResult = getattr(result, kind)
-        feature, slot = np.nonzero(examples.valid)
+        feature, slot = np.nonzero(examples.valid)  # feature-major, best first
         projection = examples.score[feature, slot] if kind == "decoder_top" else None
-        parts.append(_columns(examples, feature, slot, kind, slot, None, projection))
+        parts.append(_columns(examples, feature, slot, kind, None, projection))
     parts.append(_quantile_columns(result.random, settings, edges))
     return {name: [x for part in parts for x in part[name]] for name in parts[0]}
 
@@ -510,17 +510,8 @@ def _quantile_columns(
     # Stable: feature-major, then by band, each band in the sample's order.
     group = feature * n_bands + band
     order = np.argsort(group, kind="stable")
-    rank = ranks_within_groups(group[order])
-    keep = order[rank < per_band]
-    return _columns(
-        random,
-        feature[keep],
-        slot[keep],
-        "quantile",
-        band[keep] * per_band + rank[rank < per_band],
-        band[keep],
-        None,
-    )
+    keep = order[ranks_within_groups(group[order]) < per_band]
+    return _columns(random, feature[keep], slot[keep], "quantile", band[keep], None)
 
 
 def _columns(
@@ -528,28 +519,25 @@ def _columns(
     feature: np.ndarray,
     slot: np.ndarray,
     kind: str,
-    rank,
-    band,
-    projection,
+    band: np.ndarray | None,
+    projection: np.ndarray | None,
 ) -> dict[str, list]:
-    position = examples.position[feature, slot]
-    windows = examples.window[feature, slot].astype("<f4")
-    # NaN marks window tokens outside the sequence: only the real ones are stored.
-    inside = ~np.isnan(windows)
-    first = inside.argmax(axis=1)
-    length = inside.sum(axis=1)
-    n = len(feature)
+    """One row per feature in `feature` (ascending), each field packed into a blob of that
+    feature's examples in the given order."""
+    starts = np.flatnonzero(np.r_[True, feature[1:] != feature[:-1]][: len(feature)])
+    n = len(starts)
+
+    def packed(values: np.ndarray, dtype: str) -> list[bytes]:
+        parts = np.split(values.astype(dtype), starts[1:]) if n else []
+        return [part.tobytes() for part in parts]
+
     return {
-        "feature_index": feature.tolist(),
+        "feature_index": feature[starts].tolist(),
         "kind": [kind] * n,
-        "rank": np.asarray(rank).tolist(),
-        "band": np.asarray(band).tolist() if band is not None else [None] * n,
-        "sequence_index": examples.sequence_index[feature, slot].tolist(),
-        "position": position.tolist(),
-        "activation": examples.activation[feature, slot].tolist(),
-        "projection": projection.tolist() if projection is not None else [None] * n,
-        "window_start": np.maximum(position - WINDOW_LEFT, 0).tolist(),
-        "window_activations": [
-            w[f : f + m].tobytes() for w, f, m in zip(windows, first, length, strict=True)
-        ],
+        "sequence_index": packed(examples.sequence_index[feature, slot], "<i4"),
+        "position": packed(examples.position[feature, slot], "<i4"),
+        "activation": packed(examples.activation[feature, slot], "<f4"),
+        "band": packed(band, "<i4") if band is not None else [None] * n,
+        "projection": packed(projection, "<f4") if projection is not None else [None] * n,
+        "window_activations": packed(examples.window[feature, slot], "<f4"),
     }

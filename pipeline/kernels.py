@@ -18,15 +18,17 @@ import numba
 import numpy as np
 from numba import njit, prange
 
-from db.models import HISTOGRAM_BINS, HISTOGRAM_LOG10_MAX, HISTOGRAM_LOG10_MIN
+from db.models import (
+    HISTOGRAM_BINS,
+    HISTOGRAM_LOG10_MAX,
+    HISTOGRAM_LOG10_MIN,
+    WINDOW_LEFT,
+    WINDOW_LENGTH,
+)
 
 # Numba's OpenMP layer and torch's OpenMP runtime crash in one process; numba's own pool is safe.
 numba.config.THREADING_LAYER = "workqueue"
 
-# Example windows show this many tokens before and after the example's token.
-WINDOW_LEFT = 12
-WINDOW_RIGHT = 4
-WINDOW_LENGTH = WINDOW_LEFT + WINDOW_RIGHT + 1
 # Each block of GAP tokens of a sequence proposes its best position (see `_end_block`).
 GAP = WINDOW_LENGTH - 1
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from db.models import HISTOGRAM_BINS
+from db.models import HISTOGRAM_BINS, WINDOW_LEFT, WINDOW_LENGTH, WINDOW_RIGHT
 from pipeline.accumulators import (
     AccumulatedResult,
     Batch,
@@ -15,13 +15,7 @@ from pipeline.accumulators import (
     position_hash,
     unit_rows,
 )
-from pipeline.kernels import (
-    RANDOM_KEY_BITS,
-    WINDOW_LEFT,
-    WINDOW_LENGTH,
-    WINDOW_RIGHT,
-    histogram_edges,
-)
+from pipeline.kernels import RANDOM_KEY_BITS, histogram_edges
 
 N_SEQ, CTX, N_FEATURES, D_MODEL, VOCAB = 8, 45, 6, 4, 13
 SIZES = ExampleSizes(top=5, bottom=4, decoder_top=5, random=7, sample_positions=50)

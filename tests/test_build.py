@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
+from db.models import WINDOW_LEFT, WINDOW_LENGTH
 from pipeline.cli import app
 
 runner = CliRunner()
@@ -65,18 +66,39 @@ def test_examples_refer_to_corpus_rows_and_columns(built_db: Path, token_file: P
     tokens = np.load(token_file)
     examples = rows(
         built_db,
-        "select feature_index, kind, sequence_index, position, activation, window_start, "
+        "select feature_index, kind, sequence_index, position, activation, band, projection, "
         "window_activations from examples",
     )
     assert {kind for _, kind, *_ in examples} == {"top", "bottom", "decoder_top", "quantile"}
     stored = dict(rows(built_db, "select sequence_index, token_ids from corpus_sequences"))
-    for _feature, kind, sequence, position, activation, start, window in examples:
-        np.testing.assert_array_equal(np.frombuffer(stored[sequence], "<i4"), tokens[sequence])
-        values = np.frombuffer(window, "<f4")
-        assert start <= position < start + len(values)
-        assert values[position - start] == pytest.approx(activation, rel=1e-5)
-        if kind != "decoder_top":
-            assert activation > 0
+    for _feature, kind, sequences, positions, activations, bands, projections, windows in examples:
+        sequence = np.frombuffer(sequences, "<i4")
+        position = np.frombuffer(positions, "<i4")
+        activation = np.frombuffer(activations, "<f4")
+        window = np.frombuffer(windows, "<f4").reshape(len(sequence), WINDOW_LENGTH)
+        assert len(sequence) == len(position) == len(activation) > 0
+        for s in sequence:
+            np.testing.assert_array_equal(np.frombuffer(stored[s], "<i4"), tokens[s])
+        # The window is the context around the token, NaN beyond the sequence's ends.
+        offsets = position[:, None] + np.arange(-WINDOW_LEFT, WINDOW_LENGTH - WINDOW_LEFT)
+        np.testing.assert_array_equal(
+            np.isnan(window), (offsets < 0) | (offsets >= tokens.shape[1])
+        )
+        np.testing.assert_allclose(window[:, WINDOW_LEFT], activation, rtol=1e-5)
+        assert (bands is not None) == (kind == "quantile")
+        assert (projections is not None) == (kind == "decoder_top")
+        if kind == "decoder_top":
+            # Best first.
+            projection = np.frombuffer(projections, "<f4")
+            assert np.all(np.diff(projection) <= 0)
+        else:
+            assert np.all(activation > 0)
+        if kind == "top":
+            assert np.all(np.diff(activation) <= 0)
+        if kind == "bottom":
+            assert np.all(np.diff(activation) >= 0)
+        if kind == "quantile":
+            assert np.all(np.diff(np.frombuffer(bands, "<i4")) >= 0)
 
 
 def test_frequencies_match_the_token_table(built_db: Path) -> None:
