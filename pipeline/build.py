@@ -279,8 +279,9 @@ def stream(sae, config: BuildConfig, inputs: BuildInputs):
             )
             accumulators.update(batch)
             progress.update(batch_tokens.numel())
-        del batch  # before the memory kept for reuse is handed back
-    return accumulators.finalize()
+        del batch
+        # Here, the results take the memory the last batch freed instead of being faulted in.
+        return accumulators.finalize()
 
 
 def sae_data(config, sae, accumulated, evaluation: dict, inputs: BuildInputs) -> SaeData:
