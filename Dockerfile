@@ -7,12 +7,14 @@ COPY pyproject.toml README.md ./
 COPY db db
 COPY server server
 COPY frontend frontend
-COPY pipeline/__init__.py pipeline/cli.py pipeline/
+COPY cli cli
+# The pipeline's code without its dependencies (torch): the package's layout needs the folder.
+COPY pipeline pipeline
 RUN pip install --no-cache-dir .
 EXPOSE 8000
 HEALTHCHECK --interval=30s --timeout=5s --start-period=10s \
     CMD python -c "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8000/api/v1/health')"
-ENTRYPOINT ["python", "-m", "server"]
+ENTRYPOINT ["python", "-m", "saescope.server"]
 CMD ["/data/features.db", "--host", "0.0.0.0", "--port", "8000"]
 
 FROM python:3.11-slim AS pipeline

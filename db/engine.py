@@ -7,7 +7,7 @@ from pathlib import Path
 from sqlalchemy import Engine, create_engine, event, select
 from sqlalchemy.orm import Session
 
-from db.models import SCHEMA_VERSION, Meta
+from saescope.db.models import SCHEMA_VERSION, Meta
 
 
 class SchemaMismatchError(Exception):

@@ -14,7 +14,7 @@ from pydantic import BaseModel, Field
 from sqlalchemy import Row, and_, func, or_, select
 from sqlalchemy.orm import Session
 
-from db.models import (
+from saescope.db.models import (
     HISTOGRAM_BINS_PER_DECADE,
     HISTOGRAM_LOG10_MIN,
     WINDOW_LEFT,

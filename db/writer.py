@@ -20,8 +20,8 @@ import numpy as np
 from sqlalchemy import JSON, delete, select
 from sqlalchemy.orm import Session
 
-from db.engine import SchemaMismatchError, check_schema_version, writable_engine
-from db.models import (
+from saescope.db.engine import SchemaMismatchError, check_schema_version, writable_engine
+from saescope.db.models import (
     SCHEMA_VERSION,
     Base,
     Corpus,

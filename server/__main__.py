@@ -1,5 +1,5 @@
 """`python -m server DB`: serve a database without the pipeline's dependencies installed."""
 
-from server.cli import main
+from saescope.server.cli import main
 
 main()

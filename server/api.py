@@ -5,11 +5,11 @@ from __future__ import annotations
 from fastapi import APIRouter
 from pydantic import BaseModel
 
-from db import queries
-from db.models import SCHEMA_VERSION
-from server.dependencies import SessionDep, SettingsDep
-from server.errors import ERROR_RESPONSES
-from server.params import FeatureIndex, FeatureTableQuery, SaeName, Threshold, TokenQuery
+from saescope.db import queries
+from saescope.db.models import SCHEMA_VERSION
+from saescope.server.dependencies import SessionDep, SettingsDep
+from saescope.server.errors import ERROR_RESPONSES
+from saescope.server.params import FeatureIndex, FeatureTableQuery, SaeName, Threshold, TokenQuery
 
 router = APIRouter(prefix="/api/v1", responses=ERROR_RESPONSES)
 

@@ -13,11 +13,11 @@ from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import FileResponse, HTMLResponse
 from fastapi.staticfiles import StaticFiles
 
-from db.engine import check_schema_version, readonly_engine
-from server import api, pages
-from server.errors import install_error_handlers
-from server.settings import Settings
-from server.templating import STATIC_DIR
+from saescope.db.engine import check_schema_version, readonly_engine
+from saescope.server import api, pages
+from saescope.server.errors import install_error_handlers
+from saescope.server.settings import Settings
+from saescope.server.templating import STATIC_DIR
 
 PLOTLY_JS = files("plotly") / "package_data" / "plotly.min.js"
 WORKER_THREADS = 4

@@ -22,9 +22,9 @@ def serve(
     """Serve the dashboard and the JSON API for DATABASE, read-only."""
     import uvicorn
 
-    from db.engine import SchemaMismatchError
-    from server.app import create_app
-    from server.settings import Settings
+    from saescope.db.engine import SchemaMismatchError
+    from saescope.server.app import create_app
+    from saescope.server.settings import Settings
 
     try:
         overrides = {"page_size": page_size} if page_size is not None else {}

@@ -8,7 +8,7 @@ from typing import Annotated
 from fastapi import Depends, Request
 from sqlalchemy.orm import Session
 
-from server.settings import Settings
+from saescope.server.settings import Settings
 
 
 def get_session(request: Request) -> Iterator[Session]:

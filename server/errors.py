@@ -11,8 +11,8 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException
 
-from db.queries import BadRequestError, NotFoundError
-from server.templating import templates
+from saescope.db.queries import BadRequestError, NotFoundError
+from saescope.server.templating import templates
 
 
 class ErrorDetail(BaseModel):

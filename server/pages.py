@@ -5,10 +5,10 @@ from __future__ import annotations
 from fastapi import APIRouter, Request
 from fastapi.responses import HTMLResponse
 
-from db import queries
-from server.dependencies import SessionDep, SettingsDep
-from server.params import FeatureIndex, FeatureTableQuery, SaeName, Threshold, TokenQuery
-from server.templating import templates
+from saescope.db import queries
+from saescope.server.dependencies import SessionDep, SettingsDep
+from saescope.server.params import FeatureIndex, FeatureTableQuery, SaeName, Threshold, TokenQuery
+from saescope.server.templating import templates
 
 router = APIRouter(include_in_schema=False, default_response_class=HTMLResponse)
 

@@ -8,7 +8,14 @@ from typing import Annotated
 from fastapi import Depends, Path, Query
 from sqlalchemy.orm import Session
 
-from db.queries import MAX_PAGE_SIZE, FeaturePage, FlagName, SortKey, SortOrder, list_features
+from saescope.db.queries import (
+    MAX_PAGE_SIZE,
+    FeaturePage,
+    FlagName,
+    SortKey,
+    SortOrder,
+    list_features,
+)
 
 SaeName = Annotated[str, Path(description="name of the SAE in the database")]
 FeatureIndex = Annotated[int, Path(ge=0, description="latent index")]

@@ -9,8 +9,8 @@ from urllib.parse import quote
 from fastapi.templating import Jinja2Templates
 from markupsafe import Markup, escape
 
-TEMPLATES_DIR = files("frontend") / "templates"
-STATIC_DIR = files("frontend") / "static"
+TEMPLATES_DIR = files("saescope.frontend") / "templates"
+STATIC_DIR = files("saescope.frontend") / "static"
 
 templates = Jinja2Templates(directory=str(TEMPLATES_DIR))
 

@@ -26,7 +26,7 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     import torch
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from pipeline.train_lm import train_tokenizer
+    from saescope.pipeline.demo.language_model import train_tokenizer
 
     directory = tmp_path_factory.mktemp("tiny_model")
     wrapped = train_tokenizer([TEXT] * 50, vocab_size=400)
@@ -99,7 +99,7 @@ def dashboard_db(tmp_path_factory, tiny_model_dir: Path, tiny_sae_dir: Path) -> 
 
     from typer.testing import CliRunner
 
-    from pipeline.cli import app
+    from saescope.cli import app
 
     directory = tmp_path_factory.mktemp("dashboard")
     corpus = directory / "docs.jsonl"

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from db.models import HISTOGRAM_BINS, WINDOW_LEFT, WINDOW_LENGTH, WINDOW_RIGHT
-from pipeline.accumulators import (
+from saescope.db.models import HISTOGRAM_BINS, WINDOW_LEFT, WINDOW_LENGTH, WINDOW_RIGHT
+from saescope.pipeline.build.accumulators import (
     AccumulatedResult,
     Batch,
     ExampleSizes,
@@ -15,7 +15,7 @@ from pipeline.accumulators import (
     position_hash,
     unit_rows,
 )
-from pipeline.kernels import RANDOM_KEY_BITS, histogram_edges
+from saescope.pipeline.build.kernels import RANDOM_KEY_BITS, histogram_edges
 
 N_SEQ, CTX, N_FEATURES, D_MODEL, VOCAB = 8, 45, 6, 4, 13
 SIZES = ExampleSizes(top=5, bottom=4, decoder_top=5, random=7, sample_positions=50)
@@ -199,9 +199,9 @@ def test_decoder_top_is_that_of_exact_projections(monkeypatch, native_bfloat16: 
     """Projections of a feature that differ by less than the bfloat16 rounding, so the screen's
     margin decides which enter; every fifth sequence three times as long, so its margin is looser
     than the others'."""
-    import pipeline.accumulators
+    from saescope.pipeline.build import accumulators
 
-    monkeypatch.setattr(pipeline.accumulators, "cpu_multiplies_bfloat16", lambda: native_bfloat16)
+    monkeypatch.setattr(accumulators, "cpu_multiplies_bfloat16", lambda: native_bfloat16)
     n_seq, n_features, d_model = 40, 64, 48
     generator = torch.Generator().manual_seed(1)
     shared = torch.randn(d_model, generator=generator)
@@ -391,7 +391,7 @@ def test_one_thread_gives_the_multithreaded_result(data: dict, result) -> None:
 
 
 def test_example_keys_order_by_score_then_earlier_token() -> None:
-    from pipeline.kernels import example_keys, key_scores, key_tokens
+    from saescope.pipeline.build.kernels import example_keys, key_scores, key_tokens
 
     rng = np.random.default_rng(1)
     scores = np.concatenate(
@@ -409,7 +409,7 @@ def test_example_keys_order_by_score_then_earlier_token() -> None:
 
 
 def test_sparse_token_table_equals_the_dense_one(data, result, monkeypatch) -> None:
-    import pipeline.accumulators as accumulators
+    import saescope.pipeline.build.accumulators as accumulators
 
     monkeypatch.setattr(accumulators, "DENSE_TOKEN_TABLE_CELLS", 0)
     monkeypatch.setattr(accumulators, "TOKEN_TABLE_COMPACT_EVERY", 50)

@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 import uvicorn
 
-from server.app import create_app
-from server.settings import Settings
+from saescope.server.app import create_app
+from saescope.server.settings import Settings
 
 CHROMIUM = "/usr/bin/chromium"
 # Without the networking flags Chromium tries to reach Google's hosts, which this machine refuses.

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from db.models import WINDOW_LEFT, WINDOW_LENGTH
-from pipeline.cli import app
+from saescope.cli import app
+from saescope.db.models import WINDOW_LEFT, WINDOW_LENGTH
 
 runner = CliRunner()
 HOOK = "blocks.1.hook_resid_pre"
@@ -272,7 +272,7 @@ def test_output_not_writable(tmp_path, tiny_model_dir, tiny_sae_dir, token_file)
 def test_ctrl_c_leaves_the_previous_database(
     monkeypatch, previous_db, built_db, tiny_model_dir, tiny_sae_dir, token_file
 ):
-    from pipeline.accumulators import FeatureAccumulators
+    from saescope.pipeline.build.accumulators import FeatureAccumulators
 
     def interrupt(self, batch) -> None:
         raise KeyboardInterrupt
@@ -289,7 +289,7 @@ def test_demo_rebuilds_only_a_database_of_another_schema(
 ) -> None:
     import shutil
 
-    from pipeline.demo import demo_commands
+    from saescope.pipeline.demo import demo_commands
 
     (tmp_path / "sae").mkdir()
     (tmp_path / "sae" / "cfg.json").write_text("{}")

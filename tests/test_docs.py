@@ -7,8 +7,8 @@ from pathlib import Path
 import click
 import typer.main
 
-from pipeline.cli import app
-from server.settings import Settings
+from saescope.cli import app
+from saescope.server.settings import Settings
 
 README = (Path(__file__).parent.parent / "README.md").read_text()
 COMMANDS = ("build", "train", "train-lm", "synth", "demo", "serve")
@@ -47,7 +47,7 @@ def test_readme_documents_every_setting() -> None:
 
 
 def test_readme_lists_every_api_route() -> None:
-    from server import api
+    from saescope.server import api
 
     for route in api.router.routes:
         assert f"GET {route.path}" in README, route.path

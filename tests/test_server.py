@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 from fastapi.testclient import TestClient
 
-from db.models import SCHEMA_VERSION
-from server.app import create_app
-from server.settings import Settings
+from saescope.db.models import SCHEMA_VERSION
+from saescope.server.app import create_app
+from saescope.server.settings import Settings
 from tests.conftest import XSS
 
 SAE = "tiny-sae"
@@ -217,7 +217,7 @@ def test_database_is_opened_read_only(client: TestClient, dashboard_db: Path) ->
 
 
 def test_schema_version_is_checked_at_start(tmp_path: Path, dashboard_db: Path) -> None:
-    from db.engine import SchemaMismatchError
+    from saescope.db.engine import SchemaMismatchError
 
     copy = tmp_path / "old.db"
     copy.write_bytes(dashboard_db.read_bytes())
@@ -249,14 +249,14 @@ def test_server_never_imports_torch(dashboard_db: Path) -> None:
     code = (
         "import sys\n"
         "from fastapi.testclient import TestClient\n"
-        "from server.app import create_app\n"
-        "from server.settings import Settings\n"
+        "from saescope.server.app import create_app\n"
+        "from saescope.server.settings import Settings\n"
         f"client = TestClient(create_app(Settings(database={str(dashboard_db)!r})))\n"
         "for url in ['/', '/saes/tiny-sae', '/saes/tiny-sae/features/1', '/api/v1/saes']:\n"
         "    assert client.get(url).status_code == 200\n"
         "assert 'torch' not in sys.modules, 'torch was imported'\n"
     )
-    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120, cwd=dashboard_db.parent)
 
 
 def test_layers_import_one_way() -> None:

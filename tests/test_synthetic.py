@@ -10,8 +10,8 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from pipeline import synthetic
-from pipeline.cli import app
+from saescope.cli import app
+from saescope.pipeline.synthetic import data as synthetic
 
 runner = CliRunner()
 
@@ -72,7 +72,7 @@ def test_composed_detector_and_mmcs() -> None:
 def test_l1_sae_learns_composed_pairs_of_two_sets() -> None:
     """Anders et al. (2024): with two sets of two features (one of each set always on, a shared
     amplitude), an L1 SAE with four latents learns the four pairs, not the single features."""
-    from pipeline.train_sae import TrainConfig, train_sae
+    from saescope.pipeline.training.train import TrainConfig, train_sae
 
     data = synthetic.composed(2, 2, 4, 60_000, 0.0, 0.0, True, seed=0)
     config = TrainConfig(
@@ -128,8 +128,8 @@ def test_build_on_a_synthetic_source(tmp_path: Path) -> None:
 
     from fastapi.testclient import TestClient
 
-    from server.app import create_app
-    from server.settings import Settings
+    from saescope.server.app import create_app
+    from saescope.server.settings import Settings
 
     client = TestClient(create_app(Settings(database=db)))
     well_matched = [(index, name) for index, name, cosine in rows if cosine > 0.95]

@@ -12,9 +12,9 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from pipeline.cli import app
-from pipeline.synthetic import chunked, mean_max_cosine, sparse_linear_combinations
-from pipeline.train_sae import (
+from saescope.cli import app
+from saescope.pipeline.synthetic.data import chunked, mean_max_cosine, sparse_linear_combinations
+from saescope.pipeline.training.train import (
     SparseAutoencoder,
     TrainConfig,
     objective_loss,

@@ -27,13 +27,13 @@ from pathlib import Path
 
 # Before torch: the pipeline sets torch's OpenMP spin count as torch loads (pipeline/__init__.py),
 # for this process's passes and, through the environment, for both kinds of subprocess.
-import pipeline  # noqa: F401
+import saescope.pipeline  # noqa: F401
 
 # isort: split
 import numpy as np
 import torch
 
-from pipeline.memory import reused_memory
+from saescope.pipeline.memory import reused_memory
 
 HOOK = "blocks.1.hook_resid_pre"
 CONTEXT = 128
@@ -48,8 +48,8 @@ def make_inputs(directory: Path, d_sae: int) -> tuple[Path, Path, Path]:
     from sae_lens.saes.sae import SAEMetadata
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from pipeline.lm_corpus import stdlib_texts
-    from pipeline.train_lm import train_tokenizer
+    from saescope.pipeline.demo.corpus import stdlib_texts
+    from saescope.pipeline.demo.language_model import train_tokenizer
 
     model_dir, sae_dir = directory / "model", directory / "sae"
     wrapped = train_tokenizer(list(stdlib_texts()), vocab_size=4096)
@@ -90,7 +90,7 @@ def forward_and_encode(
 ) -> None:
     """The floor: forward to the hook and SAE encode, batch by batch, under the same allocator
     setting as the build's pass; `then`, if given, also gets each batch's hook input."""
-    from pipeline import sources
+    from saescope.pipeline import sources
 
     with torch.inference_mode(), reused_memory():
         for start in range(0, len(tokens), BATCH):
@@ -102,9 +102,9 @@ def forward_and_encode(
 
 
 def time_passes(model_dir: Path, sae_dir: Path, tokens_path: Path, n_tokens: int) -> dict:
-    from pipeline import sources
-    from pipeline.accumulators import DecoderTop
-    from pipeline.build import BuildConfig, model_inputs, stream
+    from saescope.pipeline import sources
+    from saescope.pipeline.build.accumulators import DecoderTop
+    from saescope.pipeline.build.job import BuildConfig, model_inputs, stream
 
     sae = sources.load_sae(sae_dir, None, None, "cpu", "float32")
     model = sources.load_model(str(model_dir), "cpu", torch.float32, {}, quiet=True)
@@ -152,7 +152,7 @@ started = time.perf_counter()
 sys.path.insert(0, {str(Path(__file__).parent)!r})
 import numpy as np, torch
 from build_speed import forward_and_encode
-from pipeline import sources
+from saescope.pipeline import sources
 sae = sources.load_sae(Path({str(sae_dir)!r}), None, None, "cpu", "float32")
 model = sources.load_model({str(model_dir)!r}, "cpu", torch.float32, {{}}, quiet=True)
 forward_and_encode(model, sae, np.load({str(tokens_path)!r})[: {n_tokens // CONTEXT}])
@@ -164,7 +164,7 @@ print(json.dumps({{"seconds": time.perf_counter() - started}}))
 def build_in_subprocess(model_dir, sae_dir, tokens_path, n_tokens: int, out: Path) -> dict:
     code = f"""
 import json, resource, sys, time
-from pipeline.cli import app
+from saescope.cli import app
 started = time.perf_counter()
 try:
     app([

@@ -1,7 +1,7 @@
 """Server latency under load: feature page and feature JSON against a trivial endpoint.
 
 Builds (once, cached at --db) a database of 16,384 features with the embedded demo model and an
-SAE of random directions, serves it with `python -m server` in a subprocess, and loads it with
+SAE of random directions, serves it with `python -m saescope.server` in a subprocess, and loads it with
 wrk (Debian's `wrk`, a C client, so the load generator takes little of the two cores), requesting
 random features:
   - mixed, in one run: three wrk processes at once, 32 connections in all, one per endpoint (the
@@ -60,9 +60,9 @@ def build_database(path: Path) -> None:
     from sae_lens import StandardSAE, StandardSAEConfig
     from sae_lens.saes.sae import SAEMetadata
 
-    from pipeline import sources
-    from pipeline.cli import app
-    from pipeline.demo import DEMO_HOOK, DEMO_MODEL, token_file
+    from saescope.cli import app
+    from saescope.pipeline import sources
+    from saescope.pipeline.demo import DEMO_HOOK, DEMO_MODEL, token_file
 
     with tempfile.TemporaryDirectory() as tmp:
         directory = Path(tmp)
@@ -128,7 +128,7 @@ def main() -> None:
     args = parser.parse_args()
     if shutil.which("wrk") is None:
         sys.exit("needs wrk: apt-get install wrk")
-    from db.engine import has_current_schema
+    from saescope.db.engine import has_current_schema
 
     if not args.db.exists() or not has_current_schema(args.db):
         args.db.unlink(missing_ok=True)
@@ -137,7 +137,7 @@ def main() -> None:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     server = subprocess.Popen(
-        [sys.executable, "-m", "server", str(args.db), "--port", str(port)],
+        [sys.executable, "-m", "saescope.server", str(args.db), "--port", str(port)],
         stderr=subprocess.DEVNULL,
     )
     base = f"http://127.0.0.1:{port}"

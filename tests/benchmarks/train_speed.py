@@ -20,10 +20,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline import sources
-from pipeline.demo import DEMO_HOOK, DEMO_MODEL, token_file
-from pipeline.memory import reused_memory
-from pipeline.train_sae import (
+from saescope.pipeline import sources
+from saescope.pipeline.demo import DEMO_HOOK, DEMO_MODEL, token_file
+from saescope.pipeline.memory import reused_memory
+from saescope.pipeline.training.train import (
     SparseAutoencoder,
     TrainConfig,
     model_activation_source,

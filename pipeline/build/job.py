@@ -20,14 +20,15 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from db.writer import CorpusData, DatabaseWriter, SaeData
-from pipeline import analysis, sources
-from pipeline.accumulators import Batch, ExampleSizes, FeatureAccumulators
-from pipeline.evaluate import evaluate_reconstruction, evaluate_sae
-from pipeline.memory import reused_memory
-from pipeline.sources import CorpusTokens
-from pipeline.synthetic import SyntheticSource, load_source, match_ground_truth
-from pipeline.train_sae import TRAINING_LOG
+from saescope.db.writer import CorpusData, DatabaseWriter, SaeData
+from saescope.pipeline import sources
+from saescope.pipeline.build import analysis
+from saescope.pipeline.build.accumulators import Batch, ExampleSizes, FeatureAccumulators
+from saescope.pipeline.build.evaluation import evaluate_reconstruction, evaluate_sae
+from saescope.pipeline.memory import reused_memory
+from saescope.pipeline.sources import CorpusTokens
+from saescope.pipeline.synthetic.data import SyntheticSource, load_source, match_ground_truth
+from saescope.pipeline.training.train import TRAINING_LOG
 
 logger = logging.getLogger(__name__)
 

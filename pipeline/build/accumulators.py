@@ -6,7 +6,7 @@ results (`finalize`). State is bounded by the number of features times k (or the
 histogram bins or positions, or the size of the position sample), never by the number of tokens,
 except `TokenTable`, bounded by the number of distinct (token, feature) pairs.
 
-The per-entry work runs in the compiled kernels of `pipeline.kernels`, on the CPU whatever the
+The per-entry work runs in the compiled kernels of `kernels`, on the CPU whatever the
 build's device (the model, the SAE and the decoder projections stay on the device): one kernel
 pass over a batch updates the statistics, the token table and three example sets at once.
 
@@ -27,9 +27,9 @@ import torch
 from jaxtyping import BFloat16, Bool, Float, Int
 from torch import Tensor
 
-from db.models import HISTOGRAM_BINS
-from pipeline import kernels
-from pipeline.kernels import (
+from saescope.db.models import HISTOGRAM_BINS
+from saescope.pipeline.build import kernels
+from saescope.pipeline.build.kernels import (
     EMPTY_KEY,
     TOKEN_LIMIT,
     WINDOW_LENGTH,
@@ -214,7 +214,7 @@ class FeatureStatsResult:
 
 class Examples:
     """The k best-scoring (token, feature) pairs per feature, with their context windows: each
-    feature's k slots, their keys and a min-heap of the slots by key (see `pipeline.kernels`).
+    feature's k slots, their keys and a min-heap of the slots by key (see `kernels`).
 
     Keys are unique and totally ordered, so any split of the corpus into batches or shards gives
     the same result. Slots are unordered until `finalize`.

@@ -19,7 +19,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from pipeline.accumulators import unit_rows
+from saescope.pipeline.build.accumulators import unit_rows
 
 GENERATORS = ("sparse", "toy", "composed", "hierarchical")
 SET_NAMES = "xyzwvuts"

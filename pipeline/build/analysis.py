@@ -12,15 +12,15 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from db.writer import float32_blob, int32_blob
-from pipeline import kernels
-from pipeline.accumulators import (
+from saescope.db.writer import float32_blob, int32_blob
+from saescope.pipeline.build import kernels
+from saescope.pipeline.build.accumulators import (
     AccumulatedResult,
     ExamplesResult,
     unit_rows,
 )
-from pipeline.kernels import histogram_edges
-from pipeline.synthetic import GroundTruthMatch
+from saescope.pipeline.build.kernels import histogram_edges
+from saescope.pipeline.synthetic.data import GroundTruthMatch
 
 # Flag rules (documented in the README).
 POSITIONAL_R2_THRESHOLD = 0.5

@@ -30,8 +30,8 @@ from jaxtyping import Float
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from pipeline import sources
-from pipeline.memory import reused_memory
+from saescope.pipeline import sources
+from saescope.pipeline.memory import reused_memory
 
 logger = logging.getLogger(__name__)
 
@@ -398,7 +398,7 @@ def train_on_model(
 
 def train_on_synthetic(path: Path, out: Path, config: TrainConfig, quiet: bool) -> list[dict]:
     """`saescope train --synthetic`: the source's activations, shuffled by the buffer."""
-    from pipeline.synthetic import chunked, load_source
+    from saescope.pipeline.synthetic.data import chunked, load_source
 
     config.validate()
     try:

@@ -20,7 +20,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from pipeline import lm_corpus, sources
+from saescope.pipeline import sources
+from saescope.pipeline.demo import corpus as lm_corpus
 
 logger = logging.getLogger(__name__)
 

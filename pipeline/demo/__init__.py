@@ -11,8 +11,9 @@ from pathlib import Path
 
 import numpy as np
 
-from db.engine import has_current_schema
-from pipeline import lm_corpus, sources
+from saescope.db.engine import has_current_schema
+from saescope.pipeline import sources
+from saescope.pipeline.demo import corpus as lm_corpus
 
 logger = logging.getLogger(__name__)
 

@@ -10,7 +10,7 @@ from typing import Annotated
 
 import typer
 
-from server.cli import serve
+from saescope.server.cli import serve
 
 app = typer.Typer(
     help="Precompute and browse what the latents of a sparse autoencoder mean.",
@@ -139,11 +139,11 @@ def build(
 ) -> None:
     """Run the model over the corpus once and precompute every feature's data into --out."""
     setup_logging(quiet)
-    from db.writer import DatabaseWriteError
-    from pipeline.accumulators import ExampleSizes
-    from pipeline.analysis import AnalysisSettings
-    from pipeline.build import BuildConfig, run_build
-    from pipeline.sources import InputError
+    from saescope.db.writer import DatabaseWriteError
+    from saescope.pipeline.build.accumulators import ExampleSizes
+    from saescope.pipeline.build.analysis import AnalysisSettings
+    from saescope.pipeline.build.job import BuildConfig, run_build
+    from saescope.pipeline.sources import InputError
 
     for option, value in (
         ("--k-top", k_top),
@@ -222,7 +222,7 @@ def train_lm(
 ) -> None:
     """Train the demo language model on the standard library's docstrings and pydoc topics."""
     setup_logging(quiet)
-    from pipeline.train_lm import LanguageModelConfig, train_language_model
+    from saescope.pipeline.demo.language_model import LanguageModelConfig, train_language_model
 
     if min(vocab_size, d_model, n_layers, n_heads, context_length, batch_size) < 1 or epochs <= 0:
         fail("sizes, --batch-size and --epochs must be positive")
@@ -307,8 +307,8 @@ def train(
 ) -> None:
     """Train an SAE on the activations at --hook and save it in SAELens format."""
     setup_logging(quiet)
-    from pipeline.sources import InputError
-    from pipeline.train_sae import TrainConfig, train_on_model, train_on_synthetic
+    from saescope.pipeline.sources import InputError
+    from saescope.pipeline.training.train import TrainConfig, train_on_model, train_on_synthetic
 
     config = TrainConfig(
         objective=objective,
@@ -364,7 +364,7 @@ def demo(
     quiet: QuietOption = False,
 ) -> None:
     """Build the embedded demo (SAE and database, whatever is missing) and serve it."""
-    from pipeline.demo import demo_commands
+    from saescope.pipeline.demo import demo_commands
 
     for command in demo_commands(data, quiet):
         typer.echo(f"saescope {command[0]} ...", err=True)
@@ -420,7 +420,7 @@ def synth(
     seed: Annotated[int, typer.Option(help="Seed of the generator.")] = 0,
 ) -> None:
     """Write a synthetic source with known true features for `train` and `build --synthetic`."""
-    from pipeline import synthetic as synthetic_data
+    from saescope.pipeline.synthetic import data as synthetic_data
 
     makers = {
         "sparse": lambda: synthetic_data.sparse_linear_combinations(

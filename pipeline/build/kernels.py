@@ -18,7 +18,7 @@ import numba
 import numpy as np
 from numba import njit, prange
 
-from db.models import (
+from saescope.db.models import (
     HISTOGRAM_BINS,
     HISTOGRAM_LOG10_MAX,
     HISTOGRAM_LOG10_MIN,
