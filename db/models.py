@@ -1,7 +1,7 @@
 """SQLAlchemy typed ORM models: the data contract between the pipeline and the server.
 
 Arrays (token ids, per-position profiles, window activations, histogram counts) are stored as
-little-endian blobs (`int32`/`float32`); short structured lists as JSON.
+little-endian blobs whose encoding `db.codec` owns; short structured lists as JSON.
 """
 
 from __future__ import annotations
@@ -11,21 +11,10 @@ from typing import Any, ClassVar
 from sqlalchemy import JSON, ForeignKey, Index, LargeBinary, String
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
+from saescope.db.codec import FLOAT32, INT32, WINDOW_LENGTH, blob
+
 # Bump whenever a table or column changes meaning; the server refuses other versions.
-SCHEMA_VERSION = 4
-
-# Activation histograms are stored with HISTOGRAM_BINS_PER_DECADE log-spaced bins per power of
-# ten between 10**HISTOGRAM_LOG10_MIN and 10**HISTOGRAM_LOG10_MAX, plus an underflow bin (index 0)
-# and an overflow bin (the last).
-HISTOGRAM_LOG10_MIN = -4
-HISTOGRAM_LOG10_MAX = 4
-HISTOGRAM_BINS_PER_DECADE = 64
-HISTOGRAM_BINS = (HISTOGRAM_LOG10_MAX - HISTOGRAM_LOG10_MIN) * HISTOGRAM_BINS_PER_DECADE + 2
-
-# An example's window: this many tokens before and after the example's token.
-WINDOW_LEFT = 12
-WINDOW_RIGHT = 4
-WINDOW_LENGTH = WINDOW_LEFT + WINDOW_RIGHT + 1
+SCHEMA_VERSION = 5
 
 
 class Base(DeclarativeBase):
@@ -58,7 +47,7 @@ class CorpusSequence(Base):
     __tablename__ = "corpus_sequences"
     corpus_id: Mapped[int] = mapped_column(ForeignKey("corpora.id"), primary_key=True)
     sequence_index: Mapped[int] = mapped_column(primary_key=True)
-    token_ids: Mapped[bytes] = mapped_column(LargeBinary)
+    token_ids: Mapped[bytes] = mapped_column(LargeBinary, info=blob(INT32))
 
 
 class VocabToken(Base):
@@ -124,21 +113,20 @@ class Feature(Base):
     bos_count: Mapped[int]
     bos_share: Mapped[float]
     positional_r2: Mapped[float]
-    dead: Mapped[bool]
-    high_frequency: Mapped[bool]
-    positional: Mapped[bool]
-    bos_dominated: Mapped[bool]
-    absorbed: Mapped[bool]
     jaccard: Mapped[float]
     miss_rate: Mapped[float]
     # Absorption, on the SAE's position sample; None where the feature fires there too rarely.
     present_miss_rate: Mapped[float | None]
     present_positions: Mapped[int]
     absorbers: Mapped[list[Any]]
+    # The first absorber's share; None without absorbers.
+    top_absorber_share: Mapped[float | None]
     histogram_first_bin: Mapped[int]
-    histogram_counts: Mapped[bytes] = mapped_column(LargeBinary)
-    position_rate: Mapped[bytes] = mapped_column(LargeBinary)
-    position_mean: Mapped[bytes] = mapped_column(LargeBinary)
+    # From the first to the last nonzero bin of the fine histogram (`db.codec`).
+    histogram_counts: Mapped[bytes] = mapped_column(LargeBinary, info=blob(INT32))
+    # One value per token position.
+    position_rate: Mapped[bytes] = mapped_column(LargeBinary, info=blob(FLOAT32))
+    position_mean: Mapped[bytes] = mapped_column(LargeBinary, info=blob(FLOAT32))
     quantile_edges: Mapped[list[Any]]
     quantile_mass: Mapped[list[Any]]
     logits_top: Mapped[list[Any]]
@@ -159,7 +147,7 @@ class Feature(Base):
     )
 
 
-class Example(Base):
+class FeatureExamples(Base):
     """The examples of one kind (top, bottom, quantile or decoder_top) of a feature, best first
     (quantile: by band, then in the random sample's order), as parallel arrays: one blob per
     field, one entry per example."""
@@ -168,14 +156,18 @@ class Example(Base):
     sae_id: Mapped[int] = mapped_column(ForeignKey("saes.id"), primary_key=True)
     feature_index: Mapped[int] = mapped_column(primary_key=True)
     kind: Mapped[str] = mapped_column(primary_key=True)
-    sequence_index: Mapped[bytes] = mapped_column(LargeBinary)  # int32
-    position: Mapped[bytes] = mapped_column(LargeBinary)  # int32
-    activation: Mapped[bytes] = mapped_column(LargeBinary)  # float32
-    band: Mapped[bytes | None] = mapped_column(LargeBinary)  # int32, quantile only
-    projection: Mapped[bytes | None] = mapped_column(LargeBinary)  # float32, decoder_top only
-    # float32 [examples, WINDOW_LENGTH]: the feature's activation on the tokens from
-    # WINDOW_LEFT before to WINDOW_RIGHT after the example's token; NaN outside the sequence.
-    window_activations: Mapped[bytes] = mapped_column(LargeBinary)
+    sequence_index: Mapped[bytes] = mapped_column(LargeBinary, info=blob(INT32))
+    position: Mapped[bytes] = mapped_column(LargeBinary, info=blob(INT32))
+    activation: Mapped[bytes] = mapped_column(LargeBinary, info=blob(FLOAT32))
+    # Quantile examples only.
+    band: Mapped[bytes | None] = mapped_column(LargeBinary, info=blob(INT32))
+    # Decoder-top examples only.
+    projection: Mapped[bytes | None] = mapped_column(LargeBinary, info=blob(FLOAT32))
+    # [examples, WINDOW_LENGTH]: the feature's activation on the tokens from WINDOW_LEFT before
+    # to WINDOW_RIGHT after the example's token; NaN outside the sequence.
+    window_activations: Mapped[bytes] = mapped_column(
+        LargeBinary, info=blob(FLOAT32, WINDOW_LENGTH)
+    )
 
 
 class TokenStat(Base):

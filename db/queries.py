@@ -1,35 +1,57 @@
-"""The one query layer: every HTML page and its JSON twin are served from these functions.
-
-Results are pydantic models, so the JSON API's field names are the models' field names.
-"""
+"""The one query layer: every HTML page and its JSON twin are served from these functions, which
+return the models of `db.responses`."""
 
 from __future__ import annotations
 
+from collections import defaultdict
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import Any
 
 import numpy as np
-from pydantic import BaseModel, Field
 from sqlalchemy import Row, and_, func, or_, select
 from sqlalchemy.orm import Session
 
+from saescope.db import codec
+from saescope.db.codec import HISTOGRAM_BINS_PER_DECADE, HISTOGRAM_LOG10_MIN, WINDOW_LEFT
+from saescope.db.flags import COMPARISONS, FLAGS, FLAGS_BY_NAME, FlagDefinition, FlagName
 from saescope.db.models import (
-    HISTOGRAM_BINS_PER_DECADE,
-    HISTOGRAM_LOG10_MIN,
-    WINDOW_LEFT,
-    WINDOW_LENGTH,
     CorpusSequence,
-    Example,
     Feature,
+    FeatureExamples,
     Sae,
     TokenLatent,
     TokenStat,
     VocabToken,
 )
+from saescope.db.responses import (
+    Absorber,
+    EncoderDecoder,
+    ExampleOut,
+    Examples,
+    FeatureDetail,
+    FeaturePage,
+    FeatureRow,
+    Flag,
+    FlagGroup,
+    FlagsReport,
+    GroundTruth,
+    Histogram,
+    LatentForToken,
+    LogitEffect,
+    Neighbour,
+    Positional,
+    QuantileBand,
+    SaeDetail,
+    SaeSummary,
+    TokenCount,
+    TokenMatch,
+    TokenSearch,
+)
 
 MAX_PAGE_SIZE = 200
 EXAMPLE_KINDS = ("top", "bottom", "quantile", "decoder_top")
+# Token search shows contexts from these kinds of a latent's examples.
+SEARCHED_KINDS = ("top", "quantile")
 
 
 class NotFoundError(Exception):
@@ -38,214 +60,6 @@ class NotFoundError(Exception):
 
 class BadRequestError(Exception):
     """Parameters that are each well-formed but do not make sense together."""
-
-
-# ---------------------------------------------------------------------------------------------
-# Response models
-
-
-class SaeSummary(BaseModel):
-    name: str
-    model: str
-    hook: str
-    architecture: str
-    d_in: int
-    d_sae: int
-    context_length: int
-    tokens_seen: int
-    l0: float
-    mse: float
-    explained_variance: float | None
-    ce_clean: float | None = Field(description="null without a language model (synthetic data)")
-    ce_sae: float | None
-    ce_zero: float | None
-    ce_score: float | None
-    dead_count: int
-    dense_count: int
-    high_frequency_threshold: float
-    mmcs: float | None = Field(
-        description="synthetic data: mean over true features of the best decoder cosine"
-    )
-    recovered_share: float | None = Field(
-        description="synthetic data: share of true features with a latent at cosine > 0.9"
-    )
-
-
-class SaeDetail(SaeSummary):
-    eval_tokens: int
-    config: dict[str, Any]
-    training_log: list[dict[str, Any]] | None
-
-
-class TokenCount(BaseModel):
-    token_id: int
-    token: str
-    count: int
-    mean_activation: float
-
-
-class FeatureRow(BaseModel):
-    feature_index: int
-    frequency: float
-    mean_activation: float
-    max_activation: float
-    jaccard: float
-    miss_rate: float
-    present_miss_rate: float | None
-    flags: list[str]
-    top_tokens: list[TokenCount]
-
-
-class FeaturePage(BaseModel):
-    sae: str
-    sort: str
-    order: str
-    items: list[FeatureRow]
-    next_cursor: str | None = Field(description="pass as `after` for the next page")
-
-
-class Flag(BaseModel):
-    name: str
-    reason: str
-
-
-class ExampleOut(BaseModel):
-    sequence_index: int
-    position: int
-    activation: float
-    projection: float | None = None
-    tokens: list[str]
-    token_ids: list[int]
-    activations: list[float]
-    focus: int = Field(description="index of the example's token within the window")
-
-
-class QuantileBand(BaseModel):
-    band: int
-    lower: float
-    upper: float
-    mass_share: float = Field(description="share of the feature's summed activation in the band")
-    examples: list[ExampleOut]
-
-
-class Examples(BaseModel):
-    top: list[ExampleOut]
-    bottom: list[ExampleOut]
-    quantiles: list[QuantileBand]
-    decoder_top: list[ExampleOut]
-
-
-class Absorber(BaseModel):
-    feature_index: int
-    weight: float = Field(
-        description="Σ f_j·(ŵ_i·W_dec[j]) over the missed sampled positions examined (≤ 64)"
-    )
-    share: float = Field(description="weight / Σ p_i over the same positions")
-    count: int = Field(description="of those positions, how many it fires on")
-
-
-class EncoderDecoder(BaseModel):
-    jaccard: float = Field(description="Jaccard overlap of the top and decoder-top positions")
-    miss_rate: float = Field(description="share of decoder-top positions where f_i = 0")
-    present_miss_rate: float | None = Field(
-        description="share of sampled positions with p_i at or above its median firing "
-        "projection where f_i = 0; null when it fires on too few sampled positions"
-    )
-    present_positions: int = Field(description="sampled positions where p_i reaches it")
-    sample_positions: int = Field(description="size of the SAE's uniform position sample")
-    absorbers: list[Absorber] = Field(description="latents active on the missed positions")
-
-
-class Histogram(BaseModel):
-    edges: list[float]
-    counts: list[int]
-
-
-class Positional(BaseModel):
-    firing_rate: list[float]
-    mean_activation: list[float]
-
-
-class LogitEffect(BaseModel):
-    token_id: int
-    token: str
-    logit: float
-
-
-class Neighbour(BaseModel):
-    feature_index: int
-    cosine: float
-
-
-class GroundTruth(BaseModel):
-    """Synthetic data only: the true feature closest to this latent's decoder direction, and
-    the closest normalised sum of two true features."""
-
-    feature: str
-    cosine: float
-    composed: bool = Field(description="closer to the sum of two true features than to any one")
-    composed_of: list[str]
-    composed_cosine: float
-
-
-class FeatureDetail(BaseModel):
-    sae: str
-    feature_index: int
-    d_sae: int
-    count: int
-    frequency: float
-    mean_activation: float
-    max_activation: float
-    bos_share: float
-    positional_r2: float
-    flags: list[Flag]
-    examples: Examples
-    encoder_decoder: EncoderDecoder
-    histogram: Histogram
-    positional: Positional
-    logits_top: list[LogitEffect]
-    logits_bottom: list[LogitEffect]
-    neighbours: list[Neighbour]
-    top_tokens: list[TokenCount]
-    ground_truth: GroundTruth | None
-
-
-class LatentForToken(BaseModel):
-    feature_index: int
-    count: int
-    mean_activation: float
-    examples: list[ExampleOut]
-
-
-class TokenMatch(BaseModel):
-    token_id: int
-    token: str
-    exact: bool
-    count: int
-    latents: list[LatentForToken]
-
-
-class TokenSearch(BaseModel):
-    sae: str
-    query: str
-    matches: list[TokenMatch]
-
-
-class FlagGroup(BaseModel):
-    name: str
-    rule: str
-    count: int
-    features: list[int] = Field(description="up to `limit` feature indices, most extreme first")
-
-
-class FlagsReport(BaseModel):
-    sae: str
-    threshold: float
-    groups: list[FlagGroup]
-
-
-# ---------------------------------------------------------------------------------------------
-# Helpers
 
 
 class SortKey(StrEnum):
@@ -262,38 +76,33 @@ class SortOrder(StrEnum):
     desc = "desc"
 
 
-class FlagName(StrEnum):
-    dead = "dead"
-    high_frequency = "high_frequency"
-    positional = "positional"
-    bos_dominated = "bos_dominated"
-    absorbed = "absorbed"
+# ---------------------------------------------------------------------------------------------
+# Helpers
 
 
-FLAG_RULES = {
-    "dead": "never active on the corpus tokens",
-    "high_frequency": "fires on more than {threshold:.0%} of tokens",
-    "positional": "position explains more than half of the activation variance (R² > 0.5)",
-    "bos_dominated": "more than half of its firings are on BOS/special tokens",
-    "absorbed": "off on at least 40% of the sampled positions where its decoder direction is "
-    "present, and one other latent writes at least half of that direction there",
-}
-
-
-def flags_of(feature: Feature) -> list[str]:
-    return [name.value for name in FlagName if getattr(feature, name.value)]
+def flags_of(feature: Feature, threshold: float) -> list[str]:
+    """The flags a feature carries; `threshold` is the adjustable one (the SAE's build's)."""
+    return [flag.name for flag in FLAGS if flag.holds(feature, threshold)]
 
 
 def flag_reasons(feature: Feature, threshold: float) -> list[Flag]:
-    reasons = {
-        "dead": "never fired on the corpus tokens",
-        "high_frequency": f"fires on {feature.frequency:.1%} of tokens (threshold {threshold:.0%})",
-        "positional": f"position explains {feature.positional_r2:.0%} of its activation variance",
-        "bos_dominated": f"{feature.bos_share:.0%} of its firings are on BOS/special tokens",
-        "absorbed": f"off on {feature.present_miss_rate or 0:.0%} of the sampled positions where "
-        "its decoder direction is present; the latents listed under encoder vs decoder fire there",
-    }
-    return [Flag(name=name, reason=reasons[name]) for name in flags_of(feature)]
+    return [
+        Flag(name=flag.name, reason=flag.explain(feature, threshold))
+        for flag in FLAGS
+        if flag.holds(feature, threshold)
+    ]
+
+
+def flag_clause(flag: FlagDefinition, threshold: float):
+    """The flag's conditions as an SQL expression over the features table."""
+    return and_(
+        *(
+            COMPARISONS[condition.comparison](
+                getattr(Feature, condition.column), flag.threshold_of(condition, threshold)
+            )
+            for condition in flag.conditions
+        )
+    )
 
 
 def _sae(session: Session, name: str) -> Sae:
@@ -336,23 +145,23 @@ class _StoredExample:
 
 def _stored_examples(row: Row) -> list[_StoredExample]:
     """The examples packed in one row of the `examples` table, in stored order."""
+    columns = FeatureExamples.__table__.c
 
-    def array(blob: bytes | None, dtype: str) -> list | None:
-        return None if blob is None else np.frombuffer(blob, dtype=dtype).tolist()
+    def values(name: str) -> list | None:
+        unpacked = codec.unpack(columns[name], getattr(row, name))
+        return None if unpacked is None else unpacked.tolist()
 
-    sequence = array(row.sequence_index, "<i4")
-    projection = array(row.projection, "<f4") or [None] * len(sequence)
-    band = array(row.band, "<i4") or [None] * len(sequence)
-    windows = np.frombuffer(row.window_activations, dtype="<f4").reshape(-1, WINDOW_LENGTH)
+    sequence = values("sequence_index")
+    missing = [None] * len(sequence)
     return [
         _StoredExample(*fields)
         for fields in zip(
             sequence,
-            array(row.position, "<i4"),
-            array(row.activation, "<f4"),
-            projection,
-            band,
-            windows,
+            values("position"),
+            values("activation"),
+            values("projection") or missing,
+            values("band") or missing,
+            codec.unpack(columns.window_activations, row.window_activations),
             strict=True,
         )
     ]
@@ -377,8 +186,12 @@ class _ExampleRenderer:
                 CorpusSequence.sequence_index.in_(wanted),
             )
         )
+        column = CorpusSequence.__table__.c.token_ids
         for index, blob in found:
-            self.sequences[index] = np.frombuffer(blob, dtype="<i4")
+            self.sequences[index] = codec.unpack(column, blob)
+
+    def token_at(self, example: _StoredExample) -> int:
+        return int(self.sequences[example.sequence_index][example.position])
 
     def render(self, example: _StoredExample) -> ExampleOut:
         inside = np.flatnonzero(~np.isnan(example.window))
@@ -428,10 +241,11 @@ def list_features(
     if min_frequency is not None and max_frequency is not None and min_frequency > max_frequency:
         raise BadRequestError("min_frequency is greater than max_frequency")
     sae = _sae(session, sae_name)
+    threshold = sae.high_frequency_threshold
     column = _sort_column(sort)
     query = select(Feature).where(Feature.sae_id == sae.id)
     if flag is not None:
-        query = query.where(getattr(Feature, flag.value).is_(True))
+        query = query.where(flag_clause(FLAGS_BY_NAME[flag.value], threshold))
     if min_frequency is not None:
         query = query.where(Feature.frequency >= min_frequency)
     if max_frequency is not None:
@@ -454,7 +268,7 @@ def list_features(
             jaccard=f.jaccard,
             miss_rate=f.miss_rate,
             present_miss_rate=f.present_miss_rate,
-            flags=flags_of(f),
+            flags=flags_of(f, threshold),
             top_tokens=_token_counts(f.top_tokens[:5], vocab),
         )
         for f in features[:limit]
@@ -504,8 +318,8 @@ def get_feature(session: Session, sae_name: str, feature_index: int) -> FeatureD
     vocab = _vocab(session, sae.corpus_id)
     grouped: dict[str, list[_StoredExample]] = {kind: [] for kind in EXAMPLE_KINDS}
     for row in session.execute(
-        select(Example.__table__).where(
-            Example.sae_id == sae.id, Example.feature_index == feature_index
+        select(FeatureExamples.__table__).where(
+            FeatureExamples.sae_id == sae.id, FeatureExamples.feature_index == feature_index
         )
     ):
         grouped[row.kind] = _stored_examples(row)
@@ -549,8 +363,8 @@ def get_feature(session: Session, sae_name: str, feature_index: int) -> FeatureD
         ),
         histogram=_histogram(feature),
         positional=Positional(
-            firing_rate=_floats(feature.position_rate),
-            mean_activation=_floats(feature.position_mean),
+            firing_rate=_floats(feature, "position_rate"),
+            mean_activation=_floats(feature, "position_mean"),
         ),
         logits_top=[LogitEffect(token=vocab[x["token_id"]], **x) for x in feature.logits_top],
         logits_bottom=[LogitEffect(token=vocab[x["token_id"]], **x) for x in feature.logits_bottom],
@@ -568,13 +382,14 @@ def get_feature(session: Session, sae_name: str, feature_index: int) -> FeatureD
     )
 
 
-def _floats(blob: bytes) -> list[float]:
-    return np.round(np.frombuffer(blob, dtype="<f4").astype(np.float64), 6).tolist()
+def _floats(feature: Feature, column: str) -> list[float]:
+    values = codec.unpack(Feature.__table__.c[column], getattr(feature, column))
+    return np.round(values.astype(np.float64), 6).tolist()
 
 
 def _histogram(feature: Feature) -> Histogram:
     """The stored fine histogram, merged 8:1 into bins of an eighth of a decade for display."""
-    counts = np.frombuffer(feature.histogram_counts, dtype="<i4")
+    counts = codec.unpack(Feature.__table__.c.histogram_counts, feature.histogram_counts)
     if len(counts) == 0:
         return Histogram(edges=[], counts=[])
     merge = 8
@@ -595,7 +410,10 @@ def search_tokens(
     session: Session, sae_name: str, query: str, limit: int = 10, latents_per_token: int = 5
 ) -> TokenSearch:
     """Tokens equal to the query (ignoring surrounding spaces) first, then tokens containing it;
-    for each, the latents most associated with it and a couple of contexts where they fire."""
+    for each, the latents most associated with it and a couple of contexts where they fire.
+
+    A bounded number of queries whatever the matches: the token counts, the matched tokens'
+    latents, those latents' examples, and the sequences the examples lie in."""
     sae = _sae(session, sae_name)
     vocab = _vocab(session, sae.corpus_id)
     needle = query.strip()
@@ -613,77 +431,89 @@ def search_tokens(
     ranked = sorted(exact, key=lambda t: -counts.get(t, 0)) + sorted(
         (t for t in substring if counts.get(t, 0) > 0), key=lambda t: -counts[t]
     )
-    matches = []
+    chosen = ranked[:limit]
+    latents: dict[int, list[TokenLatent]] = defaultdict(list)
+    for latent in session.scalars(
+        select(TokenLatent)
+        .where(
+            TokenLatent.sae_id == sae.id,
+            TokenLatent.token_id.in_(chosen),
+            TokenLatent.rank < latents_per_token,
+        )
+        .order_by(TokenLatent.token_id, TokenLatent.rank)
+    ):
+        latents[latent.token_id].append(latent)
+    examples = _examples_by_activation(
+        session, sae, {latent.feature_index for found in latents.values() for latent in found}
+    )
     renderer = _ExampleRenderer(session, sae, vocab)
-    for token_id in ranked[:limit]:
-        latents = list(
-            session.scalars(
-                select(TokenLatent)
-                .where(TokenLatent.sae_id == sae.id, TokenLatent.token_id == token_id)
-                .order_by(TokenLatent.rank)
-                .limit(latents_per_token)
-            )
+    renderer.load([example for found in examples.values() for example in found])
+    matches = [
+        TokenMatch(
+            token_id=token_id,
+            token=vocab[token_id],
+            exact=token_id in exact_set,
+            count=counts.get(token_id, 0),
+            latents=[
+                LatentForToken(
+                    feature_index=latent.feature_index,
+                    count=latent.count,
+                    mean_activation=latent.mean_activation,
+                    # Up to two contexts where the latent fires on this very token.
+                    examples=[
+                        renderer.render(example)
+                        for example in examples[latent.feature_index]
+                        if renderer.token_at(example) == token_id
+                    ][:2],
+                )
+                for latent in latents[token_id]
+            ],
         )
-        matches.append(
-            TokenMatch(
-                token_id=token_id,
-                token=vocab[token_id],
-                exact=token_id in exact_set,
-                count=counts.get(token_id, 0),
-                latents=[_latent_for_token(session, sae, latent, renderer) for latent in latents],
-            )
-        )
+        for token_id in chosen
+    ]
     return TokenSearch(sae=sae.name, query=query, matches=matches)
 
 
-def _latent_for_token(
-    session: Session, sae: Sae, latent: TokenLatent, renderer: _ExampleRenderer
-) -> LatentForToken:
-    """The latent with up to two of its stored examples whose focus token is this token."""
+def _examples_by_activation(
+    session: Session, sae: Sae, features: set[int]
+) -> dict[int, list[_StoredExample]]:
+    """The searched kinds of examples of each feature, highest activation first."""
+    stored: dict[int, list[_StoredExample]] = defaultdict(list)
     rows = session.execute(
-        select(Example.__table__)
-        .where(Example.sae_id == sae.id, Example.feature_index == latent.feature_index)
-        .where(Example.kind.in_(("top", "quantile")))
+        select(FeatureExamples.__table__)
+        .where(
+            FeatureExamples.sae_id == sae.id,
+            FeatureExamples.feature_index.in_(features),
+            FeatureExamples.kind.in_(SEARCHED_KINDS),
+        )
+        .order_by(FeatureExamples.feature_index, FeatureExamples.kind)
     )
-    stored = sorted(
-        (example for row in rows for example in _stored_examples(row)),
-        key=lambda example: -example.activation,
-    )
-    renderer.load(stored)
-    examples = [
-        renderer.render(example)
-        for example in stored
-        if renderer.sequences[example.sequence_index][example.position] == latent.token_id
-    ][:2]
-    return LatentForToken(
-        feature_index=latent.feature_index,
-        count=latent.count,
-        mean_activation=latent.mean_activation,
-        examples=examples,
-    )
+    for row in rows:
+        stored[row.feature_index] += _stored_examples(row)
+    for examples in stored.values():
+        examples.sort(key=lambda example: -example.activation)
+    return stored
 
 
 def flags_report(
     session: Session, sae_name: str, threshold: float, limit: int = 100
 ) -> FlagsReport:
-    """Counts and members of each flag group; high frequency uses `threshold`, not the build's."""
+    """Counts and members of each flag group, at `threshold` for the adjustable one (not the
+    build's), which leads."""
     sae = _sae(session, sae_name)
-    conditions = {
-        "high_frequency": (Feature.frequency > threshold, Feature.frequency.desc()),
-        "dead": (Feature.dead.is_(True), Feature.feature_index.asc()),
-        "positional": (Feature.positional.is_(True), Feature.positional_r2.desc()),
-        "bos_dominated": (Feature.bos_dominated.is_(True), Feature.bos_share.desc()),
-        "absorbed": (Feature.absorbed.is_(True), Feature.present_miss_rate.desc()),
-    }
     groups = []
-    for name, (condition, ordering) in conditions.items():
-        base = select(Feature.feature_index).where(Feature.sae_id == sae.id, condition)
+    for flag in sorted(FLAGS, key=lambda flag: flag.default_threshold is None):
+        base = select(Feature.feature_index).where(
+            Feature.sae_id == sae.id, flag_clause(flag, threshold)
+        )
+        ranked_by = getattr(Feature, flag.ranked_by)
+        ordering = ranked_by.desc() if flag.descending else ranked_by.asc()
         count = session.scalar(select(func.count()).select_from(base.subquery()))
         members = session.scalars(base.order_by(ordering, Feature.feature_index).limit(limit))
         groups.append(
             FlagGroup(
-                name=name,
-                rule=FLAG_RULES[name].format(threshold=threshold),
+                name=flag.name,
+                rule=flag.rule.format(threshold=threshold),
                 count=count,
                 features=list(members),
             )

@@ -12,28 +12,30 @@ import logging
 import os
 import re
 import sqlite3
-from dataclasses import dataclass
+from dataclasses import asdict, fields
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from sqlalchemy import JSON, delete, select
+from sqlalchemy import JSON, LargeBinary, delete, select
 from sqlalchemy.orm import Session
 
+from saescope.db import codec
 from saescope.db.engine import SchemaMismatchError, check_schema_version, writable_engine
 from saescope.db.models import (
     SCHEMA_VERSION,
     Base,
     Corpus,
     CorpusSequence,
-    Example,
     Feature,
+    FeatureExamples,
     Meta,
     Sae,
     TokenLatent,
     TokenStat,
     VocabToken,
 )
+from saescope.db.records import CorpusRecord, SaeRecords, SequenceColumns, VocabColumns
 
 logger = logging.getLogger(__name__)
 
@@ -44,53 +46,32 @@ class DatabaseWriteError(Exception):
     """The output cannot be written; the message says why."""
 
 
-@dataclass
-class CorpusData:
-    """The tokens the SAE was built over, with the tokenizer's display strings."""
-
-    fingerprint: str
-    source: str
-    tokenizer: str
-    token_ids: np.ndarray  # [n_sequences, context_length]
-    vocab: list[str]
-    special_token_ids: set[int]
-
-
-@dataclass
-class SaeData:
-    """One SAE's row, and its features, examples and token tables as columns."""
-
-    sae: dict[str, Any]
-    features: dict[str, list]
-    examples: dict[str, list]
-    token_stats: dict[str, list]
-    token_latents: dict[str, list]
-
-
-def _insert_columns(session: Session, model: type[Base], columns: dict[str, Any]) -> None:
-    """Bulk insert through the driver: one executemany, no per-row ORM work. A scalar value
-    (not a list) fills its column in every row; JSON columns are serialised here."""
+def _insert_columns(session: Session, model: type[Base], record: Any, **constant: Any) -> None:
+    """Bulk insert of a column-wise record through the driver: one executemany, no per-row ORM
+    work. Blob columns are packed by `db.codec`, JSON columns serialised here; a field left None
+    is NULL in every row, and `constant` fills a column with one value in every row."""
     table = model.__table__
-    length = max(len(v) for v in columns.values() if isinstance(v, list))
+    length = len(getattr(record, fields(record)[0].name))
     values = []
-    for name, value in columns.items():
-        column = value if isinstance(value, list) else [value] * length
-        if isinstance(table.c[name].type, JSON):
-            column = [json.dumps(v) for v in column]
-        values.append(column)
-    names = ", ".join(columns)
-    marks = ", ".join("?" * len(columns))
+    for field in fields(record):
+        column = table.c[field.name]
+        rows = getattr(record, field.name)
+        if rows is None:  # a column this record leaves empty
+            rows = [None] * length
+        elif isinstance(column.type, LargeBinary):
+            rows = [codec.pack(column, row) for row in rows]
+        elif isinstance(column.type, JSON):
+            rows = [json.dumps(row) for row in rows]
+        elif isinstance(rows, np.ndarray):
+            rows = rows.tolist()
+        values.append(rows)
+    names = [field.name for field in fields(record)] + list(constant)
+    values += [[value] * length for value in constant.values()]
+    marks = ", ".join("?" * len(names))
     session.connection().exec_driver_sql(
-        f"INSERT INTO {table.name} ({names}) VALUES ({marks})", list(zip(*values, strict=True))
+        f"INSERT INTO {table.name} ({', '.join(names)}) VALUES ({marks})",
+        list(zip(*values, strict=True)),
     )
-
-
-def float32_blob(values: np.ndarray) -> bytes:
-    return np.ascontiguousarray(values, dtype="<f4").tobytes()
-
-
-def int32_blob(values: np.ndarray) -> bytes:
-    return np.ascontiguousarray(values, dtype="<i4").tobytes()
 
 
 class DatabaseWriter:
@@ -159,32 +140,32 @@ class DatabaseWriter:
                     f"{self.out} already holds an SAE named {self.name!r}; "
                     "choose another --name or pass --replace"
                 )
-            for table in (Example, Feature, TokenStat, TokenLatent):
+            for table in (FeatureExamples, Feature, TokenStat, TokenLatent):
                 session.execute(delete(table).where(table.sae_id == existing.id))
             session.delete(existing)
             session.commit()
 
-    def write(self, corpus: CorpusData, data: SaeData) -> None:
+    def write(self, corpus: CorpusRecord, records: SaeRecords) -> None:
         with Session(self.engine) as session:
             corpus_id = self._corpus_id(session, corpus)
-            sae = Sae(**data.sae, name=self.name, corpus_id=corpus_id)
+            sae = Sae(**asdict(records.sae), name=self.name, corpus_id=corpus_id)
             session.add(sae)
             session.flush()
             for model, columns in (
-                (Feature, data.features),
-                (Example, data.examples),
-                (TokenStat, data.token_stats),
-                (TokenLatent, data.token_latents),
+                (Feature, records.features),
+                (FeatureExamples, records.examples),
+                (TokenStat, records.token_stats),
+                (TokenLatent, records.token_latents),
             ):
-                _insert_columns(session, model, {"sae_id": sae.id, **columns})
+                _insert_columns(session, model, columns, sae_id=sae.id)
             session.commit()
         logger.info(
             "wrote %d features and %d examples",
-            len(data.features["feature_index"]),
-            sum(len(blob) for blob in data.examples["sequence_index"]) // 4,  # int32 each
+            len(records.features.feature_index),
+            sum(len(positions) for positions in records.examples.position),
         )
 
-    def _corpus_id(self, session: Session, corpus: CorpusData) -> int:
+    def _corpus_id(self, session: Session, corpus: CorpusRecord) -> int:
         existing = session.scalar(select(Corpus.id).where(Corpus.fingerprint == corpus.fingerprint))
         if existing is not None:
             return existing
@@ -201,21 +182,18 @@ class DatabaseWriter:
         _insert_columns(
             session,
             CorpusSequence,
-            {
-                "corpus_id": row.id,
-                "sequence_index": list(range(n_sequences)),
-                "token_ids": [int32_blob(tokens) for tokens in corpus.token_ids],
-            },
+            SequenceColumns(sequence_index=np.arange(n_sequences), token_ids=corpus.token_ids),
+            corpus_id=row.id,
         )
         _insert_columns(
             session,
             VocabToken,
-            {
-                "corpus_id": row.id,
-                "token_id": list(range(len(corpus.vocab))),
-                "token": corpus.vocab,
-                "special": [i in corpus.special_token_ids for i in range(len(corpus.vocab))],
-            },
+            VocabColumns(
+                token_id=np.arange(len(corpus.vocab)),
+                token=corpus.vocab,
+                special=[i in corpus.special_token_ids for i in range(len(corpus.vocab))],
+            ),
+            corpus_id=row.id,
         )
         return row.id
 

@@ -1,5 +1,5 @@
-"""`python -m server DB`: serve a database without the pipeline's dependencies installed."""
+"""`python -m saescope.server DB`: serve a database without the pipeline's dependencies."""
 
-from saescope.server.cli import main
+from saescope.server.cli import serve
 
-main()
+serve()

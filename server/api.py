@@ -5,7 +5,8 @@ from __future__ import annotations
 from fastapi import APIRouter
 from pydantic import BaseModel
 
-from saescope.db import queries
+from saescope.db import queries, responses
+from saescope.db.flags import HIGH_FREQUENCY
 from saescope.db.models import SCHEMA_VERSION
 from saescope.server.dependencies import SessionDep, SettingsDep
 from saescope.server.errors import ERROR_RESPONSES
@@ -25,47 +26,49 @@ def health(session: SessionDep) -> Health:
     return Health(status="ok", schema_version=SCHEMA_VERSION, saes=len(queries.list_saes(session)))
 
 
-@router.get("/saes", response_model=list[queries.SaeSummary], tags=["saes"])
-def saes(session: SessionDep) -> list[queries.SaeSummary]:
+@router.get("/saes", response_model=list[responses.SaeSummary], tags=["saes"])
+def saes(session: SessionDep) -> list[responses.SaeSummary]:
     """The SAEs in the database with their metrics."""
     return queries.list_saes(session)
 
 
-@router.get("/saes/{sae}", response_model=queries.SaeDetail, tags=["saes"])
-def sae(sae: SaeName, session: SessionDep) -> queries.SaeDetail:
+@router.get("/saes/{sae}", response_model=responses.SaeDetail, tags=["saes"])
+def sae(sae: SaeName, session: SessionDep) -> responses.SaeDetail:
     """One SAE: metrics, build configuration and training curve."""
     return queries.get_sae(session, sae)
 
 
-@router.get("/saes/{sae}/features", response_model=queries.FeaturePage, tags=["features"])
+@router.get("/saes/{sae}/features", response_model=responses.FeaturePage, tags=["features"])
 def features(
     sae: SaeName, params: FeatureTableQuery, session: SessionDep, settings: SettingsDep
-) -> queries.FeaturePage:
+) -> responses.FeaturePage:
     """The feature table, sorted, filtered and paginated by key."""
     return params.page(session, sae, settings.page_size)
 
 
 @router.get(
     "/saes/{sae}/features/{feature_index}",
-    response_model=queries.FeatureDetail,
+    response_model=responses.FeatureDetail,
     tags=["features"],
 )
 def feature(
     sae: SaeName, feature_index: FeatureIndex, session: SessionDep
-) -> queries.FeatureDetail:
+) -> responses.FeatureDetail:
     """Everything about one feature: statistics, flags, examples, charts' data, neighbours."""
     return queries.get_feature(session, sae, feature_index)
 
 
-@router.get("/saes/{sae}/search", response_model=queries.TokenSearch, tags=["search"])
+@router.get("/saes/{sae}/search", response_model=responses.TokenSearch, tags=["search"])
 def search(
     sae: SaeName, token: TokenQuery, session: SessionDep, settings: SettingsDep
-) -> queries.TokenSearch:
+) -> responses.TokenSearch:
     """Tokens matching `token` exactly, then by substring, with the latents that fire on them."""
     return queries.search_tokens(session, sae, token, limit=settings.search_limit)
 
 
-@router.get("/saes/{sae}/flags", response_model=queries.FlagsReport, tags=["features"])
-def flags(sae: SaeName, session: SessionDep, threshold: Threshold = 0.1) -> queries.FlagsReport:
+@router.get("/saes/{sae}/flags", response_model=responses.FlagsReport, tags=["features"])
+def flags(
+    sae: SaeName, session: SessionDep, threshold: Threshold = HIGH_FREQUENCY.default_threshold
+) -> responses.FlagsReport:
     """High-frequency (above `threshold`), dead, positional and BOS-dominated features."""
     return queries.flags_report(session, sae, threshold)

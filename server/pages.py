@@ -6,6 +6,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import HTMLResponse
 
 from saescope.db import queries
+from saescope.db.flags import HIGH_FREQUENCY
 from saescope.server.dependencies import SessionDep, SettingsDep
 from saescope.server.params import FeatureIndex, FeatureTableQuery, SaeName, Threshold, TokenQuery
 from saescope.server.templating import templates
@@ -60,7 +61,10 @@ def search_page(
 
 @router.get("/saes/{sae}/flags")
 def flags_page(
-    request: Request, sae: SaeName, session: SessionDep, threshold: Threshold = 0.1
+    request: Request,
+    sae: SaeName,
+    session: SessionDep,
+    threshold: Threshold = HIGH_FREQUENCY.default_threshold,
 ) -> HTMLResponse:
     report = queries.flags_report(session, sae, threshold)
     return render(request, "flags.html", f"/saes/{sae}/flags", report=report)

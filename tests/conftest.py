@@ -97,7 +97,7 @@ def dashboard_db(tmp_path_factory, tiny_model_dir: Path, tiny_sae_dir: Path) -> 
     """A database built from a text corpus that contains markup, for the server's tests."""
     import json
 
-    from typer.testing import CliRunner
+    from click.testing import CliRunner
 
     from saescope.cli import app
 

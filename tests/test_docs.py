@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import click
-import typer.main
 
 from saescope.cli import app
 from saescope.server.settings import Settings
@@ -16,8 +15,7 @@ COMMANDS = ("build", "train", "train-lm", "synth", "demo", "serve")
 
 def option_table(command_name: str) -> str:
     """The README's table for one command, generated from its options' help."""
-    group = typer.main.get_command(app)
-    command = group.commands[command_name]
+    command = app.commands[command_name]
     rows = ["| option | default | meaning |", "| --- | --- | --- |"]
     for parameter in command.params:
         if isinstance(parameter, click.Argument):

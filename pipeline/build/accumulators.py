@@ -21,25 +21,29 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-import numba
 import numpy as np
 import torch
 from jaxtyping import BFloat16, Bool, Float, Int
 from torch import Tensor
 
-from saescope.db.models import HISTOGRAM_BINS
+from saescope.db.codec import HISTOGRAM_BINS, WINDOW_LENGTH
 from saescope.pipeline.build import kernels
+from saescope.pipeline.build.config import ExampleCounts
 from saescope.pipeline.build.kernels import (
     EMPTY_KEY,
     TOKEN_LIMIT,
-    WINDOW_LENGTH,
+    BatchView,
+    ExampleState,
+    StatisticsTables,
 )
+from saescope.pipeline.saes import unit_rows
 
 # The token table is dense up to this many (token, feature) cells (16 bytes each); beyond, its
 # pending sparse pairs are folded in once there are TOKEN_TABLE_COMPACT_EVERY of them.
 DENSE_TOKEN_TABLE_CELLS = 1 << 25
 TOKEN_TABLE_COMPACT_EVERY = 4_000_000
-# Bound on |bfloat16 screen - projection| per unit of ‖x - b_dec‖: 2**-6 > 3·2**-8 (see DecoderTop).
+# Bound on |bfloat16 screen - projection| per unit of ‖x - b_dec‖: 2**-6 > 3·2**-8 (see
+# DecoderExampleHeaps).
 PROJECTION_MARGIN = 2.0**-6
 
 
@@ -54,11 +58,6 @@ def cpu_multiplies_bfloat16() -> bool:
     return re.search(r"\b(avx512_bf16|amx_bf16)\b", cpuinfo) is not None
 
 
-def unit_rows(matrix: Float[Tensor, "rows d"]) -> Float[Tensor, "rows d"]:
-    """Each row scaled to unit norm (zero rows stay zero): decoder directions ŵ."""
-    return matrix / matrix.norm(dim=1, keepdim=True).clamp_min(1e-12)
-
-
 def position_hash(token_index: Int[Tensor, " n"], feature_index: Int[Tensor, " n"], seed: int):
     """A 62-bit hash per (token, feature), the same in whichever shard sees it."""
     hashes = kernels.position_hashes(token_index.cpu().numpy(), feature_index.cpu().numpy(), seed)
@@ -67,8 +66,9 @@ def position_hash(token_index: Int[Tensor, " n"], feature_index: Int[Tensor, " n
 
 @dataclass
 class Batch:
-    """Activations for whole sequences `first_sequence ..` of the corpus: the hook's `inputs` and
-    the SAE's `feature_acts`, also as `acts`, a [tokens, d_sae] array on the CPU.
+    """Activations for whole sequences `first_sequence ..` of the corpus: the hook's
+    `hook_activations` and the SAE's `feature_acts`, also as `acts`, a [tokens, d_sae] array on
+    the CPU.
 
     `feature_acts` is zero on special tokens (BOS/EOS/pad), which are excluded from all
     statistics; `special_feature_acts` keeps their activations for BOS counting.
@@ -76,7 +76,7 @@ class Batch:
 
     first_sequence: int
     token_ids: Int[Tensor, "seq ctx"]
-    inputs: Float[Tensor, "seq ctx d_model"]
+    hook_activations: Float[Tensor, "seq ctx d_model"]
     feature_acts: Float[Tensor, "seq ctx d_sae"]
     special: Bool[Tensor, "seq ctx"]
     special_feature_acts: Float[Tensor, "n_special d_sae"]
@@ -87,7 +87,7 @@ class Batch:
         cls,
         first_sequence: int,
         token_ids: Int[Tensor, "seq ctx"],
-        inputs: Float[Tensor, "seq ctx d_model"],
+        hook_activations: Float[Tensor, "seq ctx d_model"],
         feature_acts: Float[Tensor, "seq ctx d_sae"],
         special: Bool[Tensor, "seq ctx"],
     ) -> Batch:
@@ -101,7 +101,7 @@ class Batch:
         return cls(
             first_sequence=first_sequence,
             token_ids=token_ids,
-            inputs=inputs,
+            hook_activations=hook_activations,
             feature_acts=feature_acts,
             special=special,
             special_feature_acts=special_feature_acts,
@@ -119,6 +119,9 @@ class Batch:
     @property
     def first_token(self) -> int:
         return self.first_sequence * self.context_length
+
+    def view(self) -> BatchView:
+        return BatchView(self.acts, self.context_length, self.first_token)
 
     def active_entries(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Rows, features and values of the active entries, row by row."""
@@ -143,9 +146,9 @@ class FeatureStats:
         self.position_sum = np.zeros((context_length, n_features))
         self.histogram = np.zeros((n_features, HISTOGRAM_BINS), dtype=np.int32)
 
-    def kernel_tables(self) -> tuple[np.ndarray, ...]:
+    def kernel_tables(self) -> StatisticsTables:
         """The tables `kernels.scan_activations` adds each active entry to."""
-        return (
+        return StatisticsTables(
             self.position_count,
             self.position_sum,
             self.sum_sq,
@@ -212,7 +215,7 @@ class FeatureStatsResult:
     histogram: np.ndarray
 
 
-class Examples:
+class ExampleHeaps:
     """The k best-scoring (token, feature) pairs per feature, with their context windows: each
     feature's k slots, their keys and a min-heap of the slots by key (see `kernels`).
 
@@ -229,9 +232,9 @@ class Examples:
         self.activation = np.zeros((n_features, k), dtype=np.float32)
         self.window = np.full((n_features, k, WINDOW_LENGTH), np.nan, dtype=np.float32)
 
-    @property
-    def state(self) -> tuple[np.ndarray, ...]:
-        return self.key, self.heap, self.activation, self.window
+    def state(self) -> ExampleState:
+        """The arrays the kernels update, with each feature's current threshold."""
+        return ExampleState(self.key, self.heap, self.activation, self.window, self.kth_scores())
 
     def kth_scores(self) -> np.ndarray:
         """The score a candidate must reach to have a chance to enter: the k-th kept score, or
@@ -239,22 +242,27 @@ class Examples:
         root = self.key[np.arange(len(self.key)), self.heap[:, 0]]
         return np.where(root > EMPTY_KEY + self.k, kernels.key_scores(root), np.float32(-np.inf))
 
-    def merge(self, other: Examples) -> None:
+    def merge(self, other: ExampleHeaps) -> None:
         filled = other.key > EMPTY_KEY + other.k
         features = np.nonzero(filled)[0]
         kernels.admit(
-            self.state, features, other.key[filled], other.activation[filled], other.window[filled]
+            self.state().slots(),
+            features,
+            other.key[filled],
+            other.activation[filled],
+            other.window[filled],
         )
 
-    def finalize(self) -> ExamplesResult:
+    def finalize(self) -> KeptExamples:
         """Examples as feature-major arrays, best first; `valid` marks real entries."""
         order = np.argsort(-self.key, axis=1, kind="stable")
         key = np.take_along_axis(self.key, order, axis=1)
         valid = key > EMPTY_KEY + self.k
         token = np.where(valid, kernels.key_tokens(key), -1)
         ctx = self.context_length
-        return ExamplesResult(
+        return KeptExamples(
             valid=valid,
+            token=token,
             sequence_index=np.where(valid, token // ctx, -1),
             position=np.where(valid, token % ctx, -1),
             score=kernels.key_scores(key).astype(np.float64),
@@ -264,8 +272,9 @@ class Examples:
 
 
 @dataclass
-class ExamplesResult:
+class KeptExamples:
     valid: np.ndarray  # [d_sae, k]
+    token: np.ndarray  # global token index, -1 where not valid
     sequence_index: np.ndarray
     position: np.ndarray
     score: np.ndarray
@@ -273,7 +282,7 @@ class ExamplesResult:
     window: np.ndarray  # [d_sae, k, WINDOW_LENGTH], nan outside the sequence
 
 
-class DecoderTop(Examples):
+class DecoderExampleHeaps(ExampleHeaps):
     """Highest decoder-direction projections p_i = (x - b_dec)·ŵ_i, with the feature's
     activation there.
 
@@ -309,19 +318,16 @@ class DecoderTop(Examples):
         return (centred @ self.decoder_unit.T).bfloat16()
 
     def update(self, batch: Batch) -> None:
-        centred = (batch.inputs - self.decoder_bias).reshape(-1, batch.inputs.shape[-1])
+        d_model = batch.hook_activations.shape[-1]
+        centred = (batch.hook_activations - self.decoder_bias).reshape(-1, d_model)
         kernels.scan_projections(
+            batch.view(),
             self.approximate_projections(centred).view(torch.int16).cpu().numpy(),
             (centred.norm(dim=1) * PROJECTION_MARGIN).cpu().numpy(),
             centred.cpu().numpy(),
             self.unit_on_cpu,
             batch.special.reshape(-1).cpu().numpy(),
-            batch.acts,
-            batch.context_length,
-            batch.first_token,
-            numba.get_num_threads(),
-            self.state,
-            self.kth_scores(),
+            self.state(),
         )
 
 
@@ -335,7 +341,7 @@ class PositionSample:
         self.seed = seed
         self.key = torch.zeros(0, dtype=torch.int64, device=device)
         self.token = torch.zeros(0, dtype=torch.int64, device=device)
-        self.inputs = torch.zeros(0, d_model, device=device)
+        self.hook_activations = torch.zeros(0, d_model, device=device)
 
     def update(self, batch: Batch) -> None:
         rows = torch.nonzero(~batch.special.reshape(-1)).squeeze(1)
@@ -344,20 +350,20 @@ class PositionSample:
         if len(self.key) == self.size:
             below = torch.nonzero(keys < self.key.max()).squeeze(1)
             rows, tokens, keys = rows[below], tokens[below], keys[below]
-        inputs = batch.inputs.reshape(-1, batch.inputs.shape[-1])[rows]
+        x = batch.hook_activations.reshape(-1, batch.hook_activations.shape[-1])[rows]
         if len(keys):
-            self._add(keys, tokens, inputs)
+            self._add(keys, tokens, x)
 
-    def _add(self, keys: Tensor, tokens: Tensor, inputs: Tensor) -> None:
-        inputs = inputs.to(self.inputs.dtype)
+    def _add(self, keys: Tensor, tokens: Tensor, x: Tensor) -> None:
+        x = x.to(self.hook_activations.dtype)
         if len(self.key) < self.size:
             keys = torch.cat([self.key, keys])
             tokens = torch.cat([self.token, tokens])
-            inputs = torch.cat([self.inputs, inputs])
+            x = torch.cat([self.hook_activations, x])
             if len(keys) > self.size:
                 keep = torch.topk(keys, self.size, largest=False).indices
-                keys, tokens, inputs = keys[keep], tokens[keep], inputs[keep]
-            self.key, self.token, self.inputs = keys, tokens, inputs
+                keys, tokens, x = keys[keep], tokens[keep], x[keep]
+            self.key, self.token, self.hook_activations = keys, tokens, x
             return
         # Full: the newcomers that make the cut take the slots of the entries they push out, in
         # place (copying the whole sample every batch costs more than the rest of the update).
@@ -368,22 +374,23 @@ class PositionSample:
         newcomers = keep[keep >= self.size] - self.size
         self.key[slots] = keys[newcomers]
         self.token[slots] = tokens[newcomers]
-        self.inputs[slots] = inputs[newcomers]
+        self.hook_activations[slots] = x[newcomers]
 
     def merge(self, other: PositionSample) -> None:
-        self._add(other.key, other.token, other.inputs)
+        self._add(other.key, other.token, other.hook_activations)
 
     def finalize(self) -> PositionSampleResult:
         order = torch.argsort(self.key)
         return PositionSampleResult(
-            token_index=self.token[order].cpu().numpy(), inputs=self.inputs[order]
+            token_index=self.token[order].cpu().numpy(),
+            hook_activations=self.hook_activations[order],
         )
 
 
 @dataclass
 class PositionSampleResult:
     token_index: np.ndarray  # global token index, in random (hash key) order
-    inputs: Tensor  # [n, d_model], on the build's device
+    hook_activations: Tensor  # [n, d_model], on the build's device
 
 
 class TokenTable:
@@ -511,23 +518,6 @@ def _padded(kept: np.ndarray, ids: np.ndarray, *values: np.ndarray) -> tuple[np.
     return (np.where(kept, ids, -1), *(np.where(kept, v, 0) for v in values))
 
 
-@dataclass
-class ExampleSizes:
-    """How many examples of each kind to keep per feature, and how many positions to sample for
-    all features together."""
-
-    top: int = 20
-    """highest activations"""
-    bottom: int = 10
-    """weakest positive activations"""
-    decoder_top: int = 20
-    """highest decoder-direction projections"""
-    random: int = 100
-    """uniform sample of active positions, later split into quantile bands"""
-    sample_positions: int = 16_384
-    """uniform sample of all positions, for the absorption measure"""
-
-
 class FeatureAccumulators:
     """Everything the build computes per feature in its one pass over the corpus."""
 
@@ -538,29 +528,31 @@ class FeatureAccumulators:
         vocab_size: int,
         decoder: Float[Tensor, "d_sae d_model"],
         decoder_bias: Float[Tensor, " d_model"],
-        sizes: ExampleSizes,
+        sizes: ExampleCounts,
         seed: int,
     ) -> None:
         self.seed = seed
         self.stats = FeatureStats(n_features, context_length)
-        self.top = Examples(sizes.top, n_features, context_length)
-        self.bottom = Examples(sizes.bottom, n_features, context_length)
-        self.random = Examples(sizes.random, n_features, context_length)
-        self.decoder_top = DecoderTop(
+        self.top = ExampleHeaps(sizes.top, n_features, context_length)
+        self.bottom = ExampleHeaps(sizes.bottom, n_features, context_length)
+        self.active_sample = ExampleHeaps(sizes.active_sample, n_features, context_length)
+        self.decoder_top = DecoderExampleHeaps(
             sizes.decoder_top, n_features, context_length, decoder, decoder_bias
         )
         self.tokens = TokenTable(n_features, vocab_size)
-        self.sample = PositionSample(sizes.sample_positions, decoder.shape[1], decoder.device, seed)
+        self.position_sample = PositionSample(
+            sizes.sample_positions, decoder.shape[1], decoder.device, seed
+        )
 
     def parts(self) -> tuple:
         return (
             self.stats,
             self.top,
             self.bottom,
-            self.random,
+            self.active_sample,
             self.decoder_top,
             self.tokens,
-            self.sample,
+            self.position_sample,
         )
 
     def update(self, batch: Batch) -> None:
@@ -568,27 +560,18 @@ class FeatureAccumulators:
             raise ValueError(f"corpus positions beyond {TOKEN_LIMIT} tokens are not supported")
         self.stats.count_tokens(batch)
         self.tokens.count_tokens(batch)
-        # Top: highest activations; bottom: weakest positive ones (score -activation); random:
-        # a uniform sample of the active positions (score -random key).
         kernels.scan_activations(
-            batch.acts,
+            batch.view(),
             batch.token_ids.reshape(-1).cpu().numpy(),
-            batch.context_length,
-            batch.first_token,
             self.seed,
-            numba.get_num_threads(),
-            *self.stats.kernel_tables(),
+            self.stats.kernel_tables(),
             self.tokens.table,
-            self.tokens.dense,
-            self.top.state,
-            self.top.kth_scores(),
-            self.bottom.state,
-            self.bottom.kth_scores(),
-            self.random.state,
-            self.random.kth_scores(),
+            self.top.state(),
+            self.bottom.state(),
+            self.active_sample.state(),
         )
         self.decoder_top.update(batch)
-        self.sample.update(batch)
+        self.position_sample.update(batch)
 
     def merge(self, other: FeatureAccumulators) -> None:
         for mine, theirs in zip(self.parts(), other.parts(), strict=True):
@@ -599,19 +582,19 @@ class FeatureAccumulators:
             stats=self.stats.finalize(),
             top=self.top.finalize(),
             bottom=self.bottom.finalize(),
-            random=self.random.finalize(),
+            active_sample=self.active_sample.finalize(),
             decoder_top=self.decoder_top.finalize(),
             tokens=self.tokens.finalize(),
-            sample=self.sample.finalize(),
+            position_sample=self.position_sample.finalize(),
         )
 
 
 @dataclass
 class AccumulatedResult:
     stats: FeatureStatsResult
-    top: ExamplesResult
-    bottom: ExamplesResult
-    random: ExamplesResult
-    decoder_top: ExamplesResult
+    top: KeptExamples
+    bottom: KeptExamples
+    active_sample: KeptExamples
+    decoder_top: KeptExamples
     tokens: TokenTableResult
-    sample: PositionSampleResult
+    position_sample: PositionSampleResult

@@ -1,65 +1,27 @@
-"""From accumulated state and SAE weights to the per-feature rows the database stores."""
+"""From accumulated state and SAE weights to the records the database stores."""
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from dataclasses import dataclass
 
-import numba
 import numpy as np
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from saescope.db.writer import float32_blob, int32_blob
-from saescope.pipeline.build import kernels
-from saescope.pipeline.build.accumulators import (
-    AccumulatedResult,
-    ExamplesResult,
-    unit_rows,
+from saescope.db.codec import histogram_edges
+from saescope.db.records import (
+    ExampleColumns,
+    FeatureColumns,
+    TokenLatentColumns,
+    TokenStatColumns,
 )
-from saescope.pipeline.build.kernels import histogram_edges
-from saescope.pipeline.synthetic.data import GroundTruthMatch
-
-# Flag rules (documented in the README).
-POSITIONAL_R2_THRESHOLD = 0.5
-BOS_SHARE_THRESHOLD = 0.5
-ABSORBED_MISS_RATE = 0.4
-ABSORBER_SHARE = 0.5
-# The absorption measure needs this many firings of a feature in the position sample; its
-# absorbers are summed over at most ABSORBER_POSITIONS missed positions (a random subset).
-ABSORPTION_MIN_FIRINGS = 20
-ABSORBER_POSITIONS = 64
-
-
-@dataclass
-class AnalysisSettings:
-    """Sizes of the derived per-feature tables."""
-
-    high_frequency_threshold: float = 0.1
-    """a feature firing on more than this share of tokens is flagged high-frequency"""
-    quantile_bands: int = 10
-    """the active values are cut into this many bands at equally spaced quantiles"""
-    examples_per_band: int = 4
-    """random examples shown per quantile band"""
-    n_logits: int = 10
-    """top and bottom tokens of W_dec·W_U"""
-    n_neighbours: int = 10
-    """nearest latents by decoder cosine"""
-    n_top_tokens: int = 10
-    """tokens a feature fires on most"""
-    n_token_latents: int = 16
-    """latents kept per token id for token search"""
-    n_absorbers: int = 5
-    """absorbing latents kept per feature"""
-
-
-def grouped_order(groups: Tensor, key: Tensor) -> Tensor:
-    """Indices ordered by group, then by key, ties in their original order (two stable torch
-    sorts: about 3× faster than np.lexsort on millions of entries)."""
-    order = torch.argsort(key, stable=True)
-    return order[torch.argsort(groups[order], stable=True)]
+from saescope.pipeline.build.absorption import Absorption
+from saescope.pipeline.build.accumulators import AccumulatedResult, FeatureStatsResult, KeptExamples
+from saescope.pipeline.build.config import AnalysisSettings
+from saescope.pipeline.saes import unit_rows
+from saescope.pipeline.synthetic.ground_truth import GroundTruthMatch
 
 
 def ranks_within_groups(sorted_groups: np.ndarray) -> np.ndarray:
@@ -105,7 +67,7 @@ def quantile_edges(
     return edges
 
 
-def _bands(edges: np.ndarray, values: np.ndarray) -> np.ndarray:
+def band_of(edges: np.ndarray, values: np.ndarray) -> np.ndarray:
     """The band of each value: how many inner edges (edges[..., 1:-1]) lie at or below it;
     `edges[..., j]` broadcasts against `values`."""
     band = np.zeros(np.broadcast_shapes(edges.shape[:-1], values.shape), np.int64)
@@ -122,7 +84,7 @@ def band_mass(
     n_features, n_bands = edges.shape[0], edges.shape[1] - 1
     finite = histogram_edges()
     centres = np.r_[finite[0], np.sqrt(finite[:-1] * finite[1:]), finite[-1]]
-    cell = np.arange(n_features)[:, None] * n_bands + _bands(edges[:, None, :], centres)
+    cell = np.arange(n_features)[:, None] * n_bands + band_of(edges[:, None, :], centres)
     per_band = np.bincount(
         cell.ravel(), weights=(histogram * centres).ravel(), minlength=n_features * n_bands
     ).reshape(n_features, n_bands)
@@ -164,189 +126,78 @@ def decoder_neighbours(
     return torch.cat(values).cpu().numpy(), torch.cat(ids).cpu().numpy()
 
 
-def group_medians(values: Tensor, groups: Tensor, n_groups: int) -> Tensor:
-    """The median of the values of each group 0 .. n_groups − 1 (nan for an empty group)."""
-    if len(values) == 0:
-        return torch.full((n_groups,), math.nan, device=values.device)
-    ordered = values[grouped_order(groups, values)]
-    counts = torch.bincount(groups, minlength=n_groups)
-    starts = torch.cumsum(counts, 0) - counts
-    # Empty groups point anywhere valid; they are masked below.
-    low = (starts + (counts - 1) // 2).clamp(0, len(values) - 1)
-    high = (starts + counts // 2).clamp(0, len(values) - 1)
-    median = (ordered[low] + ordered[high]) / 2
-    return torch.where(counts > 0, median, math.nan)
-
-
 @dataclass
-class ActiveEntries:
-    """The (row, latent, value) entries where the SAE fires on a set of rows, row-major."""
+class Statistics:
+    """Each feature's firing statistics, from the accumulated counts and sums."""
 
-    row: Tensor
-    col: Tensor
-    value: Tensor
-    per_row: Tensor  # entries of each row
-    n_features: int
+    frequency: np.ndarray
+    mean_activation: np.ndarray
+    bos_share: np.ndarray
+    positional_r2: np.ndarray
 
-    def sums_over(
-        self, rows: Tensor, groups: Tensor, n_groups: int
-    ) -> tuple[Float[Tensor, "groups d_sae"], Int[Tensor, "groups d_sae"]]:
-        """For each group, Σ f_j and the number of firings of every latent j over the given rows
-        (row `rows[k]` counted in group `groups[k]`)."""
-        per_row = self.per_row
-        row_start = torch.cumsum(per_row, 0) - per_row
-        total = torch.zeros(n_groups * self.n_features, device=self.value.device)
-        count = torch.zeros(n_groups * self.n_features, dtype=torch.int64, device=total.device)
-        for start in range(0, len(rows), 1 << 16):
-            # Each row's run of entries, expanded: entry = its row's start + offset in the run.
-            here = rows[start : start + (1 << 16)]
-            n_active = per_row[here]
-            entry = torch.repeat_interleave(
-                row_start[here] - (torch.cumsum(n_active, 0) - n_active), n_active
-            )
-            entry += torch.arange(len(entry), device=entry.device)
-            group = torch.repeat_interleave(groups[start : start + (1 << 16)], n_active)
-            cell = group * self.n_features + self.col[entry]
-            total.index_add_(0, cell, self.value[entry])
-            count.index_add_(0, cell, torch.ones_like(cell))
-        return total.view(n_groups, -1), count.view(n_groups, -1)
-
-
-def _active_entries(x: Tensor, encode: Callable[[Tensor], Tensor]) -> ActiveEntries:
-    rows, cols, values = [], [], []
-    for start in range(0, len(x), 4096):
-        acts = encode(x[start : start + 4096]).float()
-        r, c = torch.nonzero(acts > 0, as_tuple=True)
-        rows.append(r + start)
-        cols.append(c)
-        values.append(acts[r, c])
-    row = torch.cat(rows)
-    per_row = torch.bincount(row, minlength=len(x))
-    return ActiveEntries(row, torch.cat(cols), torch.cat(values), per_row, acts.shape[1])
-
-
-@dataclass
-class Absorption:
-    present_miss_rate: np.ndarray  # nan where the feature fires too rarely in the sample
-    present_positions: np.ndarray  # sampled positions where its decoder direction is present
-    absorbers: list[list[dict]]
-
-
-def absorption(
-    inputs: Float[Tensor, "n d_in"],
-    encode: Callable[[Tensor], Tensor],
-    decoder: Float[Tensor, "d_sae d_in"],
-    decoder_bias: Float[Tensor, " d_in"],
-    n_absorbers: int,
-    features_per_chunk: int = 1024,
-) -> Absorption:
-    """Feature absorption measured on a uniform sample of positions.
-
-    Feature i's decoder direction counts as present where its projection p_i = (x − b_dec)·ŵ_i
-    reaches the median of p_i over the sampled positions where i fires. The present miss rate is
-    the share of those positions where f_i = 0; the absorbers are the latents j active on them
-    (on at most ABSORBER_POSITIONS of them, taken in the sample's random order), ranked by
-    Σ f_j·(ŵ_i·W_dec[j]), i.e. how much of i's direction they write instead, with that sum's
-    share of Σ p_i over the same positions."""
-    n_features = decoder.shape[0]
-    n = inputs.shape[0]
-    unit = unit_rows(decoder)
-    x = inputs.to(decoder.dtype)
-    active = _active_entries(x, encode)
-    centred = x - decoder_bias
-    miss_rate = np.full(n_features, np.nan)
-    present_positions = np.zeros(n_features, dtype=np.int64)
-    absorbers: list[list[dict]] = []
-    for a in range(0, n_features, features_per_chunk):
-        b = min(a + features_per_chunk, n_features)
-        projection = centred @ unit[a:b].T
-        in_chunk = torch.nonzero((active.col >= a) & (active.col < b)).squeeze(1)
-        fired_row, fired_feature = active.row[in_chunk], active.col[in_chunk] - a
-        fired = torch.zeros(n, b - a, dtype=torch.bool, device=x.device)
-        fired[fired_row, fired_feature] = True
-        threshold = group_medians(projection[fired_row, fired_feature], fired_feature, b - a)
-        measurable = torch.bincount(fired_feature, minlength=b - a) >= ABSORPTION_MIN_FIRINGS
-        # The sample is in random order: the first missed positions are a uniform subset.
-        n_present, n_missed, examined, examined_sum = kernels.presence(
-            projection.float().cpu().numpy(),
-            fired.cpu().numpy(),
-            threshold.float().cpu().numpy(),
-            measurable.cpu().numpy(),
-            ABSORBER_POSITIONS,
-            numba.get_num_threads(),
+    @classmethod
+    def of(cls, result: AccumulatedResult) -> Statistics:
+        stats = result.stats
+        n_features = len(stats.count)
+        fired_anywhere = stats.count + stats.special_count
+        return cls(
+            frequency=stats.count / max(stats.tokens_seen, 1),
+            mean_activation=np.divide(
+                stats.sum, stats.count, out=np.zeros(n_features), where=stats.count > 0
+            ),
+            bos_share=np.divide(
+                stats.special_count,
+                fired_anywhere,
+                out=np.zeros(n_features),
+                where=fired_anywhere > 0,
+            ),
+            positional_r2=positional_r2(result),
         )
-        rate = n_missed / np.maximum(n_present, 1)
-        miss_rate[a:b] = np.where(measurable.cpu().numpy(), rate, math.nan)
-        present_positions[a:b] = n_present
-        examined_feature, examined_slot = np.nonzero(examined >= 0)
-        activation_sum, count = active.sums_over(
-            torch.from_numpy(examined[examined_feature, examined_slot]).to(x.device),
-            torch.from_numpy(examined_feature).to(x.device),
-            b - a,
-        )
-        weight = activation_sum * (unit[a:b] @ decoder.T)
-        missed_projection = torch.from_numpy(examined_sum).to(weight).clamp_min(1e-12).unsqueeze(1)
-        share = weight / missed_projection
-        top_weight, top_latent = weight.topk(min(n_absorbers, n_features), dim=1)
-        for weights, latents, counts, shares in zip(
-            top_weight.tolist(),
-            top_latent.tolist(),
-            count.gather(1, top_latent).tolist(),
-            share.gather(1, top_latent).tolist(),
-            strict=True,
-        ):
-            absorbers.append(
-                [
-                    {"feature_index": j, "weight": round(w, 6), "share": round(h, 6), "count": c}
-                    for w, j, c, h in zip(weights, latents, counts, shares, strict=True)
-                    if w > 0
-                ]
-            )
-    return Absorption(miss_rate, present_positions, absorbers)
 
 
-def feature_columns(
-    result: AccumulatedResult,
-    decoder: Float[Tensor, "d_sae d_in"],
-    unembed: Float[Tensor, "d_in vocab"],
-    settings: AnalysisSettings,
-    edges: Float[np.ndarray, "d_sae edges"],
-    absorbed: Absorption,
-    ground_truth: tuple[GroundTruthMatch, list[str]] | None = None,
-) -> dict[str, list]:
-    """The `features` table as columns, one entry per feature; `unembed` None (no language
-    model) leaves the logit effects empty, `ground_truth` (the match and the true features'
-    names) fills the ground-truth columns."""
-    stats = result.stats
-    n_features = len(stats.count)
-    tokens_seen = max(stats.tokens_seen, 1)
-    frequency = stats.count / tokens_seen
-    mean_activation = np.divide(
-        stats.sum, stats.count, out=np.zeros(n_features), where=stats.count > 0
-    )
-    fired_anywhere = stats.count + stats.special_count
-    bos_share = np.divide(
-        stats.special_count, fired_anywhere, out=np.zeros(n_features), where=fired_anywhere > 0
-    )
-    r2 = positional_r2(result)
+def positional_profile(stats: FeatureStatsResult) -> tuple[np.ndarray, np.ndarray]:
+    """Per feature and position: the firing rate, and the mean activation where it fires (0
+    where it never does)."""
     position_tokens = np.maximum(stats.position_tokens, 1)[:, None]
-    position_rate = (stats.position_count / position_tokens).T
-    position_mean = np.divide(
+    rate = (stats.position_count / position_tokens).T
+    mean = np.divide(
         stats.position_sum,
         stats.position_count,
         out=np.zeros_like(stats.position_sum),
         where=stats.position_count > 0,
     ).T
-    jaccard, miss_rate = encoder_decoder_agreement(result)
-    neighbour_cosine, neighbour_id = decoder_neighbours(decoder, settings.n_neighbours)
-    # The histogram is stored from its first to its last nonzero bin.
-    nonzero = stats.histogram > 0
+    return rate, mean
+
+
+def histogram_rows(histogram: Int[np.ndarray, "features bins"]) -> tuple[np.ndarray, list]:
+    """Each feature's histogram from its first to its last nonzero bin, and that first bin."""
+    nonzero = histogram > 0
     n_bins = nonzero.shape[1]
     fired = nonzero.any(1)
     first = np.where(fired, nonzero.argmax(1), 0)
     last = np.where(fired, n_bins - nonzero[:, ::-1].argmax(1), 0)
-    top_share = np.array([a[0]["share"] if a else -np.inf for a in absorbed.absorbers])
-    present_miss_rate = absorbed.present_miss_rate
+    return first, [counts[a:b] for counts, a, b in zip(histogram, first, last, strict=True)]
+
+
+def feature_records(
+    result: AccumulatedResult,
+    decoder: Float[Tensor, "d_sae d_in"],
+    unembed: Float[Tensor, "d_in vocab"] | None,
+    settings: AnalysisSettings,
+    edges: Float[np.ndarray, "d_sae edges"],
+    absorbed: Absorption,
+    ground_truth: tuple[GroundTruthMatch, list[str]] | None = None,
+) -> FeatureColumns:
+    """The `features` rows; `unembed` None (no language model) leaves the logit effects empty,
+    `ground_truth` (the match and the true features' names) fills the ground-truth columns."""
+    stats = result.stats
+    n_features = len(stats.count)
+    statistics = Statistics.of(result)
+    position_rate, position_mean = positional_profile(stats)
+    jaccard, miss_rate = encoder_decoder_agreement(result)
+    neighbour_cosine, neighbour_id = decoder_neighbours(decoder, settings.n_neighbours)
+    histogram_first_bin, histogram_counts = histogram_rows(stats.histogram)
+    fired = stats.count > 0
     if unembed is not None:
         top_logit, top_token, bottom_logit, bottom_token = logit_effects(
             decoder, unembed, settings.n_logits
@@ -355,44 +206,37 @@ def feature_columns(
         logits_bottom = _pairs(bottom_token, bottom_logit, "token_id", "logit")
     else:
         logits_top = logits_bottom = [[] for _ in range(n_features)]
-    return {
-        "feature_index": list(range(n_features)),
-        "count": stats.count.tolist(),
-        "frequency": frequency.tolist(),
-        "mean_activation": mean_activation.tolist(),
-        "max_activation": stats.max.tolist(),
-        "min_activation": stats.min.tolist(),
-        "bos_count": stats.special_count.tolist(),
-        "bos_share": bos_share.tolist(),
-        "positional_r2": r2.tolist(),
-        "dead": (stats.count == 0).tolist(),
-        "high_frequency": (frequency > settings.high_frequency_threshold).tolist(),
-        "positional": (r2 > POSITIONAL_R2_THRESHOLD).tolist(),
-        "bos_dominated": (bos_share > BOS_SHARE_THRESHOLD).tolist(),
-        "absorbed": (
-            (present_miss_rate >= ABSORBED_MISS_RATE) & (top_share >= ABSORBER_SHARE)
-        ).tolist(),
-        "jaccard": jaccard.tolist(),
-        "miss_rate": miss_rate.tolist(),
-        "present_miss_rate": [None if math.isnan(x) else x for x in present_miss_rate.tolist()],
-        "present_positions": absorbed.present_positions.tolist(),
-        "absorbers": absorbed.absorbers,
-        "histogram_first_bin": first.tolist(),
-        "histogram_counts": [
-            int32_blob(counts[a:b])
-            for counts, a, b in zip(stats.histogram, first, last, strict=True)
+    return FeatureColumns(
+        feature_index=np.arange(n_features),
+        count=stats.count,
+        frequency=statistics.frequency,
+        mean_activation=statistics.mean_activation,
+        max_activation=stats.max,
+        min_activation=stats.min,
+        bos_count=stats.special_count,
+        bos_share=statistics.bos_share,
+        positional_r2=statistics.positional_r2,
+        jaccard=jaccard,
+        miss_rate=miss_rate,
+        present_miss_rate=[
+            None if math.isnan(x) else x for x in absorbed.present_miss_rate.tolist()
         ],
-        "position_rate": [float32_blob(rate) for rate in position_rate],
-        "position_mean": [float32_blob(mean) for mean in position_mean],
+        present_positions=absorbed.present_positions,
+        absorbers=absorbed.absorbers,
+        top_absorber_share=[found[0]["share"] if found else None for found in absorbed.absorbers],
+        histogram_first_bin=histogram_first_bin,
+        histogram_counts=histogram_counts,
+        position_rate=position_rate,
+        position_mean=position_mean,
         # Features that never fired have no bands.
-        "quantile_edges": _where_fired(edges, fired),
-        "quantile_mass": _where_fired(band_mass(stats.histogram, edges), fired),
-        "logits_top": logits_top,
-        "logits_bottom": logits_bottom,
-        "neighbours": _pairs(neighbour_id, neighbour_cosine, "feature_index", "cosine"),
-        "top_tokens": feature_top_tokens(result, settings.n_top_tokens),
-        **ground_truth_columns(ground_truth, n_features),
-    }
+        quantile_edges=_where_fired(edges, fired),
+        quantile_mass=_where_fired(band_mass(stats.histogram, edges), fired),
+        logits_top=logits_top,
+        logits_bottom=logits_bottom,
+        neighbours=_pairs(neighbour_id, neighbour_cosine, "feature_index", "cosine"),
+        top_tokens=feature_top_tokens(result, settings.n_top_tokens),
+        **ground_truth_columns(ground_truth),
+    )
 
 
 def _where_fired(rows: np.ndarray, fired: np.ndarray) -> list[list[float]]:
@@ -400,8 +244,8 @@ def _where_fired(rows: np.ndarray, fired: np.ndarray) -> list[list[float]]:
 
 
 def ground_truth_columns(
-    ground_truth: tuple[GroundTruthMatch, list[str]] | None, n_features: int
-) -> dict[str, list]:
+    ground_truth: tuple[GroundTruthMatch, list[str]] | None,
+) -> dict[str, list | None]:
     if ground_truth is None:
         return dict.fromkeys(("gt_feature", "gt_cosine", "composed_of", "composed_cosine"), None)
     match, names = ground_truth
@@ -440,12 +284,10 @@ def encoder_decoder_agreement(result: AccumulatedResult) -> tuple[np.ndarray, np
     positions where the feature stays at zero."""
     top, decoder = result.top, result.decoder_top
     n_features = top.valid.shape[0]
-    ctx_key = top.sequence_index.astype(np.int64) * 1_000_003 + top.position
-    decoder_key = decoder.sequence_index.astype(np.int64) * 1_000_003 + decoder.position
     jaccard = np.zeros(n_features)
     for i in range(n_features):
-        a = set(ctx_key[i][top.valid[i]].tolist())
-        b = set(decoder_key[i][decoder.valid[i]].tolist())
+        a = set(top.token[i][top.valid[i]].tolist())
+        b = set(decoder.token[i][decoder.valid[i]].tolist())
         jaccard[i] = len(a & b) / len(a | b) if a | b else 0.0
     missed = decoder.valid & (decoder.activation <= 0)
     miss_rate = missed.sum(1) / np.maximum(decoder.valid.sum(1), 1)
@@ -466,78 +308,78 @@ def feature_top_tokens(result: AccumulatedResult, n: int) -> list[list[dict]]:
     ]
 
 
-def token_columns(result: AccumulatedResult, n: int) -> tuple[dict[str, list], dict[str, list]]:
+def token_records(result: AccumulatedResult, n: int) -> tuple[TokenStatColumns, TokenLatentColumns]:
     """Token occurrence counts, and per token the latents with the highest mean activation over
     all its occurrences (a latent that fires rarely on the token ranks low)."""
     table = result.tokens
     seen = np.flatnonzero(table.token_count)
-    stats = {"token_id": seen.tolist(), "count": table.token_count[seen].tolist()}
     feature, count, mean = table.top_latents(n)
     token, rank = np.nonzero(feature >= 0)
-    latents = {
-        "token_id": token.tolist(),
-        "rank": rank.tolist(),
-        "feature_index": feature[token, rank].tolist(),
-        "count": count[token, rank].tolist(),
-        "mean_activation": mean[token, rank].tolist(),
-    }
-    return stats, latents
+    return (
+        TokenStatColumns(token_id=seen, count=table.token_count[seen]),
+        TokenLatentColumns(
+            token_id=token,
+            rank=rank,
+            feature_index=feature[token, rank],
+            count=count[token, rank],
+            mean_activation=mean[token, rank],
+        ),
+    )
 
 
-def example_columns(
+def example_records(
     result: AccumulatedResult, settings: AnalysisSettings, edges: Float[np.ndarray, "d_sae edges"]
-) -> dict[str, list]:
-    """The `examples` table as columns: one row per feature and kind that has examples."""
+) -> ExampleColumns:
+    """The `examples` rows: one per feature and kind that has examples."""
     parts = []
     for kind in ("top", "bottom", "decoder_top"):
-        examples: ExamplesResult = getattr(result, kind)
+        examples: KeptExamples = getattr(result, kind)
         feature, slot = np.nonzero(examples.valid)  # feature-major, best first
         projection = examples.score[feature, slot] if kind == "decoder_top" else None
-        parts.append(_columns(examples, feature, slot, kind, None, projection))
-    parts.append(_quantile_columns(result.random, settings, edges))
-    return {name: [x for part in parts for x in part[name]] for name in parts[0]}
+        parts.append(_example_rows(examples, feature, slot, kind, None, projection))
+    parts.append(_quantile_examples(result.active_sample, settings, edges))
+    return ExampleColumns.concatenate(parts)
 
 
-def _quantile_columns(
-    random: ExamplesResult, settings: AnalysisSettings, edges: Float[np.ndarray, "d_sae edges"]
-) -> dict[str, list]:
-    """Up to `examples_per_band` of the random sample per band, in the sample's random order."""
-    per_band = settings.examples_per_band
+def _quantile_examples(
+    sample: KeptExamples, settings: AnalysisSettings, edges: Float[np.ndarray, "d_sae edges"]
+) -> ExampleColumns:
+    """Up to `examples_per_band` of the active sample per band, in the sample's random order."""
     n_bands = edges.shape[1] - 1
-    feature, slot = np.nonzero(random.valid)
-    activation = random.activation[feature, slot]
-    band = _bands(edges[feature], activation)
+    feature, slot = np.nonzero(sample.valid)
+    band = band_of(edges[feature], sample.activation[feature, slot])
     # Stable: feature-major, then by band, each band in the sample's order.
     group = feature * n_bands + band
     order = np.argsort(group, kind="stable")
-    keep = order[ranks_within_groups(group[order]) < per_band]
-    return _columns(random, feature[keep], slot[keep], "quantile", band[keep], None)
+    keep = order[ranks_within_groups(group[order]) < settings.examples_per_band]
+    return _example_rows(sample, feature[keep], slot[keep], "quantile", band[keep], None)
 
 
-def _columns(
-    examples: ExamplesResult,
+def _example_rows(
+    examples: KeptExamples,
     feature: np.ndarray,
     slot: np.ndarray,
     kind: str,
     band: np.ndarray | None,
     projection: np.ndarray | None,
-) -> dict[str, list]:
-    """One row per feature in `feature` (ascending), each field packed into a blob of that
-    feature's examples in the given order."""
+) -> ExampleColumns:
+    """One row per feature in `feature` (ascending), each field an array over that feature's
+    examples in the given order."""
     starts = np.flatnonzero(np.r_[True, feature[1:] != feature[:-1]][: len(feature)])
     n = len(starts)
 
-    def packed(values: np.ndarray, dtype: str) -> list[bytes]:
-        parts = np.split(values.astype(dtype), starts[1:]) if n else []
-        return [part.tobytes() for part in parts]
+    def per_row(values: np.ndarray | None) -> list:
+        if values is None:
+            return [None] * n
+        return np.split(values, starts[1:]) if n else []
 
-    return {
-        "feature_index": feature[starts].tolist(),
-        "kind": [kind] * n,
-        "sequence_index": packed(examples.sequence_index[feature, slot], "<i4"),
-        "position": packed(examples.position[feature, slot], "<i4"),
-        "activation": packed(examples.activation[feature, slot], "<f4"),
-        "band": packed(band, "<i4") if band is not None else [None] * n,
-        "projection": packed(projection, "<f4") if projection is not None else [None] * n,
-        "window_activations": packed(examples.window[feature, slot], "<f4"),
-    }
+    return ExampleColumns(
+        feature_index=feature[starts].tolist(),
+        kind=[kind] * n,
+        sequence_index=per_row(examples.sequence_index[feature, slot]),
+        position=per_row(examples.position[feature, slot]),
+        activation=per_row(examples.activation[feature, slot]),
+        band=per_row(band),
+        projection=per_row(projection),
+        window_activations=per_row(examples.window[feature, slot]),
+    )

@@ -10,6 +10,11 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from saescope.pipeline.activations import ActivationSource
+
+# Synthetic activations are reconstructed in chunks of this many rows.
+RECONSTRUCTION_CHUNK = 4096
+
 
 class ReconstructionTotals:
     """Running sums for MSE (mean over tokens and dimensions) and explained variance
@@ -37,6 +42,26 @@ class ReconstructionTotals:
             "mse": self.sse / (self.count * len(self.x_sum)),
             "explained_variance": 1.0 - self.sse / variance if variance > 0 else None,
         }
+
+
+def evaluate(
+    sae, source: ActivationSource, n_sequences: int, batch_size: int, quiet: bool
+) -> dict[str, float | None]:
+    """The per-SAE metrics on the first `n_sequences` contexts: with the model's cross-entropy
+    where the source has a language model, reconstruction alone where it has none."""
+    if source.language_model is None:
+        tokens = torch.from_numpy(source.tokens[:n_sequences])
+        x = source.read(0, tokens)
+        return evaluate_reconstruction(sae, x.reshape(-1, x.shape[-1]), RECONSTRUCTION_CHUNK)
+    return evaluate_sae(
+        source.language_model,
+        sae,
+        source.hook,
+        torch.from_numpy(source.tokens[:n_sequences]),
+        source.special_ids,
+        batch_size,
+        quiet,
+    )
 
 
 def evaluate_sae(

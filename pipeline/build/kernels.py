@@ -14,16 +14,19 @@ which candidates arrive.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import numba
 import numpy as np
 from numba import njit, prange
 
-from saescope.db.models import (
+from saescope.db.codec import (
     HISTOGRAM_BINS,
     HISTOGRAM_LOG10_MAX,
     HISTOGRAM_LOG10_MIN,
     WINDOW_LEFT,
     WINDOW_LENGTH,
+    histogram_edges,
 )
 
 # Numba's OpenMP layer and torch's OpenMP runtime crash in one process; numba's own pool is safe.
@@ -41,10 +44,41 @@ EMPTY_KEY = np.iinfo(np.int64).min
 RANDOM_KEY_BITS = 24
 
 
-def histogram_edges() -> np.ndarray:
-    """Edges of the finite histogram bins; bin 0 is below edges[0], the last bin above edges[-1]."""
-    n_finite = HISTOGRAM_BINS - 2
-    return np.logspace(HISTOGRAM_LOG10_MIN, HISTOGRAM_LOG10_MAX, n_finite + 1)
+class ExampleState(NamedTuple):
+    """One kind of examples of every feature: per slot [d_sae, k, ...] the `key`, `activation`
+    and `window`, the min-heap of each feature's slots by key, and each feature's `threshold`:
+    the score a candidate must reach (the k-th kept score, or -inf while slots are free)."""
+
+    key: np.ndarray
+    heap: np.ndarray
+    activation: np.ndarray
+    window: np.ndarray
+    threshold: np.ndarray
+
+    def slots(self) -> tuple[np.ndarray, ...]:
+        """The arrays of the slots, as the compiled kernels take them: a plain tuple (arrays
+        reached through a named tuple inside a parallel loop are written to copies)."""
+        return self.key, self.heap, self.activation, self.window
+
+
+class BatchView(NamedTuple):
+    """A batch's feature activations `acts` [tokens, d_sae]: whole sequences of `context`
+    tokens in corpus order, the first at global token index `first_token`."""
+
+    acts: np.ndarray
+    context: int
+    first_token: int
+
+
+class StatisticsTables(NamedTuple):
+    """The per-entry tables of the feature statistics (see `FeatureStats`)."""
+
+    position_count: np.ndarray
+    position_sum: np.ndarray
+    sum_sq: np.ndarray
+    maximum: np.ndarray
+    minimum: np.ndarray
+    histogram: np.ndarray
 
 
 def _histogram_cells() -> tuple[int, np.ndarray, np.ndarray]:
@@ -287,8 +321,31 @@ def _histogram_bin(value) -> int:
     return bin
 
 
-@njit(parallel=True, cache=True)
 def scan_activations(
+    batch: BatchView,
+    token_ids: np.ndarray,
+    seed: int,
+    tables: StatisticsTables,
+    token_table: np.ndarray,
+    top: ExampleState,
+    bottom: ExampleState,
+    active_sample: ExampleState,
+) -> None:
+    """One batch's active entries (acts > 0) into the feature statistics, the token table (when
+    dense; the sparse one, empty here, is filled elsewhere), and the top, bottom and
+    active-sample examples: the highest activations, the weakest positive ones (score
+    -activation) and a uniform sample of the active positions (score -random key /
+    2**RANDOM_KEY_BITS)."""
+    _scan_activations(
+        batch.acts, token_ids, batch.context, batch.first_token, seed, numba.get_num_threads(),
+        *tables, token_table, token_table.shape[0] > 0,
+        top.slots(), top.threshold, bottom.slots(), bottom.threshold,
+        active_sample.slots(), active_sample.threshold,
+    )  # fmt: skip
+
+
+@njit(parallel=True, cache=True)
+def _scan_activations(
     acts, token_ids, context, first_token, seed, n_threads,
     position_count, position_sum, sum_sq, maximum, minimum, histogram,
     token_table, dense_token_table,
@@ -443,8 +500,25 @@ def _block_screen(approximate, skip, rows, first, screen, margin, out) -> None:
         out[local] = max(screen[local], _bfloat16_floor_key(best - np.float32(2.0) * margin))
 
 
-@njit(parallel=True, cache=True)
 def scan_projections(
+    batch: BatchView,
+    approximate: np.ndarray,
+    margin: np.ndarray,
+    centred: np.ndarray,
+    unit: np.ndarray,
+    skip: np.ndarray,
+    examples: ExampleState,
+) -> None:
+    """The top examples of the decoder projections centred[row]·unit[feature] (see
+    `_scan_projections`)."""
+    _scan_projections(
+        approximate, margin, centred, unit, skip, batch.acts, batch.context, batch.first_token,
+        numba.get_num_threads(), examples.slots(), examples.threshold,
+    )  # fmt: skip
+
+
+@njit(parallel=True, cache=True)
+def _scan_projections(
     approximate, margin, centred, unit, skip, acts, context, first_token, n_threads, examples,
     threshold,
 ):  # fmt: skip

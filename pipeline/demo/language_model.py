@@ -1,7 +1,7 @@
 """Train the embedded demo language model on text every Python installation ships.
 
 A byte-level BPE tokenizer and a small GPT-2 are trained on the standard library's docstrings and
-the pydoc_data topics (see `pipeline.lm_corpus`); the result is a HuggingFace directory, loaded
+the pydoc_data topics (see `demo.corpus`); the result is a HuggingFace directory, loaded
 like any other model. CPU-sized run (about ten minutes on two cores):
 
     saescope train-lm --out pipeline/demo/model --seed 0
@@ -13,45 +13,20 @@ import json
 import logging
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from saescope.pipeline import sources
-from saescope.pipeline.demo import corpus as lm_corpus
+from saescope.pipeline.corpus import pack_texts
+from saescope.pipeline.demo import corpus as demo_corpus
+from saescope.pipeline.demo.config import LanguageModelConfig
 
 logger = logging.getLogger(__name__)
 
 BOS = "<|endoftext|>"
-
-
-@dataclass
-class LanguageModelConfig:
-    """Shape and training schedule of the demo language model."""
-
-    vocab_size: int = 4096
-    """BPE vocabulary size, special token included"""
-    d_model: int = 128
-    """residual stream width"""
-    n_layers: int = 4
-    """transformer blocks"""
-    n_heads: int = 4
-    """attention heads per block"""
-    context_length: int = 128
-    """tokens per training context"""
-    batch_size: int = 32
-    """contexts per step"""
-    epochs: float = 6.0
-    """passes over the training contexts"""
-    learning_rate: float = 2e-3
-    """peak AdamW learning rate, reached after 5% of the steps, then cosine decay to 10%"""
-    weight_decay: float = 0.05
-    """AdamW weight decay"""
-    seed: int = 0
-    """seed of the tokenizer-independent randomness: initialisation and batch order"""
 
 
 def train_tokenizer(texts: list[str], vocab_size: int):
@@ -97,13 +72,14 @@ def train_language_model(out: Path, config: LanguageModelConfig, quiet: bool = F
     """Trains tokenizer and model, saves both to `out`, and returns the training summary."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
+    config.validate()
     started = time.perf_counter()
     torch.manual_seed(config.seed)
-    train_texts = list(lm_corpus.stdlib_texts(held_out=False))
-    held_out_texts = list(lm_corpus.stdlib_texts(held_out=True))
+    train_texts = list(demo_corpus.stdlib_texts(held_out=False))
+    held_out_texts = list(demo_corpus.stdlib_texts(held_out=True))
     tokenizer = train_tokenizer(train_texts, config.vocab_size)
     train, held_out = (
-        sources.pack_texts(texts, tokenizer, config.context_length, 10**9, prepend_bos=True)
+        pack_texts(texts, tokenizer, config.context_length, 10**9, prepend_bos=True)
         for texts in (train_texts, held_out_texts)
     )
     logger.info("training on %d contexts, %d held out", len(train), len(held_out))

@@ -1,9 +1,9 @@
 """Server latency under load: feature page and feature JSON against a trivial endpoint.
 
 Builds (once, cached at --db) a database of 16,384 features with the embedded demo model and an
-SAE of random directions, serves it with `python -m saescope.server` in a subprocess, and loads it with
-wrk (Debian's `wrk`, a C client, so the load generator takes little of the two cores), requesting
-random features:
+SAE of random directions, serves it with `python -m saescope.server` in a subprocess, and loads
+it with wrk (Debian's `wrk`, a C client, so the load generator takes little of the two cores),
+requesting random features:
   - mixed, in one run: three wrk processes at once, 32 connections in all, one per endpoint (the
     feature page, the feature JSON, /api/v1/health), so all three are measured side by side
     under the same load;

@@ -4,14 +4,14 @@ import numpy as np
 import pytest
 import torch
 
-from saescope.pipeline.build.analysis import ABSORPTION_MIN_FIRINGS, absorption
+from saescope.pipeline.build.absorption import ABSORPTION_MIN_FIRINGS, absorption
 
 N, D_MODEL, N_FEATURES, N_ABSORBERS = 400, 6, 7, 3
 
 
 def test_absorption_matches_brute_force(monkeypatch: pytest.MonkeyPatch) -> None:
     # Absorbers from the first few missed positions only, so that the cut is exercised.
-    monkeypatch.setattr("saescope.pipeline.build.analysis.ABSORBER_POSITIONS", 5)
+    monkeypatch.setattr("saescope.pipeline.build.absorption.ABSORBER_POSITIONS", 5)
     generator = torch.Generator().manual_seed(0)
     inputs = torch.randn(N, D_MODEL, generator=generator)
     encoder = torch.randn(D_MODEL, N_FEATURES, generator=generator)
@@ -67,7 +67,7 @@ def test_absorption_matches_brute_force(monkeypatch: pytest.MonkeyPatch) -> None
 
 
 def test_group_medians() -> None:
-    from saescope.pipeline.build.analysis import group_medians
+    from saescope.pipeline.build.absorption import group_medians
 
     values = torch.tensor([5.0, 1.0, 3.0, 2.0, 9.0, 4.0, 7.0])
     groups = torch.tensor([0, 0, 0, 2, 2, 2, 2])
@@ -78,7 +78,7 @@ def test_group_medians() -> None:
 
 
 def test_grouped_order_sorts_by_group_then_key_keeping_ties_in_order() -> None:
-    from saescope.pipeline.build.analysis import grouped_order
+    from saescope.pipeline.build.absorption import grouped_order
 
     groups = torch.tensor([1, 0, 1, 0, 1, 0])
     key = torch.tensor([-2.0, -5.0, -2.0, -1.0, -3.0, -5.0])
@@ -86,8 +86,8 @@ def test_grouped_order_sorts_by_group_then_key_keeping_ties_in_order() -> None:
 
 
 def test_quantile_edges_and_band_mass_match_the_per_feature_rule() -> None:
+    from saescope.db.codec import histogram_edges
     from saescope.pipeline.build.analysis import band_mass, quantile_edges
-    from saescope.pipeline.build.kernels import histogram_edges
 
     rng = np.random.default_rng(0)
     finite = histogram_edges()

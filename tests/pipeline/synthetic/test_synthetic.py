@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from typer.testing import CliRunner
+from click.testing import CliRunner
 
 from saescope.cli import app
-from saescope.pipeline.synthetic import data as synthetic
+from saescope.pipeline.synthetic import dataset, generators, ground_truth
 
 runner = CliRunner()
 
@@ -19,10 +19,10 @@ runner = CliRunner()
 @pytest.mark.parametrize(
     "make",
     [
-        lambda seed: synthetic.sparse_linear_combinations(16, 8, 500, 0.1, seed),
-        lambda seed: synthetic.toy_model(10, 4, 500, 0.8, 0.9, seed, train_steps=50),
-        lambda seed: synthetic.composed(2, 3, 8, 500, 0.1, 0.5, False, seed),
-        lambda seed: synthetic.hierarchical(3, 2, 12, 500, 0.3, 0.6, seed),
+        lambda seed: generators.sparse_linear_combinations(16, 8, 500, 0.1, seed),
+        lambda seed: generators.toy_model(10, 4, 500, 0.8, 0.9, seed, train_steps=50),
+        lambda seed: generators.composed(2, 3, 8, 500, 0.1, 0.5, False, seed),
+        lambda seed: generators.hierarchical(3, 2, 12, 500, 0.3, 0.6, seed),
     ],
 )
 def test_generators_are_seeded(make) -> None:
@@ -36,7 +36,7 @@ def test_generators_are_seeded(make) -> None:
 
 
 def test_hierarchical_parent_is_on_whenever_a_child_is() -> None:
-    data = synthetic.hierarchical(4, 3, 16, 20_000, 0.2, 0.7, seed=0)
+    data = generators.hierarchical(4, 3, 16, 20_000, 0.2, 0.7, seed=0)
     on = data.amplitudes > 0
     for child, parent in data.parents.items():
         assert not (on[:, child] & ~on[:, parent]).any()
@@ -45,12 +45,12 @@ def test_hierarchical_parent_is_on_whenever_a_child_is() -> None:
 
 
 def test_composed_sets_have_one_feature_each_and_follow_the_correlation() -> None:
-    data = synthetic.composed(2, 3, 8, 20_000, 0.0, 1.0, True, seed=0)
+    data = generators.composed(2, 3, 8, 20_000, 0.0, 1.0, True, seed=0)
     on = (data.amplitudes > 0).int()
     assert (on[:, :3].sum(1) == 1).all() and (on[:, 3:].sum(1) == 1).all()
     assert torch.equal(on[:, :3], on[:, 3:])  # correlation 1: the same index in both sets
     assert torch.equal(data.amplitudes[:, :3].sum(1), data.amplitudes[:, 3:].sum(1))
-    independent = synthetic.composed(2, 3, 8, 30_000, 0.2, 0.0, False, seed=0)
+    independent = generators.composed(2, 3, 8, 30_000, 0.2, 0.0, False, seed=0)
     on = independent.amplitudes > 0
     assert abs(float((~on[:, :3].any(1)).float().mean()) - 0.2) < 0.02
     joint = on[:, 0] & on[:, 3]
@@ -61,7 +61,7 @@ def test_composed_detector_and_mmcs() -> None:
     directions = torch.eye(4)
     pair = (directions[0] + directions[1]) / 2**0.5
     decoder = torch.stack([pair, directions[2], directions[3] * 3])
-    match = synthetic.match_ground_truth(directions, decoder)
+    match = ground_truth.match_ground_truth(directions, decoder)
     assert match.composed.tolist() == [True, False, False]
     assert match.pair[0].tolist() == [0, 1]
     assert match.best[1:].tolist() == [2, 3]
@@ -72,21 +72,22 @@ def test_composed_detector_and_mmcs() -> None:
 def test_l1_sae_learns_composed_pairs_of_two_sets() -> None:
     """Anders et al. (2024): with two sets of two features (one of each set always on, a shared
     amplitude), an L1 SAE with four latents learns the four pairs, not the single features."""
-    from saescope.pipeline.training.train import TrainConfig, train_sae
+    from saescope.pipeline.training.config import TrainingSettings
+    from saescope.pipeline.training.train import fixed_activations, train_sae
 
-    data = synthetic.composed(2, 2, 4, 60_000, 0.0, 0.0, True, seed=0)
-    config = TrainConfig(
+    data = generators.composed(2, 2, 4, 60_000, 0.0, 0.0, True, seed=0)
+    config = TrainingSettings(
         objective="l1",
         d_sae=4,
         sparsity_coefficient=0.3,
-        n_tokens=400_000,
+        training_tokens=400_000,
         batch_size=512,
         learning_rate=3e-3,
         dead_after=20_000,
         log_every=1000,
     )
-    sae, _ = train_sae(synthetic.chunked(data.activations), 4, config, quiet=True)
-    match = synthetic.match_ground_truth(data.directions, sae.W_dec.detach())
+    sae, _ = train_sae(fixed_activations(data.activations), 4, config, quiet=True)
+    match = ground_truth.match_ground_truth(data.directions, sae.W_dec.detach())
     assert match.composed.all()
     pairs = {tuple(data.names[j] for j in pair) for pair in match.pair}
     assert pairs == {("x0", "y0"), ("x0", "y1"), ("x1", "y0"), ("x1", "y1")}
@@ -105,7 +106,7 @@ def test_build_on_a_synthetic_source(tmp_path: Path) -> None:
     result = runner.invoke(
         app,
         ["train", "--synthetic", str(source), "--out", str(sae), "--objective", "topk",
-         "--k", "2", "--d-sae", "32", "--n-tokens", "120000", "--batch-size", "512",
+         "--k", "2", "--d-sae", "32", "--training-tokens", "120000", "--batch-size", "512",
          "--learning-rate", "0.003", "--dead-after", "20000", "--quiet"],
     )  # fmt: skip
     assert result.exit_code == 0, result.output
@@ -155,7 +156,7 @@ def absorbed_parent_latents(source_path: Path, sae_path: Path) -> dict[int, str]
     with the name of that parent."""
     from sae_lens import SAE
 
-    source = synthetic.load_source(source_path)
+    source = dataset.load_dataset(source_path)
     sae = SAE.load_from_disk(str(sae_path))
     x = source.activations.reshape(-1, source.activations.shape[-1])
     active = [
@@ -163,7 +164,7 @@ def absorbed_parent_latents(source_path: Path, sae_path: Path) -> dict[int, str]
     ]
     with torch.no_grad():
         fires = sae.encode(x) > 0
-        match = synthetic.match_ground_truth(source.directions, sae.W_dec)
+        match = ground_truth.match_ground_truth(source.directions, sae.W_dec)
     absorbed = {}
     for latent, (feature, cosine) in enumerate(zip(match.best, match.cosine, strict=True)):
         parent = source.names[int(feature)]
@@ -181,6 +182,11 @@ def test_absorbed_flag_finds_planted_absorption(tmp_path: Path) -> None:
     """Chanin et al. (2024): on parents that are always on with their child, an L1 SAE's parent
     latent stays off when the child is on; the flag finds those latents, the children fire
     instead."""
+    from fastapi.testclient import TestClient
+
+    from saescope.server.app import create_app
+    from saescope.server.settings import Settings
+
     true_positives = flagged = truly_absorbed = 0
     for seed in (1, 2):
         source, sae, db = (tmp_path / f"{name}{seed}" for name in ("h.safetensors", "sae", "h.db"))
@@ -189,7 +195,7 @@ def test_absorbed_flag_finds_planted_absorption(tmp_path: Path) -> None:
              "--children-per-parent", "1", "--p-parent", "0.15", "--p-child", "0.7",
              "--d", "32", "--n-samples", "120000", "--seed", str(seed)],
             ["train", "--synthetic", str(source), "--out", str(sae), "--objective", "l1",
-             "--d-sae", "16", "--sparsity-coefficient", "0.3", "--n-tokens", "400000",
+             "--d-sae", "16", "--sparsity-coefficient", "0.3", "--training-tokens", "400000",
              "--batch-size", "512", "--learning-rate", "0.003", "--dead-after", "20000",
              "--seed", str(seed), "--quiet"],
             ["build", "--synthetic", str(source), "--sae", str(sae), "--out", str(db),
@@ -198,12 +204,16 @@ def test_absorbed_flag_finds_planted_absorption(tmp_path: Path) -> None:
             result = runner.invoke(app, command)
             assert result.exit_code == 0, result.output
         truth = absorbed_parent_latents(source, sae)
+        client = TestClient(create_app(Settings(database=db)))
+        page = client.get(f"/api/v1/saes/{sae.name}/features?flag=absorbed&limit=200").json()
+        flagged_here = {row["feature_index"] for row in page["items"]}
         with sqlite3.connect(db) as connection:
             rows = connection.execute(
-                "select feature_index, absorbed, present_miss_rate, absorbers from features"
+                "select feature_index, present_miss_rate, absorbers from features"
             ).fetchall()
             gt = dict(connection.execute("select feature_index, gt_feature from features"))
-        for index, is_flagged, miss_rate, absorbers in rows:
+        for index, miss_rate, absorbers in rows:
+            is_flagged = index in flagged_here
             flagged += is_flagged
             true_positives += is_flagged and index in truth
             if index in truth:

@@ -10,14 +10,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from typer.testing import CliRunner
+from click.testing import CliRunner
 
 from saescope.cli import app
-from saescope.pipeline.synthetic.data import chunked, mean_max_cosine, sparse_linear_combinations
+from saescope.pipeline.synthetic.generators import sparse_linear_combinations
+from saescope.pipeline.synthetic.ground_truth import mean_max_cosine
+from saescope.pipeline.training.config import TrainingSettings
+from saescope.pipeline.training.sae import SparseAutoencoder, objective_loss
 from saescope.pipeline.training.train import (
-    SparseAutoencoder,
-    TrainConfig,
-    objective_loss,
+    fixed_activations,
     resample_dead,
     save_sae,
     train_sae,
@@ -42,17 +43,17 @@ def superposition():
     ],
 )
 def test_objective_recovers_the_true_directions(superposition, objective, settings) -> None:
-    config = TrainConfig(
+    config = TrainingSettings(
         objective=objective,
         d_sae=96,
-        n_tokens=300_000,
+        training_tokens=300_000,
         batch_size=512,
         learning_rate=3e-3,
         dead_after=20_000,
         log_every=100,
         **settings,
     )
-    sae, log = train_sae(chunked(superposition.activations), 32, config, quiet=True)
+    sae, log = train_sae(fixed_activations(superposition.activations), 32, config, quiet=True)
     assert mean_max_cosine(superposition.directions, sae.W_dec.detach()) >= 0.9
     assert log[-1]["loss"] < log[0]["loss"]
     assert {"loss", "mse", "l0", "explained_variance", "dead", "tokens"} <= set(log[-1])
@@ -77,11 +78,13 @@ def test_objective_formulas() -> None:
         "l0": 0.5 * (np.tanh(4 * 1.0 * 2.0) + np.tanh(4 * 2.0 * 1.0)),
     }
     for objective, sparsity in expectations.items():
-        config = TrainConfig(objective=objective, d_sae=3, sparsity_coefficient=0.5)
+        config = TrainingSettings(objective=objective, d_sae=3, sparsity_coefficient=0.5)
         _, terms, _ = objective_loss(sae, x, config, dead)
         assert float(terms["mse"]) == pytest.approx(mse)
         assert float(terms["sparsity"]) == pytest.approx(sparsity, rel=1e-3)
-    config = TrainConfig(objective="l0", d_sae=3, frequency_target=0.5, frequency_coefficient=2.0)
+    config = TrainingSettings(
+        objective="l0", d_sae=3, frequency_target=0.5, frequency_coefficient=2.0
+    )
     _, terms, _ = objective_loss(sae, x, config, dead)
     soft = np.tanh(4 * np.array([2.0, 2.0, 0.0]))
     assert float(terms["frequency"]) == pytest.approx(2.0 * (np.maximum(soft - 0.5, 0) ** 2).sum())
@@ -91,7 +94,7 @@ def test_topk_keeps_k_latents_and_aux_loss_uses_dead_ones() -> None:
     torch.manual_seed(0)
     sae = SparseAutoencoder(8, 16, k=3)
     x = torch.randn(64, 8)
-    config = TrainConfig(objective="topk", d_sae=16, k=3)
+    config = TrainingSettings(objective="topk", d_sae=16, k=3)
     _, terms, f = objective_loss(sae, x, config, torch.zeros(16, dtype=torch.bool))
     assert "aux" not in terms
     assert ((f > 0).sum(-1) <= 3).all()
@@ -106,7 +109,7 @@ def test_saved_sae_loads_in_sae_lens(tmp_path: Path, superposition) -> None:
 
     for k in (None, 3):
         sae = SparseAutoencoder(32, 40, k=k)
-        config = TrainConfig(objective="topk" if k else "l1", d_sae=40, k=3)
+        config = TrainingSettings(objective="topk" if k else "l1", d_sae=40, k=3)
         out = tmp_path / f"sae-{k}"
         save_sae(sae, out, {"hook_name": "h", "context_size": 8}, [{"step": 0}], config)
         loaded = SAE.load_from_disk(out)
@@ -153,7 +156,7 @@ def test_cli_trains_an_sae_that_build_reads(tmp_path, tiny_model_dir, token_file
         app,
         ["train", "--model", str(tiny_model_dir), "--hook", "blocks.1.hook_resid_pre",
          "--corpus", str(token_file), "--out", str(out), "--objective", "l1", "--d-sae", "48",
-         "--n-tokens", "8192", "--batch-size", "512", "--quiet"],
+         "--training-tokens", "8192", "--batch-size", "512", "--quiet"],
     )  # fmt: skip
     assert result.exit_code == 0, result.output
     db = tmp_path / "trained.db"
@@ -169,16 +172,16 @@ def test_cli_trains_an_sae_that_build_reads(tmp_path, tiny_model_dir, token_file
     ("args", "message"),
     [
         (["--hook", "blocks.9.hook_resid_pre"], "model has no hook named"),
-        (["--lambda", "-1"], "λ must be ≥ 0"),
+        (["--lambda", "-1"], "--sparsity-coefficient must be at least 0"),
         (["--k", "100", "--d-sae", "48"], "--k must be between 1 and --d-sae"),
-        (["--n-tokens", "100", "--batch-size", "512"], "must cover at least one batch"),
+        (["--training-tokens", "100", "--batch-size", "512"], "must cover at least one batch"),
         (["--objective", "l2"], "--objective must be one of"),
     ],
 )
 def test_bad_training_input(tmp_path, tiny_model_dir, token_file, args, message) -> None:
     base = {"--model": str(tiny_model_dir), "--hook": "blocks.1.hook_resid_pre",
             "--corpus": str(token_file), "--out": str(tmp_path / "sae"), "--d-sae": "48",
-            "--n-tokens": "8192", "--batch-size": "512"}  # fmt: skip
+            "--training-tokens": "8192", "--batch-size": "512"}  # fmt: skip
     for flag, value in zip(args[::2], args[1::2], strict=True):
         base[flag] = value
     result = runner.invoke(app, ["train", *[x for pair in base.items() for x in pair], "--quiet"])

@@ -6,19 +6,25 @@ import numpy as np
 import pytest
 import torch
 
-from saescope.db.models import HISTOGRAM_BINS, WINDOW_LEFT, WINDOW_LENGTH, WINDOW_RIGHT
+from saescope.db.codec import (
+    HISTOGRAM_BINS,
+    WINDOW_LEFT,
+    WINDOW_LENGTH,
+    WINDOW_RIGHT,
+    histogram_edges,
+)
 from saescope.pipeline.build.accumulators import (
     AccumulatedResult,
     Batch,
-    ExampleSizes,
     FeatureAccumulators,
     position_hash,
-    unit_rows,
 )
-from saescope.pipeline.build.kernels import RANDOM_KEY_BITS, histogram_edges
+from saescope.pipeline.build.config import ExampleCounts
+from saescope.pipeline.build.kernels import RANDOM_KEY_BITS
+from saescope.pipeline.saes import unit_rows
 
 N_SEQ, CTX, N_FEATURES, D_MODEL, VOCAB = 8, 45, 6, 4, 13
-SIZES = ExampleSizes(top=5, bottom=4, decoder_top=5, random=7, sample_positions=50)
+SIZES = ExampleCounts(top=5, bottom=4, decoder_top=5, active_sample=7, sample_positions=50)
 SEED = 3
 
 
@@ -273,9 +279,9 @@ def test_random_sample_is_the_smallest_keys(data: dict, result: AccumulatedResul
         sequence, position = np.nonzero(acts[:, :, feature] > 0)
         token = torch.from_numpy(sequence * CTX + position)
         keys = random_keys(token, torch.full_like(token, feature), SEED).numpy()
-        order = np.argsort(keys, kind="stable")[: SIZES.random]
+        order = np.argsort(keys, kind="stable")[: SIZES.active_sample]
         expected = list(zip(sequence[order].tolist(), position[order].tolist(), strict=True))
-        assert examples_of(result.random, feature) == expected
+        assert examples_of(result.active_sample, feature) == expected
 
 
 def test_random_keys_are_uniform() -> None:
@@ -290,9 +296,9 @@ def test_position_sample_is_the_smallest_hash_keys_of_ordinary_tokens(data, resu
     tokens = torch.nonzero(~special).squeeze(1)
     keys = position_hash(tokens, torch.full_like(tokens, -1), SEED)
     expected = tokens[torch.argsort(keys)[: SIZES.sample_positions]].numpy()
-    np.testing.assert_array_equal(result.sample.token_index, expected)
+    np.testing.assert_array_equal(result.position_sample.token_index, expected)
     inputs = data["inputs"].reshape(-1, D_MODEL)[expected]
-    np.testing.assert_array_equal(result.sample.inputs.numpy(), inputs.numpy())
+    np.testing.assert_array_equal(result.position_sample.hook_activations.numpy(), inputs.numpy())
 
 
 def test_token_table(data: dict, result: AccumulatedResult) -> None:
@@ -344,14 +350,16 @@ def assert_results_equal(a: AccumulatedResult, b: AccumulatedResult) -> None:
         assert getattr(a.stats, name) == getattr(b.stats, name)
     for name, value in vars(a.stats).items():
         np.testing.assert_allclose(value, getattr(b.stats, name), rtol=1e-12, err_msg=name)
-    for kind in ("top", "bottom", "random", "decoder_top"):
+    for kind in ("top", "bottom", "active_sample", "decoder_top"):
         left, right = getattr(a, kind), getattr(b, kind)
         for name in ("valid", "sequence_index", "position", "score", "activation"):
             np.testing.assert_array_equal(getattr(left, name), getattr(right, name), err_msg=kind)
         np.testing.assert_array_equal(left.window, right.window)
     assert_token_tables_equal(a.tokens, b.tokens)
-    np.testing.assert_array_equal(a.sample.token_index, b.sample.token_index)
-    np.testing.assert_array_equal(a.sample.inputs.numpy(), b.sample.inputs.numpy())
+    np.testing.assert_array_equal(a.position_sample.token_index, b.position_sample.token_index)
+    np.testing.assert_array_equal(
+        a.position_sample.hook_activations.numpy(), b.position_sample.hook_activations.numpy()
+    )
 
 
 def assert_token_tables_equal(a, b) -> None:

@@ -1,171 +1,23 @@
-"""Loading the inputs of a build: the language model, the SAE and the corpus tokens."""
+"""Corpus tokens from token arrays, text or JSONL files, or a HuggingFace dataset, in contexts."""
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
-import logging
 import math
-import os
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
-from jaxtyping import Float, Int
 from torch import Tensor
 
-logger = logging.getLogger(__name__)
+from saescope.pipeline.errors import InputError, describe
 
 TOKEN_ARRAY_SUFFIXES = (".npy", ".pt", ".safetensors")
 TEXT_SUFFIXES = (".txt", ".jsonl")
 DEFAULT_CONTEXT_LENGTH = 128
-
-# Keyword arguments of TransformerBridge.enable_compatibility_mode that an SAE's
-# `model_from_pretrained_kwargs` may set.
-WEIGHT_PROCESSING_KWARGS = (
-    "fold_ln",
-    "center_writing_weights",
-    "center_unembed",
-    "fold_value_biases",
-    "refactor_factored_attn_matrices",
-)
-
-
-class InputError(Exception):
-    """A problem with the user's input; the message says what to fix."""
-
-
-# ---------------------------------------------------------------------------------------------
-# SAE
-
-
-def load_sae(
-    directory: Path | None, release: str | None, sae_id: str | None, device: str, dtype: str
-):
-    """An SAELens SAE from a directory (cfg.json + sae_weights.safetensors) or a release."""
-    from sae_lens import SAE
-
-    if directory is not None:
-        if not directory.is_dir():
-            raise InputError(f"SAE directory {directory} does not exist")
-        for required in ("cfg.json", "sae_weights.safetensors"):
-            if not (directory / required).is_file():
-                raise InputError(
-                    f"SAE directory {directory} has no {required}; expected the SAELens format "
-                    "(cfg.json + sae_weights.safetensors, as written by SAE.save_model)"
-                )
-        try:
-            json.loads((directory / "cfg.json").read_text())
-            return SAE.load_from_disk(directory, device=device, dtype=dtype)
-        except Exception as error:
-            raise InputError(f"cannot load the SAE in {directory}: {_describe(error)}") from None
-    if release is None or sae_id is None:
-        raise InputError("give --sae DIRECTORY, or --sae-release with --sae-id")
-    try:
-        return SAE.from_pretrained(release, sae_id, device=device, dtype=dtype)
-    except Exception as error:
-        raise InputError(
-            f"cannot load SAE {sae_id!r} of release {release!r}: {_describe(error)}"
-        ) from None
-
-
-def _describe(error: Exception) -> str:
-    text = str(error).strip().splitlines()
-    return f"{error.__class__.__name__}: {text[0] if text else ''}"[:500]
-
-
-def sae_metadata(sae) -> dict[str, Any]:
-    return sae.cfg.metadata.to_dict()
-
-
-def decoder_and_bias(sae) -> tuple[Float[Tensor, "d_sae d_in"], Float[Tensor, " d_in"]]:
-    return sae.W_dec.detach().float(), sae.b_dec.detach().float()
-
-
-# ---------------------------------------------------------------------------------------------
-# Model
-
-
-def weight_processing_kwargs(sae_metadata: dict[str, Any], enabled: bool | None) -> dict | None:
-    """Arguments for enable_compatibility_mode, or None to leave the weights as loaded.
-
-    On by default; an SAE's `model_from_pretrained_kwargs` settings are followed where it states
-    them; `enabled=False` switches processing off whatever the SAE says.
-    """
-    if enabled is False:
-        return None
-    stated = sae_metadata.get("model_from_pretrained_kwargs") or {}
-    return {key: stated[key] for key in WEIGHT_PROCESSING_KWARGS if key in stated}
-
-
-def load_model(
-    name_or_directory: str, device: str, dtype: torch.dtype, processing: dict | None, quiet: bool
-):
-    """A HuggingFace causal LM (hub name or local directory) through TransformerBridge."""
-    import transformers
-    from transformer_lens.model_bridge import TransformerBridge
-
-    if quiet:
-        transformers.utils.logging.disable_progress_bar()
-
-    if Path(name_or_directory).is_dir():
-        os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    try:
-        model = TransformerBridge.boot_transformers(name_or_directory, device=device, dtype=dtype)
-    except Exception as error:
-        raise InputError(f"cannot load model {name_or_directory!r}: {_describe(error)}") from None
-    if processing is not None:
-        model.enable_compatibility_mode(disable_warnings=True, **processing)
-    else:
-        model.enable_compatibility_mode(disable_warnings=True, no_processing=True)
-    model.eval()
-    return model
-
-
-def check_hook(model, hook: str) -> None:
-    if hook in model.hook_dict:
-        return
-    stem = hook.rsplit(".", 1)[-1]
-    similar = sorted(name for name in model.hook_dict if name.endswith(stem))[:6]
-    hint = f"; hooks with that ending: {', '.join(similar)}" if similar else ""
-    raise InputError(f"model has no hook named {hook!r}{hint}")
-
-
-class _StopForward(Exception):
-    """Raised inside the hook so the model stops right after the layer the hook needs."""
-
-
-def activations_at_hook(
-    model, hook: str, tokens: Int[Tensor, "seq ctx"]
-) -> Float[Tensor, "seq ctx d_in"]:
-    captured: list[Tensor] = []
-
-    def capture(activation: Tensor, hook) -> None:
-        captured.append(activation)
-        raise _StopForward
-
-    with contextlib.suppress(_StopForward):
-        model.run_with_hooks(tokens, fwd_hooks=[(hook, capture)])
-    if not captured:
-        raise InputError(f"hook {hook!r} was not reached in a forward pass")
-    return captured[0]
-
-
-def vocab_strings(tokenizer, vocab_size: int) -> list[str]:
-    """The text of each token id, as a reader sees it."""
-    return [tokenizer.decode([token_id]) for token_id in range(vocab_size)]
-
-
-def special_token_ids(tokenizer) -> set[int]:
-    return {int(token_id) for token_id in tokenizer.all_special_ids}
-
-
-# ---------------------------------------------------------------------------------------------
-# Corpus
 
 
 @dataclass
@@ -243,7 +95,7 @@ def _read_token_array(path: Path) -> np.ndarray:
     except InputError:
         raise
     except Exception as error:
-        raise InputError(f"cannot read token array {path}: {_describe(error)}") from None
+        raise InputError(f"cannot read token array {path}: {describe(error)}") from None
     array = np.asarray(array.numpy() if isinstance(array, Tensor) else array)
     if array.ndim != 2 or not np.issubdtype(array.dtype, np.integer):
         raise InputError(
@@ -297,7 +149,7 @@ def _read_dataset(name: str) -> Iterator[str]:
     except Exception as error:
         raise InputError(
             f"corpus {name!r} is neither a file nor a loadable HuggingFace dataset: "
-            f"{_describe(error)}"
+            f"{describe(error)}"
         ) from None
 
 

@@ -8,10 +8,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from typer.testing import CliRunner
+from click.testing import CliRunner
 
 from saescope.cli import app
-from saescope.db.models import WINDOW_LEFT, WINDOW_LENGTH
+from saescope.db.codec import WINDOW_LEFT, WINDOW_LENGTH
 
 runner = CliRunner()
 HOOK = "blocks.1.hook_resid_pre"
@@ -285,20 +285,23 @@ def test_ctrl_c_leaves_the_previous_database(
 
 
 def test_demo_rebuilds_only_a_database_of_another_schema(
-    tmp_path: Path, dashboard_db: Path
+    tmp_path: Path, dashboard_db: Path, monkeypatch
 ) -> None:
     import shutil
 
-    from saescope.pipeline.demo import demo_commands
+    from saescope.pipeline.demo import builder
 
+    builds = []
+    monkeypatch.setattr(builder, "run_build", builds.append)
     (tmp_path / "sae").mkdir()
     (tmp_path / "sae" / "cfg.json").write_text("{}")
     np.save(tmp_path / "held_out_tokens.npy", np.zeros((1, 4), dtype=np.int64))
     database = tmp_path / "demo.db"
     shutil.copy(dashboard_db, database)
-    assert demo_commands(tmp_path, quiet=True) == []
+    assert builder.build_demo(tmp_path, quiet=True) == database
+    assert builds == []
     with sqlite3.connect(database) as connection:
         connection.execute("update meta set value = '1' where key = 'schema_version'")
-    commands = demo_commands(tmp_path, quiet=True)
+    builder.build_demo(tmp_path, quiet=True)
     assert not database.exists()
-    assert [command[0] for command in commands] == ["build"]
+    assert [config.out for config in builds] == [database]

@@ -1,4 +1,4 @@
-"""Synthetic activations with known ground-truth features.
+"""Generators of synthetic activations with known ground-truth features.
 
 Each generator returns activations together with the true feature directions, so one can check
 whether an SAE recovered them and whether the dashboard's absorption view catches planted
@@ -9,20 +9,33 @@ search finds features by name. Every generator is seeded.
 
 from __future__ import annotations
 
-import json
-from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from saescope.pipeline.build.accumulators import unit_rows
+from saescope.pipeline.synthetic.config import SyntheticConfig
 
-GENERATORS = ("sparse", "toy", "composed", "hierarchical")
 SET_NAMES = "xyzwvuts"
+
+
+def generate(config: SyntheticConfig) -> SyntheticData:
+    """The data the configured generator draws."""
+    c = config
+    if c.generator == "sparse":
+        return sparse_linear_combinations(c.n_features, c.d, c.n_samples, c.p_active, c.seed)
+    if c.generator == "toy":
+        return toy_model(c.n_features, c.d, c.n_samples, c.sparsity, c.importance_decay, c.seed)
+    if c.generator == "composed":
+        return composed(
+            c.n_sets, c.set_size, c.d, c.n_samples, c.p_none, c.correlation,
+            c.correlated_amplitudes, c.seed,
+        )  # fmt: skip
+    return hierarchical(
+        c.n_parents, c.children_per_parent, c.d, c.n_samples, c.p_parent, c.p_child, c.seed
+    )
 
 
 @dataclass
@@ -180,113 +193,3 @@ def token_strings(data: SyntheticData) -> list[str]:
     active = (data.amplitudes > 0).numpy()
     names = np.array(data.names)
     return [" " + ("+".join(names[row]) or "∅") for row in active]
-
-
-# ---------------------------------------------------------------------------------------------
-# The synthetic source file read by `saescope train --synthetic` and `saescope build --synthetic`
-
-
-@dataclass
-class SyntheticSource:
-    activations: Float[Tensor, "seq ctx d"]
-    token_ids: np.ndarray  # [seq, ctx] into vocab
-    vocab: list[str]
-    directions: Float[Tensor, "n_features d"]
-    names: list[str]
-    parents: dict[int, int]
-    description: dict
-
-
-def save_source(data: SyntheticData, path: Path, context_length: int, description: dict) -> None:
-    from safetensors.torch import save_file
-
-    n_sequences = len(data.activations) // context_length
-    if n_sequences == 0:
-        raise ValueError(f"fewer samples than one sequence of {context_length}")
-    used = n_sequences * context_length
-    strings = token_strings(data)[:used]
-    vocab = sorted(set(strings))
-    index = {token: i for i, token in enumerate(vocab)}
-    token_ids = torch.tensor([index[s] for s in strings]).view(n_sequences, context_length)
-    metadata = {
-        "names": json.dumps(data.names),
-        "vocab": json.dumps(vocab),
-        "parents": json.dumps({str(k): v for k, v in data.parents.items()}),
-        "description": json.dumps(description),
-    }
-    tensors = {
-        "activations": data.activations[:used]
-        .reshape(n_sequences, context_length, -1)
-        .contiguous(),
-        "directions": data.directions.contiguous(),
-        "token_ids": token_ids,
-    }
-    save_file(tensors, str(path), metadata=metadata)
-
-
-def load_source(path: Path) -> SyntheticSource:
-    from safetensors import safe_open
-
-    with safe_open(str(path), framework="pt") as handle:
-        metadata = handle.metadata() or {}
-        if "names" not in metadata:
-            raise ValueError(f"{path} is not a synthetic source written by `saescope synth`")
-        return SyntheticSource(
-            activations=handle.get_tensor("activations").float(),
-            token_ids=handle.get_tensor("token_ids").numpy().astype(np.int64),
-            vocab=json.loads(metadata["vocab"]),
-            directions=handle.get_tensor("directions").float(),
-            names=json.loads(metadata["names"]),
-            parents={int(k): v for k, v in json.loads(metadata["parents"]).items()},
-            description=json.loads(metadata["description"]),
-        )
-
-
-def chunked(activations: Tensor, chunk: int = 4096) -> Callable[[], Iterator[Tensor]]:
-    """An activation source (see `train_sae`) over a fixed tensor."""
-
-    def sample_activations() -> Iterator[Tensor]:
-        yield from activations.split(chunk)
-
-    return sample_activations
-
-
-def mean_max_cosine(directions: Tensor, decoder: Tensor) -> float:
-    """MMCS: mean over ground-truth directions of the best decoder cosine (Sharkey et al., 2022)."""
-    return float((directions @ unit_rows(decoder).T).max(dim=1).values.mean())
-
-
-@dataclass
-class GroundTruthMatch:
-    """Per SAE latent: the closest ground-truth feature, and whether it is closer to the sum of
-    two ground-truth features than to any single one (a composed feature)."""
-
-    best: np.ndarray  # [d_sae] index of the best ground-truth feature
-    cosine: np.ndarray  # [d_sae]
-    pair: np.ndarray  # [d_sae, 2] the best pair
-    pair_cosine: np.ndarray  # [d_sae]
-    mmcs: float
-    recovered: float
-    """share of ground-truth features with a latent at decoder cosine > 0.9"""
-
-    @property
-    def composed(self) -> np.ndarray:
-        return self.pair_cosine > self.cosine
-
-
-def match_ground_truth(directions: Tensor, decoder: Tensor) -> GroundTruthMatch:
-    unit = unit_rows(decoder)
-    cosine = unit @ directions.T  # [d_sae, n_features]
-    best_cosine, best = cosine.max(dim=1)
-    first, second = torch.triu_indices(len(directions), len(directions), offset=1)
-    sums = unit_rows(directions[first] + directions[second])
-    pair_cosine, pair = (unit @ sums.T).max(dim=1)
-    per_feature = cosine.max(dim=0).values
-    return GroundTruthMatch(
-        best=best.numpy(),
-        cosine=best_cosine.numpy().astype(np.float64),
-        pair=torch.stack([first[pair], second[pair]], dim=1).numpy(),
-        pair_cosine=pair_cosine.numpy().astype(np.float64),
-        mmcs=float(per_feature.mean()),
-        recovered=float((per_feature > 0.9).float().mean()),
-    )

@@ -1,0 +1,197 @@
+"""What the build hands the writer: typed records whose fields are the tables' columns.
+
+Column-wise records hold one entry per row (a list, or an array whose first axis is the rows);
+blob columns hold arrays, which the writer packs with `db.codec`. Each record's fields are
+checked against its table when this module loads, so a misnamed field fails at once, not in an
+SQL statement after a whole pass.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, fields
+from typing import Any
+
+import numpy as np
+
+from saescope.db.models import (
+    Base,
+    CorpusSequence,
+    Feature,
+    FeatureExamples,
+    Sae,
+    TokenLatent,
+    TokenStat,
+    VocabToken,
+)
+
+Column = Sequence[Any] | np.ndarray
+
+
+@dataclass
+class CorpusRecord:
+    """The tokens an SAE was built over, with the tokenizer's display strings."""
+
+    fingerprint: str
+    source: str
+    """what the tokens were read from: a file, a directory, a dataset name"""
+    tokenizer: str
+    token_ids: np.ndarray
+    """[n_sequences, context_length]"""
+    vocab: list[str]
+    special_token_ids: set[int]
+
+
+@dataclass
+class SaeRecord:
+    """The `saes` row, but for the name and corpus the writer fills in."""
+
+    model: str
+    hook: str
+    architecture: str
+    d_in: int
+    d_sae: int
+    context_length: int
+    n_sequences: int
+    tokens_seen: int
+    special_tokens_seen: int
+    high_frequency_threshold: float
+    l0: float
+    dead_count: int
+    dense_count: int
+    sample_positions: int
+    eval_tokens: int
+    mse: float
+    explained_variance: float | None
+    ce_clean: float | None
+    ce_sae: float | None
+    ce_zero: float | None
+    ce_score: float | None
+    mmcs: float | None
+    recovered_share: float | None
+    ground_truth: dict[str, Any] | None
+    config: dict[str, Any]
+    training_log: list[Any] | None
+
+
+@dataclass
+class FeatureColumns:
+    """The `features` rows of one SAE, column by column, in feature order."""
+
+    feature_index: Column
+    count: Column
+    frequency: Column
+    mean_activation: Column
+    max_activation: Column
+    min_activation: Column
+    bos_count: Column
+    bos_share: Column
+    positional_r2: Column
+    jaccard: Column
+    miss_rate: Column
+    present_miss_rate: Column
+    present_positions: Column
+    absorbers: Column
+    top_absorber_share: Column
+    histogram_first_bin: Column
+    histogram_counts: Column
+    position_rate: Column
+    position_mean: Column
+    quantile_edges: Column
+    quantile_mass: Column
+    logits_top: Column
+    logits_bottom: Column
+    neighbours: Column
+    top_tokens: Column
+    gt_feature: Column | None
+    gt_cosine: Column | None
+    composed_of: Column | None
+    composed_cosine: Column | None
+
+
+@dataclass
+class ExampleColumns:
+    """The `examples` rows: one per feature and kind, each field an array over its examples."""
+
+    feature_index: Column
+    kind: Column
+    sequence_index: Column
+    position: Column
+    activation: Column
+    band: Column
+    projection: Column
+    window_activations: Column
+
+    @classmethod
+    def concatenate(cls, parts: Sequence[ExampleColumns]) -> ExampleColumns:
+        return cls(
+            **{
+                field.name: [row for part in parts for row in getattr(part, field.name)]
+                for field in fields(cls)
+            }
+        )
+
+
+@dataclass
+class TokenStatColumns:
+    token_id: Column
+    count: Column
+
+
+@dataclass
+class TokenLatentColumns:
+    token_id: Column
+    rank: Column
+    feature_index: Column
+    count: Column
+    mean_activation: Column
+
+
+@dataclass
+class SequenceColumns:
+    sequence_index: Column
+    token_ids: Column
+
+
+@dataclass
+class VocabColumns:
+    token_id: Column
+    token: Column
+    special: Column
+
+
+@dataclass
+class SaeRecords:
+    """Everything the build writes for one SAE."""
+
+    sae: SaeRecord
+    features: FeatureColumns
+    examples: ExampleColumns
+    token_stats: TokenStatColumns
+    token_latents: TokenLatentColumns
+
+
+# Each record and its table; the writer supplies the keys named beside them.
+TABLES: list[tuple[type, type[Base], set[str]]] = [
+    (SaeRecord, Sae, {"id", "name", "corpus_id"}),
+    (FeatureColumns, Feature, {"sae_id"}),
+    (ExampleColumns, FeatureExamples, {"sae_id"}),
+    (TokenStatColumns, TokenStat, {"sae_id"}),
+    (TokenLatentColumns, TokenLatent, {"sae_id"}),
+    (SequenceColumns, CorpusSequence, {"corpus_id"}),
+    (VocabColumns, VocabToken, {"corpus_id"}),
+]
+
+
+def _check_fields() -> None:
+    for record, model, supplied in TABLES:
+        names = {field.name for field in fields(record)}
+        columns = {column.key for column in model.__table__.columns} - supplied
+        if names != columns:
+            raise TypeError(
+                f"{record.__name__} does not match table {model.__tablename__}: "
+                f"missing {sorted(columns - names)}, unknown {sorted(names - columns)}"
+            )
+
+
+_check_fields()

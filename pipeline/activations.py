@@ -1,0 +1,153 @@
+"""The one way to get activations, for the build, training and evaluation alike: a language model
+read at a hook over a corpus, or a synthetic dataset with known true features."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from jaxtyping import Bool, Float, Int
+from torch import Tensor
+
+from saescope.pipeline import models
+from saescope.pipeline.config import SourceConfig
+from saescope.pipeline.corpus import CorpusTokens, load_corpus
+from saescope.pipeline.errors import InputError
+from saescope.pipeline.synthetic.dataset import SyntheticDataset, load_dataset
+
+# Synthetic samples need no forward pass: batches of about this many keep per-batch work small.
+SYNTHETIC_BATCH_TOKENS = 4096
+
+
+@dataclass
+class ActivationSource:
+    """The tokens a command reads, as contexts in corpus order, and the activations behind them."""
+
+    tokens: np.ndarray
+    """[n_sequences, context_length] token ids"""
+    vocab: list[str]
+    special_ids: set[int]
+    model_name: str
+    hook: str
+    fingerprint: str
+    """identifies the tokens: SAEs built over the same tokens share them in a database"""
+    origin: str
+    """what the tokens were read from: a file, a directory, a dataset name"""
+    forward_sequences: int
+    """sequences per forward pass"""
+    read: Callable[[int, Tensor], Tensor]
+    """(first sequence, its token ids) → activations [sequences, context, d_in]"""
+    language_model: Any | None = None
+    dataset: SyntheticDataset | None = None
+
+    def special(self, token_ids: Int[Tensor, "seq ctx"]) -> Bool[Tensor, "seq ctx"]:
+        special = torch.tensor(sorted(self.special_ids), dtype=torch.int64)
+        return torch.isin(token_ids, special.to(token_ids.device))
+
+    def batches(
+        self, device: str, n_sequences: int | None = None
+    ) -> Iterator[tuple[int, Int[Tensor, "seq ctx"]]]:
+        """(first sequence, token ids on `device`) for each forward pass over the first
+        `n_sequences` (default all)."""
+        tokens = self.tokens[:n_sequences]
+        for start in range(0, len(tokens), self.forward_sequences):
+            yield start, torch.from_numpy(tokens[start : start + self.forward_sequences]).to(device)
+
+    def training_activations(self, device: str) -> Callable[[], Iterator[Tensor]]:
+        """A factory of fresh passes over the corpus's activations [tokens, d_in], special tokens
+        left out, in chunks of one forward pass: what training draws its batches from."""
+
+        def one_pass() -> Iterator[Float[Tensor, "tokens d_in"]]:
+            for start, token_ids in self.batches(device):
+                with torch.no_grad():  # not around the yield: it would leak into training
+                    x = self.read(start, token_ids).float()
+                yield x[~self.special(token_ids)]
+
+        return one_pass
+
+    def unembed(self) -> Float[Tensor, "d_in vocab"] | None:
+        if self.language_model is None:
+            return None
+        return self.language_model.W_U.detach().float()
+
+    def sae_metadata(self, weight_processing: bool | None) -> dict[str, Any]:
+        """What an SAE trained on this source records about it (SAELens metadata)."""
+        metadata = {
+            "model_name": self.model_name,
+            "hook_name": self.hook,
+            "context_size": int(self.tokens.shape[1]),
+            "prepend_bos": self.language_model is not None,
+        }
+        if self.language_model is not None:
+            processed = weight_processing is not False
+            metadata["model_from_pretrained_kwargs"] = {
+                "fold_ln": processed,
+                "center_writing_weights": processed,
+            }
+        return metadata
+
+
+def open_source(
+    config: SourceConfig,
+    sae_metadata: dict[str, Any],
+    dtype: torch.dtype,
+    forward_sequences: int,
+    quiet: bool,
+) -> ActivationSource:
+    """The source the options name; `sae_metadata` (the SAE's SAELens metadata, or {} for an SAE
+    yet to be trained) sets defaults for weight processing, context length and BOS."""
+    if config.synthetic is not None:
+        return _synthetic_source(config, forward_sequences)
+    if not (config.model and config.hook and config.corpus):
+        raise InputError("give --model, --hook and --corpus, or --synthetic")
+    processing = models.weight_processing_kwargs(sae_metadata, config.weight_processing)
+    model = models.load_model(config.model, config.device, dtype, processing, quiet)
+    models.check_hook(model, config.hook)
+    corpus = load_corpus(
+        config.corpus,
+        model.tokenizer,
+        model.cfg.d_vocab,
+        config.context_length or sae_metadata.get("context_size"),
+        config.n_tokens,
+        prepend_bos=sae_metadata.get("prepend_bos", True),
+    )
+    hook = config.hook
+    return ActivationSource(
+        tokens=corpus.token_ids,
+        vocab=models.vocab_strings(model.tokenizer, model.cfg.d_vocab),
+        special_ids=models.special_token_ids(model.tokenizer),
+        model_name=config.model,
+        hook=hook,
+        fingerprint=f"{config.model}:{corpus.fingerprint}",
+        origin=corpus.source,
+        forward_sequences=forward_sequences,
+        read=lambda _, token_ids: models.activations_at_hook(model, hook, token_ids),
+        language_model=model,
+    )
+
+
+def _synthetic_source(config: SourceConfig, forward_sequences: int) -> ActivationSource:
+    """Activations of a synthetic dataset, whose token strings name the active true features."""
+    try:
+        dataset = load_dataset(config.synthetic)
+    except (OSError, ValueError) as error:
+        raise InputError(f"cannot read synthetic dataset {config.synthetic}: {error}") from None
+    context_length = dataset.token_ids.shape[1]
+    tokens = dataset.token_ids[: math.ceil(config.n_tokens / context_length)]
+    activations = dataset.activations.to(config.device)
+    return ActivationSource(
+        tokens=tokens,
+        vocab=dataset.vocab,
+        special_ids=set(),
+        model_name="synthetic:" + dataset.description.get("generator", "?"),
+        hook="activations",
+        fingerprint=f"synthetic:{CorpusTokens(tokens, str(config.synthetic)).fingerprint}",
+        origin=str(config.synthetic),
+        forward_sequences=max(forward_sequences, SYNTHETIC_BATCH_TOKENS // context_length),
+        read=lambda start, token_ids: activations[start : start + len(token_ids)],
+        dataset=dataset,
+    )

@@ -1,0 +1,145 @@
+"""Everything `saescope build` takes: each setting declared once, with its default and help."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from saescope.db.flags import HIGH_FREQUENCY
+from saescope.pipeline.config import (
+    SourceConfig,
+    check_bounds,
+    quiet_setting,
+    seed_setting,
+    setting,
+)
+from saescope.pipeline.errors import InputError
+
+# Model and SAE dtypes, by name (torch.float32, ...).
+DTYPES = ("float32", "float16", "bfloat16")
+
+
+@dataclass
+class ExampleCounts:
+    """How many examples of each kind to keep per feature, and how many positions to sample for
+    all features together."""
+
+    top: int = setting(20, "Top activating examples per feature.", flag="--k-top", at_least=1)
+    bottom: int = setting(
+        10, "Weakest positive examples per feature.", flag="--k-bottom", at_least=1
+    )
+    decoder_top: int = setting(
+        20, "Decoder-direction top examples per feature.", flag="--k-decoder", at_least=1
+    )
+    sample_positions: int = setting(
+        16_384, "Positions sampled uniformly for the absorption measure.", at_least=1
+    )
+    active_sample: int = 100
+    """uniform sample of each feature's active positions, later split into quantile bands"""
+
+
+@dataclass
+class AnalysisSettings:
+    """Sizes and thresholds of the derived per-feature tables."""
+
+    high_frequency_threshold: float = setting(
+        HIGH_FREQUENCY.default_threshold,
+        "Flag features firing on more than this share of tokens.",
+        greater_than=0,
+        at_most=1,
+    )
+    quantile_bands: int = setting(
+        10, "Bands cut at equally spaced quantiles of the active values.", at_least=1
+    )
+    examples_per_band: int = setting(4, "Random examples per band.", at_least=1)
+    n_logits: int = 10
+    """top and bottom tokens of W_dec·W_U"""
+    n_neighbours: int = 10
+    """nearest latents by decoder cosine"""
+    n_top_tokens: int = 10
+    """tokens a feature fires on most"""
+    n_token_latents: int = 16
+    """latents kept per token id for token search"""
+    n_absorbers: int = 5
+    """absorbing latents kept per feature"""
+
+
+@dataclass
+class BuildConfig:
+    """Everything `saescope build` takes."""
+
+    out: Path = setting(help="Database file to create, or to add this SAE to.")
+    source: SourceConfig = field(default_factory=SourceConfig)
+    sae: Path | None = setting(
+        None, "SAELens-format SAE directory (cfg.json + sae_weights.safetensors)."
+    )
+    sae_release: str | None = setting(None, "SAELens release to load the SAE from (needs network).")
+    sae_id: str | None = setting(None, "SAE id within --sae-release.")
+    name: str | None = setting(
+        None, "Name of the SAE in the database. Default: the SAE directory or id."
+    )
+    batch_size: int = setting(32, "Contexts per forward pass.", at_least=1)
+    dtype: str = setting(
+        "float32", "Model and SAE dtype: float32, float16 or bfloat16.", choices=DTYPES
+    )
+    examples: ExampleCounts = field(default_factory=ExampleCounts)
+    analysis: AnalysisSettings = field(default_factory=AnalysisSettings)
+    eval_sequences: int = setting(
+        64, "Contexts used for MSE, explained variance and cross-entropy.", at_least=1
+    )
+    seed: int = seed_setting()
+    replace: bool = setting(False, "Replace an SAE of the same name already in the database.")
+    quiet: bool = quiet_setting()
+
+    def __post_init__(self) -> None:
+        # Enough active positions that every band can show its examples.
+        bands = self.analysis.quantile_bands * self.analysis.examples_per_band
+        self.examples.active_sample = max(100, 3 * bands)
+
+    def validate(self) -> None:
+        check_bounds(self)
+        if self.sae is not None and self.sae_release is not None:
+            raise InputError("give either --sae or --sae-release/--sae-id, not both")
+
+    def record(self) -> dict[str, Any]:
+        """The options as the database stores them beside the SAE."""
+        source = self.source
+        return {
+            "model": source.model,
+            "hook": source.hook,
+            "corpus": source.corpus,
+            "synthetic": _text(source.synthetic),
+            "sae": _text(self.sae),
+            "sae_release": self.sae_release,
+            "sae_id": self.sae_id,
+            "name": self.name,
+            "n_tokens": source.n_tokens,
+            "context_length": source.context_length,
+            "batch_size": self.batch_size,
+            "device": source.device,
+            "dtype": self.dtype,
+            "weight_processing": source.weight_processing,
+            "examples": {
+                "top": self.examples.top,
+                "bottom": self.examples.bottom,
+                "decoder_top": self.examples.decoder_top,
+                "random": self.examples.active_sample,
+                "sample_positions": self.examples.sample_positions,
+            },
+            "analysis": asdict(self.analysis),
+            "eval_sequences": self.eval_sequences,
+            "seed": self.seed,
+        }
+
+    def sae_name(self) -> str:
+        """The name given, else one made from the SAE directory or id."""
+        if self.name:
+            return self.name
+        raw = self.sae.resolve().name if self.sae is not None else str(self.sae_id)
+        cleaned = "".join(c if c.isalnum() or c in "._-" else "-" for c in raw).strip("-.")
+        return cleaned or "sae"
+
+
+def _text(path: Path | None) -> str | None:
+    return None if path is None else str(path)

@@ -1,0 +1,98 @@
+"""Language models through TransformerBridge: loading, hooks, and the tokenizer's strings."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor
+
+from saescope.pipeline.errors import InputError, describe
+
+# Keyword arguments of TransformerBridge.enable_compatibility_mode that an SAE's
+# `model_from_pretrained_kwargs` may set.
+WEIGHT_PROCESSING_KWARGS = (
+    "fold_ln",
+    "center_writing_weights",
+    "center_unembed",
+    "fold_value_biases",
+    "refactor_factored_attn_matrices",
+)
+
+
+def weight_processing_kwargs(sae_metadata: dict[str, Any], enabled: bool | None) -> dict | None:
+    """Arguments for enable_compatibility_mode, or None to leave the weights as loaded.
+
+    On by default; an SAE's `model_from_pretrained_kwargs` settings are followed where it states
+    them; `enabled=False` switches processing off whatever the SAE says.
+    """
+    if enabled is False:
+        return None
+    stated = sae_metadata.get("model_from_pretrained_kwargs") or {}
+    return {key: stated[key] for key in WEIGHT_PROCESSING_KWARGS if key in stated}
+
+
+def load_model(
+    name_or_directory: str, device: str, dtype: torch.dtype, processing: dict | None, quiet: bool
+):
+    """A HuggingFace causal LM (hub name or local directory) through TransformerBridge."""
+    import transformers
+    from transformer_lens.model_bridge import TransformerBridge
+
+    if quiet:
+        transformers.utils.logging.disable_progress_bar()
+
+    if Path(name_or_directory).is_dir():
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    try:
+        model = TransformerBridge.boot_transformers(name_or_directory, device=device, dtype=dtype)
+    except Exception as error:
+        raise InputError(f"cannot load model {name_or_directory!r}: {describe(error)}") from None
+    if processing is not None:
+        model.enable_compatibility_mode(disable_warnings=True, **processing)
+    else:
+        model.enable_compatibility_mode(disable_warnings=True, no_processing=True)
+    model.eval()
+    return model
+
+
+def check_hook(model, hook: str) -> None:
+    if hook in model.hook_dict:
+        return
+    stem = hook.rsplit(".", 1)[-1]
+    similar = sorted(name for name in model.hook_dict if name.endswith(stem))[:6]
+    hint = f"; hooks with that ending: {', '.join(similar)}" if similar else ""
+    raise InputError(f"model has no hook named {hook!r}{hint}")
+
+
+class _StopForward(Exception):
+    """Raised inside the hook so the model stops right after the layer the hook needs."""
+
+
+def activations_at_hook(
+    model, hook: str, tokens: Int[Tensor, "seq ctx"]
+) -> Float[Tensor, "seq ctx d_in"]:
+    captured: list[Tensor] = []
+
+    def capture(activation: Tensor, hook) -> None:
+        captured.append(activation)
+        raise _StopForward
+
+    with contextlib.suppress(_StopForward):
+        model.run_with_hooks(tokens, fwd_hooks=[(hook, capture)])
+    if not captured:
+        raise InputError(f"hook {hook!r} was not reached in a forward pass")
+    return captured[0]
+
+
+def vocab_strings(tokenizer, vocab_size: int) -> list[str]:
+    """The text of each token id, as a reader sees it."""
+    return [tokenizer.decode([token_id]) for token_id in range(vocab_size)]
+
+
+def special_token_ids(tokenizer) -> set[int]:
+    return {int(token_id) for token_id in tokenizer.all_special_ids}

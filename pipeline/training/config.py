@@ -1,0 +1,81 @@
+"""Everything `saescope train` takes: each setting declared once, with its default and help."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from saescope.pipeline.config import (
+    SourceConfig,
+    check_bounds,
+    quiet_setting,
+    seed_setting,
+    setting,
+)
+from saescope.pipeline.errors import InputError
+
+OBJECTIVES = ("l1", "sqrt", "l0", "topk")
+
+
+@dataclass
+class TrainingSettings:
+    """The objective and the optimisation: everything `train_sae` takes besides activations."""
+
+    objective: str = setting(
+        "topk", "l1, sqrt, l0 (tanh L0 + frequency penalty) or topk (+AuxK).", choices=OBJECTIVES
+    )
+    d_sae: int = setting(2048, "Dictionary size.", at_least=1)
+    sparsity_coefficient: float = setting(
+        1.0, "λ of l1, sqrt and l0.", aliases=("--lambda",), at_least=0
+    )
+    k: int = setting(32, "Active latents per token (topk).", at_least=1)
+    l0_sharpness: float = 4.0
+    """c in tanh(c·f·‖W_dec‖) of the l0 objective"""
+    frequency_target: float = setting(
+        0.05, "l0: firing frequency above which the penalty starts.", at_least=0, at_most=1
+    )
+    frequency_coefficient: float = setting(
+        10.0, "l0: weight μ of the frequency penalty.", at_least=0
+    )
+    aux_coefficient: float = 1 / 32
+    """α of the AuxK loss (topk)"""
+    dead_after: int = setting(
+        200_000, "Tokens without firing after which a latent is dead.", at_least=1
+    )
+    training_tokens: int = setting(2_000_000, "Training tokens.", at_least=1)
+    batch_size: int = setting(4096, "Tokens per optimiser step.", at_least=1)
+    learning_rate: float = setting(1e-3, "Peak Adam learning rate.", greater_than=0)
+    warmup_fraction: float = setting(0.05, "Share of steps warming up.", at_least=0, at_most=1)
+    decay_fraction: float = setting(
+        0.2, "Share of steps, at the end, decaying to zero.", at_least=0, at_most=1
+    )
+    normalize_decoder: bool = setting(True, "Keep decoder rows at unit norm.")
+    init_b_dec_median: bool = setting(
+        True, "Initialise b_dec to the geometric median of activations."
+    )
+    init_decoder_from_data: bool = setting(
+        False, "Initialise decoder rows from sampled activations."
+    )
+    resample_every: int = setting(0, "Steps between dead-latent resampling; 0 never.", at_least=0)
+    log_every: int = setting(20, "Steps between training-log rows.", at_least=1)
+    seed: int = seed_setting()
+
+    def validate(self) -> None:
+        check_bounds(self)
+        if self.objective == "topk" and self.k > self.d_sae:
+            raise InputError(f"--k must be between 1 and --d-sae ({self.d_sae})")
+        if self.training_tokens < self.batch_size:
+            raise InputError(
+                f"--training-tokens ({self.training_tokens}) must cover at least one batch "
+                f"({self.batch_size})"
+            )
+
+
+@dataclass
+class TrainConfig:
+    """Everything `saescope train` takes."""
+
+    out: Path = setting(help="Directory to save the SAE in (SAELens format).")
+    source: SourceConfig = field(default_factory=SourceConfig)
+    training: TrainingSettings = field(default_factory=TrainingSettings)
+    quiet: bool = quiet_setting()
