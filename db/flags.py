@@ -138,8 +138,8 @@ FLAGS = (
         definition="present miss rate ≥ 0.4 and the top absorber's share ≥ 0.5: where its decoder "
         "direction is present it is off at least 40% of the time, and one other latent writes at "
         "least half of that direction there (Chanin et al., 2024). On hierarchical synthetic data "
-        "(`tests/test_synthetic.py`) it finds the parent latents an L1 SAE absorbs into their "
-        "children",
+        "(`tests/pipeline/synthetic/test_synthetic.py`) it finds the parent latents an L1 SAE "
+        "absorbs into their children",
         reason="off on {present_miss_rate:.0%} of the sampled positions where its decoder "
         "direction is present; the latents listed under encoder vs decoder fire there",
         conditions=(

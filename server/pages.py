@@ -7,6 +7,7 @@ from fastapi.responses import HTMLResponse
 
 from saescope.db import queries
 from saescope.db.flags import HIGH_FREQUENCY
+from saescope.server import urls
 from saescope.server.dependencies import SessionDep, SettingsDep
 from saescope.server.params import FeatureIndex, FeatureTableQuery, SaeName, Threshold, TokenQuery
 from saescope.server.templating import templates
@@ -15,17 +16,16 @@ router = APIRouter(include_in_schema=False, default_response_class=HTMLResponse)
 
 
 def render(request: Request, template: str, api_path: str, **context) -> HTMLResponse:
-    """A page with a link to its JSON twin (same path under /api/v1, same query string)."""
-    query = f"?{request.url.query}" if request.url.query else ""
+    """A page with a link to its JSON twin (`api_path` with the page's query string)."""
     return templates.TemplateResponse(
-        request, template, {"json_url": f"/api/v1{api_path}{query}", **context}
+        request, template, {"json_url": urls.json_twin(request.url, api_path), **context}
     )
 
 
 @router.get("/")
 def index(request: Request, session: SessionDep) -> HTMLResponse:
     saes = [queries.get_sae(session, s.name) for s in queries.list_saes(session)]
-    return render(request, "index.html", "/saes", saes=saes)
+    return render(request, "index.html", urls.saes(api=True), saes=saes)
 
 
 @router.get("/saes/{sae}")
@@ -39,7 +39,12 @@ def sae_page(
     detail = queries.get_sae(session, sae)
     page = params.page(session, sae, settings.page_size)
     return render(
-        request, "sae.html", f"/saes/{sae}/features", sae=detail, page=page, params=params
+        request,
+        "sae.html",
+        urls.feature_table(sae, api=True),
+        sae=detail,
+        page=page,
+        params=params,
     )
 
 
@@ -48,7 +53,9 @@ def feature_page(
     request: Request, sae: SaeName, feature_index: FeatureIndex, session: SessionDep
 ) -> HTMLResponse:
     feature = queries.get_feature(session, sae, feature_index)
-    return render(request, "feature.html", f"/saes/{sae}/features/{feature_index}", feature=feature)
+    return render(
+        request, "feature.html", urls.feature(sae, feature_index, api=True), feature=feature
+    )
 
 
 @router.get("/saes/{sae}/search")
@@ -56,7 +63,7 @@ def search_page(
     request: Request, sae: SaeName, token: TokenQuery, session: SessionDep, settings: SettingsDep
 ) -> HTMLResponse:
     result = queries.search_tokens(session, sae, token, limit=settings.search_limit)
-    return render(request, "search.html", f"/saes/{sae}/search", result=result)
+    return render(request, "search.html", urls.search(sae, api=True), result=result)
 
 
 @router.get("/saes/{sae}/flags")
@@ -67,4 +74,4 @@ def flags_page(
     threshold: Threshold = HIGH_FREQUENCY.default_threshold,
 ) -> HTMLResponse:
     report = queries.flags_report(session, sae, threshold)
-    return render(request, "flags.html", f"/saes/{sae}/flags", report=report)
+    return render(request, "flags.html", urls.flags(sae, api=True), report=report)

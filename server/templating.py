@@ -9,6 +9,10 @@ from urllib.parse import quote
 from fastapi.templating import Jinja2Templates
 from markupsafe import Markup, escape
 
+from saescope.db.flags import FLAGS, FLAGS_BY_NAME
+from saescope.db.queries import SortKey, SortOrder
+from saescope.server import urls
+
 TEMPLATES_DIR = files("saescope.frontend") / "templates"
 STATIC_DIR = files("saescope.frontend") / "static"
 
@@ -36,7 +40,7 @@ def context_html(sae: str, tokens: list[str], activations: list[float], focus: i
 
     Built here rather than in a template loop: a feature page holds about two thousand tokens,
     and this is several times faster. Every token string goes through `escape`."""
-    search = f"/saes/{quote(sae, safe='')}/search?token="
+    search = urls.token_search_prefix(sae)
     spans = []
     for index, (token, activation) in enumerate(zip(tokens, activations, strict=True)):
         focus_class = " focus" if index == focus else ""
@@ -56,5 +60,11 @@ def _token_parts(token: str) -> tuple[str, str, str]:
 
 
 templates.env.filters["visible"] = visible
-templates.env.globals["context_html"] = context_html
-templates.env.filters["quote"] = lambda text: quote(str(text), safe="")
+templates.env.filters["flag_label"] = lambda name: FLAGS_BY_NAME[name].label
+templates.env.globals.update(
+    context_html=context_html,
+    urls=urls,
+    FLAGS=FLAGS,
+    SORT_KEYS=list(SortKey),
+    SORT_ORDERS=list(SortOrder),
+)

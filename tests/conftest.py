@@ -11,6 +11,7 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+HOOK = "blocks.1.hook_resid_pre"
 # Markup that a page must show as text.
 XSS = ["<script>alert(1)</script>", '"><img src=x onerror=alert(1)>']
 TEXT = (
@@ -93,23 +94,77 @@ def token_file(tmp_path_factory: pytest.TempPathFactory, vocab_size: int) -> Pat
 
 
 @pytest.fixture(scope="session")
-def dashboard_db(tmp_path_factory, tiny_model_dir: Path, tiny_sae_dir: Path) -> Path:
-    """A database built from a text corpus that contains markup, for the server's tests."""
+def dashboard_corpus(tmp_path_factory) -> Path:
+    """Text with markup in it, as JSON lines."""
     import json
 
+    corpus = tmp_path_factory.mktemp("dashboard_corpus") / "docs.jsonl"
+    corpus.write_text("\n".join(json.dumps({"text": TEXT * 4}) for _ in range(6)))
+    return corpus
+
+
+@pytest.fixture(scope="session")
+def dashboard_sae_dir(tmp_path_factory, tiny_model_dir: Path, dashboard_corpus: Path) -> Path:
+    """A random SAE whose latents fire on 2% to 50% of the dashboard corpus's tokens (each
+    latent's encoder bias cut at a percentile of its pre-activations there), four never."""
+    import torch
+    from sae_lens import SAE
+    from transformers import AutoTokenizer
+
+    from saescope.pipeline.corpus import pack_texts
+    from saescope.pipeline.models import activations_at_hook, load_model
+
+    directory = save_sae(
+        tmp_path_factory.mktemp("dashboard_sae") / "tiny-sae",
+        d_in=32,
+        d_sae=64,
+        hook_name=HOOK,
+        context_size=32,
+        prepend_bos=True,
+    )
+    model = load_model(str(tiny_model_dir), "cpu", torch.float32, {}, quiet=True)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    texts = [TEXT * 4] * 6
+    tokens = torch.from_numpy(pack_texts(texts, tokenizer, 32, 32, prepend_bos=True))
+    with torch.no_grad():
+        x = activations_at_hook(model, HOOK, tokens)[:, 1:].reshape(-1, 32)
+        sae = SAE.load_from_disk(directory)
+        pre = (x - sae.b_dec) @ sae.W_enc
+        quantiles = torch.linspace(0.5, 0.98, 64)
+        sae.b_enc.copy_(
+            -torch.stack([torch.quantile(pre[:, i], q) for i, q in enumerate(quantiles)])
+        )
+        sae.b_enc[-4:] = -1e6  # dead
+    sae.save_model(directory)
+    return directory
+
+
+@pytest.fixture(scope="session")
+def dashboard_db(
+    tmp_path_factory, tiny_model_dir: Path, dashboard_sae_dir: Path, dashboard_corpus: Path
+) -> Path:
+    """A database built from a text corpus that contains markup, for the server's tests."""
     from click.testing import CliRunner
 
     from saescope.cli import app
 
-    directory = tmp_path_factory.mktemp("dashboard")
-    corpus = directory / "docs.jsonl"
-    corpus.write_text("\n".join(json.dumps({"text": TEXT * 4}) for _ in range(6)))
-    out = directory / "dashboard.db"
+    out = tmp_path_factory.mktemp("dashboard") / "dashboard.db"
     args = [
-        "build", "--model", str(tiny_model_dir), "--hook", "blocks.1.hook_resid_pre",
-        "--sae", str(tiny_sae_dir), "--corpus", str(corpus), "--out", str(out),
+        "build", "--model", str(tiny_model_dir), "--hook", HOOK,
+        "--sae", str(dashboard_sae_dir), "--corpus", str(dashboard_corpus), "--out", str(out),
         "--n-tokens", "1024", "--context-length", "32", "--eval-sequences", "4", "--quiet",
     ]  # fmt: skip
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     return out
+
+
+@pytest.fixture(scope="session")
+def busiest_feature(dashboard_db: Path) -> int:
+    """The dashboard database's most frequent feature."""
+    import sqlite3
+
+    with sqlite3.connect(dashboard_db) as connection:
+        return connection.execute(
+            "select feature_index from features order by count desc limit 1"
+        ).fetchone()[0]

@@ -7,6 +7,7 @@ from pathlib import Path
 import click
 
 from saescope.cli import app
+from saescope.db.flags import FLAGS
 from saescope.server.settings import Settings
 
 README = (Path(__file__).parent.parent / "README.md").read_text()
@@ -36,6 +37,17 @@ def test_readme_documents_every_command_option() -> None:
     for name in COMMANDS:
         table = option_table(name)
         assert table in README, f"README's table for `saescope {name}` is out of date:\n{table}"
+
+
+def flag_table() -> str:
+    """The README's table of flags, generated from their definitions."""
+    rows = ["| flag | rule |", "|---|---|"]
+    rows += [f"| {flag.label} | {flag.definition} |" for flag in FLAGS]
+    return "\n".join(rows)
+
+
+def test_readme_states_every_flag_rule() -> None:
+    assert flag_table() in README, f"README's table of flags is out of date:\n{flag_table()}"
 
 
 def test_readme_documents_every_setting() -> None:

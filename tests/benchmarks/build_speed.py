@@ -90,42 +90,44 @@ def forward_and_encode(
 ) -> None:
     """The floor: forward to the hook and SAE encode, batch by batch, under the same allocator
     setting as the build's pass; `then`, if given, also gets each batch's hook input."""
-    from saescope.pipeline import sources
+    from saescope.pipeline.models import activations_at_hook
 
     with torch.inference_mode(), reused_memory():
         for start in range(0, len(tokens), BATCH):
             batch = torch.from_numpy(tokens[start : start + BATCH])
-            x = sources.activations_at_hook(model, HOOK, batch)
+            x = activations_at_hook(model, HOOK, batch)
             sae.encode(x)
             if then is not None:
                 then(x)
 
 
 def time_passes(model_dir: Path, sae_dir: Path, tokens_path: Path, n_tokens: int) -> dict:
-    from saescope.pipeline import sources
-    from saescope.pipeline.build.accumulators import DecoderTop
-    from saescope.pipeline.build.job import BuildConfig, model_inputs, stream
+    from saescope.pipeline.activations import open_source
+    from saescope.pipeline.build.accumulators import DecoderExampleHeaps
+    from saescope.pipeline.build.config import BuildConfig
+    from saescope.pipeline.build.job import stream
+    from saescope.pipeline.config import SourceConfig
+    from saescope.pipeline.saes import decoder_and_bias, load_sae, sae_metadata
 
-    sae = sources.load_sae(sae_dir, None, None, "cpu", "float32")
-    model = sources.load_model(str(model_dir), "cpu", torch.float32, {}, quiet=True)
+    sae = load_sae(sae_dir, None, None, "cpu", "float32")
     config = BuildConfig(
-        model=str(model_dir),
-        hook=HOOK,
-        corpus=str(tokens_path),
         out=Path("unused"),
-        n_tokens=n_tokens,
+        source=SourceConfig(
+            model=str(model_dir), hook=HOOK, corpus=str(tokens_path), n_tokens=n_tokens
+        ),
+        batch_size=BATCH,
         quiet=True,
     )
-    inputs = model_inputs(config, sae)
-    tokens = inputs.tokens
-    decoder, bias = sources.decoder_and_bias(sae)
-    decoder_top = DecoderTop(1, decoder.shape[0], CONTEXT, decoder, bias)
+    source = open_source(config.source, sae_metadata(sae), torch.float32, BATCH, quiet=True)
+    model, tokens = source.language_model, source.tokens
+    decoder, bias = decoder_and_bias(sae)
+    decoder_top = DecoderExampleHeaps(1, decoder.shape[0], CONTEXT, decoder, bias)
 
     def bare() -> None:
         forward_and_encode(model, sae, tokens)
 
     def full() -> None:
-        stream(sae, config, inputs)
+        stream(sae, config, source)
 
     with torch.inference_mode():
         bare()  # warm-up
@@ -152,9 +154,10 @@ started = time.perf_counter()
 sys.path.insert(0, {str(Path(__file__).parent)!r})
 import numpy as np, torch
 from build_speed import forward_and_encode
-from saescope.pipeline import sources
-sae = sources.load_sae(Path({str(sae_dir)!r}), None, None, "cpu", "float32")
-model = sources.load_model({str(model_dir)!r}, "cpu", torch.float32, {{}}, quiet=True)
+from saescope.pipeline.models import load_model
+from saescope.pipeline.saes import load_sae
+sae = load_sae(Path({str(sae_dir)!r}), None, None, "cpu", "float32")
+model = load_model({str(model_dir)!r}, "cpu", torch.float32, {{}}, quiet=True)
 forward_and_encode(model, sae, np.load({str(tokens_path)!r})[: {n_tokens // CONTEXT}])
 print(json.dumps({{"seconds": time.perf_counter() - started}}))
 """

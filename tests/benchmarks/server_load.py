@@ -61,8 +61,8 @@ def build_database(path: Path) -> None:
     from sae_lens.saes.sae import SAEMetadata
 
     from saescope.cli import app
-    from saescope.pipeline import sources
-    from saescope.pipeline.demo import DEMO_HOOK, DEMO_MODEL, token_file
+    from saescope.pipeline.demo.builder import DEMO_HOOK, DEMO_MODEL, token_file
+    from saescope.pipeline.models import activations_at_hook, load_model
 
     with tempfile.TemporaryDirectory() as tmp:
         directory = Path(tmp)
@@ -77,9 +77,9 @@ def build_database(path: Path) -> None:
         )
         with torch.no_grad():  # every latent fires on about 0.5% of tokens
             sae.W_enc.normal_()
-            model = sources.load_model(str(DEMO_MODEL), "cpu", torch.float32, {}, quiet=True)
+            model = load_model(str(DEMO_MODEL), "cpu", torch.float32, {}, quiet=True)
             sample = torch.from_numpy(np.load(tokens)[:8])
-            x = sources.activations_at_hook(model, DEMO_HOOK, sample)
+            x = activations_at_hook(model, DEMO_HOOK, sample)
             pre = (x.reshape(-1, 128) - sae.b_dec) @ sae.W_enc
             sae.b_enc.copy_(-torch.quantile(pre, 0.995, dim=0))
         sae.save_model(directory / "sae")

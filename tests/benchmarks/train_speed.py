@@ -20,16 +20,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from saescope.pipeline import sources
-from saescope.pipeline.demo import DEMO_HOOK, DEMO_MODEL, token_file
+from saescope.pipeline.activations import open_source
+from saescope.pipeline.config import SourceConfig
+from saescope.pipeline.demo.builder import DEMO_HOOK, DEMO_MODEL, token_file
 from saescope.pipeline.memory import reused_memory
-from saescope.pipeline.training.train import (
-    SparseAutoencoder,
-    TrainConfig,
-    model_activation_source,
-    objective_loss,
-    train_sae,
-)
+from saescope.pipeline.training.config import TrainingSettings
+from saescope.pipeline.training.sae import SparseAutoencoder, objective_loss
+from saescope.pipeline.training.train import FORWARD_SEQUENCES, train_sae
 
 
 def main() -> None:
@@ -42,14 +39,16 @@ def main() -> None:
     args = parser.parse_args()
     data = Path(args.data)
     data.mkdir(parents=True, exist_ok=True)
-    model = sources.load_model(str(DEMO_MODEL), "cpu", torch.float32, {}, quiet=True)
-    tokens = np.load(token_file(data, held_out=False))
-    special = sources.special_token_ids(model.tokenizer)
-    source = model_activation_source(model, DEMO_HOOK, tokens, special)
-    config = TrainConfig(
+    corpus = token_file(data, held_out=False)
+    options = SourceConfig(
+        model=str(DEMO_MODEL), hook=DEMO_HOOK, corpus=str(corpus), n_tokens=len(np.load(corpus))
+    )
+    source = open_source(options, {}, torch.float32, FORWARD_SEQUENCES, quiet=True)
+    passes = source.training_activations("cpu")
+    config = TrainingSettings(
         objective=args.objective,
         d_sae=args.d_sae,
-        n_tokens=args.n_tokens,
+        training_tokens=args.n_tokens,
         batch_size=args.batch_size,
         log_every=20,
     )
@@ -60,12 +59,12 @@ def main() -> None:
         sae = SparseAutoencoder(128, args.d_sae, config.k if args.objective == "topk" else None)
         dead = torch.zeros(args.d_sae, dtype=torch.bool)
         served, pending = 0, torch.zeros(0, 128)
-        chunks = source()
+        chunks = passes()
         while served < args.n_tokens:
             while len(pending) < args.batch_size:
                 chunk = next(chunks, None)
                 if chunk is None:
-                    chunks = source()
+                    chunks = passes()
                     chunk = next(chunks)
                 pending = torch.cat([pending, chunk])
             x, pending = pending[: args.batch_size], pending[args.batch_size :]
@@ -74,7 +73,7 @@ def main() -> None:
             served += len(x)
 
     def train() -> None:
-        train_sae(source, 128, config, quiet=True)
+        train_sae(passes, 128, config, quiet=True)
 
     times: dict[str, list[float]] = {"floor": [], "train": []}
     for _ in range(2):  # interleaved, so drift on a shared machine hits both alike

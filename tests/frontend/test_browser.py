@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import socket
-import sqlite3
 import threading
 import time
 from collections.abc import Iterator
@@ -69,22 +68,14 @@ def screenshots(tmp_path: Path) -> Path:
     return directory
 
 
-def busiest_feature(db: Path) -> int:
-    with sqlite3.connect(db) as connection:
-        return connection.execute(
-            "select feature_index from features order by count desc limit 1"
-        ).fetchone()[0]
-
-
 def test_feature_page_draws_its_charts_and_tokens_link_to_search(
-    browser, base_url: str, dashboard_db: Path, screenshots: Path
+    browser, base_url: str, busiest_feature: int, screenshots: Path
 ) -> None:
     page = browser.new_page(viewport={"width": 1400, "height": 1000})
     errors: list[str] = []
     page.on("console", lambda message: message.type == "error" and errors.append(message.text))
     page.on("pageerror", lambda error: errors.append(str(error)))
-    feature = busiest_feature(dashboard_db)
-    page.goto(f"{base_url}/saes/tiny-sae/features/{feature}")
+    page.goto(f"{base_url}/saes/tiny-sae/features/{busiest_feature}")
     page.wait_for_function("document.querySelectorAll('.js-plotly-plot .main-svg').length >= 2")
     charts = page.locator("[data-chart]")
     assert charts.count() == 2

@@ -9,7 +9,6 @@ import torch
 from saescope.db.codec import (
     HISTOGRAM_BINS,
     WINDOW_LEFT,
-    WINDOW_LENGTH,
     WINDOW_RIGHT,
     histogram_edges,
 )
@@ -19,106 +18,21 @@ from saescope.pipeline.build.accumulators import (
     FeatureAccumulators,
     position_hash,
 )
-from saescope.pipeline.build.config import ExampleCounts
 from saescope.pipeline.build.kernels import RANDOM_KEY_BITS
 from saescope.pipeline.saes import unit_rows
-
-N_SEQ, CTX, N_FEATURES, D_MODEL, VOCAB = 8, 45, 6, 4, 13
-SIZES = ExampleCounts(top=5, bottom=4, decoder_top=5, active_sample=7, sample_positions=50)
-SEED = 3
-
-
-@pytest.fixture(scope="module")
-def data() -> dict[str, torch.Tensor]:
-    generator = torch.Generator().manual_seed(0)
-    shape = (N_SEQ, CTX, N_FEATURES)
-    magnitude = torch.empty(shape).exponential_(generator=generator)
-    active = torch.rand(shape, generator=generator) < 0.3
-    feature_acts = torch.where(active, magnitude, 0.0)
-    feature_acts[:, :, 5] = 0.0  # a dead feature
-    feature_acts[:, 0, 4] = 2.0  # a feature that fires on every BOS
-    tokens = torch.randint(1, VOCAB, (N_SEQ, CTX), generator=generator)
-    tokens[:, 0] = 0
-    return {
-        "feature_acts": feature_acts,
-        "inputs": torch.randn(N_SEQ, CTX, D_MODEL, generator=generator),
-        "tokens": tokens,
-        "special": tokens == 0,
-        "decoder": torch.randn(N_FEATURES, D_MODEL, generator=generator),
-        "decoder_bias": torch.randn(D_MODEL, generator=generator) * 0.1,
-    }
-
-
-def accumulate(data: dict, sequences: range, batch_size: int) -> FeatureAccumulators:
-    accumulators = FeatureAccumulators(
-        N_FEATURES, CTX, VOCAB, data["decoder"], data["decoder_bias"], SIZES, seed=SEED
-    )
-    for start in range(sequences.start, sequences.stop, batch_size):
-        part = slice(start, min(start + batch_size, sequences.stop))
-        batch = Batch.from_activations(
-            start,
-            data["tokens"][part],
-            data["inputs"][part],
-            data["feature_acts"][part].clone(),
-            data["special"][part],
-        )
-        accumulators.update(batch)
-    return accumulators
-
-
-@pytest.fixture(scope="module")
-def result(data: dict) -> AccumulatedResult:
-    return accumulate(data, range(N_SEQ), batch_size=3).finalize()
-
-
-def masked(data: dict) -> tuple[np.ndarray, np.ndarray]:
-    """Feature activations and decoder projections (x − b_dec)·ŵ with special tokens removed,
-    as the build sees them."""
-    special = data["special"].numpy()
-    acts = data["feature_acts"].numpy().copy()
-    acts[special] = 0.0
-    unit = data["decoder"] / data["decoder"].norm(dim=1, keepdim=True)
-    projections = ((data["inputs"] - data["decoder_bias"]) @ unit.T).numpy()
-    projections[special] = -np.inf
-    return acts, projections
-
-
-def reference_top(score: np.ndarray, k: int) -> list[list[tuple[int, int]]]:
-    """Brute force of the documented rule: block proposals, neighbour suppression, global top-k."""
-    gap = WINDOW_LENGTH - 1
-    result = []
-    for feature in range(score.shape[2]):
-        candidates = []
-        for sequence in range(score.shape[0]):
-            row = score[sequence, :, feature]
-            proposals = []
-            for start in range(0, CTX, gap):
-                offset = int(np.argmax(row[start : start + gap]))
-                proposals.append((row[start + offset], start + offset))
-            keep = [True] * len(proposals)
-            for left in range(len(proposals) - 1):
-                (left_value, left_pos), (right_value, right_pos) = proposals[left : left + 2]
-                if right_pos - left_pos <= gap:
-                    keep[left + 1 if left_value >= right_value else left] = False
-            candidates += [
-                (value, sequence * CTX + pos)
-                for (value, pos), kept in zip(proposals, keep, strict=True)
-                if kept and value > -np.inf
-            ]
-        candidates.sort(key=lambda c: (-c[0], c[1]))
-        result.append([(token // CTX, token % CTX) for _, token in candidates[:k]])
-    return result
-
-
-def examples_of(examples, feature: int) -> list[tuple[int, int]]:
-    valid = examples.valid[feature]
-    return list(
-        zip(
-            examples.sequence_index[feature][valid].tolist(),
-            examples.position[feature][valid].tolist(),
-            strict=True,
-        )
-    )
+from tests.pipeline.build.conftest import (
+    CTX,
+    D_MODEL,
+    N_FEATURES,
+    N_SEQ,
+    SEED,
+    SIZES,
+    VOCAB,
+    accumulate,
+    examples_of,
+    masked,
+    reference_top,
+)
 
 
 def test_frequency_sums_and_extremes(data: dict, result: AccumulatedResult) -> None:

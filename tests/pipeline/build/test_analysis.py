@@ -1,94 +1,143 @@
-"""Per-feature analyses against brute force on small tensors."""
+"""Per-feature analyses against independent computations on small hand-made tensors."""
 
 import numpy as np
 import pytest
 import torch
 
-from saescope.pipeline.build.absorption import ABSORPTION_MIN_FIRINGS, absorption
-
-N, D_MODEL, N_FEATURES, N_ABSORBERS = 400, 6, 7, 3
-
-
-def test_absorption_matches_brute_force(monkeypatch: pytest.MonkeyPatch) -> None:
-    # Absorbers from the first few missed positions only, so that the cut is exercised.
-    monkeypatch.setattr("saescope.pipeline.build.absorption.ABSORBER_POSITIONS", 5)
-    generator = torch.Generator().manual_seed(0)
-    inputs = torch.randn(N, D_MODEL, generator=generator)
-    encoder = torch.randn(D_MODEL, N_FEATURES, generator=generator)
-    encoder_bias = torch.full((N_FEATURES,), -0.5)
-    encoder_bias[-1] = -6.0  # fires too rarely to measure
-    decoder = torch.randn(N_FEATURES, D_MODEL, generator=generator)
-    decoder_bias = torch.randn(D_MODEL, generator=generator) * 0.1
-
-    def encode(x: torch.Tensor) -> torch.Tensor:
-        return torch.relu(x @ encoder + encoder_bias)
-
-    # Small chunks exercise the per-chunk bookkeeping.
-    got = absorption(inputs, encode, decoder, decoder_bias, N_ABSORBERS, features_per_chunk=3)
-
-    acts = encode(inputs).numpy()
-    dec = decoder.numpy()
-    unit = dec / np.linalg.norm(dec, axis=1, keepdims=True)
-    projection = (inputs - decoder_bias).numpy() @ unit.T
-    assert (acts[:, -1] > 0).sum() < ABSORPTION_MIN_FIRINGS
-    measured = most_missed = 0
-    for i in range(N_FEATURES):
-        fired = acts[:, i] > 0
-        if fired.sum() < ABSORPTION_MIN_FIRINGS:
-            assert np.isnan(got.present_miss_rate[i])
-            assert got.present_positions[i] == 0 and got.absorbers[i] == []
-            continue
-        measured += 1
-        present = projection[:, i] >= np.median(projection[fired, i])
-        missed = present & ~fired
-        assert got.present_positions[i] == present.sum()
-        np.testing.assert_allclose(got.present_miss_rate[i], missed.sum() / present.sum())
-        most_missed = max(most_missed, int(missed.sum()))
-        examined = np.zeros_like(missed)
-        examined[np.flatnonzero(missed)[:5]] = True
-        weight = acts[examined].sum(0) * (dec @ unit[i])
-        ranked = [j for j in np.argsort(-weight) if weight[j] > 0][:N_ABSORBERS]
-        assert [a["feature_index"] for a in got.absorbers[i]] == ranked
-        np.testing.assert_allclose(
-            [a["weight"] for a in got.absorbers[i]], weight[ranked], rtol=1e-4, atol=1e-5
-        )
-        np.testing.assert_allclose(
-            [a["share"] for a in got.absorbers[i]],
-            weight[ranked] / projection[examined, i].sum(),
-            rtol=1e-4,
-            atol=1e-5,
-        )
-        assert [a["count"] for a in got.absorbers[i]] == [
-            int((acts[examined, j] > 0).sum()) for j in ranked
-        ]
-    assert measured >= 4
-    assert any(got.absorbers)
-    assert most_missed > 5
+from saescope.db.codec import histogram_edges
+from saescope.db.flags import FLAGS_BY_NAME, HIGH_FREQUENCY
+from saescope.pipeline.build import analysis
+from saescope.pipeline.build.accumulators import AccumulatedResult
+from saescope.pipeline.build.kernels import top_per_group
+from tests.pipeline.build.conftest import (
+    CTX,
+    D_MODEL,
+    N_FEATURES,
+    N_SEQ,
+    SIZES,
+    VOCAB,
+    accumulate,
+    masked,
+    reference_top,
+)
 
 
-def test_group_medians() -> None:
-    from saescope.pipeline.build.absorption import group_medians
+def test_statistics_and_flag_measures(data: dict, result: AccumulatedResult) -> None:
+    """Frequency, BOS share and positional R² from the dense activations, by their definitions;
+    the flags that read them pick the features those numbers say."""
+    acts, _ = masked(data)  # special tokens zeroed: left out of every statistic
+    special = data["special"].numpy()
+    raw = data["feature_acts"].numpy()
+    ordinary = ~special
+    statistics = analysis.Statistics.of(result)
 
-    values = torch.tensor([5.0, 1.0, 3.0, 2.0, 9.0, 4.0, 7.0])
-    groups = torch.tensor([0, 0, 0, 2, 2, 2, 2])
-    medians = group_medians(values, groups, 4)
-    assert medians[0] == 3.0 and medians[2] == 5.5
-    assert medians[1].isnan() and medians[3].isnan()
-    assert group_medians(torch.zeros(0), torch.zeros(0, dtype=torch.int64), 2).isnan().all()
+    count = (acts > 0).sum((0, 1))
+    np.testing.assert_allclose(statistics.frequency, count / ordinary.sum())
+    special_firings = (raw[special] > 0).sum(0)
+    fired = count + special_firings
+    expected_bos = np.divide(special_firings, fired, out=np.zeros(N_FEATURES), where=fired > 0)
+    np.testing.assert_allclose(statistics.bos_share, expected_bos)
+    assert expected_bos[4] > expected_bos[:4].max() and fired[5] == 0  # 4 fires on every BOS
+
+    values = acts[ordinary].astype(np.float64)  # [tokens, features], zeros included
+    positions = np.broadcast_to(np.arange(CTX), special.shape)[ordinary]
+    mean = values.mean(0)
+    between = np.zeros(N_FEATURES)
+    for position in np.unique(positions):
+        at = values[positions == position]
+        between += len(at) * (at.mean(0) - mean) ** 2
+    total = ((values - mean) ** 2).sum(0)
+    expected_r2 = np.divide(between, total, out=np.zeros(N_FEATURES), where=total > 0)
+    np.testing.assert_allclose(statistics.positional_r2, expected_r2, rtol=1e-9)
+
+    columns = {
+        "count": result.stats.count,
+        "frequency": statistics.frequency,
+        "bos_share": statistics.bos_share,
+        "positional_r2": statistics.positional_r2,
+    }
+    assert FLAGS_BY_NAME["dead"].mask(columns).tolist() == (count == 0).tolist()
+    assert FLAGS_BY_NAME["bos_dominated"].mask(columns).tolist() == (expected_bos > 0.5).tolist()
+    assert FLAGS_BY_NAME["positional"].mask(columns).tolist() == (expected_r2 > 0.5).tolist()
+    threshold = float(np.median(count / ordinary.sum()))
+    high = HIGH_FREQUENCY.mask(columns, threshold)
+    assert high.tolist() == (count / ordinary.sum() > threshold).tolist()
+    assert 0 < high.sum() < N_FEATURES
 
 
-def test_grouped_order_sorts_by_group_then_key_keeping_ties_in_order() -> None:
-    from saescope.pipeline.build.absorption import grouped_order
+def test_positional_and_bos_dominated_latents_are_flagged() -> None:
+    """A latent that fires exactly at even positions has R² = 1, one that fires at random none
+    to speak of; a latent that fires on every BOS and on one other token is BOS-dominated."""
+    generator = torch.Generator().manual_seed(5)
+    n_seq = 60
+    tokens = torch.randint(1, VOCAB, (n_seq, CTX), generator=generator)
+    tokens[:, 0] = 0
+    feature_acts = torch.zeros(n_seq, CTX, N_FEATURES)
+    feature_acts[:, 2::2, 0] = 3.0
+    feature_acts[:, :, 1] = torch.rand(n_seq, CTX, generator=generator) * 2
+    feature_acts[:, 0, 2] = 1.0
+    feature_acts[0, 5, 2] = 1.0
+    data = {
+        "feature_acts": feature_acts,
+        "inputs": torch.randn(n_seq, CTX, D_MODEL, generator=generator),
+        "tokens": tokens,
+        "special": tokens == 0,
+        "decoder": torch.randn(N_FEATURES, D_MODEL, generator=generator),
+        "decoder_bias": torch.zeros(D_MODEL),
+    }
+    statistics = analysis.Statistics.of(accumulate(data, range(n_seq), 7).finalize())
+    assert statistics.positional_r2[0] == pytest.approx(1.0)
+    assert statistics.positional_r2[1] < 0.05
+    assert statistics.bos_share[2] == pytest.approx(n_seq / (n_seq + 1))
+    columns = {"positional_r2": statistics.positional_r2, "bos_share": statistics.bos_share}
+    assert FLAGS_BY_NAME["positional"].mask(columns).tolist()[:3] == [True, False, False]
+    assert FLAGS_BY_NAME["bos_dominated"].mask(columns).tolist()[:3] == [False, False, True]
 
-    groups = torch.tensor([1, 0, 1, 0, 1, 0])
-    key = torch.tensor([-2.0, -5.0, -2.0, -1.0, -3.0, -5.0])
-    assert grouped_order(groups, key).tolist() == [1, 5, 3, 4, 0, 2]
+
+def test_encoder_decoder_agreement(data: dict) -> None:
+    """Jaccard of the brute-force top and decoder-top position sets; miss rate: the share of
+    decoder-top positions where the feature is zero. The hook's activations are the decoder's
+    reconstruction plus noise, so the two sets overlap in part."""
+    generator = torch.Generator().manual_seed(4)
+    noise = torch.randn(data["inputs"].shape, generator=generator)
+    data = {**data, "inputs": data["feature_acts"] @ data["decoder"] + noise}
+    result = accumulate(data, range(N_SEQ), 3).finalize()
+    acts, projections = masked(data)
+    top = reference_top(np.where(acts > 0, acts, -np.inf), SIZES.top)
+    decoder_top = reference_top(projections, SIZES.decoder_top)
+    jaccard, miss_rate = analysis.encoder_decoder_agreement(result)
+    for feature in range(N_FEATURES):
+        a, b = set(top[feature]), set(decoder_top[feature])
+        assert jaccard[feature] == pytest.approx(len(a & b) / len(a | b) if a | b else 0.0)
+        missed = [acts[s, p, feature] <= 0 for s, p in decoder_top[feature]]
+        assert miss_rate[feature] == pytest.approx(np.mean(missed))
+    assert miss_rate[5] == 1.0 and jaccard[5] == 0.0  # dead: every decoder-top position missed
+    assert 0 < jaccard.max() < 1
+
+
+def test_logit_effects_and_neighbours_against_dense_products() -> None:
+    generator = torch.Generator().manual_seed(2)
+    decoder = torch.randn(2500, 8, generator=generator)  # more than one chunk of 1024
+    decoder[7] = decoder[3] * 2.5  # a neighbour at cosine 1
+    unembed = torch.randn(8, 50, generator=generator)
+    top_value, top_id, bottom_value, bottom_id = analysis.logit_effects(decoder, unembed, 4)
+    logits = (decoder @ unembed).numpy()
+    np.testing.assert_array_equal(top_id, np.argsort(-logits, axis=1, kind="stable")[:, :4])
+    np.testing.assert_allclose(top_value, -np.sort(-logits, axis=1)[:, :4], rtol=1e-5)
+    np.testing.assert_array_equal(bottom_id, np.argsort(logits, axis=1, kind="stable")[:, :4])
+    np.testing.assert_allclose(bottom_value, np.sort(logits, axis=1)[:, :4], rtol=1e-5)
+
+    cosine_value, cosine_id = analysis.decoder_neighbours(decoder, 3)
+    unit = decoder / decoder.norm(dim=1, keepdim=True)
+    cosine = (unit @ unit.T).numpy()
+    np.fill_diagonal(cosine, -np.inf)
+    # By value: latents 3 and 7 tie as anyone's neighbours.
+    np.testing.assert_allclose(cosine_value, -np.sort(-cosine, axis=1)[:, :3], atol=1e-5)
+    np.testing.assert_allclose(np.take_along_axis(cosine, cosine_id, 1), cosine_value, atol=1e-5)
+    assert cosine_id[3, 0] == 7 and cosine_value[3, 0] == pytest.approx(1.0)
 
 
 def test_quantile_edges_and_band_mass_match_the_per_feature_rule() -> None:
-    from saescope.db.codec import histogram_edges
-    from saescope.pipeline.build.analysis import band_mass, quantile_edges
-
     rng = np.random.default_rng(0)
     finite = histogram_edges()
     n_bands = 5
@@ -99,8 +148,8 @@ def test_quantile_edges_and_band_mass_match_the_per_feature_rule() -> None:
     low = np.array([v.min() if len(v) else 0.0 for v in values])
     high = np.array([v.max() if len(v) else 0.0 for v in values])
 
-    edges = quantile_edges(histogram, low, high, n_bands)
-    mass = band_mass(histogram, edges)
+    edges = analysis.quantile_edges(histogram, low, high, n_bands)
+    mass = analysis.band_mass(histogram, edges)
 
     assert np.isnan(edges[3]).all()
     centres = np.r_[finite[0], np.sqrt(finite[:-1] * finite[1:]), finite[-1]]
@@ -125,8 +174,6 @@ def test_quantile_edges_and_band_mass_match_the_per_feature_rule() -> None:
 
 
 def test_top_per_group_ranks_by_score_then_earlier_index() -> None:
-    from saescope.pipeline.build.kernels import top_per_group
-
     rng = np.random.default_rng(1)
     groups = rng.integers(0, 6, size=500)
     groups[groups == 5] = 4  # group 5 empty
