@@ -123,7 +123,7 @@ def open_source(
         model_name=config.model,
         hook=hook,
         fingerprint=f"{config.model}:{corpus.fingerprint}",
-        origin=corpus.source,
+        origin=corpus.origin,
         forward_sequences=forward_sequences,
         read=lambda _, token_ids: models.activations_at_hook(model, hook, token_ids),
         language_model=model,

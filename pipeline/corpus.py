@@ -25,7 +25,8 @@ class CorpusTokens:
     """The first sequences of a corpus, each row one context, in the input corpus order."""
 
     token_ids: np.ndarray  # [n_sequences, context_length], int64
-    source: str
+    origin: str
+    """what the tokens were read from: a file, a directory, a dataset name"""
 
     @property
     def fingerprint(self) -> str:
@@ -76,7 +77,7 @@ def load_corpus(
             f"corpus {spec} has token ids from {tokens.min()} to {tokens.max()}, outside the "
             f"model's vocabulary 0..{vocab_size - 1}; was it tokenized for another model?"
         )
-    return CorpusTokens(token_ids=tokens, source=spec)
+    return CorpusTokens(token_ids=tokens, origin=spec)
 
 
 def _read_token_array(path: Path) -> np.ndarray:

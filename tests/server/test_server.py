@@ -307,3 +307,24 @@ def test_next_page_link_keeps_every_query_parameter(client: TestClient) -> None:
     assert "limit=7" in link and "min_frequency=0.01" in link and "sort=frequency" in link
     following = client.get(link.replace("&amp;", "&"))
     assert following.status_code == 200
+
+
+def test_token_search_reads_a_bounded_number_of_queries(client: TestClient) -> None:
+    """The SAE, the vocabulary, the token counts, the matches' latents, their examples and the
+    sequences those lie in: one query each, however many tokens and latents match."""
+    from sqlalchemy import event
+
+    statements: list[str] = []
+    engine = client.app.state.engine
+
+    def count(conn, cursor, statement, *args) -> None:
+        statements.append(statement)
+
+    event.listen(engine, "before_cursor_execute", count)
+    try:
+        result = client.get(f"/api/v1/saes/{SAE}/search", params={"token": "e"}).json()
+    finally:
+        event.remove(engine, "before_cursor_execute", count)
+    latents = sum(len(match["latents"]) for match in result["matches"])
+    assert len(result["matches"]) == 10 and latents >= 20
+    assert len([s for s in statements if s.lstrip().upper().startswith("SELECT")]) <= 6
