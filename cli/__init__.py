@@ -6,6 +6,7 @@ the configs import no torch, and the commands import the pipeline's work only wh
 from __future__ import annotations
 
 import logging
+import signal
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -19,10 +20,14 @@ from saescope.pipeline.config import from_options
 from saescope.pipeline.demo.config import DemoConfig, TrainLanguageModelConfig
 from saescope.pipeline.synthetic.config import SyntheticConfig
 from saescope.pipeline.training.config import TrainConfig
-from saescope.server.cli import host_option, port_option, run, serve
+from saescope.server.cli import ErrorContract, host_option, port_option, run, serve
 
 
-@click.group(context_settings={"help_option_names": ["--help"]})
+class Group(ErrorContract, click.Group):
+    pass
+
+
+@click.group(cls=Group, context_settings={"help_option_names": ["--help"]})
 def app() -> None:
     """Precompute and browse what the latents of a sparse autoencoder mean."""
 
@@ -40,18 +45,26 @@ def setup_logging(quiet: bool) -> None:
     )
 
 
+def _terminated(signal_number: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
 @contextmanager
 def user_errors(interrupted: str) -> Iterator[None]:
-    """Errors a user can fix end as `error: …` with exit status 2; Ctrl-C exits with 130."""
+    """Errors a user can fix end as `error: …` with exit status 2; Ctrl-C and SIGTERM end as
+    interruptions (status 130), after the work in hand has cleaned up after itself."""
     from saescope.db.writer import DatabaseWriteError
     from saescope.pipeline.errors import InputError
 
+    previous = signal.signal(signal.SIGTERM, _terminated)
     try:
         yield
     except (InputError, DatabaseWriteError) as error:
         fail(str(error))
     except KeyboardInterrupt:
         fail(interrupted, code=130)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 @app.command()

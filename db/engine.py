@@ -1,11 +1,20 @@
-"""Engines for the database file: read-only for the server, read-write for the writer."""
+"""Engines for the database file: read-only for the server, read-write for the writer.
+
+Connections are made by the sqlite3 module directly (no SQLAlchemy URL to parse the file name),
+with the path escaped into an SQLite URI, so any legal file name works: `p%41.db`, `a#b.db`.
+"""
 
 from __future__ import annotations
 
+import os
+import sqlite3
+import threading
 from pathlib import Path
+from urllib.parse import quote
 
 from sqlalchemy import Engine, create_engine, event, select
 from sqlalchemy.orm import Session
+from sqlalchemy.pool import NullPool, QueuePool
 
 from saescope.db.models import SCHEMA_VERSION, Meta
 
@@ -14,14 +23,27 @@ class SchemaMismatchError(Exception):
     """The file was written by another version of saescope (or is not a saescope database)."""
 
 
+class DatabaseUnavailable(Exception):
+    """The served database file is missing, unreadable or of another schema."""
+
+
+def connect_readonly(path: Path) -> sqlite3.Connection:
+    """A connection that can only read `path` and never creates it."""
+    uri = f"file:{quote(str(path.resolve()))}?mode=ro"
+    return sqlite3.connect(uri, uri=True, check_same_thread=False)
+
+
 def readonly_engine(path: Path) -> Engine:
     """An engine that can only read `path`; fails if the file does not exist."""
     if not path.is_file():
         raise FileNotFoundError(f"no database at {path}")
-    url = f"sqlite:///file:{path.resolve()}?mode=ro&uri=true"
     # Enough pooled connections for every worker thread of the server; each request holds one.
     engine = create_engine(
-        url, connect_args={"check_same_thread": False}, pool_size=8, max_overflow=64
+        "sqlite://",
+        creator=lambda: connect_readonly(path),
+        poolclass=QueuePool,
+        pool_size=8,
+        max_overflow=64,
     )
     event.listen(engine, "connect", _readonly_pragmas)
     return engine
@@ -34,7 +56,7 @@ def _readonly_pragmas(connection, _record) -> None:
 
 
 def writable_engine(path: Path) -> Engine:
-    return create_engine(f"sqlite:///{path}")
+    return create_engine("sqlite://", creator=lambda: sqlite3.connect(path), poolclass=NullPool)
 
 
 def check_schema_version(engine: Engine) -> None:
@@ -61,3 +83,57 @@ def has_current_schema(path: Path) -> bool:
     finally:
         engine.dispose()
     return True
+
+
+class ServedDatabase:
+    """The file a server serves, one consistent database at a time.
+
+    Builds replace a database by renaming a new file into place. Each request asks for the
+    current engine: when the file at the path is another one than the engine reads, a new engine
+    is opened (and every cache keyed by the engine goes with the old one); a missing file, or one
+    saescope cannot read, raises DatabaseUnavailable until a readable one is back.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._lock = threading.Lock()
+        self._engine: Engine | None = None
+        self._identity: tuple[int, ...] | None = None
+        if not path.is_file():
+            raise FileNotFoundError(f"no database at {path}")
+        self._open(self._identify())  # the first file must be readable: raised as it is
+
+    def _identify(self) -> tuple[int, ...]:
+        stat = os.stat(self.path)
+        return stat.st_dev, stat.st_ino, stat.st_mtime_ns, stat.st_size
+
+    def _open(self, identity: tuple[int, ...]) -> Engine:
+        engine = readonly_engine(self.path)
+        try:
+            check_schema_version(engine)
+        except SchemaMismatchError:
+            engine.dispose()
+            raise
+        previous, self._engine, self._identity = self._engine, engine, identity
+        if previous is not None:
+            previous.dispose()  # connections still in use close when they are returned
+        return engine
+
+    def engine(self) -> Engine:
+        try:
+            identity = self._identify()
+        except OSError as error:
+            raise DatabaseUnavailable(f"no database at {self.path} ({error.strerror})") from None
+        if identity == self._identity:
+            return self._engine
+        with self._lock:
+            if identity == self._identity:
+                return self._engine
+            try:
+                return self._open(identity)
+            except (OSError, SchemaMismatchError) as error:
+                raise DatabaseUnavailable(f"{self.path}: {error}") from None
+
+    def dispose(self) -> None:
+        if self._engine is not None:
+            self._engine.dispose()

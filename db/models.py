@@ -15,6 +15,7 @@ from saescope.db.codec import FLOAT32, INT32, WINDOW_LENGTH, blob
 
 # Bump whenever a table or column changes meaning; the server refuses other versions.
 SCHEMA_VERSION = 5
+SAE_NAME_MAX_LENGTH = 128
 
 
 class Base(DeclarativeBase):
@@ -66,7 +67,7 @@ class Sae(Base):
 
     __tablename__ = "saes"
     id: Mapped[int] = mapped_column(primary_key=True)
-    name: Mapped[str] = mapped_column(unique=True)
+    name: Mapped[str] = mapped_column(String(SAE_NAME_MAX_LENGTH), unique=True)
     corpus_id: Mapped[int] = mapped_column(ForeignKey("corpora.id"))
     model: Mapped[str]
     hook: Mapped[str]

@@ -3,12 +3,14 @@ return the models of `db.responses`."""
 
 from __future__ import annotations
 
+import math
+import weakref
 from collections import defaultdict
 from dataclasses import dataclass
 from enum import StrEnum
 
 import numpy as np
-from sqlalchemy import Row, and_, func, or_, select
+from sqlalchemy import Engine, Row, and_, func, or_, select
 from sqlalchemy.orm import Session
 
 from saescope.db import codec
@@ -112,21 +114,22 @@ def _sae(session: Session, name: str) -> Sae:
     return sae
 
 
-_VOCAB_CACHE: dict[tuple[str, int], list[str]] = {}
+# Per engine (one file, read-only, so never stale) and corpus: gone with the engine.
+_VOCAB_CACHE: weakref.WeakKeyDictionary[Engine, dict[int, list[str]]] = weakref.WeakKeyDictionary()
 
 
 def _vocab(session: Session, corpus_id: int) -> list[str]:
-    """The token strings of a corpus, read once per database file (read-only, so never stale).
-    Read through the caller's session: a second connection per request could exhaust the pool."""
-    key = (str(session.get_bind().url), corpus_id)
-    if key not in _VOCAB_CACHE:
+    """The token strings of a corpus, read once per engine. Read through the caller's session:
+    a second connection per request could exhaust the pool."""
+    cached = _VOCAB_CACHE.setdefault(session.get_bind(), {})
+    if corpus_id not in cached:
         rows = session.execute(
             select(VocabToken.token)
             .where(VocabToken.corpus_id == corpus_id)
             .order_by(VocabToken.token_id)
         )
-        _VOCAB_CACHE[key] = list(rows.scalars())
-    return _VOCAB_CACHE[key]
+        cached[corpus_id] = list(rows.scalars())
+    return cached[corpus_id]
 
 
 def _token_counts(items: list[dict], vocab: list[str]) -> list[TokenCount]:
@@ -298,19 +301,33 @@ def _sort_value(feature: Feature, sort: SortKey) -> float | int:
     return _UNMEASURED if value is None else value
 
 
+# Stored integers are SQLite's 64-bit ones.
+INTEGER_LIMIT = 2**63
+
+
 def _parse_cursor(cursor: str, sort: SortKey) -> tuple[float, int]:
+    """(sort value, feature index) of a `next_cursor`; BadRequestError for anything else,
+    values out of range and not finite included."""
     value, _, index = cursor.rpartition(":")
     try:
-        return (int(value) if sort is SortKey.feature_index else float(value)), int(index)
+        parsed = (int(value) if sort is SortKey.feature_index else float(value)), int(index)
     except ValueError:
+        parsed = None
+    if (
+        parsed is None
+        or not math.isfinite(parsed[0])
+        or not -INTEGER_LIMIT < parsed[0] < INTEGER_LIMIT
+        or not 0 <= parsed[1] < INTEGER_LIMIT
+    ):
         raise BadRequestError(
             f"cursor {cursor!r} does not belong to a table sorted by {sort.value}"
-        ) from None
+        )
+    return parsed
 
 
 def get_feature(session: Session, sae_name: str, feature_index: int) -> FeatureDetail:
     sae = _sae(session, sae_name)
-    feature = session.get(Feature, (sae.id, feature_index))
+    feature = session.get(Feature, (sae.id, feature_index)) if feature_index < sae.d_sae else None
     if feature is None:
         raise NotFoundError(
             f"SAE {sae.name!r} has no feature {feature_index} (it has 0..{sae.d_sae - 1})"

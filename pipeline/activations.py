@@ -3,6 +3,7 @@ read at a hook over a corpus, or a synthetic dataset with known true features.""
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -18,6 +19,8 @@ from saescope.pipeline.config import SourceConfig
 from saescope.pipeline.corpus import CorpusTokens, load_corpus
 from saescope.pipeline.errors import InputError
 from saescope.pipeline.synthetic.dataset import SyntheticDataset, load_dataset
+
+logger = logging.getLogger(__name__)
 
 # Synthetic samples need no forward pass: batches of about this many keep per-batch work small.
 SYNTHETIC_BATCH_TOKENS = 4096
@@ -104,6 +107,12 @@ def open_source(
         return _synthetic_source(config, forward_sequences)
     if not (config.model and config.hook and config.corpus):
         raise InputError("give --model, --hook and --corpus, or --synthetic")
+    named = sae_metadata.get("hook_name")
+    if named and named != config.hook:
+        logger.warning(
+            "the SAE's cfg.json names hook %r, but --hook is %r: reading %r", named, config.hook,
+            config.hook,
+        )  # fmt: skip
     processing = models.weight_processing_kwargs(sae_metadata, config.weight_processing)
     model = models.load_model(config.model, config.device, dtype, processing, quiet)
     models.check_hook(model, config.hook)

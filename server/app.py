@@ -4,29 +4,28 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from importlib.resources import files
 
 import anyio.to_thread
-import swagger_ui_bundle
-from fastapi import FastAPI
-from fastapi.openapi.docs import get_swagger_ui_html
+from fastapi import FastAPI, Request
 from fastapi.responses import FileResponse, HTMLResponse
 from fastapi.staticfiles import StaticFiles
+from starlette.middleware.gzip import GZipMiddleware
 
-from saescope.db.engine import check_schema_version, readonly_engine
-from saescope.server import api, pages
-from saescope.server.errors import install_error_handlers
+from saescope.db.engine import ServedDatabase
+from saescope.server import api, assets, pages
+from saescope.server.errors import error_response, install_error_handlers
+from saescope.server.middleware import HttpHygiene
 from saescope.server.settings import Settings
-from saescope.server.templating import STATIC_DIR
+from saescope.server.templating import templates
 
-PLOTLY_JS = files("plotly") / "package_data" / "plotly.min.js"
 WORKER_THREADS = 4
+# Responses smaller than this are sent as they are.
+COMPRESS_FROM_BYTES = 1024
 
 
 def create_app(settings: Settings) -> FastAPI:
     """Opens the database read-only and checks its schema version before serving anything."""
-    engine = readonly_engine(settings.database)
-    check_schema_version(engine)
+    database = ServedDatabase(settings.database)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -34,6 +33,7 @@ def create_app(settings: Settings) -> FastAPI:
         # anyio's default forty, which mostly contend for the lock.
         anyio.to_thread.current_default_thread_limiter().total_tokens = WORKER_THREADS
         yield
+        database.dispose()
 
     app = FastAPI(
         lifespan=lifespan,
@@ -42,8 +42,9 @@ def create_app(settings: Settings) -> FastAPI:
         version="1",
         docs_url=None,  # served below from local files: the default page loads a CDN
         redoc_url=None,
+        redirect_slashes=False,  # HttpHygiene redirects, to a relative path
     )
-    app.state.engine = engine
+    app.state.database = database
     app.state.settings = settings
 
     app.include_router(api.router)
@@ -52,20 +53,19 @@ def create_app(settings: Settings) -> FastAPI:
 
     @app.get("/static/plotly.min.js", include_in_schema=False)
     def plotly_js() -> FileResponse:
-        """plotly.js from the installed plotly package: these pages never reach a CDN."""
-        return FileResponse(str(PLOTLY_JS), media_type="text/javascript")
+        return FileResponse(str(assets.PLOTLY_JS), media_type="text/javascript")
 
     @app.get("/docs", include_in_schema=False)
-    def docs() -> HTMLResponse:
-        return get_swagger_ui_html(
-            openapi_url="/openapi.json",
-            title="saescope API",
-            swagger_js_url="/static/swagger/swagger-ui-bundle.js",
-            swagger_css_url="/static/swagger/swagger-ui.css",
-            swagger_favicon_url="/static/favicon.svg",
-        )
+    def docs(request: Request) -> HTMLResponse:
+        return templates.TemplateResponse(request, "docs.html", {"json_url": "/openapi.json"})
 
-    swagger = StaticFiles(directory=swagger_ui_bundle.swagger_ui_path)
-    app.mount("/static/swagger", swagger, name="swagger")
-    app.mount("/static", StaticFiles(directory=str(STATIC_DIR)), name="static")
+    app.mount("/static/swagger", StaticFiles(directory=assets.SWAGGER_DIR), name="swagger")
+    app.mount("/static", StaticFiles(directory=str(assets.STATIC_DIR)), name="static")
+    app.add_middleware(GZipMiddleware, minimum_size=COMPRESS_FROM_BYTES)
+    app.add_middleware(
+        HttpHygiene,
+        error_response=lambda scope, status, message: error_response(
+            Request(scope), status, message
+        ),
+    )
     return app

@@ -12,7 +12,8 @@ from saescope.server.settings import Settings
 
 
 def get_session(request: Request) -> Iterator[Session]:
-    with Session(request.app.state.engine) as session:
+    """A session on the database file as it is now (see `ServedDatabase`)."""
+    with Session(request.app.state.database.engine()) as session:
         yield session
 
 

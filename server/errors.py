@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from http import HTTPStatus
 from typing import Any
 
@@ -11,8 +12,11 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException
 
+from saescope.db.engine import DatabaseUnavailable
 from saescope.db.queries import BadRequestError, NotFoundError
 from saescope.server.templating import templates
+
+logger = logging.getLogger(__name__)
 
 
 class ErrorDetail(BaseModel):
@@ -30,8 +34,15 @@ class ErrorBody(BaseModel):
 
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     status: {"model": ErrorBody, "description": HTTPStatus(status).phrase}
-    for status in (400, 404, 422)
+    for status in (400, 404, 422, 503)
 }
+# Longest piece of a request echoed back in an error message.
+ECHO_LIMIT = 200
+
+
+def shown(text: str) -> str:
+    """`text` as an error message quotes it: cut to ECHO_LIMIT characters."""
+    return text if len(text) <= ECHO_LIMIT else text[:ECHO_LIMIT] + "…"
 
 
 def error_response(
@@ -69,5 +80,15 @@ def install_error_handlers(app: FastAPI) -> None:
             error.detail if isinstance(error.detail, str) else HTTPStatus(error.status_code).phrase
         )
         if error.status_code == 404 and message == "Not Found":
-            message = f"no page at {request.url.path}"
+            message = f"no page at {shown(request.url.path)}"
         return error_response(request, error.status_code, message)
+
+    @app.exception_handler(DatabaseUnavailable)
+    async def unavailable(request: Request, error: DatabaseUnavailable) -> Response:
+        return error_response(request, 503, str(error))
+
+    @app.exception_handler(Exception)
+    async def unexpected(request: Request, error: Exception) -> Response:
+        """A bug, answered in the documented shape rather than as plain text."""
+        logger.exception("error answering %s", shown(request.url.path))
+        return error_response(request, 500, "the server failed to answer this request")

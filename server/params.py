@@ -6,24 +6,31 @@ from dataclasses import dataclass
 from typing import Annotated
 
 from fastapi import Depends, Path, Query
+from pydantic import BeforeValidator, Field
 from sqlalchemy.orm import Session
 
-from saescope.db.queries import (
-    MAX_PAGE_SIZE,
-    FeaturePage,
-    FlagName,
-    SortKey,
-    SortOrder,
-    list_features,
-)
+from saescope.db.flags import FlagName
+from saescope.db.models import SAE_NAME_MAX_LENGTH
+from saescope.db.queries import MAX_PAGE_SIZE, SortKey, SortOrder, list_features
+from saescope.db.responses import FeaturePage
 
-SaeName = Annotated[str, Path(description="name of the SAE in the database")]
+# An empty form field (`?flag=&min_frequency=`) means no filter.
+EmptyIsNone = BeforeValidator(lambda value: None if value == "" else value)
+Share = Annotated[float, Field(ge=0, le=1, allow_inf_nan=False)]
+PageSize = Annotated[int, Field(ge=1, le=MAX_PAGE_SIZE)]
+
+SaeName = Annotated[
+    str, Path(max_length=SAE_NAME_MAX_LENGTH, description="name of the SAE in the database")
+]
 FeatureIndex = Annotated[int, Path(ge=0, description="latent index")]
 TokenQuery = Annotated[
     str, Query(min_length=1, max_length=200, description="token text to look for")
 ]
 Threshold = Annotated[
-    float, Query(gt=0, le=1, description="flag features firing on more than this share")
+    float,
+    Query(
+        gt=0, le=1, allow_inf_nan=False, description="flag features firing on more than this share"
+    ),
 ]
 
 
@@ -55,13 +62,15 @@ class FeatureTableParams:
 def feature_table_params(
     sort: Annotated[SortKey, Query(description="column to sort by")] = SortKey.feature_index,
     order: Annotated[SortOrder, Query(description="asc or desc")] = SortOrder.asc,
-    flag: Annotated[FlagName | None, Query(description="only features with this flag")] = None,
-    min_frequency: Annotated[float | None, Query(ge=0, le=1)] = None,
-    max_frequency: Annotated[float | None, Query(ge=0, le=1)] = None,
-    after: Annotated[
-        str | None, Query(max_length=100, description="cursor from the previous page")
+    flag: Annotated[
+        FlagName | None, EmptyIsNone, Query(description="only features with this flag")
     ] = None,
-    limit: Annotated[int | None, Query(ge=1, le=MAX_PAGE_SIZE)] = None,
+    min_frequency: Annotated[Share | None, EmptyIsNone, Query()] = None,
+    max_frequency: Annotated[Share | None, EmptyIsNone, Query()] = None,
+    after: Annotated[
+        str | None, EmptyIsNone, Query(max_length=100, description="cursor from the previous page")
+    ] = None,
+    limit: Annotated[PageSize | None, EmptyIsNone, Query()] = None,
 ) -> FeatureTableParams:
     return FeatureTableParams(sort, order, flag, min_frequency, max_frequency, after, limit)
 

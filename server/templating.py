@@ -14,7 +14,6 @@ from saescope.db.queries import SortKey, SortOrder
 from saescope.server import urls
 
 TEMPLATES_DIR = files("saescope.frontend") / "templates"
-STATIC_DIR = files("saescope.frontend") / "static"
 
 templates = Jinja2Templates(directory=str(TEMPLATES_DIR))
 

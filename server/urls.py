@@ -8,6 +8,7 @@ from urllib.parse import parse_qsl, quote, urlencode
 from starlette.datastructures import URL
 
 from saescope.db.flags import FLAGS_BY_NAME
+from saescope.server import assets
 
 API = "/api/v1"
 
@@ -68,7 +69,8 @@ def token_search_prefix(sae: str) -> str:
 
 
 def static(name: str) -> str:
-    return f"/static/{name}"
+    """A static file, at a URL that changes with its content (so it may be cached for good)."""
+    return f"/static/{name}?v={assets.version(name)}"
 
 
 def same_page(url: URL, **changes: object) -> str:

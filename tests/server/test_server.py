@@ -248,7 +248,7 @@ def test_corpus_markup_is_escaped_everywhere(client: TestClient, dashboard_db: P
 
 
 def test_database_is_opened_read_only(client: TestClient, dashboard_db: Path) -> None:
-    engine = client.app.state.engine
+    engine = client.app.state.database.engine()
     with engine.connect() as connection, pytest.raises(Exception, match=r"readonly|read-only"):
         connection.exec_driver_sql("delete from features")
     assert client.get("/api/v1/health").status_code == 200
@@ -315,7 +315,7 @@ def test_token_search_reads_a_bounded_number_of_queries(client: TestClient) -> N
     from sqlalchemy import event
 
     statements: list[str] = []
-    engine = client.app.state.engine
+    engine = client.app.state.database.engine()
 
     def count(conn, cursor, statement, *args) -> None:
         statements.append(statement)
