@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 from sqlalchemy import JSON, LargeBinary, delete, select
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 
 from saescope.db import codec
@@ -154,8 +155,9 @@ class DatabaseWriter:
                 _sync(self.temporary)
                 os.replace(self.temporary, self.out)
                 _sync(self.out.parent)
-            except sqlite3.DatabaseError as error:
-                raise DatabaseWriteError(f"cannot write {self.out}: {error}") from None
+            except (sqlite3.DatabaseError, DBAPIError) as error:
+                reason = getattr(error, "orig", error)  # SQLAlchemy wraps the driver's error
+                raise DatabaseWriteError(f"cannot write {self.out}: {reason}") from None
             except OSError as error:
                 raise DatabaseWriteError(f"cannot write {self.out}: {error.strerror}") from None
             except SchemaMismatchError as error:

@@ -20,7 +20,10 @@ MAX_REQUEST_HEAD_BYTES = 8 << 20
 
 host_option = click.option("--host", default="127.0.0.1", help="Interface to listen on.")
 port_option = click.option(
-    "--port", default=8000, type=click.IntRange(1, 65535), help="Port to listen on."
+    "--port",
+    default=8000,
+    type=click.IntRange(0, 65535),
+    help="Port to listen on (0: any free one).",
 )
 
 

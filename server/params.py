@@ -18,6 +18,7 @@ from saescope.db.responses import FeaturePage
 EmptyIsNone = BeforeValidator(lambda value: None if value == "" else value)
 Share = Annotated[float, Field(ge=0, le=1, allow_inf_nan=False)]
 PageSize = Annotated[int, Field(ge=1, le=MAX_PAGE_SIZE)]
+Cursor = Annotated[str, Field(max_length=100)]
 
 SaeName = Annotated[
     str, Path(max_length=SAE_NAME_MAX_LENGTH, description="name of the SAE in the database")
@@ -68,7 +69,7 @@ def feature_table_params(
     min_frequency: Annotated[Share | None, EmptyIsNone, Query()] = None,
     max_frequency: Annotated[Share | None, EmptyIsNone, Query()] = None,
     after: Annotated[
-        str | None, EmptyIsNone, Query(max_length=100, description="cursor from the previous page")
+        Cursor | None, EmptyIsNone, Query(description="cursor from the previous page")
     ] = None,
     limit: Annotated[PageSize | None, EmptyIsNone, Query()] = None,
 ) -> FeatureTableParams:

@@ -9,6 +9,7 @@ CPU-sized run (about a minute):
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import time
@@ -96,13 +97,30 @@ def learning_rate_schedule(
     )
 
 
+@contextlib.contextmanager
+def denormals_flushed() -> Iterator[None]:
+    """Denormal floats flushed to zero while the block runs (L1 drives many latents towards
+    denormal values, slow on the CPU); the process's floating-point mode is restored after."""
+    torch.set_flush_denormal(True)
+    try:
+        yield
+    finally:
+        torch.set_flush_denormal(False)
+
+
 def train_sae(
     passes: ActivationPasses, d_in: int, settings: TrainingSettings, quiet: bool = False
 ) -> tuple[SparseAutoencoder, list[dict]]:
     """Trains on batches drawn from `passes` (special tokens already left out)."""
     settings.validate()
+    with denormals_flushed():
+        return _train(passes, d_in, settings, quiet)
+
+
+def _train(
+    passes: ActivationPasses, d_in: int, settings: TrainingSettings, quiet: bool
+) -> tuple[SparseAutoencoder, list[dict]]:
     torch.manual_seed(settings.seed)
-    torch.set_flush_denormal(True)  # L1 drives many latents towards denormal values: slow on CPU
     k = settings.k if settings.objective == "topk" else None
     sae = SparseAutoencoder(d_in, settings.d_sae, k)
     initialise(sae, next(passes())[:4096], settings)

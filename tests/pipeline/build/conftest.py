@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import sqlite3
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
+from click.testing import CliRunner
 
+from saescope.cli import app
 from saescope.db.codec import WINDOW_LENGTH
 from saescope.pipeline.build.accumulators import AccumulatedResult, Batch, FeatureAccumulators
 from saescope.pipeline.build.config import ExampleCounts
+from tests.conftest import HOOK
 
 N_SEQ, CTX, N_FEATURES, D_MODEL, VOCAB = 8, 45, 6, 4, 13
 SIZES = ExampleCounts(top=5, bottom=4, decoder_top=5, active_sample=7, sample_positions=50)
@@ -106,3 +112,33 @@ def examples_of(examples, feature: int) -> list[tuple[int, int]]:
             strict=True,
         )
     )
+
+
+def build_args(model: Path, sae: Path, corpus: Path, out: Path, *extra: str) -> list[str]:
+    """`saescope build` of the tiny model and SAE over the token file."""
+    return [
+        "build",
+        "--model", str(model),
+        "--hook", HOOK,
+        "--sae", str(sae),
+        "--corpus", str(corpus),
+        "--out", str(out),
+        "--n-tokens", "480",
+        "--batch-size", "7",
+        "--eval-sequences", "6",
+        "--quiet",
+        *extra,
+    ]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def built_db(tmp_path_factory, tiny_model_dir, tiny_sae_dir, token_file) -> Path:
+    out = tmp_path_factory.mktemp("db") / "features.db"
+    result = CliRunner().invoke(app, build_args(tiny_model_dir, tiny_sae_dir, token_file, out))
+    assert result.exit_code == 0, result.output
+    return out
+
+
+def rows(db: Path, sql: str, *params) -> list[tuple]:
+    with sqlite3.connect(db) as connection:
+        return connection.execute(sql, params).fetchall()

@@ -12,38 +12,10 @@ from click.testing import CliRunner
 
 from saescope.cli import app
 from saescope.db.codec import WINDOW_LEFT, WINDOW_LENGTH
+from tests.conftest import HOOK
+from tests.pipeline.build.conftest import build_args, rows
 
 runner = CliRunner()
-HOOK = "blocks.1.hook_resid_pre"
-
-
-def build_args(model: Path, sae: Path, corpus: Path, out: Path, *extra: str) -> list[str]:
-    return [
-        "build",
-        "--model", str(model),
-        "--hook", HOOK,
-        "--sae", str(sae),
-        "--corpus", str(corpus),
-        "--out", str(out),
-        "--n-tokens", "480",
-        "--batch-size", "7",
-        "--eval-sequences", "6",
-        "--quiet",
-        *extra,
-    ]  # fmt: skip
-
-
-@pytest.fixture(scope="module")
-def built_db(tmp_path_factory, tiny_model_dir, tiny_sae_dir, token_file) -> Path:
-    out = tmp_path_factory.mktemp("db") / "features.db"
-    result = runner.invoke(app, build_args(tiny_model_dir, tiny_sae_dir, token_file, out))
-    assert result.exit_code == 0, result.output
-    return out
-
-
-def rows(db: Path, sql: str, *params) -> list[tuple]:
-    with sqlite3.connect(db) as connection:
-        return connection.execute(sql, params).fetchall()
 
 
 def test_build_writes_every_feature(built_db: Path) -> None:
