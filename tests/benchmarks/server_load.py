@@ -1,12 +1,13 @@
-"""Server latency under load: feature page and feature JSON against a trivial endpoint.
+"""Server latency under load: feature pages and JSON, token search and table pages against a trivial
+endpoint.
 
 Builds (once, cached at --db) a database of 16,384 features with the embedded demo model and an
 SAE of random directions, serves it with `python -m saescope.server` in a subprocess, and loads
 it with wrk (Debian's `wrk`, a C client, so the load generator takes little of the two cores),
-requesting random features:
-  - mixed, in one run: three wrk processes at once, 32 connections in all, one per endpoint (the
-    feature page, the feature JSON, /api/v1/health), so all three are measured side by side
-    under the same load;
+requesting random features, tokens and table pages:
+  - mixed, in one run: a wrk process per endpoint at once, 32 connections in all (the feature
+    page, the feature JSON, the token search, the feature table's pages, /api/v1/health), so all
+    are measured side by side under the same load;
   - one endpoint at a time: 32 connections on each in turn, the trivial one first and last (to
     see drift), which shows each endpoint's own saturated cost.
 Prints p50, p95 and throughput per endpoint, as ratios to the trivial endpoint, and errors.
@@ -33,18 +34,26 @@ import numpy as np
 N_FEATURES = 16_384
 SAE_NAME = "bench"
 TRIVIAL = "trivial (/api/v1/health)"
+# Each path is completed per request: `{feature}` by a random feature, `{cursor}` by a random
+# feature-table cursor, `{token}` by a random token of SEARCHED.
 ENDPOINTS = {
     TRIVIAL: "/api/v1/health",
-    "feature page": f"/saes/{SAE_NAME}/features/",
-    "feature JSON": f"/api/v1/saes/{SAE_NAME}/features/",
+    "feature page": f"/saes/{SAE_NAME}/features/{{feature}}",
+    "feature JSON": f"/api/v1/saes/{SAE_NAME}/features/{{feature}}",
+    "token search": f"/saes/{SAE_NAME}/search?token={{token}}",
+    "table page": f"/saes/{SAE_NAME}?after={{cursor}}",
 }
-# A random feature per request when the path ends with '/'; wrk prints one RESULT line.
+SEARCHED = ["def", "%20the", "(", "return", "%20of", "self", "%0A", "x", "The", "%20a"]
+# wrk prints one RESULT line.
 WRK_SCRIPT = """
-local prefix = os.getenv("PREFIX")
+local template = os.getenv("PREFIX")
+local tokens = {TOKENS}
 math.randomseed(tonumber(os.getenv("SEED")))
 request = function()
-  if prefix:sub(-1) == "/" then return wrk.format("GET", prefix .. math.random(0, LAST)) end
-  return wrk.format("GET", prefix)
+  local feature = math.random(0, LAST)
+  local path = template:gsub("{feature}", feature):gsub("{cursor}", feature .. ":" .. feature)
+  path = path:gsub("{token}", function() return tokens[math.random(#tokens)] end)
+  return wrk.format("GET", path)
 end
 done = function(summary, latency, requests)
   local e = summary.errors
@@ -52,7 +61,9 @@ done = function(summary, latency, requests)
     latency:percentile(95) / 1e6, summary.requests / (summary.duration / 1e6),
     e.connect + e.read + e.write + e.status + e.timeout))
 end
-""".replace("LAST", str(N_FEATURES - 1))
+""".replace("LAST", str(N_FEATURES - 1)).replace(
+    "{TOKENS}", "{" + ", ".join(f'"{token}"' for token in SEARCHED) + "}"
+)
 
 
 def build_database(path: Path) -> None:
@@ -162,7 +173,7 @@ def main() -> None:
             }
             mixed = {name: result(process) for name, process in running.items()}
             alone = {}
-            for name in [TRIVIAL, "feature page", "feature JSON", TRIVIAL]:
+            for name in [TRIVIAL, *(name for name in ENDPOINTS if name != TRIVIAL), TRIVIAL]:
                 process = wrk(base, ENDPOINTS[name], args.clients, args.seconds, script, 7)
                 alone[name if name not in alone else "trivial again"] = result(process)
         finally:
@@ -170,7 +181,7 @@ def main() -> None:
             server.wait()
     print(f"{args.clients} connections on loopback, {args.seconds:.0f} s per run, "
           f"{N_FEATURES} features")  # fmt: skip
-    report("mixed: all three endpoints in one run", mixed, TRIVIAL)
+    report("mixed: every endpoint in one run", mixed, TRIVIAL)
     report("one endpoint at a time", alone, TRIVIAL)
 
 
