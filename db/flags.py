@@ -133,20 +133,16 @@ FLAGS = (
     ),
     FlagDefinition(
         name="absorbed",
-        rule="off on at least 40% of the sampled positions where its decoder direction is "
-        "present, and one other latent writes at least half of that direction there",
-        definition="present miss rate ≥ 0.4 and the top absorber's share ≥ 0.5: where its decoder "
-        "direction is present it is off at least 40% of the time, and one other latent writes at "
-        "least half of that direction there (Chanin et al., 2024). On hierarchical synthetic data "
-        "(`tests/pipeline/synthetic/test_synthetic.py`) it finds the parent latents an L1 SAE "
-        "absorbs into their children",
-        reason="off on {present_miss_rate:.0%} of the sampled positions where its decoder "
-        "direction is present; the latents listed under encoder vs decoder fire there",
-        conditions=(
-            Condition("present_miss_rate", ">=", 0.4),
-            Condition("top_absorber_share", ">=", 0.5),
-        ),
-        ranked_by="present_miss_rate",
+        rule="with 95% confidence, other latents make at least 30% of the strong writes along its "
+        "decoder direction, where it stays off",
+        definition="absorption measurable and its 95% interval's lower end ≥ 0.3: other latents "
+        "make at least 30% of the strong writes along its decoder direction, at positions where "
+        "it stays off (Chanin et al., 2024; the measure under *Absorption* below)",
+        reason="other latents make {absorption:.0%} (95% interval {absorption_low:.0%} to "
+        "{absorption_high:.0%}) of the strong writes along its decoder direction, where it stays "
+        "off; they are listed under encoder vs decoder",
+        conditions=(Condition("absorption_low", ">=", 0.3),),
+        ranked_by="absorption",
     ),
 )
 

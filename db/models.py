@@ -14,7 +14,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from saescope.db.codec import FLOAT32, INT32, WINDOW_LENGTH, blob
 
 # Bump whenever a table or column changes meaning; the server refuses other versions.
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 SAE_NAME_MAX_LENGTH = 128
 
 
@@ -82,6 +82,9 @@ class Sae(Base):
     l0: Mapped[float]
     dead_count: Mapped[int]
     dense_count: Mapped[int]
+    # What Jaccard and decoder-top miss rate are for a typical live latent of this SAE.
+    jaccard_median: Mapped[float]
+    miss_rate_median: Mapped[float]
     # Positions in the uniform sample the absorption measure runs on.
     sample_positions: Mapped[int]
     eval_tokens: Mapped[int]
@@ -117,11 +120,15 @@ class Feature(Base):
     jaccard: Mapped[float]
     miss_rate: Mapped[float]
     # Absorption, on the SAE's position sample; None where the feature fires there too rarely.
-    present_miss_rate: Mapped[float | None]
-    present_positions: Mapped[int]
+    # Absorption (`pipeline.build.absorption`): None, with a reason, where not measurable.
+    absorption: Mapped[float | None]
+    absorption_low: Mapped[float | None]
+    absorption_high: Mapped[float | None]
+    absorption_reason: Mapped[str | None]
+    absorbed_positions: Mapped[int]
     absorbers: Mapped[list[Any]]
-    # The first absorber's share; None without absorbers.
-    top_absorber_share: Mapped[float | None]
+    # AUROC of the decoder projection, the latent's firings against background positions.
+    decoder_auroc: Mapped[float]
     histogram_first_bin: Mapped[int]
     # From the first to the last nonzero bin of the fine histogram (`db.codec`).
     histogram_counts: Mapped[bytes] = mapped_column(LargeBinary, info=blob(INT32))
@@ -144,7 +151,7 @@ class Feature(Base):
         Index("ix_features_max", "sae_id", "max_activation"),
         Index("ix_features_jaccard", "sae_id", "jaccard"),
         Index("ix_features_miss_rate", "sae_id", "miss_rate"),
-        Index("ix_features_present_miss_rate", "sae_id", "present_miss_rate"),
+        Index("ix_features_absorption", "sae_id", "absorption"),
     )
 
 

@@ -52,6 +52,8 @@ from saescope.db.responses import (
 
 MAX_PAGE_SIZE = 200
 EXAMPLE_KINDS = ("top", "bottom", "quantile", "decoder_top")
+# Tokens shown beside each absorber.
+ABSORBER_TOKENS = 3
 # Token search shows contexts from these kinds of a latent's examples.
 SEARCHED_KINDS = ("top", "quantile")
 
@@ -70,7 +72,8 @@ class SortKey(StrEnum):
     max_activation = "max_activation"
     jaccard = "jaccard"
     miss_rate = "miss_rate"
-    present_miss_rate = "present_miss_rate"
+    absorption = "absorption"
+    present_miss_rate = "present_miss_rate"  # deprecated alias of absorption
 
 
 class SortOrder(StrEnum):
@@ -270,7 +273,8 @@ def list_features(
             max_activation=f.max_activation,
             jaccard=f.jaccard,
             miss_rate=f.miss_rate,
-            present_miss_rate=f.present_miss_rate,
+            absorption=f.absorption,
+            present_miss_rate=f.absorption,
             flags=flags_of(f, threshold),
             top_tokens=_token_counts(f.top_tokens[:5], vocab),
         )
@@ -285,19 +289,22 @@ def list_features(
     )
 
 
-# Features too rare to measure absorption on sort as if their present miss rate were -1.
+# Latents whose absorption cannot be measured sort as if it were -1: last, or first ascending.
 _UNMEASURED = -1.0
+# Sort keys that name another column.
+SORT_ALIASES = {SortKey.present_miss_rate: SortKey.absorption}
 
 
 def _sort_column(sort: SortKey):
+    sort = SORT_ALIASES.get(sort, sort)
     column = getattr(Feature, sort.value)
-    if sort is SortKey.present_miss_rate:
+    if sort is SortKey.absorption:
         return func.coalesce(column, _UNMEASURED)
     return column
 
 
 def _sort_value(feature: Feature, sort: SortKey) -> float | int:
-    value = getattr(feature, sort.value)
+    value = getattr(feature, SORT_ALIASES.get(sort, sort).value)
     return _UNMEASURED if value is None else value
 
 
@@ -372,17 +379,22 @@ def get_feature(session: Session, sae_name: str, feature_index: int) -> FeatureD
         ),
         encoder_decoder=EncoderDecoder(
             jaccard=feature.jaccard,
+            jaccard_median=sae.jaccard_median,
             miss_rate=feature.miss_rate,
-            present_miss_rate=feature.present_miss_rate,
-            present_positions=feature.present_positions,
+            miss_rate_median=sae.miss_rate_median,
+            absorption=feature.absorption,
+            absorption_interval=None
+            if feature.absorption is None
+            else [feature.absorption_low, feature.absorption_high],
+            absorption_reason=feature.absorption_reason,
+            present_miss_rate=feature.absorption,
+            absorbed_positions=feature.absorbed_positions,
+            decoder_auroc=feature.decoder_auroc,
             sample_positions=sae.sample_positions,
-            absorbers=[Absorber(**a) for a in feature.absorbers],
+            absorbers=_absorbers(session, sae, feature.absorbers, vocab),
         ),
         histogram=_histogram(feature),
-        positional=Positional(
-            firing_rate=_floats(feature, "position_rate"),
-            mean_activation=_floats(feature, "position_mean"),
-        ),
+        positional=_positional(feature),
         logits_top=[LogitEffect(token=vocab[x["token_id"]], **x) for x in feature.logits_top],
         logits_bottom=[LogitEffect(token=vocab[x["token_id"]], **x) for x in feature.logits_bottom],
         neighbours=[Neighbour(**n) for n in feature.neighbours],
@@ -399,9 +411,39 @@ def get_feature(session: Session, sae_name: str, feature_index: int) -> FeatureD
     )
 
 
-def _floats(feature: Feature, column: str) -> list[float]:
-    values = codec.unpack(Feature.__table__.c[column], getattr(feature, column))
-    return np.round(values.astype(np.float64), 6).tolist()
+def _absorbers(session: Session, sae: Sae, stored: list[dict], vocab: list[str]) -> list[Absorber]:
+    """The stored absorbers, each with its frequency and top tokens (one query for all)."""
+    found = {
+        index: (frequency, top_tokens)
+        for index, frequency, top_tokens in session.execute(
+            select(Feature.feature_index, Feature.frequency, Feature.top_tokens).where(
+                Feature.sae_id == sae.id,
+                Feature.feature_index.in_([absorber["feature_index"] for absorber in stored]),
+            )
+        )
+    }
+    return [
+        Absorber(
+            **absorber,
+            frequency=found[absorber["feature_index"]][0],
+            top_tokens=_token_counts(found[absorber["feature_index"]][1][:ABSORBER_TOKENS], vocab),
+        )
+        for absorber in stored
+    ]
+
+
+def _positional(feature: Feature) -> Positional:
+    """Firing rate and mean activation per position; no mean where it never fires."""
+    columns = Feature.__table__.c
+    rate = codec.unpack(columns.position_rate, feature.position_rate).astype(np.float64)
+    mean = codec.unpack(columns.position_mean, feature.position_mean).astype(np.float64)
+    return Positional(
+        firing_rate=np.round(rate, 6).tolist(),
+        mean_activation=[
+            round(value, 6) if fired else None
+            for value, fired in zip(mean.tolist(), (rate > 0).tolist(), strict=True)
+        ],
+    )
 
 
 def _histogram(feature: Feature) -> Histogram:

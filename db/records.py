@@ -59,6 +59,8 @@ class SaeRecord:
     l0: float
     dead_count: int
     dense_count: int
+    jaccard_median: float
+    miss_rate_median: float
     sample_positions: int
     eval_tokens: int
     mse: float
@@ -89,10 +91,13 @@ class FeatureColumns:
     positional_r2: Column
     jaccard: Column
     miss_rate: Column
-    present_miss_rate: Column
-    present_positions: Column
+    absorption: Column
+    absorption_low: Column
+    absorption_high: Column
+    absorption_reason: Column
+    absorbed_positions: Column
     absorbers: Column
-    top_absorber_share: Column
+    decoder_auroc: Column
     histogram_first_bin: Column
     histogram_counts: Column
     position_rate: Column

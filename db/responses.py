@@ -7,6 +7,20 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
+# One line per measure: the API documents each field with it, the pages show it beside the number.
+DEFINITIONS = {
+    "frequency": "share of the corpus tokens (special tokens aside) where the latent fires",
+    "mean_activation": "mean activation where the latent fires",
+    "max_activation": "highest activation on the corpus",
+    "jaccard": "overlap (Jaccard) of the positions of its top activations and of its top "
+    "decoder-direction projections",
+    "miss_rate": "share of its top decoder-direction projections where the latent stays at zero",
+    "absorption": "share of the strong writes along its decoder direction that other latents "
+    "make where it stays off (null: not measurable, see absorption_reason)",
+    "decoder_auroc": "how well its decoder projection singles out where it fires: AUROC, its "
+    "firings against positions where neither it nor a close latent fires",
+}
+
 
 class SaeSummary(BaseModel):
     name: str
@@ -53,9 +67,13 @@ class FeatureRow(BaseModel):
     frequency: float
     mean_activation: float
     max_activation: float
-    jaccard: float
-    miss_rate: float
-    present_miss_rate: float | None
+    jaccard: float = Field(description=DEFINITIONS["jaccard"])
+    miss_rate: float = Field(description=DEFINITIONS["miss_rate"])
+    absorption: float | None = Field(description=DEFINITIONS["absorption"])
+    present_miss_rate: float | None = Field(
+        description="deprecated alias of absorption (the measure it named is replaced); it goes "
+        "in the next release"
+    )
     flags: list[str]
     top_tokens: list[TokenCount]
 
@@ -102,22 +120,47 @@ class Examples(BaseModel):
 class Absorber(BaseModel):
     feature_index: int
     weight: float = Field(
-        description="Σ f_j·(ŵ_i·W_dec[j]) over the missed sampled positions examined (≤ 64)"
+        description="what it writes along this latent's decoder direction on the absorbed "
+        "positions: Σ f_j·(ŵ_i·W_dec[j])"
     )
-    share: float = Field(description="weight / Σ p_i over the same positions")
-    count: int = Field(description="of those positions, how many it fires on")
+    share: float = Field(
+        description="weight as a share of all strong writes along the direction (the absorbers' "
+        "shares add up to the absorption)"
+    )
+    count: int = Field(description="absorbed positions where it fires")
+    cofiring: float = Field(
+        description="share of this latent's firings where it fires too: near 0 for a substitute"
+    )
+    frequency: float = Field(description=DEFINITIONS["frequency"])
+    top_tokens: list[TokenCount] = Field(description="the tokens it fires on most")
 
 
 class EncoderDecoder(BaseModel):
-    jaccard: float = Field(description="Jaccard overlap of the top and decoder-top positions")
-    miss_rate: float = Field(description="share of decoder-top positions where f_i = 0")
-    present_miss_rate: float | None = Field(
-        description="share of sampled positions with p_i at or above its median firing "
-        "projection where f_i = 0; null when it fires on too few sampled positions"
+    jaccard: float = Field(description=DEFINITIONS["jaccard"])
+    jaccard_median: float = Field(
+        description="the Jaccard overlap of a typical live latent of this SAE (the median)"
     )
-    present_positions: int = Field(description="sampled positions where p_i reaches it")
+    miss_rate: float = Field(description=DEFINITIONS["miss_rate"])
+    miss_rate_median: float = Field(
+        description="the miss rate of a typical live latent of this SAE (the median)"
+    )
+    absorption: float | None = Field(description=DEFINITIONS["absorption"])
+    absorption_interval: list[float] | None = Field(
+        description="[low, high]: 95% bootstrap interval of absorption over the sampled sequences"
+    )
+    absorption_reason: str | None = Field(description="why absorption is null, else null")
+    present_miss_rate: float | None = Field(
+        description="deprecated alias of absorption; it goes in the next release"
+    )
+    absorbed_positions: int = Field(
+        description="sampled positions where the latent is off and other latents write its "
+        "direction at least as strongly as it does at a typical firing"
+    )
+    decoder_auroc: float = Field(description=DEFINITIONS["decoder_auroc"])
     sample_positions: int = Field(description="size of the SAE's uniform position sample")
-    absorbers: list[Absorber] = Field(description="latents active on the missed positions")
+    absorbers: list[Absorber] = Field(
+        description="the latents that write its direction where it is off, most first"
+    )
 
 
 class Histogram(BaseModel):
@@ -126,8 +169,10 @@ class Histogram(BaseModel):
 
 
 class Positional(BaseModel):
-    firing_rate: list[float]
-    mean_activation: list[float]
+    firing_rate: list[float] = Field(description="per token position: share of tokens it fires on")
+    mean_activation: list[float | None] = Field(
+        description="per token position: mean activation where it fires; null where it never does"
+    )
 
 
 class LogitEffect(BaseModel):

@@ -10,7 +10,8 @@ from fastapi.templating import Jinja2Templates
 from markupsafe import Markup, escape
 
 from saescope.db.flags import FLAGS, FLAGS_BY_NAME
-from saescope.db.queries import SortKey, SortOrder
+from saescope.db.queries import SORT_ALIASES, SortKey, SortOrder
+from saescope.db.responses import DEFINITIONS
 from saescope.server import urls
 
 TEMPLATES_DIR = files("saescope.frontend") / "templates"
@@ -59,11 +60,13 @@ def _token_parts(token: str) -> tuple[str, str, str]:
 
 
 templates.env.filters["visible"] = visible
+templates.env.filters["sentence"] = lambda text: text[:1].upper() + text[1:]
 templates.env.filters["flag_label"] = lambda name: FLAGS_BY_NAME[name].label
 templates.env.globals.update(
     context_html=context_html,
     urls=urls,
     FLAGS=FLAGS,
-    SORT_KEYS=list(SortKey),
+    DEFINITIONS=DEFINITIONS,
+    SORT_KEYS=[key for key in SortKey if key not in SORT_ALIASES],
     SORT_ORDERS=list(SortOrder),
 )

@@ -105,8 +105,9 @@ def dashboard_corpus(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def dashboard_sae_dir(tmp_path_factory, tiny_model_dir: Path, dashboard_corpus: Path) -> Path:
-    """A random SAE whose latents fire on 2% to 50% of the dashboard corpus's tokens (each
-    latent's encoder bias cut at a percentile of its pre-activations there), four never."""
+    """A random SAE, its encoder tied to its decoder, whose latents fire on 2% to 50% of the
+    dashboard corpus's tokens (each latent's encoder bias cut at a percentile of its
+    pre-activations there), four never."""
     import torch
     from sae_lens import SAE
     from transformers import AutoTokenizer
@@ -129,6 +130,9 @@ def dashboard_sae_dir(tmp_path_factory, tiny_model_dir: Path, dashboard_corpus: 
     with torch.no_grad():
         x = activations_at_hook(model, HOOK, tokens)[:, 1:].reshape(-1, 32)
         sae = SAE.load_from_disk(directory)
+        # The encoder reads what the decoder writes, so its decoder directions mean something.
+        sae.W_dec.copy_(sae.W_dec / sae.W_dec.norm(dim=1, keepdim=True))
+        sae.W_enc.copy_(sae.W_dec.T)
         pre = (x - sae.b_dec) @ sae.W_enc
         quantiles = torch.linspace(0.5, 0.98, 64)
         sae.b_enc.copy_(

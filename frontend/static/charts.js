@@ -1,32 +1,69 @@
 // Draws the charts of a page from the JSON embedded in it; plotly.js is served locally.
 "use strict";
 
+const config = { displayModeBar: false, responsive: true };
 const layout = (xTitle, yTitle, extra = {}) => ({
-  margin: { l: 48, r: 12, t: 8, b: 40 },
-  xaxis: { title: { text: xTitle } },
-  yaxis: { title: { text: yTitle } },
+  margin: { l: 52, r: 14, t: 10, b: 44 },
+  xaxis: { title: { text: xTitle }, automargin: true },
+  yaxis: { title: { text: yTitle }, automargin: true },
   showlegend: false,
   ...extra,
 });
-const config = { displayModeBar: false, responsive: true };
+
+// A value as a tick label: two significant digits, no trailing zeros.
+const label = (value) => String(Number(value.toPrecision(2)));
+
+// Tick values for a log axis over [low, high]: 1, 2, 5 × 10^k inside it, or, over less than a
+// factor of three, five geometrically spaced values.
+function logTicks(low, high) {
+  const ticks = [];
+  for (let k = Math.floor(Math.log10(low)); k <= Math.ceil(Math.log10(high)); k++) {
+    for (const m of [1, 2, 5]) {
+      const value = m * 10 ** k;
+      if (value >= low && value <= high) ticks.push(value);
+    }
+  }
+  if (ticks.length >= 3) return ticks;
+  return [0, 1, 2, 3, 4].map((i) => low * (high / low) ** (i / 4));
+}
+
+function message(element, text) {
+  element.classList.add("chart-message");
+  element.textContent = text;
+}
 
 function drawHistogram(element, histogram) {
-  const centres = histogram.counts.map((_, i) => Math.sqrt(histogram.edges[i] * histogram.edges[i + 1]));
-  const widths = histogram.counts.map((_, i) => histogram.edges[i + 1] - histogram.edges[i]);
-  Plotly.newPlot(element, [{ type: "bar", x: centres, y: histogram.counts, width: widths, marker: { color: "#e8862a" },
+  if (histogram.counts.length === 0) return message(element, "Never active on the corpus.");
+  const { edges, counts } = histogram;
+  const low = edges[0], high = edges[edges.length - 1];
+  if (!(high > low)) {
+    const total = counts.reduce((a, b) => a + b, 0);
+    return message(element, `All ${total} firings have the same activation, ${label(low)}.`);
+  }
+  const centres = counts.map((_, i) => Math.sqrt(edges[i] * edges[i + 1]));
+  const widths = counts.map((_, i) => edges[i + 1] - edges[i]);
+  const ticks = logTicks(low, high);
+  Plotly.newPlot(element, [{ type: "bar", x: centres, y: counts, width: widths, marker: { color: "#e8862a" },
     hovertemplate: "%{x:.3g}: %{y}<extra></extra>" }],
-    layout("activation (log scale)", "count", { xaxis: { type: "log", title: { text: "activation (log scale)" } } }), config);
+    layout("activation (log scale)", "firings", {
+      xaxis: { type: "log", title: { text: "activation (log scale)" }, tickvals: ticks, ticktext: ticks.map(label), automargin: true },
+    }), config);
 }
 
 function drawPositional(element, positional) {
-  const positions = positional.firing_rate.map((_, i) => i);
+  const rate = positional.firing_rate;
+  if (rate.every((value) => value === 0)) return message(element, "Never active on the corpus.");
+  const positions = rate.map((_, i) => i);
+  // No mean where it never fires: null leaves a gap, and markers show lone points.
   Plotly.newPlot(element, [
-    { x: positions, y: positional.firing_rate, name: "firing rate", line: { color: "#e8862a" } },
-    { x: positions, y: positional.mean_activation, name: "mean activation when active", yaxis: "y2", line: { color: "#2563eb" } },
+    { x: positions, y: rate, name: "firing rate", mode: "lines", line: { color: "#e8862a" } },
+    { x: positions, y: positional.mean_activation, name: "mean activation where it fires", yaxis: "y2",
+      mode: "lines+markers", marker: { size: 4 }, line: { color: "#2563eb" }, connectgaps: false },
   ], layout("token position", "firing rate", {
-    showlegend: true, legend: { orientation: "h", y: -0.35 },
-    yaxis2: { overlaying: "y", side: "right", title: { text: "mean act." } },
-    margin: { l: 48, r: 48, t: 8, b: 60 },
+    showlegend: true,
+    legend: { orientation: "h", x: 0, y: 1.02, yanchor: "bottom", font: { size: 11 } },
+    yaxis2: { overlaying: "y", side: "right", title: { text: "mean activation" }, automargin: true, rangemode: "tozero" },
+    margin: { l: 52, r: 52, t: 34, b: 44 },
   }), config);
 }
 

@@ -1,169 +1,297 @@
-"""Feature absorption measured on the build's uniform sample of positions."""
+"""Feature absorption, measured on the build's uniform sample of positions: the share of the
+strong writes along a latent's decoder direction that other latents make where it stays off.
+
+Notation: x the hook's activation at a position t, f = SAE.encode(x), ŵ_i = W_dec[i]/‖W_dec[i]‖.
+
+    own write        S_i(t) = f_i(t)·‖W_dec[i]‖      (what i writes along ŵ_i)
+    neighbours       N_i    = {j ≠ i : cos(ŵ_i, ŵ_j) ≥ NEIGHBOUR_COSINE}
+    their write      W_i(t) = Σ_{j ∈ N_i} f_j(t)·(ŵ_i·W_dec[j])
+    floor            τ_i    = the median of S_i over the positions where i fires
+    absorbed at t    A_i(t) = W_i(t) where f_i(t) = 0 and W_i(t) ≥ τ_i, else 0
+    own, counted     O_i(t) = S_i(t) where S_i(t) ≥ τ_i, else 0
+    absorption       R_i    = Σ_t A_i / (Σ_t A_i + Σ_t O_i)
+
+A mass share, not a count: every count of positions where i is off tracks how rare i is, since
+inactive positions outnumber active ones by about 1/frequency. The floor asks the neighbours to
+write what i writes at a typical firing of its own (substitution, as the child latent of Chanin
+et al.'s hierarchy does for its parent) rather than some of i's direction as a side effect of
+pointing partly the same way; applied to i's own writes too, it keeps R_i unbiased.
+
+Not measurable (no value, a reason instead), in this order: fewer than MIN_FIRINGS firings in the
+sample; at its own firings i writes less than MIN_OWN_SHARE of the mass along ŵ_i (a correction
+riding on its neighbours); or its decoder projection (x − b_dec)·ŵ_i does not separate its
+firings from background positions (i off, no neighbour firing): AUROC below MIN_AUROC.
+
+The interval is a percentile bootstrap over sequences (their positions move together), with the
+upper end raised to the rule of three where no absorbed position was seen.
+"""
 
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import numba
 import numpy as np
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from saescope.pipeline.build import kernels
 from saescope.pipeline.saes import unit_rows
 
-# The absorption measure needs this many firings of a feature in the position sample; its
-# absorbers are summed over at most ABSORBER_POSITIONS missed positions (a random subset).
-ABSORPTION_MIN_FIRINGS = 20
-ABSORBER_POSITIONS = 64
-
-
-def grouped_order(groups: Tensor, key: Tensor) -> Tensor:
-    """Indices ordered by group, then by key, ties in their original order (two stable torch
-    sorts: about 3× faster than np.lexsort on millions of entries)."""
-    order = torch.argsort(key, stable=True)
-    return order[torch.argsort(groups[order], stable=True)]
-
-
-def group_medians(values: Tensor, groups: Tensor, n_groups: int) -> Tensor:
-    """The median of the values of each group 0 .. n_groups − 1 (nan for an empty group)."""
-    if len(values) == 0:
-        return torch.full((n_groups,), math.nan, device=values.device)
-    ordered = values[grouped_order(groups, values)]
-    counts = torch.bincount(groups, minlength=n_groups)
-    starts = torch.cumsum(counts, 0) - counts
-    # Empty groups point anywhere valid; they are masked below.
-    low = (starts + (counts - 1) // 2).clamp(0, len(values) - 1)
-    high = (starts + counts // 2).clamp(0, len(values) - 1)
-    median = (ordered[low] + ordered[high]) / 2
-    return torch.where(counts > 0, median, math.nan)
-
-
-@dataclass
-class ActiveEntries:
-    """The (row, latent, value) entries where the SAE fires on a set of rows, row-major."""
-
-    row: Tensor
-    col: Tensor
-    value: Tensor
-    per_row: Tensor  # entries of each row
-    n_features: int
-
-    def sums_over(
-        self, rows: Tensor, groups: Tensor, n_groups: int
-    ) -> tuple[Float[Tensor, "groups d_sae"], Int[Tensor, "groups d_sae"]]:
-        """For each group, Σ f_j and the number of firings of every latent j over the given rows
-        (row `rows[k]` counted in group `groups[k]`)."""
-        per_row = self.per_row
-        row_start = torch.cumsum(per_row, 0) - per_row
-        total = torch.zeros(n_groups * self.n_features, device=self.value.device)
-        count = torch.zeros(n_groups * self.n_features, dtype=torch.int64, device=total.device)
-        for start in range(0, len(rows), 1 << 16):
-            # Each row's run of entries, expanded: entry = its row's start + offset in the run.
-            here = rows[start : start + (1 << 16)]
-            n_active = per_row[here]
-            entry = torch.repeat_interleave(
-                row_start[here] - (torch.cumsum(n_active, 0) - n_active), n_active
-            )
-            entry += torch.arange(len(entry), device=entry.device)
-            group = torch.repeat_interleave(groups[start : start + (1 << 16)], n_active)
-            cell = group * self.n_features + self.col[entry]
-            total.index_add_(0, cell, self.value[entry])
-            count.index_add_(0, cell, torch.ones_like(cell))
-        return total.view(n_groups, -1), count.view(n_groups, -1)
-
-
-def _active_entries(x: Tensor, encode: Callable[[Tensor], Tensor]) -> ActiveEntries:
-    rows, cols, values = [], [], []
-    for start in range(0, len(x), 4096):
-        acts = encode(x[start : start + 4096]).float()
-        r, c = torch.nonzero(acts > 0, as_tuple=True)
-        rows.append(r + start)
-        cols.append(c)
-        values.append(acts[r, c])
-    row = torch.cat(rows)
-    per_row = torch.bincount(row, minlength=len(x))
-    return ActiveEntries(row, torch.cat(cols), torch.cat(values), per_row, acts.shape[1])
+NEIGHBOUR_COSINE = 0.5
+"""decoder cosine at which another latent can absorb i: well above the best cosine expected by
+chance among the demo's random directions (√(2 ln d_sae / d_in) ≈ 0.35)"""
+FLOOR_QUANTILE = 0.5
+MIN_FIRINGS = 20
+MIN_OWN_SHARE = 0.5
+MIN_AUROC = 0.9
+BACKGROUND_POSITIONS = 4096
+"""random positions from which each latent's background for the AUROC is taken"""
+BOOTSTRAP_REPLICATES = 200
+CONFIDENCE = 0.95
+AUROC_BINS = 1024
+# Latents per chunk: bounded so that a chunk's [latents, positions] and [latents, d_sae] tables
+# stay within about CHUNK_CELLS floats each.
+CHUNK_CELLS = 1 << 24
+MAX_CHUNK = 512
 
 
 @dataclass
 class Absorption:
-    present_miss_rate: np.ndarray  # nan where the feature fires too rarely in the sample
-    present_positions: np.ndarray  # sampled positions where its decoder direction is present
-    absorbers: list[list[dict]]
+    value: np.ndarray  # [d_sae] R_i, nan where not measurable
+    low: np.ndarray  # [d_sae] the interval, nan where not measurable
+    high: np.ndarray
+    reason: list[str | None]  # why not measurable; None where measurable
+    absorbed_positions: np.ndarray  # [d_sae] sampled positions counted as absorbed
+    absorbers: list[list[dict]]  # per latent: feature_index, weight, share, count, cofiring
+    auroc: np.ndarray  # [d_sae] of the decoder projection, firings against background
+    own_share: np.ndarray  # [d_sae] i's share of the mass along ŵ_i where it fires
 
 
-def absorption(
-    inputs: Float[Tensor, "n d_in"],
+def sparse_activations(
+    x: Float[Tensor, "n d_in"], encode: Callable[[Tensor], Tensor], rows: int = 4096
+) -> Tensor:
+    """f = encode(x) as a sparse CSR matrix [n, d_sae] of the active entries."""
+    index, values, d_sae = [], [], 0
+    for start in range(0, len(x), rows):
+        acts = encode(x[start : start + rows]).float()
+        d_sae = acts.shape[1]
+        row, col = torch.nonzero(acts > 0, as_tuple=True)
+        index.append(torch.stack([row + start, col]))
+        values.append(acts[row, col])
+    coo = torch.sparse_coo_tensor(torch.cat(index, 1), torch.cat(values), (len(x), d_sae))
+    return coo.coalesce().to_sparse_csr()
+
+
+def group_quantile(
+    values: Tensor, groups: Int[Tensor, " n"], n_groups: int, q: float
+) -> Float[Tensor, " groups"]:
+    """The lower q-quantile of each group's non-negative values; inf for an empty group."""
+    if len(values) == 0:
+        return torch.full((n_groups,), math.inf, device=values.device)
+    key = groups.double() * (float(values.max()) + 1.0) + values.double()
+    ordered = values[key.argsort()]
+    count = torch.bincount(groups, minlength=n_groups)
+    start = torch.cumsum(count, 0) - count
+    index = (start + ((count - 1).clamp_min(0).float() * q).floor().long()).clamp(
+        0, len(values) - 1
+    )
+    return torch.where(count > 0, ordered[index], math.inf)
+
+
+def binned_auroc(
+    positive_row: Int[Tensor, " k"],
+    positive_score: Float[Tensor, " k"],
+    negative_score: Float[Tensor, "m p"],
+    negative: torch.BoolTensor,
+    n_bins: int = AUROC_BINS,
+) -> Float[Tensor, " m"]:
+    """Per row, P(a positive scores above a negative), ties a half (Mann–Whitney U over the
+    pairs). Positives are entries (row, score); negatives a [m, p] score matrix with a mask.
+    Negatives outside a row's range of positives count exactly; inside it, scores share
+    n_bins linear bins, and two scores in one bin count as a tie (no sort)."""
+    m = negative_score.shape[0]
+    low = torch.full((m,), math.inf).scatter_reduce(0, positive_row, positive_score, "amin")
+    high = torch.full((m,), -math.inf).scatter_reduce(0, positive_row, positive_score, "amax")
+    width = ((high - low) / n_bins).clamp_min(1e-12)
+    size = m * (n_bins + 2)
+
+    def cells(row: Tensor, score: Tensor, low: Tensor, high: Tensor, width: Tensor) -> Tensor:
+        # 0: below the row's lowest positive; 1 .. n_bins inside; n_bins + 1: above its highest.
+        inside = ((score - low) / width).clamp(0, n_bins - 1).long() + 1
+        cell = torch.where(score < low, 0, torch.where(score > high, n_bins + 1, inside))
+        return cell + row * (n_bins + 2)
+
+    rows = torch.arange(m).unsqueeze(1)
+    negatives = torch.bincount(
+        cells(rows, negative_score, low[:, None], high[:, None], width[:, None]).ravel(),
+        negative.ravel().double(),
+        minlength=size,
+    ).view(m, -1)
+    positives = (
+        torch.bincount(
+            cells(
+                positive_row,
+                positive_score,
+                low[positive_row],
+                high[positive_row],
+                width[positive_row],
+            ),
+            minlength=size,
+        )
+        .double()
+        .view(m, -1)
+    )
+    below = torch.cumsum(negatives, 1) - negatives
+    u = (positives * (below + negatives / 2)).sum(1)
+    return (u / (positives.sum(1) * negatives.sum(1)).clamp_min(1)).float()
+
+
+def absorption(*args, **kwargs) -> Absorption:
+    """The absorption of every latent on a sample of positions (see `_absorption`); torch's
+    notice that its sparse tensors are in beta is of no use to a user."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Sparse", category=UserWarning)
+        return _absorption(*args, **kwargs)
+
+
+def _absorption(
+    x: Float[Tensor, "n d_in"],
+    sequence: Int[Tensor, " n"],
     encode: Callable[[Tensor], Tensor],
     decoder: Float[Tensor, "d_sae d_in"],
     decoder_bias: Float[Tensor, " d_in"],
     n_absorbers: int,
-    features_per_chunk: int = 1024,
+    seed: int,
 ) -> Absorption:
-    """Feature absorption measured on a uniform sample of positions.
+    """The absorption of every latent on a sample of positions: `x` the hook's activations
+    there, `sequence` the sequence each position lies in (the bootstrap's unit)."""
+    x, decoder = x.float().cpu(), decoder.float().cpu()
+    n, d_sae = x.shape[0], decoder.shape[0]
+    f = sparse_activations(x, encode)  # [n, d_sae]
+    f_by_latent = f.to_sparse_coo().t().coalesce().to_sparse_csr()  # [d_sae, n]
+    fired = torch.sparse_csr_tensor(
+        f.crow_indices(), f.col_indices(), torch.ones_like(f.values()), f.shape
+    )
+    norms, unit = decoder.norm(dim=1), unit_rows(decoder)
+    projection_base = x - decoder_bias.float().cpu()
+    _, group = torch.unique(sequence.cpu(), return_inverse=True)
+    n_groups = int(group.max()) + 1 if n else 0
+    generator = torch.Generator().manual_seed(seed)
+    weights = torch.poisson(torch.ones(BOOTSTRAP_REPLICATES, n_groups), generator=generator)
+    pool = torch.randperm(n, generator=generator)[:BACKGROUND_POSITIONS]
+    tail = (1 - CONFIDENCE) / 2
 
-    Feature i's decoder direction counts as present where its projection p_i = (x − b_dec)·ŵ_i
-    reaches the median of p_i over the sampled positions where i fires. The present miss rate is
-    the share of those positions where f_i = 0; the absorbers are the latents j active on them
-    (on at most ABSORBER_POSITIONS of them, taken in the sample's random order), ranked by
-    Σ f_j·(ŵ_i·W_dec[j]), i.e. how much of i's direction they write instead, with that sum's
-    share of Σ p_i over the same positions."""
-    n_features = decoder.shape[0]
-    n = inputs.shape[0]
-    unit = unit_rows(decoder)
-    x = inputs.to(decoder.dtype)
-    active = _active_entries(x, encode)
-    centred = x - decoder_bias
-    miss_rate = np.full(n_features, np.nan)
-    present_positions = np.zeros(n_features, dtype=np.int64)
+    value, low, high = (np.full(d_sae, np.nan) for _ in range(3))
+    auroc, own_share = np.zeros(d_sae), np.zeros(d_sae)
+    n_firings = np.zeros(d_sae, np.int64)
+    absorbed_positions = np.zeros(d_sae, np.int64)
     absorbers: list[list[dict]] = []
-    for a in range(0, n_features, features_per_chunk):
-        b = min(a + features_per_chunk, n_features)
-        projection = centred @ unit[a:b].T
-        in_chunk = torch.nonzero((active.col >= a) & (active.col < b)).squeeze(1)
-        fired_row, fired_feature = active.row[in_chunk], active.col[in_chunk] - a
-        fired = torch.zeros(n, b - a, dtype=torch.bool, device=x.device)
-        fired[fired_row, fired_feature] = True
-        threshold = group_medians(projection[fired_row, fired_feature], fired_feature, b - a)
-        measurable = torch.bincount(fired_feature, minlength=b - a) >= ABSORPTION_MIN_FIRINGS
-        # The sample is in random order: the first missed positions are a uniform subset.
-        n_present, n_missed, examined, examined_sum = kernels.presence(
-            projection.float().cpu().numpy(),
-            fired.cpu().numpy(),
-            threshold.float().cpu().numpy(),
-            measurable.cpu().numpy(),
-            ABSORBER_POSITIONS,
-            numba.get_num_threads(),
+    chunk = max(1, min(MAX_CHUNK, CHUNK_CELLS // max(n, d_sae, 1)))
+    for a in range(0, d_sae, chunk):
+        b = min(a + chunk, d_sae)
+        m = b - a
+        own = torch.arange(m)
+        crow = f_by_latent.crow_indices()
+        latent = torch.repeat_interleave(own, crow[a + 1 : b + 1] - crow[a:b])
+        position = f_by_latent.col_indices()[int(crow[a]) : int(crow[b])]
+        activation = f_by_latent.values()[int(crow[a]) : int(crow[b])]
+        fires = torch.zeros(m, n, dtype=torch.bool)
+        fires[latent, position] = True
+        count = torch.bincount(latent, minlength=m)
+        # Neighbours: decoder cosine ≥ NEIGHBOUR_COSINE; `along[i, j]` = ŵ_i·W_dec[j] for them.
+        along_all = unit[a:b] @ decoder.T  # [m, d_sae]
+        neighbour = along_all / norms.clamp_min(1e-12) >= NEIGHBOUR_COSINE
+        neighbour[own, own + a] = False
+        along = torch.where(neighbour, along_all, 0.0)
+        written = (f @ along.T).T.contiguous()  # [m, n]: W_i(t)
+        own_write = activation * norms[a:b][latent]  # S_i(t) where i fires
+        floor = group_quantile(own_write, latent, m, FLOOR_QUANTILE)
+        absorbed_at = ~fires & (written >= floor.unsqueeze(1)) & (written > 0)
+        absorbed = torch.where(absorbed_at, written, 0.0)
+        counted_own = torch.where(own_write >= floor[latent], own_write, 0.0)
+        # Sums per sequence, for the totals and the bootstrap.
+        per_group_absorbed = torch.zeros(m, n_groups).index_add_(1, group, absorbed)
+        per_group_own = (
+            torch.zeros(m * n_groups)
+            .index_add_(0, latent * n_groups + group[position], counted_own)
+            .view(m, n_groups)
         )
-        rate = n_missed / np.maximum(n_present, 1)
-        miss_rate[a:b] = np.where(measurable.cpu().numpy(), rate, math.nan)
-        present_positions[a:b] = n_present
-        examined_feature, examined_slot = np.nonzero(examined >= 0)
-        activation_sum, count = active.sums_over(
-            torch.from_numpy(examined[examined_feature, examined_slot]).to(x.device),
-            torch.from_numpy(examined_feature).to(x.device),
-            b - a,
+        total_absorbed, total_own = per_group_absorbed.sum(1), per_group_own.sum(1)
+        total = total_absorbed + total_own
+        boot_absorbed = per_group_absorbed @ weights.T  # [m, replicates]
+        boot = boot_absorbed / (boot_absorbed + per_group_own @ weights.T).clamp_min(1e-30)
+        chunk_low = torch.quantile(boot, tail, dim=1)
+        chunk_high = torch.quantile(boot, 1 - tail, dim=1)
+        # No absorbed position seen: the upper end is the share three absorbed positions at
+        # the floor would have (the rule of three), not the bootstrap's 0.
+        three = 3 * floor.clamp_max(1e30)
+        chunk_high = torch.where(
+            absorbed_at.sum(1) == 0,
+            torch.maximum(chunk_high, three / (three + total_own).clamp_min(1e-30)),
+            chunk_high,
         )
-        weight = activation_sum * (unit[a:b] @ decoder.T)
-        missed_projection = torch.from_numpy(examined_sum).to(weight).clamp_min(1e-12).unsqueeze(1)
-        share = weight / missed_projection
-        top_weight, top_latent = weight.topk(min(n_absorbers, n_features), dim=1)
-        for weights, latents, counts, shares in zip(
-            top_weight.tolist(),
-            top_latent.tolist(),
-            count.gather(1, top_latent).tolist(),
-            share.gather(1, top_latent).tolist(),
-            strict=True,
+        # Measurability: i's share of the mass along ŵ_i at its own firings, and the AUROC of
+        # its projection, firings against background (i off, no neighbour firing).
+        own_total = torch.zeros(m).index_add_(0, latent, own_write)
+        beside = torch.where(fires, written, 0.0).sum(1)
+        projection = unit[a:b] @ projection_base.T  # [m, n]: p_i(t)
+        background = ~fires[:, pool] & (written[:, pool] == 0)
+        chunk_auroc = binned_auroc(
+            latent, projection[latent, position], projection[:, pool], background
+        )
+        # Absorbers: the mass each neighbour writes along ŵ_i on i's absorbed positions, on
+        # how many of them it fires, and how often it fires with i.
+        gate = absorbed_at.float().to_sparse_csr()
+        weight = along * (gate @ f).to_dense()
+        on_absorbed = (gate @ fired).to_dense().round().long()
+        cofiring = (fires.float().to_sparse_csr() @ fired).to_dense() / count.clamp_min(1)[:, None]
+        top_weight, top_latent = weight.topk(min(n_absorbers, d_sae), dim=1)
+
+        value[a:b] = (total_absorbed / total.clamp_min(1e-30)).numpy()
+        low[a:b], high[a:b] = chunk_low.numpy(), chunk_high.numpy()
+        auroc[a:b] = chunk_auroc.numpy()
+        own_share[a:b] = (own_total / (own_total + beside).clamp_min(1e-30)).numpy()
+        n_firings[a:b] = count.numpy()
+        absorbed_positions[a:b] = absorbed_at.sum(1).numpy()
+        shares = (top_weight / total.clamp_min(1e-30)[:, None]).tolist()
+        for row, (latents, weights_row, shares_row) in enumerate(
+            zip(top_latent.tolist(), top_weight.tolist(), shares, strict=True)
         ):
             absorbers.append(
                 [
-                    {"feature_index": j, "weight": round(w, 6), "share": round(h, 6), "count": c}
-                    for w, j, c, h in zip(weights, latents, counts, shares, strict=True)
+                    {
+                        "feature_index": j,
+                        "weight": round(w, 6),
+                        "share": round(s, 6),
+                        "count": int(on_absorbed[row, j]),
+                        "cofiring": round(float(cofiring[row, j]), 4),
+                    }
+                    for j, w, s in zip(latents, weights_row, shares_row, strict=True)
                     if w > 0
                 ]
             )
-    return Absorption(miss_rate, present_positions, absorbers)
+    reason = [_unmeasurable(*values) for values in zip(n_firings, own_share, auroc, strict=True)]
+    unmeasured = np.array([r is not None for r in reason], dtype=bool)
+    for array in (value, low, high):
+        array[unmeasured] = np.nan
+    return Absorption(value, low, high, reason, absorbed_positions, absorbers, auroc, own_share)
+
+
+def _unmeasurable(n_firings: int, own_share: float, auroc: float) -> str | None:
+    """Why a latent's absorption cannot be read, or None."""
+    if n_firings < MIN_FIRINGS:
+        return f"fires on {n_firings} of the sampled positions; the measure needs {MIN_FIRINGS}"
+    if not own_share >= MIN_OWN_SHARE:
+        return (
+            f"where it fires it writes {own_share:.0%} of the mass along its own direction and "
+            f"its neighbours the rest: a correction riding on them, not a direction of its own"
+        )
+    if not auroc >= MIN_AUROC:
+        return (
+            f"its decoder direction does not single out where it fires: AUROC {auroc:.2f} of "
+            f"the projection, firings against other positions (needs {MIN_AUROC})"
+        )
+    return None

@@ -41,7 +41,8 @@ def quantile_edges(
 ) -> Float[np.ndarray, "features edges"]:
     """Per feature, cut points at quantiles 0, 1/n, …, 1 of its active values, interpolated
     geometrically inside the fine log-spaced bin that holds each quantile (ends exact: min and
-    max); nan for a feature that never fired."""
+    max); nan for a feature that never fired. A feature whose active values are all equal has one
+    band: its inner edges are infinite."""
     n_bins = histogram.shape[1]
     finite = histogram_edges()
     cumulative = np.cumsum(histogram, axis=1)
@@ -63,6 +64,7 @@ def quantile_edges(
         lower, upper = np.maximum(lower, 1e-30), np.maximum(upper, 1e-30)
         inner = lower * (upper / lower) ** fraction
     edges = np.concatenate([low, inner, high], axis=1)
+    edges[(low == high)[:, 0], 1:-1] = np.inf
     edges[total[:, 0] == 0] = np.nan
     return edges
 
@@ -218,19 +220,19 @@ def feature_records(
         positional_r2=statistics.positional_r2,
         jaccard=jaccard,
         miss_rate=miss_rate,
-        present_miss_rate=[
-            None if math.isnan(x) else x for x in absorbed.present_miss_rate.tolist()
-        ],
-        present_positions=absorbed.present_positions,
+        absorption=_nan_as_none(absorbed.value),
+        absorption_low=_nan_as_none(absorbed.low),
+        absorption_high=_nan_as_none(absorbed.high),
+        absorption_reason=absorbed.reason,
+        absorbed_positions=absorbed.absorbed_positions,
         absorbers=absorbed.absorbers,
-        top_absorber_share=[found[0]["share"] if found else None for found in absorbed.absorbers],
+        decoder_auroc=absorbed.auroc,
         histogram_first_bin=histogram_first_bin,
         histogram_counts=histogram_counts,
         position_rate=position_rate,
         position_mean=position_mean,
         # Features that never fired have no bands.
-        quantile_edges=_where_fired(edges, fired),
-        quantile_mass=_where_fired(band_mass(stats.histogram, edges), fired),
+        **_band_rows(edges, band_mass(stats.histogram, edges), fired),
         logits_top=logits_top,
         logits_bottom=logits_bottom,
         neighbours=_pairs(neighbour_id, neighbour_cosine, "feature_index", "cosine"),
@@ -239,8 +241,22 @@ def feature_records(
     )
 
 
-def _where_fired(rows: np.ndarray, fired: np.ndarray) -> list[list[float]]:
-    return [row if f else [] for row, f in zip(rows.tolist(), fired.tolist(), strict=True)]
+def _nan_as_none(values: np.ndarray) -> list[float | None]:
+    return [None if math.isnan(value) else value for value in values.tolist()]
+
+
+def _band_rows(edges: np.ndarray, mass: np.ndarray, fired: np.ndarray) -> dict[str, list]:
+    """The stored bands: none for a feature that never fired, one (all of its values) for a
+    feature whose active values are all equal."""
+    stored_edges, stored_mass = [], []
+    for row, shares, active in zip(edges.tolist(), mass.tolist(), fired.tolist(), strict=True):
+        if not active:
+            row, shares = [], []
+        elif len(row) > 2 and math.isinf(row[1]):
+            row, shares = [row[0], row[-1]], [shares[0]]
+        stored_edges.append(row)
+        stored_mass.append(shares)
+    return {"quantile_edges": stored_edges, "quantile_mass": stored_mass}
 
 
 def ground_truth_columns(

@@ -13,6 +13,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
@@ -142,12 +143,15 @@ def sae_records(
     edges = analysis.quantile_edges(stats.histogram, stats.min, stats.max, settings.quantile_bands)
     truth = source.dataset
     match = match_ground_truth(truth.directions, decoder.cpu()) if truth is not None else None
+    sample = accumulated.position_sample
     absorbed = absorption(
-        accumulated.position_sample.hook_activations,
+        sample.hook_activations,
+        torch.from_numpy(sample.token_index // context_length),
         sae.encode,
         decoder,
         decoder_bias,
         settings.n_absorbers,
+        config.seed,
     )
     features = analysis.feature_records(
         accumulated,
@@ -163,6 +167,7 @@ def sae_records(
     high_frequency = HIGH_FREQUENCY.mask(
         {"frequency": stats.count / tokens_seen}, settings.high_frequency_threshold
     )
+    live = stats.count > 0
     sae_row = SaeRecord(
         model=source.model_name,
         hook=source.hook,
@@ -177,6 +182,8 @@ def sae_records(
         l0=float(stats.count.sum() / tokens_seen),
         dead_count=int((stats.count == 0).sum()),
         dense_count=int(high_frequency.sum()),
+        jaccard_median=_median(np.asarray(features.jaccard)[live]),
+        miss_rate_median=_median(np.asarray(features.miss_rate)[live]),
         sample_positions=len(accumulated.position_sample.token_index),
         **evaluation,
         mmcs=match.mmcs if match else None,
@@ -192,6 +199,10 @@ def sae_records(
         token_stats=token_stats,
         token_latents=token_latents,
     )
+
+
+def _median(values: np.ndarray) -> float:
+    return float(np.median(values)) if len(values) else 0.0
 
 
 def corpus_record(source: ActivationSource) -> CorpusRecord:

@@ -58,13 +58,13 @@ def test_records_match_their_tables_and_a_misnamed_field_fails_at_once() -> None
 # Rows that put each condition on both sides of its threshold, NULLs and NaNs included.
 ROWS = [
     {"count": 0, "frequency": 0.0, "positional_r2": 0.0, "bos_share": 0.0,
-     "present_miss_rate": None, "top_absorber_share": None},
+     "absorption": None, "absorption_low": None, "absorption_high": None},
     {"count": 9, "frequency": 0.3, "positional_r2": 0.9, "bos_share": 0.6,
-     "present_miss_rate": 0.4, "top_absorber_share": 0.5},
+     "absorption": 0.4, "absorption_low": 0.3, "absorption_high": 0.5},
     {"count": 5, "frequency": 0.1, "positional_r2": 0.5, "bos_share": 0.5,
-     "present_miss_rate": 0.9, "top_absorber_share": 0.49},
+     "absorption": 0.9, "absorption_low": 0.29, "absorption_high": 0.99},
     {"count": 3, "frequency": 0.05, "positional_r2": 0.51, "bos_share": 1.0,
-     "present_miss_rate": 0.39, "top_absorber_share": 0.9},
+     "absorption": 0.0, "absorption_low": 0.0, "absorption_high": 0.2},
 ]  # fmt: skip
 
 
@@ -90,7 +90,8 @@ def test_flags_agree_on_arrays_rows_and_sql(threshold: float) -> None:
         session.add(Sae(id=1, name="x", corpus_id=1, model="m", hook="h", architecture="a",
                         d_in=1, d_sae=4, context_length=1, n_sequences=1, tokens_seen=1,
                         special_tokens_seen=0, high_frequency_threshold=threshold, l0=1.0,
-                        dead_count=1, dense_count=1, sample_positions=1, eval_tokens=1,
+                        dead_count=1, dense_count=1, jaccard_median=0.0, miss_rate_median=0.0,
+                        sample_positions=1, eval_tokens=1,
                         mse=0.0, config={}))  # fmt: skip
         for index, row in enumerate(ROWS):
             session.add(Feature(sae_id=1, feature_index=index, **row, **_filler()))
@@ -108,7 +109,8 @@ def _filler() -> dict:
     """The feature columns no flag reads."""
     return {
         "mean_activation": 0.0, "max_activation": 0.0, "min_activation": 0.0, "bos_count": 0,
-        "jaccard": 0.0, "miss_rate": 0.0, "present_positions": 0, "absorbers": [],
+        "jaccard": 0.0, "miss_rate": 0.0, "absorbed_positions": 0, "absorbers": [],
+        "decoder_auroc": 1.0,
         "histogram_first_bin": 0, "histogram_counts": b"", "position_rate": b"",
         "position_mean": b"", "quantile_edges": [], "quantile_mass": [], "logits_top": [],
         "logits_bottom": [], "neighbours": [], "top_tokens": [],
@@ -121,3 +123,6 @@ def test_a_flag_reason_names_its_measure() -> None:
     reasons = {flag.name: flag.explain(row, 0.1) for flag in FLAGS if flag.holds(row, 0.1)}
     assert set(reasons) == {"high_frequency", "positional", "bos_dominated", "absorbed"}
     assert reasons["positional"] == "position explains 90% of its activation variance"
+    assert reasons["absorbed"].startswith(
+        "other latents make 40% (95% interval 30% to 50%) of the strong writes"
+    )

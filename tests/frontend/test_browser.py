@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import socket
+import sqlite3
 import threading
 import time
 from collections.abc import Iterator
@@ -133,4 +134,48 @@ def test_api_docs_render_offline(browser, base_url: str) -> None:
     paths = page.locator(".opblock-summary-path").all_text_contents()
     assert "/api/v1/saes/{sae}/features/{feature_index}" in [p.replace("\u200b", "") for p in paths]
     assert errors == []
+    page.close()
+
+
+def chart_data(page, element_id: str) -> dict:
+    """A drawn chart's traces and layout, as plotly holds them."""
+    return page.evaluate(
+        "id => { const e = document.getElementById(id); "
+        "return {data: e.data || null, layout: e.layout || null, text: e.textContent}; }",
+        element_id,
+    )
+
+
+def test_feature_plots_tell_the_truth(browser, base_url: str, dashboard_db: Path, screenshots):
+    """No mean activation drawn where the latent never fires; tick labels that are values; a
+    dead latent's charts say so instead of drawing empty axes."""
+    with sqlite3.connect(dashboard_db) as connection:
+        live, dead = (
+            connection.execute(
+                f"select feature_index from features where count {op} 0 order by count limit 1"
+            ).fetchone()[0]
+            for op in (">", "=")
+        )
+    page = browser.new_page(viewport={"width": 420, "height": 900})
+    page.goto(f"{base_url}/saes/tiny-sae/features/{live}")
+    page.wait_for_function("document.querySelectorAll('.js-plotly-plot').length >= 2")
+    positional = chart_data(page, "positional-chart")
+    rate, mean = positional["data"][0]["y"], positional["data"][1]["y"]
+    assert any(value == 0 for value in rate), "the rarest latent skips some positions"
+    assert all((r == 0) == (m is None) for r, m in zip(rate, mean, strict=True))
+    assert positional["layout"]["legend"]["y"] >= 1  # above the plot, clear of the axis title
+    assert positional["layout"]["yaxis2"]["title"]["text"] == "mean activation"
+    histogram = chart_data(page, "histogram-chart")
+    labels = histogram["layout"]["xaxis"]["ticktext"]
+    assert labels and all(float(label) > 0 for label in labels)
+    assert sorted(map(float, labels)) == [float(label) for label in labels]
+    page.screenshot(path=str(screenshots / "feature-narrow.png"), full_page=True)
+
+    page.goto(f"{base_url}/saes/tiny-sae/features/{dead}")
+    page.wait_for_load_state("networkidle")
+    for element in ("histogram-chart", "positional-chart"):
+        drawn = chart_data(page, element)
+        assert drawn["data"] is None and "Never active" in drawn["text"]
+    assert "not measurable" in page.locator("dl.measures").inner_text()
+    page.screenshot(path=str(screenshots / "feature-dead.png"), full_page=True)
     page.close()

@@ -69,14 +69,30 @@ def test_feature_json_contract(client: TestClient, dashboard_db: Path, busiest_f
     assert frequency == pytest.approx(count / tokens_seen)
     assert feature["max_activation"] == maximum
     assert set(feature["examples"]) == {"top", "bottom", "quantiles", "decoder_top"}
-    assert set(feature["encoder_decoder"]) == {
+    encoder_decoder = feature["encoder_decoder"]
+    assert set(encoder_decoder) == {
         "jaccard",
+        "jaccard_median",
         "miss_rate",
+        "miss_rate_median",
+        "absorption",
+        "absorption_interval",
+        "absorption_reason",
         "present_miss_rate",
-        "present_positions",
+        "absorbed_positions",
+        "decoder_auroc",
         "sample_positions",
         "absorbers",
     }
+    # Absorption is a number with its interval, or null with a reason; the old name is an alias.
+    if encoder_decoder["absorption"] is None:
+        assert (
+            encoder_decoder["absorption_reason"] and encoder_decoder["absorption_interval"] is None
+        )
+    else:
+        low, high = encoder_decoder["absorption_interval"]
+        assert low <= encoder_decoder["absorption"] <= high
+    assert encoder_decoder["present_miss_rate"] == encoder_decoder["absorption"]
     top = feature["examples"]["top"]
     assert top, "the most frequent feature has top examples"
     assert [e["activation"] for e in top] == sorted((e["activation"] for e in top), reverse=True)
@@ -112,14 +128,14 @@ def test_feature_table_sorts_filters_and_pages_by_key(client: TestClient) -> Non
     assert sorted(f["feature_index"] for f in seen) == list(range(64))
     frequencies = [f["frequency"] for f in seen]
     assert frequencies == sorted(frequencies, reverse=True)
-    # Absorption: latents too rare to measure (null) come last, pages still cover every latent.
-    seen = all_pages(
-        client, f"/api/v1/saes/{SAE}/features?sort=present_miss_rate&order=desc&limit=7"
-    )
-    assert sorted(f["feature_index"] for f in seen) == list(range(64))
-    rates = [-1.0 if f["present_miss_rate"] is None else f["present_miss_rate"] for f in seen]
-    assert rates == sorted(rates, reverse=True)
-    assert None in [f["present_miss_rate"] for f in seen] and max(rates) >= 0
+    # Absorption: latents it cannot measure (null) come last, pages still cover every latent;
+    # the old sort name is an alias.
+    for sort in ("absorption", "present_miss_rate"):
+        seen = all_pages(client, f"/api/v1/saes/{SAE}/features?sort={sort}&order=desc&limit=7")
+        assert sorted(f["feature_index"] for f in seen) == list(range(64))
+        values = [-1.0 if f["absorption"] is None else f["absorption"] for f in seen]
+        assert values == sorted(values, reverse=True)
+        assert None in [f["absorption"] for f in seen] and max(values) >= 0
     by_index = {f["feature_index"]: f for f in seen}
     dead = client.get(f"/api/v1/saes/{SAE}/features?flag=dead&limit=200").json()["items"]
     assert [f["feature_index"] for f in dead] == [

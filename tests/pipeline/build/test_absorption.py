@@ -1,85 +1,138 @@
-"""The absorption measure against brute force on small tensors."""
+"""The absorption measure against a per-latent loop written from its definition, and its rules on
+hand-made latents whose truth is known."""
+
+from __future__ import annotations
+
+import math
 
 import numpy as np
 import pytest
 import torch
 
-from saescope.pipeline.build.absorption import ABSORPTION_MIN_FIRINGS, absorption
+from saescope.pipeline.build import absorption as measure
+from saescope.pipeline.build.absorption import absorption, binned_auroc, group_quantile
 
-N, D_MODEL, N_FEATURES, N_ABSORBERS = 400, 6, 7, 3
+
+def reference(x, f, decoder, bias):
+    """Absorption, AUROC, own share and absorber weights by loops over latents (float64)."""
+    x, f, decoder, bias = (t.double().numpy() for t in (x, f, decoder, bias))
+    norms = np.linalg.norm(decoder, axis=1)
+    unit = decoder / norms[:, None]
+    value, auroc, weights, own, cofiring = [], [], [], [], []
+    for i in range(len(decoder)):
+        cosine = unit @ unit[i]
+        neighbours = [j for j in range(len(decoder)) if j != i and cosine[j] >= 0.5]
+        written = sum((f[:, j] * (decoder[j] @ unit[i]) for j in neighbours), np.zeros(len(x)))
+        fires = f[:, i] > 0
+        own_write = f[:, i] * norms[i]
+        floor = np.sort(own_write[fires])[(fires.sum() - 1) // 2] if fires.any() else math.inf
+        gate = ~fires & (written >= floor) & (written > 0)
+        absorbed, counted = written[gate].sum(), own_write[own_write >= floor].sum()
+        value.append(absorbed / (absorbed + counted) if absorbed + counted > 0 else 0.0)
+        p = (x - bias) @ unit[i]
+        positives, negatives = p[fires], p[~fires & (written == 0)]
+        auroc.append(
+            (positives[:, None] > negatives[None, :]).mean()
+            if len(positives) and len(negatives)
+            else 0.0
+        )
+        weights.append({j: (f[gate, j] * (decoder[j] @ unit[i])).sum() for j in neighbours})
+        mass = own_write[fires].sum()
+        own.append(mass / (mass + written[fires].sum()) if fires.any() else 0.0)
+        cofiring.append({j: (f[fires, j] > 0).mean() if fires.any() else 0.0 for j in neighbours})
+    return np.array(value), np.array(auroc), weights, np.array(own), cofiring
 
 
-def test_absorption_matches_brute_force(monkeypatch: pytest.MonkeyPatch) -> None:
-    # Absorbers from the first few missed positions only, so that the cut is exercised.
-    monkeypatch.setattr("saescope.pipeline.build.absorption.ABSORBER_POSITIONS", 5)
+@pytest.mark.parametrize("seed", [0, 1])
+def test_matches_the_definition(monkeypatch, seed: int) -> None:
+    # Every latent measurable, and chunks of 7 latents, so that the bookkeeping is exercised.
+    for name, setting in (("MIN_FIRINGS", 1), ("MIN_OWN_SHARE", 0.0), ("MIN_AUROC", 0.0)):
+        monkeypatch.setattr(measure, name, setting)
+    generator = torch.Generator().manual_seed(seed)
+    n, d, d_sae = 3000, 8, 24
+    decoder = torch.randn(d_sae, d, generator=generator)
+    decoder[1] = decoder[0] + 0.5 * torch.randn(d, generator=generator)  # close pairs
+    decoder[3] = 0.8 * decoder[2] + 0.6 * decoder[4]
+    encoder = decoder.T + 0.3 * torch.randn(d, d_sae, generator=generator)
+    bias = 0.1 * torch.randn(d, generator=generator)
+    x = torch.randn(n, d, generator=generator)
+    sequence = torch.arange(n) // 30
+
+    def encode(inputs):
+        return torch.relu((inputs - bias) @ encoder - 1.5)
+
+    monkeypatch.setattr(measure, "BACKGROUND_POSITIONS", n)
+    monkeypatch.setattr(measure, "CHUNK_CELLS", 7 * n)
+    got = absorption(x, sequence, encode, decoder, bias, n_absorbers=5, seed=0)
+    value, auroc, weights, own, cofiring = reference(x, encode(x), decoder, bias)
+    np.testing.assert_allclose(got.value, value, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(got.auroc, auroc, atol=2e-3)
+    np.testing.assert_allclose(got.own_share, own, rtol=1e-4, atol=1e-6)
+    assert sum(len(found) for found in got.absorbers) > 5
+    for i, found in enumerate(got.absorbers):
+        expected = [e for e in sorted(weights[i].items(), key=lambda e: -e[1]) if e[1] > 0][:5]
+        assert [a["feature_index"] for a in found] == [j for j, _ in expected]
+        for absorber, (j, weight) in zip(found, expected, strict=True):
+            assert absorber["weight"] == pytest.approx(weight, rel=1e-4, abs=1e-6)
+            assert absorber["cofiring"] == pytest.approx(cofiring[i][j], abs=1e-4)
+        if len(weights[i]) <= 5:  # every absorber listed: their shares add up to the value
+            assert sum(a["share"] for a in found) == pytest.approx(value[i], abs=1e-5)
+    monkeypatch.setattr(measure, "CHUNK_CELLS", d_sae * n)
+    whole = absorption(x, sequence, encode, decoder, bias, n_absorbers=5, seed=0)
+    np.testing.assert_allclose(whole.value, got.value, rtol=1e-6)
+    np.testing.assert_allclose(whole.low, got.low, rtol=1e-6)
+    assert (got.low <= got.value + 1e-6).all() and (got.high >= got.value - 1e-6).all()
+
+
+def test_group_quantile_and_binned_auroc() -> None:
     generator = torch.Generator().manual_seed(0)
-    inputs = torch.randn(N, D_MODEL, generator=generator)
-    encoder = torch.randn(D_MODEL, N_FEATURES, generator=generator)
-    encoder_bias = torch.full((N_FEATURES,), -0.5)
-    encoder_bias[-1] = -6.0  # fires too rarely to measure
-    decoder = torch.randn(N_FEATURES, D_MODEL, generator=generator)
-    decoder_bias = torch.randn(D_MODEL, generator=generator) * 0.1
-
-    def encode(x: torch.Tensor) -> torch.Tensor:
-        return torch.relu(x @ encoder + encoder_bias)
-
-    # Small chunks exercise the per-chunk bookkeeping.
-    got = absorption(inputs, encode, decoder, decoder_bias, N_ABSORBERS, features_per_chunk=3)
-
-    acts = encode(inputs).numpy()
-    dec = decoder.numpy()
-    unit = dec / np.linalg.norm(dec, axis=1, keepdims=True)
-    projection = (inputs - decoder_bias).numpy() @ unit.T
-    assert (acts[:, -1] > 0).sum() < ABSORPTION_MIN_FIRINGS
-    measured = most_missed = 0
-    for i in range(N_FEATURES):
-        fired = acts[:, i] > 0
-        if fired.sum() < ABSORPTION_MIN_FIRINGS:
-            assert np.isnan(got.present_miss_rate[i])
-            assert got.present_positions[i] == 0 and got.absorbers[i] == []
-            continue
-        measured += 1
-        present = projection[:, i] >= np.median(projection[fired, i])
-        missed = present & ~fired
-        assert got.present_positions[i] == present.sum()
-        np.testing.assert_allclose(got.present_miss_rate[i], missed.sum() / present.sum())
-        most_missed = max(most_missed, int(missed.sum()))
-        examined = np.zeros_like(missed)
-        examined[np.flatnonzero(missed)[:5]] = True
-        weight = acts[examined].sum(0) * (dec @ unit[i])
-        ranked = [j for j in np.argsort(-weight) if weight[j] > 0][:N_ABSORBERS]
-        assert [a["feature_index"] for a in got.absorbers[i]] == ranked
-        np.testing.assert_allclose(
-            [a["weight"] for a in got.absorbers[i]], weight[ranked], rtol=1e-4, atol=1e-5
-        )
-        np.testing.assert_allclose(
-            [a["share"] for a in got.absorbers[i]],
-            weight[ranked] / projection[examined, i].sum(),
-            rtol=1e-4,
-            atol=1e-5,
-        )
-        assert [a["count"] for a in got.absorbers[i]] == [
-            int((acts[examined, j] > 0).sum()) for j in ranked
-        ]
-    assert measured >= 4
-    assert any(got.absorbers)
-    assert most_missed > 5
+    values = torch.rand(1000, generator=generator)
+    groups = torch.randint(0, 5, (1000,), generator=generator)
+    quantile = group_quantile(values, groups, 6, 0.25)
+    for group in range(5):
+        ordered = np.sort(values[groups == group].numpy())
+        assert quantile[group] == pytest.approx(ordered[int((len(ordered) - 1) * 0.25)])
+    assert quantile[5] == math.inf
+    scores = torch.randn(3, 500, generator=generator)
+    positive = torch.rand(3, 500, generator=generator) < 0.1
+    scores[positive] += torch.tensor([0.0, 1.0, 3.0]).unsqueeze(1).expand(3, 500)[positive]
+    row, column = torch.nonzero(positive, as_tuple=True)
+    got = binned_auroc(row, scores[row, column], scores, ~positive)
+    for r in range(3):
+        positives, negatives = scores[r][positive[r]], scores[r][~positive[r]]
+        exact = (positives[:, None] > negatives[None, :]).double().mean()
+        assert float(got[r]) == pytest.approx(float(exact), abs=1e-3)
 
 
-def test_group_medians() -> None:
-    from saescope.pipeline.build.absorption import group_medians
+def test_a_parent_absorbed_by_its_child_and_latents_that_cannot_be_measured() -> None:
+    """Latent 0, a parent, is off wherever its child is on (7 times in 10), and latent 1 writes
+    parent + child there: 0's absorption reads about 0.7, with 1 as its absorber. A rare latent,
+    and one whose direction mixes its neighbour's, get a reason instead of a value."""
+    generator = torch.Generator().manual_seed(3)
+    n, d = 8000, 8
+    directions = torch.linalg.qr(torch.randn(d, d, generator=generator))[0].T
+    parent, child, rare, plain = directions[:4]
+    decoder = torch.stack([parent, (parent + child) / 2**0.5, rare, plain, parent * 0.3])
+    amplitude = 0.5 + torch.rand(n, generator=generator)
+    has_parent = torch.rand(n, generator=generator) < 0.3
+    has_child = has_parent & (torch.rand(n, generator=generator) < 0.7)
+    f = torch.zeros(n, 5)
+    f[:, 0] = torch.where(has_parent & ~has_child, amplitude, 0.0)
+    f[:, 1] = torch.where(has_child, amplitude * 2**0.5, 0.0)
+    f[:, 2] = torch.where(torch.rand(n, generator=generator) < 0.001, amplitude, 0.0)
+    f[:, 3] = torch.where(torch.rand(n, generator=generator) < 0.2, amplitude, 0.0)
+    f[:, 4] = torch.where(has_parent & ~has_child, 0.05 * amplitude, 0.0)  # rides on 0
+    x = f @ decoder + 0.01 * torch.randn(n, d, generator=generator)
+    by_row = {tuple(row.tolist()): row_f for row, row_f in zip(x, f, strict=True)}
 
-    values = torch.tensor([5.0, 1.0, 3.0, 2.0, 9.0, 4.0, 7.0])
-    groups = torch.tensor([0, 0, 0, 2, 2, 2, 2])
-    medians = group_medians(values, groups, 4)
-    assert medians[0] == 3.0 and medians[2] == 5.5
-    assert medians[1].isnan() and medians[3].isnan()
-    assert group_medians(torch.zeros(0), torch.zeros(0, dtype=torch.int64), 2).isnan().all()
+    def encode(inputs):
+        return torch.stack([by_row[tuple(row.tolist())] for row in inputs])
 
-
-def test_grouped_order_sorts_by_group_then_key_keeping_ties_in_order() -> None:
-    from saescope.pipeline.build.absorption import grouped_order
-
-    groups = torch.tensor([1, 0, 1, 0, 1, 0])
-    key = torch.tensor([-2.0, -5.0, -2.0, -1.0, -3.0, -5.0])
-    assert grouped_order(groups, key).tolist() == [1, 5, 3, 4, 0, 2]
+    got = absorption(x, torch.arange(n) // 64, encode, decoder, torch.zeros(d), 5, seed=0)
+    assert got.value[0] == pytest.approx(0.7, abs=0.05)
+    assert got.low[0] < got.value[0] < got.high[0] and got.low[0] > 0.55
+    assert got.absorbers[0][0]["feature_index"] == 1 and got.absorbers[0][0]["cofiring"] == 0.0
+    assert got.value[1] < 0.1
+    assert math.isnan(got.value[2]) and "the measure needs 20" in got.reason[2]
+    assert got.reason[3] is None and got.value[3] == 0.0 and got.high[3] > 0
+    assert math.isnan(got.value[4]) and "riding on them" in got.reason[4]

@@ -152,9 +152,12 @@ def test_quantile_edges_and_band_mass_match_the_per_feature_rule() -> None:
     mass = analysis.band_mass(histogram, edges)
 
     assert np.isnan(edges[3]).all()
+    # All values equal: one band, everything in it.
+    assert edges[4, 0] == edges[4, -1] == np.float32(0.25) and np.isinf(edges[4, 1:-1]).all()
+    assert mass[4].tolist() == [1.0] + [0.0] * (n_bands - 1)
     centres = np.r_[finite[0], np.sqrt(finite[:-1] * finite[1:]), finite[-1]]
     for i, v in enumerate(values):
-        if not len(v):
+        if len(set(v)) < 2:
             continue
         # Ends exact; each inner edge geometrically interpolated in the bin holding its quantile.
         assert edges[i, 0] == v.min() and edges[i, -1] == v.max()
