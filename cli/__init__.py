@@ -129,7 +129,7 @@ def demo(host: str, port: int, **options: Any) -> None:
     from saescope.pipeline.demo.builder import build_demo
 
     with user_errors("interrupted; what was built so far is kept"):
-        database = build_demo(config.data, config.quiet)
+        database = build_demo(config.data, config.quiet, config.retrain)
     if config.serve:
         run(database, host, port)
 

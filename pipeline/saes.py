@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +33,10 @@ def load_sae(
                 )
         try:
             json.loads((directory / "cfg.json").read_text())
-            return SAE.load_from_disk(directory, device=device, dtype=dtype)
+            with warnings.catch_warnings():
+                # SAELens's advice on loading the model: the build processes its weights itself.
+                warnings.filterwarnings("ignore", message=".*model_from_pretrained_kwargs")
+                return SAE.load_from_disk(directory, device=device, dtype=dtype)
         except Exception as error:
             raise InputError(f"cannot load the SAE in {directory}: {describe(error)}") from None
     if release is None or sae_id is None:

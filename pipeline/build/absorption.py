@@ -150,9 +150,9 @@ def binned_auroc(
 
 
 def absorption(*args, **kwargs) -> Absorption:
-    """The absorption of every latent on a sample of positions (see `_absorption`); torch's
-    notice that its sparse tensors are in beta is of no use to a user."""
-    with warnings.catch_warnings():
+    """The absorption of every latent on a sample of positions (see `_absorption`), without
+    gradients; torch's notice that its sparse tensors are in beta is of no use to a user."""
+    with warnings.catch_warnings(), torch.no_grad():
         warnings.filterwarnings("ignore", message="Sparse", category=UserWarning)
         return _absorption(*args, **kwargs)
 

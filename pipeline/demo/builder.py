@@ -1,79 +1,113 @@
-"""Building the embedded demo: an SAE trained on the committed demo language model if none is
-cached, and a database built from held-out text of the same corpus."""
+"""Building the embedded demo: a database of the committed demo SAEs over held-out text of the
+demo corpus. The SAEs are committed (a few MB), so a demo database is only a build; `retrain`
+trains them again from their seeds, with the same settings as `DEMO_SAES` states."""
 
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-
-from saescope.db.engine import has_current_schema
+from saescope.db.engine import connect_readonly, has_current_schema
 from saescope.pipeline.build.config import BuildConfig
 from saescope.pipeline.build.job import run_build
 from saescope.pipeline.config import SourceConfig
-from saescope.pipeline.corpus import pack_texts
-from saescope.pipeline.demo import corpus as demo_corpus
 from saescope.pipeline.training.config import TrainConfig, TrainingSettings
 from saescope.pipeline.training.train import run_training
 
 logger = logging.getLogger(__name__)
 
-DEMO_MODEL = Path(__file__).parent / "model"
+DEMO = Path(__file__).parent
+DEMO_MODEL = DEMO / "model"
 DEMO_HOOK = "blocks.2.hook_resid_pre"
 DEMO_CONTEXT = 128
-DEMO_SAE_NAME = "demo-topk"
-# The demo SAE: TopK with AuxK, 16× the residual width.
-DEMO_TRAINING = TrainingSettings(objective="topk", k=32, d_sae=2048, training_tokens=3_000_000)
-DEMO_TRAINING_CORPUS_TOKENS = 1_000_000
+# The demo corpus (`demo.corpus`, from Python 3.11.7's standard library) as the demo model's
+# tokenizer cuts it into contexts of DEMO_CONTEXT (`corpus.pack_texts`), every tenth document
+# held out.
+TRAIN_TOKENS = DEMO / "tokens" / "train.npy"
+HELD_OUT_TOKENS = DEMO / "tokens" / "held_out.npy"
+# Corpus tokens the demo SAEs were trained on (the training split has fewer: it is cycled).
+TRAINING_CORPUS_TOKENS = 1_000_000
+DATABASE_TOKENS = 200_000
 
 
-def token_file(data: Path, held_out: bool) -> Path:
-    """The demo corpus split as a token array, written once."""
-    path = data / ("held_out_tokens.npy" if held_out else "train_tokens.npy")
-    if not path.exists():
-        from transformers import AutoTokenizer
-
-        tokenizer = AutoTokenizer.from_pretrained(DEMO_MODEL)
-        texts = demo_corpus.stdlib_texts(held_out=held_out)
-        tokens = pack_texts(texts, tokenizer, DEMO_CONTEXT, 10**9, prepend_bos=True)
-        np.save(path, tokens)
-    return path
+@dataclass(frozen=True)
+class DemoSae:
+    name: str
+    directory: Path
+    training: TrainingSettings
 
 
-def build_demo(data: Path, quiet: bool) -> Path:
-    """Trains the demo SAE if `data` has none and builds the demo database if it is missing or
-    of another schema; returns the database's path."""
+DEMO_SAES = (
+    # TopK with AuxK, 16× the residual width.
+    DemoSae(
+        "demo-topk",
+        DEMO / "saes" / "topk",
+        TrainingSettings(objective="topk", k=32, d_sae=2048, training_tokens=3_000_000),
+    ),
+    # The L1 reference on the same hook.
+    DemoSae(
+        "demo-l1",
+        DEMO / "saes" / "l1",
+        TrainingSettings(
+            objective="l1", sparsity_coefficient=1.0, d_sae=2048, training_tokens=3_000_000
+        ),
+    ),
+)
+
+
+def source(corpus: Path, n_tokens: int) -> SourceConfig:
+    return SourceConfig(
+        model=str(DEMO_MODEL), hook=DEMO_HOOK, corpus=str(corpus), n_tokens=n_tokens
+    )
+
+
+def build_demo(data: Path, quiet: bool, retrain: bool = False) -> Path:
+    """Builds into DATA/demo.db whichever demo SAE it lacks (all of them when it is of another
+    schema); with `retrain`, the SAEs are first trained again into DATA/saes and the database is
+    built anew from them. Returns the database's path."""
     data.mkdir(parents=True, exist_ok=True)
-    sae, database = data / "sae", data / "demo.db"
-    if not (sae / "cfg.json").exists():
-        logger.info("training the demo SAE into %s", sae)
-        source = SourceConfig(
-            model=str(DEMO_MODEL),
-            hook=DEMO_HOOK,
-            corpus=str(token_file(data, held_out=False)),
-            n_tokens=DEMO_TRAINING_CORPUS_TOKENS,
-        )
-        run_training(TrainConfig(out=sae, source=source, training=DEMO_TRAINING, quiet=quiet))
+    database = data / "demo.db"
+    directories = {sae.name: sae.directory for sae in DEMO_SAES}
+    if retrain:
+        database.unlink(missing_ok=True)
+        for sae in DEMO_SAES:
+            directories[sae.name] = data / "saes" / sae.directory.name
+            logger.info("training %s into %s", sae.name, directories[sae.name])
+            run_training(
+                TrainConfig(
+                    out=directories[sae.name],
+                    source=source(TRAIN_TOKENS, TRAINING_CORPUS_TOKENS),
+                    training=sae.training,
+                    quiet=quiet,
+                )
+            )
     if database.exists() and not has_current_schema(database):
         logger.info("%s was built by another saescope version: rebuilding it", database)
         database.unlink()
-    if not database.exists():
-        logger.info("building %s", database)
-        source = SourceConfig(
-            model=str(DEMO_MODEL),
-            hook=DEMO_HOOK,
-            corpus=str(token_file(data, held_out=True)),
-            n_tokens=200_000,
-        )
+    for sae in DEMO_SAES:
+        if sae.name in sae_names(database):
+            continue
+        logger.info("building %s into %s", sae.name, database)
         run_build(
             BuildConfig(
                 out=database,
-                source=source,
-                sae=sae,
-                name=DEMO_SAE_NAME,
+                source=source(HELD_OUT_TOKENS, DATABASE_TOKENS),
+                sae=directories[sae.name],
+                name=sae.name,
                 eval_sequences=128,
                 quiet=quiet,
             )
         )
     return database
+
+
+def sae_names(database: Path) -> set[str]:
+    """The names of the SAEs a database holds (none if there is no file)."""
+    if not database.exists():
+        return set()
+    connection = connect_readonly(database)
+    try:
+        return {name for (name,) in connection.execute("select name from saes")}
+    finally:
+        connection.close()

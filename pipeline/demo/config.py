@@ -15,6 +15,12 @@ class DemoConfig:
 
     data: Path = setting(Path("data/demo"), "Directory for the demo SAE and database.")
     serve: bool = setting(True, "Serve the dashboard once built.")
+    retrain: bool = setting(
+        False,
+        "Train the demo SAEs again from their seeds into DATA/saes (some minutes each) and build "
+        "the database from them, instead of from the committed SAEs.",
+        negatable=False,
+    )
     quiet: bool = quiet_setting()
 
 

@@ -72,12 +72,12 @@ def build_database(path: Path) -> None:
     from sae_lens.saes.sae import SAEMetadata
 
     from saescope.cli import app
-    from saescope.pipeline.demo.builder import DEMO_HOOK, DEMO_MODEL, token_file
+    from saescope.pipeline.demo.builder import DEMO_HOOK, DEMO_MODEL, HELD_OUT_TOKENS
     from saescope.pipeline.models import activations_at_hook, load_model
 
     with tempfile.TemporaryDirectory() as tmp:
         directory = Path(tmp)
-        tokens = token_file(directory, held_out=True)
+        tokens = HELD_OUT_TOKENS
         torch.manual_seed(0)
         sae = StandardSAE(
             StandardSAEConfig(

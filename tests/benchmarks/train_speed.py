@@ -15,14 +15,13 @@ from __future__ import annotations
 
 import argparse
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
 
 from saescope.pipeline.activations import open_source
 from saescope.pipeline.config import SourceConfig
-from saescope.pipeline.demo.builder import DEMO_HOOK, DEMO_MODEL, token_file
+from saescope.pipeline.demo.builder import DEMO_HOOK, DEMO_MODEL, TRAIN_TOKENS
 from saescope.pipeline.memory import reused_memory
 from saescope.pipeline.training.config import TrainingSettings
 from saescope.pipeline.training.sae import SparseAutoencoder, objective_loss
@@ -35,11 +34,8 @@ def main() -> None:
     parser.add_argument("--objective", default="topk")
     parser.add_argument("--d-sae", type=int, default=2048)
     parser.add_argument("--batch-size", type=int, default=4096)
-    parser.add_argument("--data", default="/tmp/saescope-bench")
     args = parser.parse_args()
-    data = Path(args.data)
-    data.mkdir(parents=True, exist_ok=True)
-    corpus = token_file(data, held_out=False)
+    corpus = TRAIN_TOKENS
     options = SourceConfig(
         model=str(DEMO_MODEL), hook=DEMO_HOOK, corpus=str(corpus), n_tokens=len(np.load(corpus))
     )

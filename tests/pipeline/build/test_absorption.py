@@ -136,3 +136,82 @@ def test_a_parent_absorbed_by_its_child_and_latents_that_cannot_be_measured() ->
     assert math.isnan(got.value[2]) and "the measure needs 20" in got.reason[2]
     assert got.reason[3] is None and got.value[3] == 0.0 and got.high[3] > 0
     assert math.isnan(got.value[4]) and "riding on them" in got.reason[4]
+
+
+@pytest.fixture(scope="module")
+def demo_positions():
+    """The demo TopK SAE, and the demo model's activations at its hook on 128 held-out contexts
+    (BOS aside) with the sequence of each position."""
+    from sae_lens import SAE
+
+    from saescope.pipeline.demo.builder import DEMO_HOOK, DEMO_MODEL, DEMO_SAES, HELD_OUT_TOKENS
+    from saescope.pipeline.models import activations_at_hook, load_model, weight_processing_kwargs
+
+    sae = SAE.load_from_disk(DEMO_SAES[0].directory)
+    processing = weight_processing_kwargs(sae.cfg.metadata.to_dict(), None)
+    model = load_model(str(DEMO_MODEL), "cpu", torch.float32, processing, quiet=True)
+    tokens = torch.from_numpy(np.load(HELD_OUT_TOKENS)[:128].astype(np.int64))
+    with torch.no_grad():
+        hooked = activations_at_hook(model, DEMO_HOOK, tokens)[:, 1:]
+    x = hooked.reshape(-1, hooked.shape[-1])
+    sequence = torch.arange(len(tokens)).repeat_interleave(tokens.shape[1] - 1)
+    return sae, x, sequence
+
+
+def co_firing_pairs(f: torch.Tensor, decoder: torch.Tensor, n: int) -> list[tuple[int, int]]:
+    """The n pairs (A, B) with the most co-firings where B fires mostly inside A's firings
+    (P(A | B) ≥ 0.8) on a part of them (0.2 ≤ P(B | A) ≤ 0.6), their decoders unrelated."""
+    fired = (f > 0).float()
+    count = fired.sum(0)
+    both = fired.T @ fired  # [B, A]
+    unit = decoder / decoder.norm(dim=1, keepdim=True)
+    a_given_b = both / count.clamp_min(1)[:, None]
+    b_given_a = both / count.clamp_min(1)[None, :]
+    chosen = (a_given_b >= 0.8) & (b_given_a >= 0.2) & (b_given_a <= 0.6)
+    chosen &= ((unit @ unit.T).abs() < 0.3) & (count[None, :] >= 60) & (count[:, None] >= 15)
+    chosen.fill_diagonal_(False)
+    b, a = torch.nonzero(chosen, as_tuple=True)
+    order = torch.argsort(both[b, a], descending=True)
+    pairs, used = [], set()
+    for i in order.tolist():
+        if a[i].item() not in used and b[i].item() not in used:
+            pairs.append((a[i].item(), b[i].item()))
+            used |= {a[i].item(), b[i].item()}
+    return pairs[:n]
+
+
+def test_absorption_planted_in_the_demo_sae_is_found(demo_positions) -> None:
+    """Absorption planted into the demo's TopK SAE on a language model, as an L1 objective would
+    leave it (Chanin et al.): for a pair where latent B fires on a part S of latent A's firings,
+    B's decoder row also writes A's direction, W_dec[B] += r·W_dec[A] (r, the median of f_A/f_B
+    over S), and A stays off wherever B fires. (Editing A's encoder instead, W_enc[:, A] −=
+    β·W_enc[:, B], also switches A on wherever B's pre-activation is negative in this TopK
+    SAE.) The measure names B as A's absorber and flags A; the other latents do not move."""
+    sae, x, sequence = demo_positions
+    decoder, bias = sae.W_dec.detach().clone(), sae.b_dec.detach()
+    with torch.no_grad():
+        f = sae.encode(x)
+    before = absorption(x, sequence, sae.encode, decoder, bias, 5, seed=0)
+    pairs = co_firing_pairs(f, decoder, 3)
+    assert len(pairs) == 3
+    for a, b in pairs:
+        together = (f[:, a] > 0) & (f[:, b] > 0)
+        planted = decoder.clone()
+        planted[b] += float((f[together, a] / f[together, b]).median()) * decoder[a]
+
+        def encode(inputs: torch.Tensor, a: int = a, b: int = b) -> torch.Tensor:
+            g = sae.encode(inputs)
+            g[:, a] = torch.where(g[:, b] > 0, 0.0, g[:, a])
+            return g
+
+        with torch.no_grad():
+            after = absorption(x, sequence, encode, planted, bias, 5, seed=0)
+        planted_share = float(f[together, a].sum() / f[:, a].sum())
+        assert after.absorbers[a][0]["feature_index"] == b
+        assert after.value[a] == pytest.approx(planted_share, abs=0.2)
+        assert after.low[a] >= 0.3 or planted_share < 0.35, (a, b, planted_share)
+        others = np.array([i for i in range(len(decoder)) if i not in (a, b)])
+        measured = ~np.isnan(before.value[others]) & ~np.isnan(after.value[others])
+        assert np.abs(after.value[others] - before.value[others])[measured].max() <= 0.02
+        assert (np.isnan(before.value[others]) == np.isnan(after.value[others])).all()
+        assert ((before.low[others] >= 0.3) == (after.low[others] >= 0.3)).all()
