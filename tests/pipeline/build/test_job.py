@@ -256,24 +256,24 @@ def test_ctrl_c_leaves_the_previous_database(
     assert_failed_cleanly(result, previous_db, built_db, "interrupted", code=130)
 
 
-def test_demo_rebuilds_only_a_database_of_another_schema(
-    tmp_path: Path, dashboard_db: Path, monkeypatch
-) -> None:
+def test_demo_builds_only_what_its_database_lacks(tmp_path: Path, dashboard_db: Path, monkeypatch):
+    """The demo database gets the demo SAEs it does not hold; a database of another schema is
+    built anew."""
     import shutil
 
     from saescope.pipeline.demo import builder
 
-    builds = []
-    monkeypatch.setattr(builder, "run_build", builds.append)
-    (tmp_path / "sae").mkdir()
-    (tmp_path / "sae" / "cfg.json").write_text("{}")
-    np.save(tmp_path / "held_out_tokens.npy", np.zeros((1, 4), dtype=np.int64))
+    built = []
+    monkeypatch.setattr(builder, "run_build", lambda config: built.append(config.name))
     database = tmp_path / "demo.db"
     shutil.copy(dashboard_db, database)
+    with sqlite3.connect(database) as connection:
+        connection.execute("update saes set name = 'demo-topk'")
     assert builder.build_demo(tmp_path, quiet=True) == database
-    assert builds == []
+    assert built == ["demo-l1"]
     with sqlite3.connect(database) as connection:
         connection.execute("update meta set value = '1' where key = 'schema_version'")
+    built.clear()
     builder.build_demo(tmp_path, quiet=True)
-    assert not database.exists()
-    assert [config.out for config in builds] == [database]
+    assert not database.exists()  # the builds are stubbed here
+    assert built == ["demo-topk", "demo-l1"]
