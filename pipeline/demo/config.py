@@ -13,7 +13,7 @@ from saescope.pipeline.errors import InputError
 class DemoConfig:
     """Everything `saescope demo` takes besides where to serve."""
 
-    data: Path = setting(Path("data/demo"), "Directory for the demo SAE and database.")
+    data: Path = setting(Path("data/demo"), "Directory for the demo database (and retrained SAEs).")
     serve: bool = setting(True, "Serve the dashboard once built.")
     retrain: bool = setting(
         False,
