@@ -33,7 +33,7 @@ format: install
 test: lint $(CHROMIUM)
 	$(BIN)/pytest -q
 
-# The embedded demo: trains the demo SAE if none is cached, builds data/demo/demo.db if missing.
+# The embedded demo: builds data/demo/demo.db from the committed demo SAEs if missing.
 demo-db: install
 	$(BIN)/saescope demo --no-serve
 
