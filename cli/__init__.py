@@ -10,6 +10,7 @@ import signal
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import click
@@ -155,6 +156,29 @@ def synth(**options: Any) -> None:
     click.echo(
         f"{config.out}: {config.generator}, {len(data.names)} true features in {config.d} dims"
     )
+
+
+@app.command()
+@click.argument("database", type=click.Path(path_type=Path))
+@click.argument("sae")
+@click.argument("other")
+def compare(database: Path, sae: str, other: str) -> None:
+    """Match the latents of two SAEs of DATABASE by decoder cosine, each way, and store it.
+
+    The build does this with every SAE of the same input width already in the file, unless given
+    --no-compare; this command does it for two, replacing what was stored."""
+    setup_logging(quiet=False)
+    from saescope.db.writer import add_comparison
+    from saescope.pipeline.build.matching import compare_both_ways
+
+    with user_errors(f"interrupted; {database} was left as it was"):
+        records = add_comparison(database, (sae, other), compare_both_ways)
+    for record in records:
+        click.echo(
+            f"{record.sae} in {record.other}: {record.share_above_0_9:.1%} of "
+            f"{record.latents} live latents above 0.9, {record.share_above_0_8:.1%} above 0.8, "
+            f"median best cosine {record.median_best_cosine:.3f}"
+        )
 
 
 app.add_command(serve)

@@ -11,10 +11,10 @@ from typing import Any, ClassVar
 from sqlalchemy import JSON, ForeignKey, Index, LargeBinary, String
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-from saescope.db.codec import FLOAT32, INT32, WINDOW_LENGTH, blob
+from saescope.db.codec import FLOAT16, FLOAT32, INT32, WINDOW_LENGTH, blob
 
 # Bump whenever a table or column changes meaning; the server refuses other versions.
-SCHEMA_VERSION = 6
+SCHEMA_VERSION = 7
 SAE_NAME_MAX_LENGTH = 128
 
 
@@ -100,7 +100,15 @@ class Sae(Base):
     recovered_share: Mapped[float | None]
     ground_truth: Mapped[dict[str, Any] | None]
     config: Mapped[dict[str, Any]]
+    # For SAEs trained by `saescope train`: {objective, hyperparameters, settings}, and its log.
+    training: Mapped[dict[str, Any] | None]
     training_log: Mapped[list[Any] | None]
+    # Description length (`pipeline.build.description_length`), and the precision it was taken
+    # at: bins per decade of the activations.
+    description_length_bits: Mapped[float]
+    description_length_precision: Mapped[int]
+    # Threshold ablation on the evaluation contexts: the rules, each with its points.
+    threshold_ablation: Mapped[list[Any]]
 
 
 class Feature(Base):
@@ -129,6 +137,10 @@ class Feature(Base):
     absorbers: Mapped[list[Any]]
     # AUROC of the decoder projection, the latent's firings against background positions.
     decoder_auroc: Mapped[float]
+    # Bits per token the latent costs at the SAE's description-length precision.
+    description_length_bits: Mapped[float]
+    # The decoder row W_dec[i], for comparisons with other SAEs and for export.
+    decoder: Mapped[bytes] = mapped_column(LargeBinary, info=blob(FLOAT16), deferred=True)
     histogram_first_bin: Mapped[int]
     # From the first to the last nonzero bin of the fine histogram (`db.codec`).
     histogram_counts: Mapped[bytes] = mapped_column(LargeBinary, info=blob(INT32))
@@ -152,6 +164,7 @@ class Feature(Base):
         Index("ix_features_jaccard", "sae_id", "jaccard"),
         Index("ix_features_miss_rate", "sae_id", "miss_rate"),
         Index("ix_features_absorption", "sae_id", "absorption"),
+        Index("ix_features_description_length", "sae_id", "description_length_bits"),
     )
 
 
@@ -197,3 +210,32 @@ class TokenLatent(Base):
     feature_index: Mapped[int]
     count: Mapped[int]
     mean_activation: Mapped[float]
+
+
+class Comparison(Base):
+    """How an SAE's decoder directions are matched in another SAE of the file with the same input
+    width: over its live latents, each one's best decoder cosine with the other's live latents."""
+
+    __tablename__ = "comparisons"
+    sae_id: Mapped[int] = mapped_column(ForeignKey("saes.id"), primary_key=True)
+    other_sae_id: Mapped[int] = mapped_column(ForeignKey("saes.id"), primary_key=True)
+    latents: Mapped[int]
+    share_above_0_9: Mapped[float]
+    share_above_0_8: Mapped[float]
+    median_best_cosine: Mapped[float]
+    # COSINE_BINS counts of the best cosines (`db.codec`).
+    histogram_counts: Mapped[bytes] = mapped_column(LargeBinary, info=blob(INT32))
+    same_model_and_hook: Mapped[bool]
+
+
+class Match(Base):
+    """Each latent's closest latent of another SAE by decoder cosine."""
+
+    __tablename__ = "matches"
+    # Keyed latent first: a feature page reads its matches in every other SAE at once.
+    sae_id: Mapped[int] = mapped_column(ForeignKey("saes.id"), primary_key=True)
+    feature_index: Mapped[int] = mapped_column(primary_key=True)
+    other_sae_id: Mapped[int] = mapped_column(ForeignKey("saes.id"), primary_key=True)
+    other_feature_index: Mapped[int]
+    cosine: Mapped[float]
+    __table_args__ = (Index("ix_matches_cosine", "sae_id", "other_sae_id", "cosine"),)

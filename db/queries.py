@@ -14,12 +14,19 @@ from sqlalchemy import Engine, Row, and_, func, or_, select
 from sqlalchemy.orm import Session
 
 from saescope.db import codec
-from saescope.db.codec import HISTOGRAM_BINS_PER_DECADE, HISTOGRAM_LOG10_MIN, WINDOW_LEFT
+from saescope.db.codec import (
+    HISTOGRAM_BINS_PER_DECADE,
+    HISTOGRAM_LOG10_MIN,
+    WINDOW_LEFT,
+    cosine_edges,
+)
 from saescope.db.flags import COMPARISONS, FLAGS, FLAGS_BY_NAME, FlagDefinition, FlagName
+from saescope.db.models import Comparison as StoredComparison
 from saescope.db.models import (
     CorpusSequence,
     Feature,
     FeatureExamples,
+    Match,
     Sae,
     TokenLatent,
     TokenStat,
@@ -27,6 +34,8 @@ from saescope.db.models import (
 )
 from saescope.db.responses import (
     Absorber,
+    ClosestLatent,
+    Comparison,
     EncoderDecoder,
     ExampleOut,
     Examples,
@@ -41,13 +50,18 @@ from saescope.db.responses import (
     LatentForToken,
     LogitEffect,
     Neighbour,
+    PairSummary,
     Positional,
     QuantileBand,
+    SaeComparison,
     SaeDetail,
+    SaeSideBySide,
     SaeSummary,
+    ThresholdAblation,
     TokenCount,
     TokenMatch,
     TokenSearch,
+    UnmatchedLatent,
 )
 
 MAX_PAGE_SIZE = 200
@@ -74,6 +88,13 @@ class SortKey(StrEnum):
     miss_rate = "miss_rate"
     absorption = "absorption"
     present_miss_rate = "present_miss_rate"  # deprecated alias of absorption
+    description_length_bits = "description_length_bits"
+
+
+class UnmatchedSort(StrEnum):
+    frequency = "frequency"
+    cosine = "cosine"
+    feature_index = "feature_index"
 
 
 class SortOrder(StrEnum):
@@ -256,14 +277,8 @@ def list_features(
         query = query.where(Feature.frequency >= min_frequency)
     if max_frequency is not None:
         query = query.where(Feature.frequency <= max_frequency)
-    if after is not None:
-        value, index = _parse_cursor(after, sort)
-        beyond = column > value if order is SortOrder.asc else column < value
-        query = query.where(or_(beyond, and_(column == value, Feature.feature_index > index)))
-    direction = column.asc() if order is SortOrder.asc else column.desc()
-    features = list(
-        session.scalars(query.order_by(direction, Feature.feature_index).limit(limit + 1))
-    )
+    query = _keyset(query, column, Feature.feature_index, order, after, sort)
+    features = list(session.scalars(query.limit(limit + 1)))
     vocab = _vocab(session, sae.corpus_id)
     items = [
         FeatureRow(
@@ -275,6 +290,7 @@ def list_features(
             miss_rate=f.miss_rate,
             absorption=f.absorption,
             present_miss_rate=f.absorption,
+            description_length_bits=f.description_length_bits,
             flags=flags_of(f, threshold),
             top_tokens=_token_counts(f.top_tokens[:5], vocab),
         )
@@ -283,7 +299,7 @@ def list_features(
     next_cursor = None
     if len(features) > limit:
         last = features[limit - 1]
-        next_cursor = f"{_sort_value(last, sort)!r}:{last.feature_index}"
+        next_cursor = _cursor(_sort_value(last, sort), last.feature_index)
     return FeaturePage(
         sae=sae.name, sort=sort.value, order=order.value, items=items, next_cursor=next_cursor
     )
@@ -312,12 +328,27 @@ def _sort_value(feature: Feature, sort: SortKey) -> float | int:
 INTEGER_LIMIT = 2**63
 
 
-def _parse_cursor(cursor: str, sort: SortKey) -> tuple[float, int]:
-    """(sort value, feature index) of a `next_cursor`; BadRequestError for anything else,
-    values out of range and not finite included."""
+def _keyset(query, column, index, order: SortOrder, after: str | None, sort: StrEnum):
+    """`query` ordered by `column` then `index` (unique), from after the cursor `after`."""
+    if after is not None:
+        value, last = _parse_cursor(after, sort)
+        beyond = column > value if order is SortOrder.asc else column < value
+        query = query.where(or_(beyond, and_(column == value, index > last)))
+    direction = column.asc() if order is SortOrder.asc else column.desc()
+    return query.order_by(direction, index)
+
+
+def _cursor(value: float | int, index: int) -> str:
+    """The `next_cursor` after a row: its sort value and its (unique) index."""
+    return f"{value!r}:{index}"
+
+
+def _parse_cursor(cursor: str, sort: StrEnum) -> tuple[float, int]:
+    """(sort value, index) of a `next_cursor`; BadRequestError for anything else, values out of
+    range and not finite included."""
     value, _, index = cursor.rpartition(":")
     try:
-        parsed = (int(value) if sort is SortKey.feature_index else float(value)), int(index)
+        parsed = (int(value) if sort.value == "feature_index" else float(value)), int(index)
     except ValueError:
         parsed = None
     if (
@@ -398,6 +429,8 @@ def get_feature(session: Session, sae_name: str, feature_index: int) -> FeatureD
         logits_top=[LogitEffect(token=vocab[x["token_id"]], **x) for x in feature.logits_top],
         logits_bottom=[LogitEffect(token=vocab[x["token_id"]], **x) for x in feature.logits_bottom],
         neighbours=[Neighbour(**n) for n in feature.neighbours],
+        matches=_closest_latents(session, sae, feature_index),
+        description_length_bits=feature.description_length_bits,
         top_tokens=_token_counts(feature.top_tokens, vocab),
         ground_truth=None
         if feature.gt_feature is None
@@ -409,6 +442,19 @@ def get_feature(session: Session, sae_name: str, feature_index: int) -> FeatureD
             composed_cosine=feature.composed_cosine,
         ),
     )
+
+
+def _closest_latents(session: Session, sae: Sae, feature_index: int) -> list[ClosestLatent]:
+    """The latent's closest latent in each SAE it has been compared with, in file order."""
+    rows = session.execute(
+        select(Sae.name, Match.other_feature_index, Match.cosine)
+        .join(Sae, Sae.id == Match.other_sae_id)
+        .where(Match.sae_id == sae.id, Match.feature_index == feature_index)
+        .order_by(Match.other_sae_id)
+    )
+    return [
+        ClosestLatent(sae=name, feature_index=index, cosine=cosine) for name, index, cosine in rows
+    ]
 
 
 def _absorbers(session: Session, sae: Sae, stored: list[dict], vocab: list[str]) -> list[Absorber]:
@@ -578,3 +624,120 @@ def flags_report(
             )
         )
     return FlagsReport(sae=sae.name, threshold=threshold, groups=groups)
+
+
+def threshold_ablation(session: Session, sae_name: str) -> ThresholdAblation:
+    sae = _sae(session, sae_name)
+    return ThresholdAblation(
+        sae=sae.name,
+        eval_tokens=sae.eval_tokens,
+        ce_clean=sae.ce_clean,
+        ce_zero=sae.ce_zero,
+        rules=sae.threshold_ablation,
+    )
+
+
+def _pair_summary(stored: StoredComparison, sae: str, other: str) -> PairSummary:
+    return PairSummary(
+        sae=sae,
+        other=other,
+        same_model_and_hook=stored.same_model_and_hook,
+        latents=stored.latents,
+        share_above_0_9=stored.share_above_0_9,
+        share_above_0_8=stored.share_above_0_8,
+        median_best_cosine=stored.median_best_cosine,
+    )
+
+
+def compare_saes(
+    session: Session,
+    sae_name: str,
+    other_name: str,
+    threshold: float = 0.5,
+    sort: UnmatchedSort = UnmatchedSort.frequency,
+    order: SortOrder = SortOrder.desc,
+    after: str | None = None,
+    limit: int = 50,
+) -> Comparison:
+    """How `sae_name`'s latents are matched in `other_name` by decoder cosine, and one page of
+    its live latents whose best cosine is below `threshold`."""
+    sae, other = _sae(session, sae_name), _sae(session, other_name)
+    stored = session.get(StoredComparison, (sae.id, other.id))
+    if stored is None:
+        if sae.d_in != other.d_in:
+            reason = f"they read activations of different widths ({sae.d_in} and {other.d_in})"
+        else:
+            reason = f"run `saescope compare DATABASE {sae.name} {other.name}`"
+        raise NotFoundError(f"no comparison of {sae.name!r} with {other.name!r}: {reason}")
+    unmatched = (
+        select(Match.feature_index, Match.other_feature_index, Match.cosine)
+        .add_columns(Feature.frequency, Feature.top_tokens)
+        .join(
+            Feature,
+            and_(Feature.sae_id == Match.sae_id, Feature.feature_index == Match.feature_index),
+        )
+        .where(
+            Match.sae_id == sae.id,
+            Match.other_sae_id == other.id,
+            Match.cosine < threshold,
+            Feature.count > 0,
+        )
+    )
+    count = session.scalar(select(func.count()).select_from(unmatched.subquery()))
+    column = {
+        UnmatchedSort.frequency: Feature.frequency,
+        UnmatchedSort.cosine: Match.cosine,
+        UnmatchedSort.feature_index: Match.feature_index,
+    }[sort]
+    rows = session.execute(
+        _keyset(unmatched, column, Match.feature_index, order, after, sort).limit(limit + 1)
+    ).all()
+    vocab = _vocab(session, sae.corpus_id)
+    next_cursor = None
+    if len(rows) > limit:
+        last = rows[limit - 1]
+        next_cursor = _cursor(getattr(last, sort.value), last.feature_index)
+    counts = codec.unpack(StoredComparison.__table__.c.histogram_counts, stored.histogram_counts)
+    return Comparison(
+        **_pair_summary(stored, sae.name, other.name).model_dump(),
+        histogram=Histogram(edges=cosine_edges().tolist(), counts=counts.tolist()),
+        threshold=threshold,
+        unmatched_count=count,
+        sort=sort.value,
+        order=order.value,
+        unmatched=[
+            UnmatchedLatent(
+                feature_index=row.feature_index,
+                frequency=row.frequency,
+                closest=row.other_feature_index,
+                cosine=row.cosine,
+                top_tokens=_token_counts(row.top_tokens[:5], vocab),
+            )
+            for row in rows[:limit]
+        ],
+        next_cursor=next_cursor,
+    )
+
+
+def pair_summaries(session: Session, sae_name: str | None = None) -> list[PairSummary]:
+    """The summaries of the stored comparisons (of one SAE with the others, if named)."""
+    query = select(StoredComparison).order_by(
+        StoredComparison.sae_id, StoredComparison.other_sae_id
+    )
+    if sae_name is not None:
+        query = query.where(StoredComparison.sae_id == _sae(session, sae_name).id)
+    names = dict(session.execute(select(Sae.id, Sae.name)).tuples().all())
+    return [
+        _pair_summary(pair, names[pair.sae_id], names[pair.other_sae_id])
+        for pair in session.scalars(query)
+    ]
+
+
+def side_by_side(session: Session) -> SaeComparison:
+    """Every SAE of the file with its metrics, training and threshold ablation, and every stored
+    comparison's summary."""
+    saes = session.scalars(select(Sae).order_by(Sae.id))
+    return SaeComparison(
+        saes=[SaeSideBySide.model_validate(sae, from_attributes=True) for sae in saes],
+        pairs=pair_summaries(session),
+    )

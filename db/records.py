@@ -19,6 +19,7 @@ from saescope.db.models import (
     CorpusSequence,
     Feature,
     FeatureExamples,
+    Match,
     Sae,
     TokenLatent,
     TokenStat,
@@ -73,7 +74,11 @@ class SaeRecord:
     recovered_share: float | None
     ground_truth: dict[str, Any] | None
     config: dict[str, Any]
+    training: dict[str, Any] | None
     training_log: list[Any] | None
+    description_length_bits: float
+    description_length_precision: int
+    threshold_ablation: list[Any]
 
 
 @dataclass
@@ -98,6 +103,8 @@ class FeatureColumns:
     absorbed_positions: Column
     absorbers: Column
     decoder_auroc: Column
+    description_length_bits: Column
+    decoder: Column
     histogram_first_bin: Column
     histogram_counts: Column
     position_rate: Column
@@ -166,6 +173,43 @@ class VocabColumns:
 
 
 @dataclass
+class MatchColumns:
+    """Each latent's closest latent of the other SAE."""
+
+    feature_index: Column
+    other_feature_index: Column
+    cosine: Column
+
+
+@dataclass
+class ComparisonRecord:
+    """One direction of a comparison of two SAEs, named; the writer fills in their ids."""
+
+    sae: str
+    other: str
+    latents: int
+    share_above_0_9: float
+    share_above_0_8: float
+    median_best_cosine: float
+    histogram_counts: np.ndarray
+    same_model_and_hook: bool
+    matches: MatchColumns
+
+
+@dataclass
+class StoredDecoder:
+    """An SAE as a comparison needs it: its decoder rows and which latents are live."""
+
+    name: str
+    model: str
+    hook: str
+    decoder: np.ndarray
+    """[d_sae, d_in]"""
+    live: np.ndarray
+    """[d_sae] bool"""
+
+
+@dataclass
 class SaeRecords:
     """Everything the build writes for one SAE."""
 
@@ -183,6 +227,7 @@ TABLES: list[tuple[type, type[Base], set[str]]] = [
     (ExampleColumns, FeatureExamples, {"sae_id"}),
     (TokenStatColumns, TokenStat, {"sae_id"}),
     (TokenLatentColumns, TokenLatent, {"sae_id"}),
+    (MatchColumns, Match, {"sae_id", "other_sae_id"}),
     (SequenceColumns, CorpusSequence, {"corpus_id"}),
     (VocabColumns, VocabToken, {"corpus_id"}),
 ]

@@ -19,6 +19,9 @@ DEFINITIONS = {
     "make where it stays off (null: not measurable, see absorption_reason)",
     "decoder_auroc": "how well its decoder projection singles out where it fires: AUROC, its "
     "firings against positions where neither it nor a close latent fires",
+    "description_length_bits": "bits per token to send whether it fires and, where it does, its "
+    "activation at the SAE's precision: H(p) + p·H(quantised activations)",
+    "best_cosine": "decoder cosine with its closest live latent of the other SAE",
 }
 
 
@@ -47,11 +50,29 @@ class SaeSummary(BaseModel):
     recovered_share: float | None = Field(
         description="synthetic data: share of true features with a latent at cosine > 0.9"
     )
+    description_length_bits: float = Field(
+        description="bits per token to send the SAE's activations: the sum of its latents' "
+        "description lengths"
+    )
+    description_length_precision: int = Field(
+        description="bins per decade the activations are quantised to: the coarsest that raises "
+        "the reconstruction's MSE by at most 5%"
+    )
+
+
+class Training(BaseModel):
+    objective: str | None
+    hyperparameters: dict[str, Any] = Field(
+        description="the objective's own settings, and the dictionary size, tokens and "
+        "learning rate"
+    )
+    settings: dict[str, Any] = Field(description="every setting of `saescope train`")
 
 
 class SaeDetail(SaeSummary):
     eval_tokens: int
     config: dict[str, Any]
+    training: Training | None = Field(description="for SAEs trained by `saescope train`")
     training_log: list[dict[str, Any]] | None
 
 
@@ -74,6 +95,7 @@ class FeatureRow(BaseModel):
         description="deprecated alias of absorption (the measure it named is replaced); it goes "
         "in the next release"
     )
+    description_length_bits: float = Field(description=DEFINITIONS["description_length_bits"])
     flags: list[str]
     top_tokens: list[TokenCount]
 
@@ -186,6 +208,12 @@ class Neighbour(BaseModel):
     cosine: float
 
 
+class ClosestLatent(BaseModel):
+    sae: str = Field(description="another SAE of the file with the same input width")
+    feature_index: int
+    cosine: float = Field(description=DEFINITIONS["best_cosine"])
+
+
 class GroundTruth(BaseModel):
     """Synthetic data only: the true feature closest to this latent's decoder direction, and
     the closest normalised sum of two true features."""
@@ -215,6 +243,10 @@ class FeatureDetail(BaseModel):
     logits_top: list[LogitEffect]
     logits_bottom: list[LogitEffect]
     neighbours: list[Neighbour]
+    matches: list[ClosestLatent] = Field(
+        description="its closest latent in each other SAE of the file with the same input width"
+    )
+    description_length_bits: float = Field(description=DEFINITIONS["description_length_bits"])
     top_tokens: list[TokenCount]
     ground_truth: GroundTruth | None
 
@@ -251,3 +283,73 @@ class FlagsReport(BaseModel):
     sae: str
     threshold: float
     groups: list[FlagGroup]
+
+
+class AblationPoint(BaseModel):
+    threshold: float = Field(
+        description="the rule's knob: the threshold (global), k (lowest_k), the fraction of each "
+        "latent's max (fraction_of_max) or the quantile level (quantile); 0 is the SAE itself"
+    )
+    l0: float = Field(description="active latents per token on the evaluation contexts")
+    mse: float
+    explained_variance: float | None
+    ce: float | None = Field(
+        description="cross-entropy with the thresholded reconstruction spliced in (null without "
+        "a language model)"
+    )
+
+
+class AblationRule(BaseModel):
+    name: str
+    rule: str = Field(description="what the rule removes")
+    points: list[AblationPoint]
+
+
+class ThresholdAblation(BaseModel):
+    sae: str
+    eval_tokens: int
+    ce_clean: float | None
+    ce_zero: float | None
+    rules: list[AblationRule]
+
+
+class PairSummary(BaseModel):
+    sae: str
+    other: str
+    same_model_and_hook: bool = Field(
+        description="false: the same input width, but another model or hook"
+    )
+    latents: int = Field(description="live latents of `sae`, over which the shares are taken")
+    share_above_0_9: float = Field(description="share of them whose best cosine is above 0.9")
+    share_above_0_8: float
+    median_best_cosine: float
+
+
+class UnmatchedLatent(BaseModel):
+    feature_index: int
+    frequency: float = Field(description=DEFINITIONS["frequency"])
+    closest: int = Field(description="its closest latent of the other SAE")
+    cosine: float = Field(description=DEFINITIONS["best_cosine"])
+    top_tokens: list[TokenCount]
+
+
+class Comparison(PairSummary):
+    histogram: Histogram = Field(description="of the best cosines of the live latents")
+    threshold: float = Field(description="latents whose best cosine is below it are unmatched")
+    unmatched_count: int
+    sort: str
+    order: str
+    unmatched: list[UnmatchedLatent] = Field(description="live latents of `sae` with no match")
+    next_cursor: str | None = Field(description="pass as `after` for the next page")
+
+
+class SaeSideBySide(SaeSummary):
+    training: Training | None
+    threshold_ablation: list[AblationRule]
+
+
+class SaeComparison(BaseModel):
+    saes: list[SaeSideBySide]
+    pairs: list[PairSummary] = Field(
+        description="every comparison stored: each way between SAEs of the same input width"
+    )

@@ -1,11 +1,12 @@
-"""Writes one SAE's results into a database file, so that no build ever leaves a partial file
-and every build that succeeds has its SAE in the file.
+"""Writes into a database file so that nothing ever leaves a partial file, and every build that
+succeeds has its SAE in the file.
 
-Entering the writer checks, on the file as it is, that the SAE can be added (before the long pass).
-`write` then takes the output directory's lock, copies the file to a temporary file beside it (or
-creates one), adds the SAE, syncs it to disk and renames it over the original: builds into one
-file take turns, each adding to what the one before wrote. A failed or interrupted build removes
-its temporary file; one that was killed leaves it, and the next build into that file removes it.
+Every change is made to a copy (`rewriting`): with the output directory's lock held, the file is
+copied to a temporary file beside it (or one is created), changed, synced to disk and renamed over
+the original. Builds into one file take turns, each adding to what the one before wrote. A failed
+or interrupted writer removes its temporary file; one that was killed leaves it, and the next
+writer into that file removes it. `DatabaseWriter` adds one SAE, and checks on entry, on the file
+as it is, that it can (before the long pass).
 """
 
 from __future__ import annotations
@@ -17,13 +18,13 @@ import logging
 import os
 import re
 import sqlite3
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, fields
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from sqlalchemy import JSON, LargeBinary, delete, select
+from sqlalchemy import JSON, Engine, LargeBinary, delete, select
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 
@@ -39,17 +40,26 @@ from saescope.db.models import (
     SAE_NAME_MAX_LENGTH,
     SCHEMA_VERSION,
     Base,
+    Comparison,
     Corpus,
     CorpusSequence,
     Feature,
     FeatureExamples,
+    Match,
     Meta,
     Sae,
     TokenLatent,
     TokenStat,
     VocabToken,
 )
-from saescope.db.records import CorpusRecord, SaeRecords, SequenceColumns, VocabColumns
+from saescope.db.records import (
+    ComparisonRecord,
+    CorpusRecord,
+    SaeRecords,
+    SequenceColumns,
+    StoredDecoder,
+    VocabColumns,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -60,6 +70,11 @@ SAE_NAME_PATTERN = re.compile(rf"^[A-Za-z0-9][A-Za-z0-9._-]{{0,{SAE_NAME_MAX_LEN
 
 class DatabaseWriteError(Exception):
     """The output cannot be written; the message says why."""
+
+
+# Compares two SAEs of a file (the first the one being added, or the first named): the records of
+# both directions.
+Compare = Callable[[StoredDecoder, StoredDecoder], list[ComparisonRecord]]
 
 
 def _insert_columns(session: Session, model: type[Base], record: Any, **constant: Any) -> None:
@@ -92,8 +107,172 @@ def _insert_columns(session: Session, model: type[Base], record: Any, **constant
     )
 
 
+@contextlib.contextmanager
+def rewriting(out: Path) -> Iterator[Engine]:
+    """A writable engine on a copy of `out` (a new file if there is none), renamed into place
+    when the block ends well, in turn with every other writer into the directory; the copy is
+    removed whatever happens."""
+    temporary = out.with_name(f"{TEMPORARY_PREFIX}{out.name}.{os.getpid()}.tmp")
+    with _directory_lock(out.parent):
+        _remove_stale_temporaries(out)
+        try:
+            existed = out.exists()
+            if existed:
+                _copy(out, temporary)
+            else:
+                temporary.touch()
+            engine = writable_engine(temporary)
+            try:
+                if existed:
+                    check_schema_version(engine)
+                Base.metadata.create_all(engine)
+                if not existed:
+                    with Session(engine) as session:
+                        session.add(Meta(key="schema_version", value=str(SCHEMA_VERSION)))
+                        session.commit()
+                yield engine
+            finally:
+                engine.dispose()
+            _sync(temporary)
+            os.replace(temporary, out)
+            _sync(out.parent)
+        except (sqlite3.DatabaseError, DBAPIError) as error:
+            reason = getattr(error, "orig", error)  # SQLAlchemy wraps the driver's error
+            raise DatabaseWriteError(f"cannot write {out}: {reason}") from None
+        except OSError as error:
+            raise DatabaseWriteError(f"cannot write {out}: {error.strerror}") from None
+        except SchemaMismatchError as error:
+            raise DatabaseWriteError(f"{out}: {error}") from None
+        finally:
+            for path in (temporary, Path(f"{temporary}-journal")):
+                path.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def _directory_lock(directory: Path) -> Iterator[None]:
+    """An exclusive lock on the output's directory, held from copy to rename: no lock file to
+    leave behind, and released by the system if the process dies."""
+    descriptor = os.open(directory, os.O_RDONLY)
+    try:
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            logger.warning("another build is writing into %s; waiting for it to finish", directory)
+            fcntl.flock(descriptor, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(descriptor)  # releases the lock
+
+
+def _remove_stale_temporaries(out: Path) -> None:
+    """Temporary files of writers that died: with the lock held, no living writer has one."""
+    for stale in out.parent.glob(f"{TEMPORARY_PREFIX}{out.name}.*.tmp*"):
+        logger.info("removing %s, left by a build that did not finish", stale.name)
+        stale.unlink(missing_ok=True)
+
+
+def _copy(out: Path, temporary: Path) -> None:
+    source = connect_readonly(out)
+    target = sqlite3.connect(temporary)
+    try:
+        source.backup(target)
+    except sqlite3.DatabaseError as error:
+        if error.sqlite_errorname == "SQLITE_NOTADB":
+            raise DatabaseWriteError(f"{out} is not a saescope database: {error}") from None
+        raise
+    finally:
+        source.close()
+        target.close()
+
+
+def _sync(path: Path) -> None:
+    """Flushes a file (or a directory's entries) to disk."""
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+def stored_decoder(session: Session, sae: Sae) -> StoredDecoder:
+    """An SAE of the file, as a comparison needs it."""
+    column = Feature.__table__.c.decoder
+    rows = session.execute(
+        select(Feature.decoder, Feature.count)
+        .where(Feature.sae_id == sae.id)
+        .order_by(Feature.feature_index)
+    ).all()
+    return StoredDecoder(
+        name=sae.name,
+        model=sae.model,
+        hook=sae.hook,
+        decoder=np.stack([codec.unpack(column, decoder) for decoder, _ in rows]),
+        live=np.array([count > 0 for _, count in rows]),
+    )
+
+
+def store_comparisons(session: Session, records: list[ComparisonRecord]) -> None:
+    """Stores comparisons, replacing any of the same two SAEs."""
+    ids = dict(session.execute(select(Sae.name, Sae.id)).tuples().all())
+    for record in records:
+        sae_id, other_id = ids[record.sae], ids[record.other]
+        for table in (Comparison, Match):
+            session.execute(
+                delete(table).where(table.sae_id == sae_id, table.other_sae_id == other_id)
+            )
+        session.add(
+            Comparison(
+                sae_id=sae_id,
+                other_sae_id=other_id,
+                latents=record.latents,
+                share_above_0_9=record.share_above_0_9,
+                share_above_0_8=record.share_above_0_8,
+                median_best_cosine=record.median_best_cosine,
+                histogram_counts=codec.pack(
+                    Comparison.__table__.c.histogram_counts, record.histogram_counts
+                ),
+                same_model_and_hook=record.same_model_and_hook,
+            )
+        )
+        session.flush()
+        _insert_columns(session, Match, record.matches, sae_id=sae_id, other_sae_id=other_id)
+
+
+def comparable(session: Session, d_in: int, other_than: str) -> list[Sae]:
+    """The SAEs of the file that read activations of width `d_in`, but the one named."""
+    return list(
+        session.scalars(
+            select(Sae).where(Sae.d_in == d_in, Sae.name != other_than).order_by(Sae.id)
+        )
+    )
+
+
+def add_comparison(out: Path, names: tuple[str, str], compare: Compare) -> list[ComparisonRecord]:
+    """Compares two SAEs of the file each way and stores the result, replacing any earlier."""
+    if not out.is_file():
+        raise DatabaseWriteError(f"{out} does not exist")
+    if names[0] == names[1]:
+        raise DatabaseWriteError(f"compare {names[0]!r} with another SAE, not with itself")
+    with rewriting(out) as engine, Session(engine) as session:
+        saes = [session.scalar(select(Sae).where(Sae.name == name)) for name in names]
+        missing = [name for name, sae in zip(names, saes, strict=True) if sae is None]
+        if missing:
+            held = ", ".join(session.scalars(select(Sae.name).order_by(Sae.id))) or "none"
+            raise DatabaseWriteError(f"{out} holds no SAE named {missing[0]!r} (it holds: {held})")
+        if saes[0].d_in != saes[1].d_in:
+            raise DatabaseWriteError(
+                f"{names[0]!r} and {names[1]!r} read activations of different widths "
+                f"({saes[0].d_in} and {saes[1].d_in}): their decoders cannot be compared"
+            )
+        records = compare(*(stored_decoder(session, sae) for sae in saes))
+        store_comparisons(session, records)
+        session.commit()
+    return records
+
+
 class DatabaseWriter:
-    """Context manager around one build's output; see the module's docstring."""
+    """One build's output: made, it checks that the SAE can be added to the file as it is (before
+    the long pass); `write` adds it."""
 
     def __init__(self, out: Path, name: str, replace: bool = False) -> None:
         if not SAE_NAME_PATTERN.match(name):
@@ -104,19 +283,12 @@ class DatabaseWriter:
         self.out = out
         self.name = name
         self.replace = replace
-        self.temporary = out.with_name(f"{TEMPORARY_PREFIX}{out.name}.{os.getpid()}.tmp")
-
-    def __enter__(self) -> DatabaseWriter:
-        if self.out.is_dir():
-            raise DatabaseWriteError(f"{self.out} is a directory; give the database's file name")
-        if not self.out.parent.is_dir():
-            raise DatabaseWriteError(f"output directory {self.out.parent} does not exist")
-        if self.out.exists():
+        if out.is_dir():
+            raise DatabaseWriteError(f"{out} is a directory; give the database's file name")
+        if not out.parent.is_dir():
+            raise DatabaseWriteError(f"output directory {out.parent} does not exist")
+        if out.exists():
             self._check_existing()
-        return self
-
-    def __exit__(self, exc_type, exc, traceback) -> None:
-        self._remove_temporary()
 
     def _check_existing(self) -> None:
         """Before the pass: the file is a saescope database of this schema, and the name is free
@@ -142,119 +314,64 @@ class DatabaseWriter:
             "choose another --name or pass --replace"
         )
 
-    def write(self, corpus: CorpusRecord, records: SaeRecords) -> None:
-        """Adds the SAE to the file, in turn with any other build into the same directory."""
-        with self._directory_lock():
-            self._remove_stale_temporaries()
-            try:
-                engine = self._prepare_temporary()
-                try:
-                    self._insert(engine, corpus, records)
-                finally:
-                    engine.dispose()
-                _sync(self.temporary)
-                os.replace(self.temporary, self.out)
-                _sync(self.out.parent)
-            except (sqlite3.DatabaseError, DBAPIError) as error:
-                reason = getattr(error, "orig", error)  # SQLAlchemy wraps the driver's error
-                raise DatabaseWriteError(f"cannot write {self.out}: {reason}") from None
-            except OSError as error:
-                raise DatabaseWriteError(f"cannot write {self.out}: {error.strerror}") from None
-            except SchemaMismatchError as error:
-                raise DatabaseWriteError(f"{self.out}: {error}") from None
-            finally:
-                self._remove_temporary()
+    def write(
+        self, corpus: CorpusRecord, records: SaeRecords, compare: Compare | None = None
+    ) -> None:
+        """Adds the SAE to the file, in turn with any other writer into the same directory; with
+        `compare`, also its comparisons with every SAE of the file of the same input width."""
+        with rewriting(self.out) as engine, Session(engine) as session:
+            self._make_room(session)
+            self._insert(session, corpus, records)
+            if compare is not None:
+                added = StoredDecoder(
+                    name=self.name,
+                    model=records.sae.model,
+                    hook=records.sae.hook,
+                    decoder=np.asarray(
+                        records.features.decoder, Feature.__table__.c.decoder.info["dtype"]
+                    ),
+                    live=np.asarray(records.features.count) > 0,
+                )
+                for other in comparable(session, records.sae.d_in, self.name):
+                    store_comparisons(session, compare(added, stored_decoder(session, other)))
+            session.commit()
         logger.info(
             "wrote %d features and %d examples",
             len(records.features.feature_index),
             sum(len(positions) for positions in records.examples.position),
         )
 
-    @contextlib.contextmanager
-    def _directory_lock(self) -> Iterator[None]:
-        """An exclusive lock on the output's directory, held from copy to rename: no lock file
-        to leave behind, and released by the system if the process dies."""
-        descriptor = os.open(self.out.parent, os.O_RDONLY)
-        try:
-            try:
-                fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                logger.warning(
-                    "another build is writing into %s; waiting for it to finish", self.out.parent
-                )
-                fcntl.flock(descriptor, fcntl.LOCK_EX)
-            yield
-        finally:
-            os.close(descriptor)  # releases the lock
-
-    def _remove_stale_temporaries(self) -> None:
-        """Temporary files of builds that died: with the lock held, no living build has one."""
-        pattern = f"{TEMPORARY_PREFIX}{self.out.name}.*.tmp*"
-        for stale in self.out.parent.glob(pattern):
-            logger.info("removing %s, left by a build that did not finish", stale.name)
-            stale.unlink(missing_ok=True)
-
-    def _prepare_temporary(self):
-        """The temporary copy of the file as it is now (or a new file), ready for the SAE."""
-        existed = self.out.exists()
-        if existed:
-            self._copy_existing()
-        else:
-            self.temporary.touch()
-        engine = writable_engine(self.temporary)
-        if existed:
-            check_schema_version(engine)
-        Base.metadata.create_all(engine)
-        if not existed:
-            with Session(engine) as session:
-                session.add(Meta(key="schema_version", value=str(SCHEMA_VERSION)))
-                session.commit()
-        self._make_room(engine)
-        return engine
-
-    def _copy_existing(self) -> None:
-        source = connect_readonly(self.out)
-        target = sqlite3.connect(self.temporary)
-        try:
-            source.backup(target)
-        except sqlite3.DatabaseError as error:
-            if error.sqlite_errorname == "SQLITE_NOTADB":
-                raise DatabaseWriteError(
-                    f"{self.out} is not a saescope database: {error}"
-                ) from None
-            raise
-        finally:
-            source.close()
-            target.close()
-
-    def _make_room(self, engine) -> None:
+    def _make_room(self, session: Session) -> None:
         """Removes the SAE of the same name when replacing it; another build may have added one
         since the check on entry."""
-        with Session(engine) as session:
-            existing = session.scalar(select(Sae).where(Sae.name == self.name))
-            if existing is None:
-                return
-            if not self.replace:
-                raise DatabaseWriteError(self._name_taken())
-            for table in (FeatureExamples, Feature, TokenStat, TokenLatent):
-                session.execute(delete(table).where(table.sae_id == existing.id))
-            session.delete(existing)
-            session.commit()
+        existing = session.scalar(select(Sae).where(Sae.name == self.name))
+        if existing is None:
+            return
+        if not self.replace:
+            raise DatabaseWriteError(self._name_taken())
+        for table in (FeatureExamples, Feature, TokenStat, TokenLatent):
+            session.execute(delete(table).where(table.sae_id == existing.id))
+        for table in (Comparison, Match):
+            session.execute(
+                delete(table).where(
+                    (table.sae_id == existing.id) | (table.other_sae_id == existing.id)
+                )
+            )
+        session.delete(existing)
+        session.flush()
 
-    def _insert(self, engine, corpus: CorpusRecord, records: SaeRecords) -> None:
-        with Session(engine) as session:
-            corpus_id = self._corpus_id(session, corpus)
-            sae = Sae(**asdict(records.sae), name=self.name, corpus_id=corpus_id)
-            session.add(sae)
-            session.flush()
-            for model, columns in (
-                (Feature, records.features),
-                (FeatureExamples, records.examples),
-                (TokenStat, records.token_stats),
-                (TokenLatent, records.token_latents),
-            ):
-                _insert_columns(session, model, columns, sae_id=sae.id)
-            session.commit()
+    def _insert(self, session: Session, corpus: CorpusRecord, records: SaeRecords) -> None:
+        corpus_id = self._corpus_id(session, corpus)
+        sae = Sae(**asdict(records.sae), name=self.name, corpus_id=corpus_id)
+        session.add(sae)
+        session.flush()
+        for model, columns in (
+            (Feature, records.features),
+            (FeatureExamples, records.examples),
+            (TokenStat, records.token_stats),
+            (TokenLatent, records.token_latents),
+        ):
+            _insert_columns(session, model, columns, sae_id=sae.id)
 
     def _corpus_id(self, session: Session, corpus: CorpusRecord) -> int:
         existing = session.scalar(select(Corpus.id).where(Corpus.fingerprint == corpus.fingerprint))
@@ -287,16 +404,3 @@ class DatabaseWriter:
             corpus_id=row.id,
         )
         return row.id
-
-    def _remove_temporary(self) -> None:
-        for path in (self.temporary, Path(f"{self.temporary}-journal")):
-            path.unlink(missing_ok=True)
-
-
-def _sync(path: Path) -> None:
-    """Flushes a file (or a directory's entries) to disk."""
-    descriptor = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)

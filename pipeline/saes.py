@@ -57,11 +57,12 @@ def decoder_and_bias(sae) -> tuple[Float[Tensor, "d_sae d_in"], Float[Tensor, " 
     return sae.W_dec.detach().float(), sae.b_dec.detach().float()
 
 
-def read_training_log(directory: Path | None) -> list[dict[str, Any]] | None:
-    """The training log saved beside an SAE directory, if any."""
+def read_training(directory: Path | None) -> dict[str, Any] | None:
+    """What `saescope train` saved beside an SAE directory, if anything: its settings
+    ("config"), those that tell it apart ("hyperparameters") and its log ("log")."""
     if directory is None or not (directory / TRAINING_LOG).is_file():
         return None
-    return json.loads((directory / TRAINING_LOG).read_text())["log"]
+    return json.loads((directory / TRAINING_LOG).read_text())
 
 
 def unit_rows(matrix: Float[Tensor, "rows d"]) -> Float[Tensor, "rows d"]:

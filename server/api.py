@@ -10,7 +10,15 @@ from saescope.db.flags import HIGH_FREQUENCY
 from saescope.db.models import SCHEMA_VERSION
 from saescope.server.dependencies import SessionDep, SettingsDep
 from saescope.server.errors import ERROR_RESPONSES
-from saescope.server.params import FeatureIndex, FeatureTableQuery, SaeName, Threshold, TokenQuery
+from saescope.server.params import (
+    ComparisonQuery,
+    FeatureIndex,
+    FeatureTableQuery,
+    OtherSaeName,
+    SaeName,
+    Threshold,
+    TokenQuery,
+)
 
 router = APIRouter(prefix="/api/v1", responses=ERROR_RESPONSES)
 
@@ -34,8 +42,36 @@ def saes(session: SessionDep) -> list[responses.SaeSummary]:
 
 @router.get("/saes/{sae}", response_model=responses.SaeDetail, tags=["saes"])
 def sae(sae: SaeName, session: SessionDep) -> responses.SaeDetail:
-    """One SAE: metrics, build configuration and training curve."""
+    """One SAE: metrics, build configuration, training settings and curve."""
     return queries.get_sae(session, sae)
+
+
+@router.get("/compare", response_model=responses.SaeComparison, tags=["saes"])
+def compare(session: SessionDep) -> responses.SaeComparison:
+    """The SAEs side by side: metrics, training, threshold ablation, and every comparison's
+    summary."""
+    return queries.side_by_side(session)
+
+
+@router.get("/saes/{sae}/compare/{other}", response_model=responses.Comparison, tags=["saes"])
+def compare_pair(
+    sae: SaeName,
+    other: OtherSaeName,
+    params: ComparisonQuery,
+    session: SessionDep,
+    settings: SettingsDep,
+) -> responses.Comparison:
+    """Reference matching: how `sae`'s latents are matched in `other` by decoder cosine, and its
+    live latents with no match (best cosine below `threshold`), paginated by key."""
+    return params.comparison(session, sae, other, settings.page_size)
+
+
+@router.get(
+    "/saes/{sae}/threshold-ablation", response_model=responses.ThresholdAblation, tags=["saes"]
+)
+def threshold_ablation(sae: SaeName, session: SessionDep) -> responses.ThresholdAblation:
+    """L0, MSE, explained variance and CE as the lowest activations are removed by four rules."""
+    return queries.threshold_ablation(session, sae)
 
 
 @router.get("/saes/{sae}/features", response_model=responses.FeaturePage, tags=["features"])

@@ -9,7 +9,15 @@ from saescope.db import queries
 from saescope.db.flags import HIGH_FREQUENCY
 from saescope.server import urls
 from saescope.server.dependencies import SessionDep, SettingsDep
-from saescope.server.params import FeatureIndex, FeatureTableQuery, SaeName, Threshold, TokenQuery
+from saescope.server.params import (
+    ComparisonQuery,
+    FeatureIndex,
+    FeatureTableQuery,
+    OtherSaeName,
+    SaeName,
+    Threshold,
+    TokenQuery,
+)
 from saescope.server.templating import templates
 
 router = APIRouter(include_in_schema=False, default_response_class=HTMLResponse)
@@ -45,6 +53,30 @@ def sae_page(
         sae=detail,
         page=page,
         params=params,
+        ablation=queries.threshold_ablation(session, sae),
+        pairs=queries.pair_summaries(session, sae),
+    )
+
+
+@router.get("/compare")
+def comparison_page(request: Request, session: SessionDep) -> HTMLResponse:
+    return render(
+        request, "compare.html", urls.comparison(api=True), overview=queries.side_by_side(session)
+    )
+
+
+@router.get("/saes/{sae}/compare/{other}")
+def compare_pair_page(
+    request: Request,
+    sae: SaeName,
+    other: OtherSaeName,
+    params: ComparisonQuery,
+    session: SessionDep,
+    settings: SettingsDep,
+) -> HTMLResponse:
+    result = params.comparison(session, sae, other, settings.page_size)
+    return render(
+        request, "compare_pair.html", urls.compare_pair(sae, other, api=True), result=result
     )
 
 

@@ -11,8 +11,15 @@ from sqlalchemy.orm import Session
 
 from saescope.db.flags import FlagName
 from saescope.db.models import SAE_NAME_MAX_LENGTH
-from saescope.db.queries import MAX_PAGE_SIZE, SortKey, SortOrder, list_features
-from saescope.db.responses import FeaturePage
+from saescope.db.queries import (
+    MAX_PAGE_SIZE,
+    SortKey,
+    SortOrder,
+    UnmatchedSort,
+    compare_saes,
+    list_features,
+)
+from saescope.db.responses import Comparison, FeaturePage
 
 # An empty form field (`?flag=&min_frequency=`) means no filter.
 EmptyIsNone = BeforeValidator(lambda value: None if value == "" else value)
@@ -22,6 +29,9 @@ Cursor = Annotated[str, Field(max_length=100)]
 
 SaeName = Annotated[
     str, Path(max_length=SAE_NAME_MAX_LENGTH, description="name of the SAE in the database")
+]
+OtherSaeName = Annotated[
+    str, Path(max_length=SAE_NAME_MAX_LENGTH, description="name of the SAE compared with")
 ]
 FeatureIndex = Annotated[int, Path(ge=0, description="latent index")]
 TokenQuery = Annotated[
@@ -77,3 +87,44 @@ def feature_table_params(
 
 
 FeatureTableQuery = Annotated[FeatureTableParams, Depends(feature_table_params)]
+
+
+@dataclass
+class ComparisonParams:
+    threshold: float
+    sort: UnmatchedSort
+    order: SortOrder
+    after: str | None
+    limit: int | None
+
+    def comparison(self, session: Session, sae: str, other: str, default_limit: int) -> Comparison:
+        """The comparison, with the page of unmatched latents these parameters ask for."""
+        return compare_saes(
+            session,
+            sae,
+            other,
+            threshold=self.threshold,
+            sort=self.sort,
+            order=self.order,
+            after=self.after,
+            limit=self.limit or default_limit,
+        )
+
+
+def comparison_params(
+    threshold: Annotated[
+        Share, Query(description="latents whose best cosine is below it are unmatched")
+    ] = 0.5,
+    sort: Annotated[
+        UnmatchedSort, Query(description="column to sort the unmatched latents by")
+    ] = UnmatchedSort.frequency,
+    order: Annotated[SortOrder, Query(description="asc or desc")] = SortOrder.desc,
+    after: Annotated[
+        Cursor | None, EmptyIsNone, Query(description="cursor from the previous page")
+    ] = None,
+    limit: Annotated[PageSize | None, EmptyIsNone, Query()] = None,
+) -> ComparisonParams:
+    return ComparisonParams(threshold, sort, order, after, limit)
+
+
+ComparisonQuery = Annotated[ComparisonParams, Depends(comparison_params)]

@@ -10,7 +10,7 @@ from fastapi.templating import Jinja2Templates
 from markupsafe import Markup, escape
 
 from saescope.db.flags import FLAGS, FLAGS_BY_NAME
-from saescope.db.queries import SORT_ALIASES, SortKey, SortOrder
+from saescope.db.queries import SORT_ALIASES, SortKey, SortOrder, UnmatchedSort
 from saescope.db.responses import DEFINITIONS
 from saescope.server import urls
 
@@ -69,4 +69,5 @@ templates.env.globals.update(
     DEFINITIONS=DEFINITIONS,
     SORT_KEYS=[key for key in SortKey if key not in SORT_ALIASES],
     SORT_ORDERS=list(SortOrder),
+    UNMATCHED_SORT_KEYS=list(UnmatchedSort),
 )

@@ -63,6 +63,21 @@ def saes(api: bool = False) -> str:
     return f"{API}/saes" if api else index()
 
 
+def comparison(api: bool = False) -> str:
+    """The SAEs of the file side by side."""
+    return f"{API if api else ''}/compare"
+
+
+def compare_pair(sae: str, other: str, api: bool = False, **query: object) -> str:
+    path = f"{API if api else ''}/saes/{_segment(sae)}/compare/{_segment(other)}"
+    return _with_query(path, query)
+
+
+def threshold_ablation(sae: str) -> str:
+    """JSON only: the SAE page draws it."""
+    return f"{API}/saes/{_segment(sae)}/threshold-ablation"
+
+
 def token_search_prefix(sae: str) -> str:
     """The search URL up to the token, which the caller quotes and appends."""
     return f"/saes/{_segment(sae)}/search?token="

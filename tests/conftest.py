@@ -143,23 +143,52 @@ def dashboard_sae_dir(tmp_path_factory, tiny_model_dir: Path, dashboard_corpus: 
     return directory
 
 
+# The dashboard SAE's latents whose decoder rows the other dashboard SAE keeps; it turns the
+# rest (REPLACED_ROWS) to random directions.
+REPLACED_ROWS = slice(0, 24)
+
+
+@pytest.fixture(scope="session")
+def other_dashboard_sae_dir(tmp_path_factory, dashboard_sae_dir: Path) -> Path:
+    """The dashboard SAE with the decoder rows REPLACED_ROWS (and their encoder columns) turned
+    to random directions: its other latents match the dashboard SAE's exactly."""
+    import torch
+    from sae_lens import SAE
+
+    sae = SAE.load_from_disk(dashboard_sae_dir)
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        rows = torch.randn(sae.W_dec[REPLACED_ROWS].shape, generator=generator)
+        sae.W_dec[REPLACED_ROWS] = rows / rows.norm(dim=1, keepdim=True)
+        sae.W_enc[:, REPLACED_ROWS] = sae.W_dec[REPLACED_ROWS].T
+    directory = tmp_path_factory.mktemp("other_dashboard_sae") / "other-sae"
+    sae.save_model(directory)
+    return directory
+
+
 @pytest.fixture(scope="session")
 def dashboard_db(
-    tmp_path_factory, tiny_model_dir: Path, dashboard_sae_dir: Path, dashboard_corpus: Path
+    tmp_path_factory,
+    tiny_model_dir: Path,
+    dashboard_sae_dir: Path,
+    other_dashboard_sae_dir: Path,
+    dashboard_corpus: Path,
 ) -> Path:
-    """A database built from a text corpus that contains markup, for the server's tests."""
+    """A database built from a text corpus that contains markup, for the server's tests: the
+    dashboard SAE, then the other one (so the two are compared)."""
     from click.testing import CliRunner
 
     from saescope.cli import app
 
     out = tmp_path_factory.mktemp("dashboard") / "dashboard.db"
-    args = [
-        "build", "--model", str(tiny_model_dir), "--hook", HOOK,
-        "--sae", str(dashboard_sae_dir), "--corpus", str(dashboard_corpus), "--out", str(out),
-        "--n-tokens", "1024", "--context-length", "32", "--eval-sequences", "4", "--quiet",
-    ]  # fmt: skip
-    result = CliRunner().invoke(app, args)
-    assert result.exit_code == 0, result.output
+    for sae in (dashboard_sae_dir, other_dashboard_sae_dir):
+        args = [
+            "build", "--model", str(tiny_model_dir), "--hook", HOOK,
+            "--sae", str(sae), "--corpus", str(dashboard_corpus), "--out", str(out),
+            "--n-tokens", "1024", "--context-length", "32", "--eval-sequences", "4", "--quiet",
+        ]  # fmt: skip
+        result = CliRunner().invoke(app, args)
+        assert result.exit_code == 0, result.output
     return out
 
 
@@ -170,5 +199,5 @@ def busiest_feature(dashboard_db: Path) -> int:
 
     with sqlite3.connect(dashboard_db) as connection:
         return connection.execute(
-            "select feature_index from features order by count desc limit 1"
+            "select feature_index from features where sae_id = 1 order by count desc limit 1"
         ).fetchone()[0]

@@ -85,6 +85,52 @@ function drawTraining(element, log) {
   }, config);
 }
 
+const RULE_COLOURS = { global: "#c25400", lowest_k: "#2563eb", fraction_of_max: "#1a7f37", quantile: "#7c3aed" };
+const SAE_COLOURS = ["#c25400", "#2563eb", "#1a7f37", "#7c3aed", "#b42318", "#0e7490", "#a16207", "#4b5563"];
+const Y_TITLES = { ce: "cross-entropy (nats)", mse: "MSE" };
+const hasY = (points, y) => points.some((point) => point[y] !== null);
+const legendAbove = { orientation: "h", x: 0, y: 1.02, yanchor: "bottom", font: { size: 11 } };
+
+// Threshold ablation of one SAE: each rule's points, L0 against CE or MSE.
+function drawAblation(element, ablation, y) {
+  const rules = ablation.rules.filter((rule) => hasY(rule.points, y));
+  if (rules.length === 0) return message(element, y === "ce" ? "No language model: no cross-entropy." : "No threshold ablation.");
+  Plotly.newPlot(element, rules.map((rule) => ({
+    x: rule.points.map((point) => point.l0), y: rule.points.map((point) => point[y]), name: rule.name,
+    mode: "lines+markers", line: { color: RULE_COLOURS[rule.name] }, text: rule.points.map((point) => point.threshold),
+    hovertemplate: `${rule.name}, knob %{text:.3g}: L0 %{x:.3g}, %{y:.4g}<extra></extra>`,
+  })), layout("L0", Y_TITLES[y], { showlegend: true, legend: legendAbove, margin: { l: 56, r: 14, t: 34, b: 44 } }), config);
+}
+
+// SAEs side by side: each SAE's evaluation point, with its global-threshold curve through it.
+function drawFrontier(element, overview, y) {
+  const curves = overview.saes.map((sae, i) => {
+    const global = sae.threshold_ablation.find((rule) => rule.name === "global");
+    return { sae, colour: SAE_COLOURS[i % SAE_COLOURS.length], points: global ? global.points : [] };
+  }).filter((curve) => hasY(curve.points, y));
+  if (curves.length === 0) return message(element, "No SAE here has cross-entropy figures (no language model).");
+  const traces = curves.flatMap(({ sae, colour, points }) => [
+    { x: points.map((p) => p.l0), y: points.map((p) => p[y]), mode: "lines", line: { color: colour, dash: "dot" },
+      name: sae.name, legendgroup: sae.name, showlegend: false, hovertemplate: `${sae.name} thresholded: L0 %{x:.3g}, %{y:.4g}<extra></extra>` },
+    { x: [points[0].l0], y: [points[0][y]], mode: "markers", marker: { color: colour, size: 10 }, name: sae.name,
+      legendgroup: sae.name, hovertemplate: `${sae.name}: L0 %{x:.3g}, %{y:.4g}<extra></extra>` },
+  ]);
+  Plotly.newPlot(element, traces, layout("L0 (evaluation contexts)", Y_TITLES[y], {
+    showlegend: true, legend: legendAbove, margin: { l: 56, r: 14, t: 34, b: 44 },
+  }), config);
+}
+
+// Best decoder cosines of one SAE's live latents in another.
+function drawCosines(element, histogram) {
+  const { edges, counts } = histogram;
+  const centres = counts.map((_, i) => (edges[i] + edges[i + 1]) / 2);
+  Plotly.newPlot(element, [{ type: "bar", x: centres, y: counts, width: edges[1] - edges[0], marker: { color: "#e8862a" },
+    hovertemplate: "%{x:.2f}: %{y} latents<extra></extra>" }],
+    layout("best decoder cosine", "live latents", { xaxis: { title: { text: "best decoder cosine" }, range: [0, 1] } }), config);
+}
+
+const embeddedData = (element) => JSON.parse(document.getElementById(element.dataset.source).textContent);
+
 document.addEventListener("DOMContentLoaded", () => {
   const embedded = document.getElementById("chart-data");
   const data = embedded ? JSON.parse(embedded.textContent) : {};
@@ -92,6 +138,9 @@ document.addEventListener("DOMContentLoaded", () => {
     const kind = element.dataset.chart;
     if (kind === "histogram") drawHistogram(element, data.histogram);
     else if (kind === "positional") drawPositional(element, data.positional);
-    else if (kind === "training") drawTraining(element, JSON.parse(document.getElementById(element.dataset.source).textContent));
+    else if (kind === "training") drawTraining(element, embeddedData(element));
+    else if (kind === "ablation") drawAblation(element, embeddedData(element), element.dataset.y);
+    else if (kind === "frontier") drawFrontier(element, embeddedData(element), element.dataset.y);
+    else if (kind === "cosines") drawCosines(element, embeddedData(element));
   }
 });

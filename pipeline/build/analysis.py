@@ -33,26 +33,25 @@ def ranks_within_groups(sorted_groups: np.ndarray) -> np.ndarray:
     return np.arange(len(sorted_groups)) - np.repeat(starts, lengths)
 
 
-def quantile_edges(
+def interpolated_quantiles(
     histogram: Int[np.ndarray, "features bins"],
     low: Float[np.ndarray, " features"],
     high: Float[np.ndarray, " features"],
-    n_bands: int,
-) -> Float[np.ndarray, "features edges"]:
-    """Per feature, cut points at quantiles 0, 1/n, …, 1 of its active values, interpolated
-    geometrically inside the fine log-spaced bin that holds each quantile (ends exact: min and
-    max); nan for a feature that never fired. A feature whose active values are all equal has one
-    band: its inner edges are infinite."""
+    levels: Float[np.ndarray, " levels"],
+) -> Float[np.ndarray, "features levels"]:
+    """Per feature, the quantiles at `levels` (each in (0, 1)) of its active values, interpolated
+    geometrically inside the fine log-spaced bin that holds each; nan where it never fired."""
     n_bins = histogram.shape[1]
     finite = histogram_edges()
     cumulative = np.cumsum(histogram, axis=1)
     total = cumulative[:, -1:]
-    target = total * np.arange(1, n_bands) / n_bands
-    # The bin holding each quantile: the first whose cumulative count reaches it (one band at a
+    target = total * np.asarray(levels)[None, :]
+    # The bin holding each quantile: the first whose cumulative count reaches it (one level at a
     # time keeps the comparison features × bins).
     bin = np.zeros(target.shape, np.int64)
-    for j in range(n_bands - 1):
+    for j in range(target.shape[1]):
         bin[:, j] = (cumulative < target[:, [j]]).sum(1)
+    bin = np.minimum(bin, n_bins - 1)
     count = np.take_along_axis(histogram, bin, axis=1)
     with np.errstate(divide="ignore", invalid="ignore"):  # features that never fired
         fraction = (target - (np.take_along_axis(cumulative, bin, axis=1) - count)) / count
@@ -63,9 +62,23 @@ def quantile_edges(
         )
         lower, upper = np.maximum(lower, 1e-30), np.maximum(upper, 1e-30)
         inner = lower * (upper / lower) ** fraction
-    edges = np.concatenate([low, inner, high], axis=1)
-    edges[(low == high)[:, 0], 1:-1] = np.inf
-    edges[total[:, 0] == 0] = np.nan
+    inner[total[:, 0] == 0] = np.nan
+    return inner
+
+
+def quantile_edges(
+    histogram: Int[np.ndarray, "features bins"],
+    low: Float[np.ndarray, " features"],
+    high: Float[np.ndarray, " features"],
+    n_bands: int,
+) -> Float[np.ndarray, "features edges"]:
+    """Per feature, cut points at quantiles 0, 1/n, …, 1 of its active values (the ends exact:
+    min and max); nan for a feature that never fired. A feature whose active values are all
+    equal has one band: its inner edges are infinite."""
+    inner = interpolated_quantiles(histogram, low, high, np.arange(1, n_bands) / n_bands)
+    edges = np.concatenate([low[:, None], inner, high[:, None]], axis=1)
+    edges[low == high, 1:-1] = np.inf
+    edges[histogram.sum(1) == 0] = np.nan
     return edges
 
 
@@ -188,6 +201,7 @@ def feature_records(
     settings: AnalysisSettings,
     edges: Float[np.ndarray, "d_sae edges"],
     absorbed: Absorption,
+    description_length_bits: Float[np.ndarray, " d_sae"],
     ground_truth: tuple[GroundTruthMatch, list[str]] | None = None,
 ) -> FeatureColumns:
     """The `features` rows; `unembed` None (no language model) leaves the logit effects empty,
@@ -227,6 +241,8 @@ def feature_records(
         absorbed_positions=absorbed.absorbed_positions,
         absorbers=absorbed.absorbers,
         decoder_auroc=absorbed.auroc,
+        description_length_bits=description_length_bits,
+        decoder=decoder.cpu().numpy(),
         histogram_first_bin=histogram_first_bin,
         histogram_counts=histogram_counts,
         position_rate=position_rate,

@@ -86,7 +86,15 @@ class BuildConfig:
     examples: ExampleCounts = field(default_factory=ExampleCounts)
     analysis: AnalysisSettings = field(default_factory=AnalysisSettings)
     eval_sequences: int = setting(
-        64, "Contexts used for MSE, explained variance and cross-entropy.", at_least=1
+        64,
+        "Contexts (the first of the corpus) for MSE, explained variance, cross-entropy, "
+        "threshold ablation and the precision of the description length.",
+        at_least=1,
+    )
+    compare: bool = setting(
+        True,
+        "Match the SAE's latents by decoder cosine with every SAE of the file of the same input "
+        "width, each way (`saescope compare` does it later for two).",
     )
     seed: int = seed_setting()
     replace: bool = setting(False, "Replace an SAE of the same name already in the database.")

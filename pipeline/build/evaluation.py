@@ -44,6 +44,11 @@ class ReconstructionTotals:
         }
 
 
+def keep_special(original: Tensor, replacement: Tensor, mask: Tensor) -> Tensor:
+    """The replacement, but at special tokens (`mask`), where the original stays."""
+    return torch.where(mask.unsqueeze(-1), original, replacement.to(original.dtype))
+
+
 def evaluate(
     sae, source: ActivationSource, n_sequences: int, batch_size: int, quiet: bool
 ) -> dict[str, float | None]:
@@ -75,9 +80,6 @@ def evaluate_sae(
     totals = ReconstructionTotals()
     losses = {"clean": 0.0, "sae": 0.0, "zero": 0.0}
     n_predictions = 0
-
-    def keep_special(original: Tensor, replacement: Tensor, mask: Tensor) -> Tensor:
-        return torch.where(mask.unsqueeze(-1), original, replacement.to(original.dtype))
 
     for start in tqdm(range(0, len(tokens), batch_size), desc="evaluate", disable=quiet):
         batch = tokens[start : start + batch_size].to(device)

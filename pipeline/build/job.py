@@ -12,6 +12,7 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -22,13 +23,25 @@ from saescope.db.records import CorpusRecord, SaeRecord, SaeRecords
 from saescope.db.writer import DatabaseWriter
 from saescope.pipeline.activations import ActivationSource, open_source
 from saescope.pipeline.build import analysis
+from saescope.pipeline.build.ablation import ablation_contexts, measure, threshold_ablation
 from saescope.pipeline.build.absorption import absorption
-from saescope.pipeline.build.accumulators import AccumulatedResult, Batch, FeatureAccumulators
+from saescope.pipeline.build.accumulators import (
+    AccumulatedResult,
+    Batch,
+    FeatureAccumulators,
+    FeatureStatsResult,
+)
 from saescope.pipeline.build.config import BuildConfig
+from saescope.pipeline.build.description_length import (
+    description_lengths,
+    effective_precision,
+    quantise,
+)
 from saescope.pipeline.build.evaluation import evaluate
+from saescope.pipeline.build.matching import compare_both_ways
 from saescope.pipeline.errors import InputError
 from saescope.pipeline.memory import reused_memory
-from saescope.pipeline.saes import decoder_and_bias, load_sae, read_training_log, sae_metadata
+from saescope.pipeline.saes import decoder_and_bias, load_sae, read_training, sae_metadata
 from saescope.pipeline.synthetic.ground_truth import match_ground_truth
 
 logger = logging.getLogger(__name__)
@@ -48,7 +61,8 @@ def run_build(config: BuildConfig) -> BuildSummary:
     started = time.perf_counter()
     config.validate()
     name = config.sae_name()
-    with DatabaseWriter(config.out, name, config.replace) as writer, torch.inference_mode():
+    writer = DatabaseWriter(config.out, name, config.replace)
+    with torch.inference_mode():
         sae = load_sae(
             config.sae, config.sae_release, config.sae_id, config.source.device, config.dtype
         )
@@ -65,8 +79,11 @@ def run_build(config: BuildConfig) -> BuildSummary:
             evaluation = evaluate(
                 sae, source, config.eval_sequences, config.batch_size, config.quiet
             )
-        records = sae_records(config, sae, accumulated, evaluation, source)
-        writer.write(corpus_record(source), records)
+            ablation, precision = ablation_and_precision(sae, config, source, accumulated.stats)
+        records = sae_records(config, sae, accumulated, evaluation, ablation, precision, source)
+        writer.write(
+            corpus_record(source), records, compare=compare_both_ways if config.compare else None
+        )
     return BuildSummary(
         name=name,
         out=config.out,
@@ -129,11 +146,29 @@ def stream(sae, config: BuildConfig, source: ActivationSource) -> AccumulatedRes
         return accumulators.finalize()
 
 
+def ablation_and_precision(
+    sae, config: BuildConfig, source: ActivationSource, stats: FeatureStatsResult
+) -> tuple[list[dict], int]:
+    """Threshold ablation and the description length's precision, both on the ablation
+    contexts."""
+    contexts = ablation_contexts(sae, source, config.eval_sequences, config.source.device)
+
+    def mse_at(precision: int | None) -> float:
+        def quantised(f: torch.Tensor) -> torch.Tensor:
+            return f if precision is None else quantise(f, precision)
+
+        return measure(sae, source, contexts, quantised, with_loss=False)["mse"]
+
+    return threshold_ablation(sae, source, contexts, stats), effective_precision(mse_at)
+
+
 def sae_records(
     config: BuildConfig,
     sae,
     accumulated: AccumulatedResult,
     evaluation: dict,
+    ablation: list[dict],
+    precision: int,
     source: ActivationSource,
 ) -> SaeRecords:
     decoder, decoder_bias = decoder_and_bias(sae)
@@ -153,6 +188,10 @@ def sae_records(
         settings.n_absorbers,
         config.seed,
     )
+    tokens_seen = max(stats.tokens_seen, 1)
+    description_length_bits = description_lengths(
+        stats.histogram, stats.count / tokens_seen, precision
+    )
     features = analysis.feature_records(
         accumulated,
         decoder,
@@ -160,14 +199,15 @@ def sae_records(
         settings,
         edges,
         absorbed,
+        description_length_bits,
         (match, truth.names) if truth is not None else None,
     )
     token_stats, token_latents = analysis.token_records(accumulated, settings.n_token_latents)
-    tokens_seen = max(stats.tokens_seen, 1)
     high_frequency = HIGH_FREQUENCY.mask(
         {"frequency": stats.count / tokens_seen}, settings.high_frequency_threshold
     )
     live = stats.count > 0
+    training = read_training(config.sae)
     sae_row = SaeRecord(
         model=source.model_name,
         hook=source.hook,
@@ -190,7 +230,11 @@ def sae_records(
         recovered_share=match.recovered if match else None,
         ground_truth={**truth.description, "features": truth.names} if truth else None,
         config=config.record(),
-        training_log=read_training_log(config.sae),
+        training=training_record(training) if training else None,
+        training_log=training["log"] if training else None,
+        description_length_bits=float(description_length_bits.sum()),
+        description_length_precision=precision,
+        threshold_ablation=ablation,
     )
     return SaeRecords(
         sae=sae_row,
@@ -199,6 +243,15 @@ def sae_records(
         token_stats=token_stats,
         token_latents=token_latents,
     )
+
+
+def training_record(saved: dict[str, Any]) -> dict[str, Any]:
+    """How `saescope train` made the SAE (what it saved beside it), as the database stores it."""
+    return {
+        "objective": saved["config"].get("objective"),
+        "hyperparameters": saved.get("hyperparameters", {}),
+        "settings": saved["config"],
+    }
 
 
 def _median(values: np.ndarray) -> float:

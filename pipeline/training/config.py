@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from saescope.pipeline.config import (
     SourceConfig,
@@ -15,6 +16,15 @@ from saescope.pipeline.config import (
 from saescope.pipeline.errors import InputError
 
 OBJECTIVES = ("l1", "sqrt", "l0", "topk")
+# The settings each objective reads beyond those all share: its hyperparameters.
+OBJECTIVE_SETTINGS = {
+    "l1": ("sparsity_coefficient",),
+    "sqrt": ("sparsity_coefficient",),
+    "l0": ("sparsity_coefficient", "l0_sharpness", "frequency_target", "frequency_coefficient"),
+    "topk": ("k", "aux_coefficient"),
+}
+# Shared settings that tell SAEs apart as much as the objective's own.
+SHARED_HYPERPARAMETERS = ("d_sae", "training_tokens", "learning_rate")
 
 
 @dataclass
@@ -59,6 +69,12 @@ class TrainingSettings:
     resample_every: int = setting(0, "Steps between dead-latent resampling; 0 never.", at_least=0)
     log_every: int = setting(20, "Steps between training-log rows.", at_least=1)
     seed: int = seed_setting()
+
+    def hyperparameters(self) -> dict[str, Any]:
+        """The settings that tell this training apart: the objective's own, then the shared
+        ones that matter most."""
+        names = OBJECTIVE_SETTINGS[self.objective] + SHARED_HYPERPARAMETERS
+        return {name: getattr(self, name) for name in names}
 
     def validate(self) -> None:
         check_bounds(self)

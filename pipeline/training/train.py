@@ -237,7 +237,8 @@ def save_sae(
     exported.load_state_dict({name: p.detach().clone() for name, p in sae.named_parameters()})
     out.mkdir(parents=True, exist_ok=True)
     exported.save_model(out)
-    (out / TRAINING_LOG).write_text(json.dumps({"config": asdict(settings), "log": log}) + "\n")
+    saved = {"config": asdict(settings), "hyperparameters": settings.hyperparameters(), "log": log}
+    (out / TRAINING_LOG).write_text(json.dumps(saved) + "\n")
 
 
 def run_training(config: TrainConfig) -> list[dict]:

@@ -36,7 +36,8 @@ def test_every_blob_column_declares_its_encoding() -> None:
     for table in Base.metadata.tables.values():
         for column in table.columns:
             if column.type.python_type is bytes:
-                assert column.info.get("dtype") in (codec.INT32, codec.FLOAT32), column
+                encodings = (codec.INT32, codec.FLOAT32, codec.FLOAT16)
+                assert column.info.get("dtype") in encodings, column
 
 
 def test_records_match_their_tables_and_a_misnamed_field_fails_at_once() -> None:
@@ -92,7 +93,8 @@ def test_flags_agree_on_arrays_rows_and_sql(threshold: float) -> None:
                         special_tokens_seen=0, high_frequency_threshold=threshold, l0=1.0,
                         dead_count=1, dense_count=1, jaccard_median=0.0, miss_rate_median=0.0,
                         sample_positions=1, eval_tokens=1,
-                        mse=0.0, config={}))  # fmt: skip
+                        mse=0.0, config={}, description_length_bits=0.0,
+                        description_length_precision=1, threshold_ablation=[]))  # fmt: skip
         for index, row in enumerate(ROWS):
             session.add(Feature(sae_id=1, feature_index=index, **row, **_filler()))
         session.commit()
@@ -110,7 +112,7 @@ def _filler() -> dict:
     return {
         "mean_activation": 0.0, "max_activation": 0.0, "min_activation": 0.0, "bos_count": 0,
         "jaccard": 0.0, "miss_rate": 0.0, "absorbed_positions": 0, "absorbers": [],
-        "decoder_auroc": 1.0,
+        "decoder_auroc": 1.0, "description_length_bits": 0.0, "decoder": b"",
         "histogram_first_bin": 0, "histogram_counts": b"", "position_rate": b"",
         "position_mean": b"", "quantile_edges": [], "quantile_mass": [], "logits_top": [],
         "logits_bottom": [], "neighbours": [], "top_tokens": [],

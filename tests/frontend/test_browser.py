@@ -114,6 +114,33 @@ def test_other_pages_load_without_console_errors(browser, base_url, screenshots,
     page.close()
 
 
+@pytest.mark.parametrize(
+    ("path", "charts", "traces"),
+    [
+        # Threshold ablation: the four rules against CE and against MSE.
+        ("/saes/tiny-sae", '[data-chart="ablation"]', [4, 4]),
+        # Each SAE's point and its threshold curve, against CE and against MSE.
+        ("/compare", '[data-chart="frontier"]', [4, 4]),
+        ("/saes/tiny-sae/compare/other-sae", '[data-chart="cosines"]', [1]),
+    ],
+)
+def test_comparison_charts_are_drawn(browser, base_url, screenshots, path, charts, traces) -> None:
+    page = browser.new_page(viewport={"width": 1280, "height": 900})
+    errors: list[str] = []
+    page.on("pageerror", lambda error: errors.append(str(error)))
+    page.goto(base_url + path)
+    page.wait_for_load_state("networkidle")
+    drawn = page.locator(charts)
+    assert [
+        drawn.nth(i).locator(".scatterlayer .trace, .barlayer .trace").count()
+        for i in range(drawn.count())
+    ] == traces
+    name = "charts_" + path.strip("/").replace("/", "_")
+    page.screenshot(path=str(screenshots / f"{name}.png"), full_page=True)
+    assert errors == []
+    page.close()
+
+
 def test_markup_tokens_do_not_run(browser, base_url: str) -> None:
     page = browser.new_page()
     dialogs: list[str] = []
@@ -152,7 +179,8 @@ def test_feature_plots_tell_the_truth(browser, base_url: str, dashboard_db: Path
     with sqlite3.connect(dashboard_db) as connection:
         live, dead = (
             connection.execute(
-                f"select feature_index from features where count {op} 0 order by count limit 1"
+                f"select feature_index from features where sae_id = 1 and count {op} 0 "
+                "order by count limit 1"
             ).fetchone()[0]
             for op in (">", "=")
         )

@@ -35,14 +35,14 @@ def test_a_replaced_database_is_served_whole_and_a_deleted_one_is_reported(
     served = tmp_path / "served.db"
     shutil.copy(dashboard_db, served)
     client = TestClient(create_app(Settings(database=served)))
-    assert client.get("/api/v1/health").json()["saes"] == 1
+    assert client.get("/api/v1/health").json()["saes"] == 2
     before = client.get(f"/api/v1/saes/{SAE}/features/3").json()
 
     # A rebuild: another file, with the SAE renamed and another token string, renamed into place.
     rebuilt = tmp_path / ".served.db.1.tmp"
     shutil.copy(dashboard_db, rebuilt)
     with sqlite3.connect(rebuilt) as connection:
-        connection.execute("update saes set name = 'rebuilt'")
+        connection.execute("update saes set name = 'rebuilt' where name = ?", (SAE,))
         connection.execute("update vocab set token = 'REPLACED' where token_id = ?", (
             before["top_tokens"][0]["token_id"],
         ))  # fmt: skip

@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
@@ -36,15 +37,15 @@ def test_health(client: TestClient) -> None:
     assert client.get("/api/v1/health").json() == {
         "status": "ok",
         "schema_version": SCHEMA_VERSION,
-        "saes": 1,
+        "saes": 2,
     }
 
 
 def test_saes_carry_their_metrics(client: TestClient, dashboard_db: Path) -> None:
-    (sae,) = client.get("/api/v1/saes").json()
+    sae, _ = client.get("/api/v1/saes").json()
     assert sae["name"] == SAE and sae["d_sae"] == 64 and sae["hook"] == "blocks.1.hook_resid_pre"
     (count, frequencies) = zip(
-        *rows(dashboard_db, "select count, frequency from features"), strict=True
+        *rows(dashboard_db, "select count, frequency from features where sae_id = 1"), strict=True
     )
     assert sae["l0"] == pytest.approx(sum(count) / sae["tokens_seen"])
     assert sae["dead_count"] == sum(c == 0 for c in count)
@@ -62,7 +63,7 @@ def test_feature_json_contract(client: TestClient, dashboard_db: Path, busiest_f
     ((count, frequency, maximum, tokens_seen),) = rows(
         dashboard_db,
         "select count, frequency, max_activation, tokens_seen from features join saes "
-        "on saes.id = features.sae_id where feature_index = ?",
+        "on saes.id = features.sae_id where saes.name = 'tiny-sae' and feature_index = ?",
         busiest_feature,
     )
     assert (feature["count"], feature["frequency"]) == (count, frequency)
@@ -160,7 +161,7 @@ def test_token_search_finds_exact_tokens_first(client: TestClient, dashboard_db:
     stored = rows(
         dashboard_db,
         "select feature_index, count, mean_activation from token_latents "
-        "where token_id = ? order by rank limit 5",
+        "where sae_id = 1 and token_id = ? order by rank limit 5",
         first["token_id"],
     )
     assert [(x["feature_index"], x["count"]) for x in first["latents"]] == [
@@ -177,7 +178,9 @@ def test_flags_report(client: TestClient, dashboard_db: Path) -> None:
     groups = {g["name"]: g for g in report["groups"]}
     assert list(groups) == ["high_frequency", "dead", "positional", "bos_dominated", "absorbed"]
     assert groups["high_frequency"]["rule"] == "fires on more than 20% of tokens"
-    frequency = dict(rows(dashboard_db, "select feature_index, frequency from features"))
+    frequency = dict(
+        rows(dashboard_db, "select feature_index, frequency from features where sae_id = 1")
+    )
     above = sorted((i for i, f in frequency.items() if f > 0.2), key=lambda i: -frequency[i])
     assert 0 < len(above) < 64
     assert groups["high_frequency"]["features"] == above
@@ -200,6 +203,11 @@ def test_flags_report(client: TestClient, dashboard_db: Path) -> None:
         (f"/api/v1/saes/{SAE}/flags?threshold=2", 422, "threshold"),
         (f"/api/v1/saes/{SAE}/features?min_frequency=0.5&max_frequency=0.1", 400, "greater"),
         (f"/api/v1/saes/{SAE}/features?sort=frequency&after=oops", 400, "cursor"),
+        (f"/api/v1/saes/{SAE}/compare/nope", 404, "no SAE named 'nope'"),
+        (f"/api/v1/saes/{SAE}/compare/other-sae?threshold=1.5", 422, "threshold"),
+        (f"/api/v1/saes/{SAE}/compare/other-sae?sort=colour", 422, "sort"),
+        (f"/api/v1/saes/{SAE}/compare/other-sae?sort=cosine&after=1.0", 400, "cursor"),
+        ("/api/v1/saes/nope/threshold-ablation", 404, "no SAE named 'nope'"),
     ],
 )
 def test_json_errors_share_one_body(client: TestClient, url: str, status: int, fragment: str):
@@ -232,6 +240,8 @@ def test_html_errors_are_pages_with_the_same_status(client, url: str, status: in
         f"/saes/{SAE}/features/0",
         f"/saes/{SAE}/search?token=the",
         f"/saes/{SAE}/flags",
+        "/compare",
+        f"/saes/{SAE}/compare/other-sae?threshold=0.9&sort=cosine&order=asc",
     ],
 )
 def test_every_page_renders_and_links_its_json_twin(client: TestClient, url: str) -> None:
@@ -300,6 +310,9 @@ def test_openapi_lists_every_json_route(client: TestClient) -> None:
         "/api/v1/saes/{sae}/features/{feature_index}",
         "/api/v1/saes/{sae}/search",
         "/api/v1/saes/{sae}/flags",
+        "/api/v1/compare",
+        "/api/v1/saes/{sae}/compare/{other}",
+        "/api/v1/saes/{sae}/threshold-ablation",
     }
 
 
@@ -344,3 +357,68 @@ def test_token_search_reads_a_bounded_number_of_queries(client: TestClient) -> N
     latents = sum(len(match["latents"]) for match in result["matches"])
     assert len(result["matches"]) == 10 and latents >= 20
     assert len([s for s in statements if s.lstrip().upper().startswith("SELECT")]) <= 6
+
+
+def test_reference_matching_contract(client: TestClient, dashboard_db: Path) -> None:
+    """The stored summary, the histogram of the live latents' best cosines, and the unmatched
+    latents, paginated whole: every live latent below the threshold once, sorted as asked."""
+    comparison = client.get(f"/api/v1/saes/{SAE}/compare/other-sae?threshold=0.95").json()
+    best = dict(
+        rows(
+            dashboard_db,
+            "select matches.feature_index, cosine from matches join features on "
+            "features.sae_id = matches.sae_id and features.feature_index = matches.feature_index "
+            "where matches.sae_id = 1 and count > 0",
+        )
+    )
+    assert comparison["same_model_and_hook"] is True and comparison["latents"] == len(best)
+    assert comparison["share_above_0_9"] == pytest.approx(np.mean([c > 0.9 for c in best.values()]))
+    assert sum(comparison["histogram"]["counts"]) == len(best)
+    assert comparison["histogram"]["edges"][0] == 0 and comparison["histogram"]["edges"][-1] == 1
+    expected = sorted((i for i, c in best.items() if c < 0.95), key=lambda i: (best[i], i))
+    query = f"/api/v1/saes/{SAE}/compare/other-sae?threshold=0.95&sort=cosine&order=asc&limit=7"
+    seen, url = [], query
+    while url:
+        page = client.get(url).json()
+        assert page["unmatched_count"] == len(expected)
+        seen += [latent["feature_index"] for latent in page["unmatched"]]
+        url = page["next_cursor"] and f"{query}&after={page['next_cursor']}"
+    assert seen == expected and 0 < len(expected) < len(best)
+    by_frequency = client.get(f"/api/v1/saes/{SAE}/compare/other-sae?threshold=0.95").json()
+    frequencies = [latent["frequency"] for latent in by_frequency["unmatched"]]
+    assert frequencies == sorted(frequencies, reverse=True)
+
+
+def test_feature_json_names_its_closest_latents(client: TestClient, dashboard_db: Path) -> None:
+    feature = client.get(f"/api/v1/saes/{SAE}/features/40").json()
+    ((closest, cosine, bits),) = rows(
+        dashboard_db,
+        "select other_feature_index, cosine, description_length_bits from matches join features "
+        "using (sae_id, feature_index) where sae_id = 1 and feature_index = 40",
+    )
+    assert feature["matches"] == [{"sae": "other-sae", "feature_index": closest, "cosine": cosine}]
+    assert feature["description_length_bits"] == bits > 0
+    page = client.get(f"/saes/{SAE}/features/40").text
+    assert f'href="/saes/other-sae/features/{closest}"' in page
+
+
+def test_threshold_ablation_and_description_length_of_an_sae(client: TestClient) -> None:
+    ablation = client.get(f"/api/v1/saes/{SAE}/threshold-ablation").json()
+    assert [rule["name"] for rule in ablation["rules"]] == [
+        "global", "lowest_k", "fraction_of_max", "quantile",
+    ]  # fmt: skip
+    for rule in ablation["rules"]:
+        assert set(rule["points"][0]) == {"threshold", "l0", "mse", "explained_variance", "ce"}
+    sae = client.get(f"/api/v1/saes/{SAE}").json()
+    assert sae["description_length_precision"] in (1, 2, 4, 8, 16, 32, 64)
+    table = client.get(
+        f"/api/v1/saes/{SAE}/features?sort=description_length_bits&order=desc&limit=200"
+    ).json()
+    bits = [row["description_length_bits"] for row in table["items"]]
+    assert bits == sorted(bits, reverse=True)
+    assert sae["description_length_bits"] == pytest.approx(sum(bits))
+    side_by_side = client.get("/api/v1/compare").json()
+    assert [s["name"] for s in side_by_side["saes"]] == [SAE, "other-sae"]
+    assert {(p["sae"], p["other"]) for p in side_by_side["pairs"]} == {
+        (SAE, "other-sae"), ("other-sae", SAE),
+    }  # fmt: skip

@@ -268,7 +268,8 @@ def test_demo_builds_only_what_its_database_lacks(tmp_path: Path, dashboard_db: 
     database = tmp_path / "demo.db"
     shutil.copy(dashboard_db, database)
     with sqlite3.connect(database) as connection:
-        connection.execute("update saes set name = 'demo-topk'")
+        connection.execute("update saes set name = 'demo-topk' where name = 'tiny-sae'")
+        connection.execute("update saes set name = 'another' where name = 'other-sae'")
     assert builder.build_demo(tmp_path, quiet=True) == database
     assert built == ["demo-l1"]
     with sqlite3.connect(database) as connection:
