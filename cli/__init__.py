@@ -162,17 +162,22 @@ def synth(**options: Any) -> None:
 @click.argument("database", type=click.Path(path_type=Path))
 @click.argument("sae")
 @click.argument("other")
-def compare(database: Path, sae: str, other: str) -> None:
+@click.option(
+    "--device", default="cpu", show_default=True, help="torch device of the cosine products."
+)
+def compare(database: Path, sae: str, other: str, device: str) -> None:
     """Match the latents of two SAEs of DATABASE by decoder cosine, each way, and store it.
 
     The build does this with every SAE of the same input width already in the file, unless given
     --no-compare; this command does it for two, replacing what was stored."""
     setup_logging(quiet=False)
+    from functools import partial
+
     from saescope.db.writer import add_comparison
     from saescope.pipeline.build.matching import compare_both_ways
 
     with user_errors(f"interrupted; {database} was left as it was"):
-        records = add_comparison(database, (sae, other), compare_both_ways)
+        records = add_comparison(database, (sae, other), partial(compare_both_ways, device=device))
     for record in records:
         click.echo(
             f"{record.sae} in {record.other}: {record.share_above_0_9:.1%} of "

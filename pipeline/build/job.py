@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -81,9 +82,8 @@ def run_build(config: BuildConfig) -> BuildSummary:
             )
             ablation, precision = ablation_and_precision(sae, config, source, accumulated.stats)
         records = sae_records(config, sae, accumulated, evaluation, ablation, precision, source)
-        writer.write(
-            corpus_record(source), records, compare=compare_both_ways if config.compare else None
-        )
+        compare = partial(compare_both_ways, device=config.source.device)
+        writer.write(corpus_record(source), records, compare=compare if config.compare else None)
     return BuildSummary(
         name=name,
         out=config.out,

@@ -1,12 +1,13 @@
 """Reference matching (Farrell; the e2e-SAE paper's geometric analysis): each latent's closest
 latent of another SAE by decoder cosine, and how the best cosines of an SAE's live latents are
-spread. Exact, in chunks of rows so memory stays bounded whatever the two widths."""
+spread. Exact, in chunks of rows so memory stays bounded whatever the two widths; each chunk's
+cosines serve both directions."""
 
 from __future__ import annotations
 
 import numpy as np
 import torch
-from jaxtyping import Float
+from jaxtyping import Bool, Float
 from torch import Tensor
 
 from saescope.db.codec import cosine_edges
@@ -18,32 +19,63 @@ CHUNK_CELLS = 1 << 24
 
 
 def best_matches(
-    directions: Float[Tensor, "n d_in"], candidates: Float[Tensor, "m d_in"]
-) -> tuple[np.ndarray, np.ndarray]:
-    """For each row of `directions`, the index of its most similar row of `candidates` and that
-    cosine (both sets of rows unit-normalised here)."""
-    directions, candidates = unit_rows(directions.float()), unit_rows(candidates.float())
+    directions: Float[Tensor, "n d_in"],
+    candidates: Float[Tensor, "m d_in"],
+    live_directions: Bool[Tensor, " n"],
+    live_candidates: Bool[Tensor, " m"],
+    device: str = "cpu",
+) -> tuple[tuple[Tensor, Tensor], tuple[Tensor, Tensor]]:
+    """Both ways, each row's most similar live row of the other set by cosine: (index, cosine)
+    for every row of `directions` among the live `candidates`, and for every row of
+    `candidates` among the live `directions`; -inf where the other set has no live row.
+    Computed on `device`, returned on the CPU."""
+    directions, candidates = (unit_rows(x.to(device).float()) for x in (directions, candidates))
+    live_directions, live_candidates = live_directions.to(device), live_candidates.to(device)
     rows = max(1, CHUNK_CELLS // max(len(candidates), 1))
-    best, cosine = [], []
+    forward_index, forward_cosine = [], []
+    back_cosine = torch.full((len(candidates),), -torch.inf, device=device)
+    back_index = torch.zeros(len(candidates), dtype=torch.int64, device=device)
     for start in range(0, len(directions), rows):
-        values, indices = (directions[start : start + rows] @ candidates.T).max(dim=1)
-        best.append(indices)
-        cosine.append(values)
-    return torch.cat(best).numpy(), torch.cat(cosine).double().numpy()
+        cosines = directions[start : start + rows] @ candidates.T
+        live_rows = live_directions[start : start + rows]
+        if live_rows.any():
+            values, indices = cosines[live_rows].max(dim=0)
+            better = values > back_cosine
+            back_cosine = torch.where(better, values, back_cosine)
+            rows_index = torch.nonzero(live_rows).flatten() + start
+            back_index = torch.where(better, rows_index[indices], back_index)
+        cosines[:, ~live_candidates] = -torch.inf
+        values, indices = cosines.max(dim=1)
+        forward_index.append(indices)
+        forward_cosine.append(values)
+    forward = (torch.cat(forward_index).cpu(), torch.cat(forward_cosine).cpu())
+    return forward, (back_index.cpu(), back_cosine.cpu())
 
 
-def compare(sae: StoredDecoder, other: StoredDecoder) -> ComparisonRecord:
-    """How `sae`'s latents are matched among `other`'s live ones; its live latents summarised.
-    Where `other` has no live latent, nothing matches: every best cosine counts as 0."""
-    live = np.flatnonzero(other.live)
-    if len(live):
-        found, cosine = best_matches(
-            torch.from_numpy(sae.decoder), torch.from_numpy(other.decoder[live])
-        )
-    else:
-        found, cosine = np.zeros(0, np.int64), np.zeros(len(sae.decoder))
+def compare_both_ways(
+    sae: StoredDecoder, other: StoredDecoder, device: str = "cpu"
+) -> list[ComparisonRecord]:
+    """How each SAE's latents are matched among the other's live ones, each way."""
+    forward, back = best_matches(
+        torch.from_numpy(sae.decoder),
+        torch.from_numpy(other.decoder),
+        torch.from_numpy(sae.live),
+        torch.from_numpy(other.live),
+        device,
+    )
+    return [_record(sae, other, *forward), _record(other, sae, *back)]
+
+
+def _record(
+    sae: StoredDecoder, other: StoredDecoder, index: Tensor, cosine: Tensor
+) -> ComparisonRecord:
+    """`sae`'s matches in `other`, and its live latents summarised. Where `other` has no live
+    latent, nothing matches: no match is stored and every best cosine counts as 0."""
+    found = bool(other.live.any())
+    cosine = cosine.double().numpy() if found else np.zeros(len(sae.live))
     summarised = cosine[sae.live]
     counts, _ = np.histogram(np.clip(summarised, 0.0, 1.0), bins=cosine_edges())
+    stored = slice(None) if found else slice(0)
     return ComparisonRecord(
         sae=sae.name,
         other=other.name,
@@ -54,12 +86,8 @@ def compare(sae: StoredDecoder, other: StoredDecoder) -> ComparisonRecord:
         histogram_counts=counts,
         same_model_and_hook=(sae.model, sae.hook) == (other.model, other.hook),
         matches=MatchColumns(
-            feature_index=np.arange(len(found)),
-            other_feature_index=live[found],
-            cosine=cosine[: len(found)],
+            feature_index=np.arange(len(sae.live))[stored],
+            other_feature_index=index.numpy()[stored],
+            cosine=cosine[stored],
         ),
     )
-
-
-def compare_both_ways(sae: StoredDecoder, other: StoredDecoder) -> list[ComparisonRecord]:
-    return [compare(sae, other), compare(other, sae)]

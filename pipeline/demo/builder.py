@@ -29,6 +29,8 @@ HELD_OUT_TOKENS = DEMO / "tokens" / "held_out.npy"
 # Corpus tokens the demo SAEs were trained on (the training split has fewer: it is cycled).
 TRAINING_CORPUS_TOKENS = 1_000_000
 DATABASE_TOKENS = 200_000
+# Evaluation contexts (4,096 tokens): each threshold-ablation point runs the model over them.
+DEMO_EVAL_SEQUENCES = 32
 
 
 @dataclass(frozen=True)
@@ -45,12 +47,18 @@ DEMO_SAES = (
         DEMO / "saes" / "topk",
         TrainingSettings(objective="topk", k=32, d_sae=2048, training_tokens=3_000_000),
     ),
-    # The L1 reference on the same hook.
+    # The L1 reference on the same hook, from another seed: an initialisation of its own, so
+    # that matching its latents with the TopK SAE's shows what training found, not where both
+    # started.
     DemoSae(
         "demo-l1",
         DEMO / "saes" / "l1",
         TrainingSettings(
-            objective="l1", sparsity_coefficient=1.0, d_sae=2048, training_tokens=3_000_000
+            objective="l1",
+            sparsity_coefficient=1.0,
+            d_sae=2048,
+            training_tokens=3_000_000,
+            seed=1,
         ),
     ),
 )
@@ -95,7 +103,7 @@ def build_demo(data: Path, quiet: bool, retrain: bool = False) -> Path:
                 source=source(HELD_OUT_TOKENS, DATABASE_TOKENS),
                 sae=directories[sae.name],
                 name=sae.name,
-                eval_sequences=128,
+                eval_sequences=DEMO_EVAL_SEQUENCES,
                 quiet=quiet,
             )
         )

@@ -14,7 +14,7 @@ from saescope.cli import app
 from saescope.db.codec import COSINE_BINS
 from saescope.db.records import StoredDecoder
 from saescope.pipeline.build import matching
-from saescope.pipeline.build.matching import best_matches, compare
+from saescope.pipeline.build.matching import best_matches, compare_both_ways
 
 
 def brute_force(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -29,18 +29,21 @@ def decoder(name: str, rows: np.ndarray, live: np.ndarray | None = None) -> Stor
     return StoredDecoder(name=name, model="m", hook="h", decoder=rows, live=live)
 
 
-@pytest.mark.parametrize("chunk_cells", [7, 1 << 24])
+@pytest.mark.parametrize("chunk_cells", [7, 50, 1 << 24])
 def test_best_matches_equal_the_cosine_matrix(monkeypatch, chunk_cells: int) -> None:
-    """Whatever the chunking (7 cells: one row per chunk), each row's best match and cosine are
-    those of the full cosine matrix."""
+    """Whatever the chunking (7 cells: one row per chunk), each row's best live match and its
+    cosine, both ways, are those of the full cosine matrix."""
     monkeypatch.setattr(matching, "CHUNK_CELLS", chunk_cells)
     generator = np.random.default_rng(0)
     a = generator.normal(size=(37, 16)).astype(np.float32)
     b = generator.normal(size=(23, 16)).astype(np.float32) * generator.uniform(0.1, 5, (23, 1))
-    found, cosine = best_matches(torch.from_numpy(a), torch.from_numpy(b))
+    live_a, live_b = generator.uniform(size=37) < 0.8, generator.uniform(size=23) < 0.8
+    forward, back = best_matches(*(torch.from_numpy(x) for x in (a, b, live_a, live_b)))
     cosines = brute_force(a, b)
-    np.testing.assert_array_equal(found, cosines.argmax(1))
-    np.testing.assert_allclose(cosine, cosines.max(1), atol=1e-6)
+    for (index, cosine), matrix, live in ((forward, cosines, live_b), (back, cosines.T, live_a)):
+        among_live = np.where(live[None, :], matrix, -np.inf)
+        np.testing.assert_array_equal(index.numpy(), among_live.argmax(1))
+        np.testing.assert_allclose(cosine.numpy(), among_live.max(1), atol=1e-6)
 
 
 def test_the_summary_counts_live_latents_matched_among_live_ones() -> None:
@@ -54,7 +57,7 @@ def test_the_summary_counts_live_latents_matched_among_live_ones() -> None:
     a[0] = b[5]
     live_a, live_b = np.ones(30, bool), np.ones(40, bool)
     live_a[25:], live_b[5] = False, False
-    record = compare(decoder("a", a, live_a), decoder("b", b, live_b))
+    record, reverse = compare_both_ways(decoder("a", a, live_a), decoder("b", b, live_b))
 
     cosines = brute_force(a, b)[:, live_b]
     best = cosines.max(1)
@@ -71,13 +74,21 @@ def test_the_summary_counts_live_latents_matched_among_live_ones() -> None:
     expected, _ = np.histogram(np.clip(summarised, 0, 1), bins=COSINE_BINS, range=(0, 1))
     np.testing.assert_array_equal(record.histogram_counts, expected)
     assert record.same_model_and_hook
+    back = brute_force(b, a)[:, live_a]
+    np.testing.assert_array_equal(
+        reverse.matches.other_feature_index, np.flatnonzero(live_a)[back.argmax(1)]
+    )
+    assert reverse.latents == 39
+    assert reverse.median_best_cosine == pytest.approx(np.median(back.max(1)[live_b]), abs=1e-6)
 
 
 def test_an_sae_without_live_latents_matches_nothing() -> None:
     rows = np.eye(4, dtype=np.float32)
-    record = compare(decoder("a", rows), decoder("b", rows, np.zeros(4, bool)))
+    record, reverse = compare_both_ways(decoder("a", rows), decoder("b", rows, np.zeros(4, bool)))
     assert record.share_above_0_9 == 0 and record.median_best_cosine == 0
     assert len(record.matches.feature_index) == 0
+    assert reverse.latents == 0 and len(reverse.matches.feature_index) == 4
+    np.testing.assert_array_equal(reverse.matches.other_feature_index, np.arange(4))
 
 
 def stored_matching(path: Path) -> tuple[dict, dict]:
