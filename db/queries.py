@@ -664,7 +664,9 @@ def compare_saes(
     sae, other = _sae(session, sae_name), _sae(session, other_name)
     stored = session.get(StoredComparison, (sae.id, other.id))
     if stored is None:
-        if sae.d_in != other.d_in:
+        if sae.id == other.id:
+            reason = "an SAE is compared with other SAEs, not with itself"
+        elif sae.d_in != other.d_in:
             reason = f"they read activations of different widths ({sae.d_in} and {other.d_in})"
         else:
             reason = f"run `saescope compare DATABASE {sae.name} {other.name}`"

@@ -204,6 +204,7 @@ def test_flags_report(client: TestClient, dashboard_db: Path) -> None:
         (f"/api/v1/saes/{SAE}/features?min_frequency=0.5&max_frequency=0.1", 400, "greater"),
         (f"/api/v1/saes/{SAE}/features?sort=frequency&after=oops", 400, "cursor"),
         (f"/api/v1/saes/{SAE}/compare/nope", 404, "no SAE named 'nope'"),
+        (f"/api/v1/saes/{SAE}/compare/{SAE}", 404, "not with itself"),
         (f"/api/v1/saes/{SAE}/compare/other-sae?threshold=1.5", 422, "threshold"),
         (f"/api/v1/saes/{SAE}/compare/other-sae?sort=colour", 422, "sort"),
         (f"/api/v1/saes/{SAE}/compare/other-sae?sort=cosine&after=1.0", 400, "cursor"),
