@@ -1,12 +1,16 @@
-"""Loading an SAE (SAELens format or release) and reading its decoder."""
+"""Loading an SAE (SAELens format or release), reading its decoder, and encoding a few latents
+at a time where it is wide."""
 
 from __future__ import annotations
 
+import copy
 import json
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import torch
 from jaxtyping import Float
 from torch import Tensor
 
@@ -14,6 +18,11 @@ from saescope.pipeline.errors import InputError, describe
 
 # The log `saescope train` saves beside an SAE, which the build stores for the training curves.
 TRAINING_LOG = "training_log.json"
+# Dense activations are made this many (token, latent) cells at a time (256 MB in float32): a
+# wide SAE is encoded a chunk of latents at a time, or a chunk of tokens at a time.
+ACTIVATION_CELLS = 1 << 26
+# Parameters that do not have a row or column per latent.
+SHARED_PARAMETERS = {"b_dec", "W_skip"}
 
 
 def load_sae(
@@ -68,3 +77,82 @@ def read_training(directory: Path | None) -> dict[str, Any] | None:
 def unit_rows(matrix: Float[Tensor, "rows d"]) -> Float[Tensor, "rows d"]:
     """Each row scaled to unit norm (zero rows stay zero): decoder directions ŵ."""
     return matrix / matrix.norm(dim=1, keepdim=True).clamp_min(1e-12)
+
+
+def latent_chunk_size(d_sae: int, tokens: int, cells: int = ACTIVATION_CELLS) -> int:
+    """Latents encoded at a time for batches of `tokens` tokens."""
+    return max(1, min(d_sae, cells // max(tokens, 1)))
+
+
+def row_chunks(x: Tensor, d_sae: int, cells: int = ACTIVATION_CELLS) -> tuple[Tensor, ...]:
+    """`x` [rows, ...] split so that each part's dense activations stay within `cells`."""
+    return x.split(max(1, cells // max(d_sae, 1)))
+
+
+class LatentChunks:
+    """f = sae.encode(x), `size` latents at a time, as SAELens computes it: the whole SAE when
+    it is narrow enough; where f is elementwise in the pre-activations (standard, gated,
+    JumpReLU), an SAE sliced to each chunk's latents (its parameters are views); for TopK, the
+    pre-activations chunk by chunk with a running top-k per token, whose k entries are f."""
+
+    def __init__(self, sae, size: int) -> None:
+        from sae_lens.saes.topk_sae import TopK
+
+        self.sae = sae
+        self.d_sae = sae.W_dec.shape[0]
+        self.size = min(size, self.d_sae)
+        self.top_k = sae.activation_fn.k if isinstance(sae.activation_fn, TopK) else None
+        self.ranges = [(a, min(a + self.size, self.d_sae)) for a in range(0, self.d_sae, self.size)]
+        self.parts = (
+            [_latent_slice(sae, a, b) for a, b in self.ranges]
+            if len(self.ranges) > 1 and self.top_k is None
+            else []
+        )
+
+    def __call__(self, x: Float[Tensor, "... d_in"]) -> Iterator[tuple[int, Tensor]]:
+        """(first latent, f of the chunk's latents [..., size]) for each chunk, in order."""
+        if len(self.ranges) == 1:
+            yield 0, self.sae.encode(x)
+        elif self.top_k is None:
+            for (a, _), part in zip(self.ranges, self.parts, strict=True):
+                yield a, part.encode(x)
+        else:
+            yield from self._top_k_chunks(x)
+
+    def _top_k_chunks(self, x: Tensor) -> Iterator[tuple[int, Tensor]]:
+        sae, k = self.sae, self.top_k
+        sae_in = sae.process_sae_in(x)
+        values = indices = None
+        for a, b in self.ranges:
+            pre = sae_in @ sae.W_enc[:, a:b] + sae.b_enc[a:b]
+            if sae.cfg.rescale_acts_by_decoder_norm:
+                pre = pre * sae.W_dec[a:b].norm(dim=-1)
+            top, where = pre.topk(min(k, b - a), dim=-1)
+            if values is not None:
+                top, where = torch.cat([values, top], -1), torch.cat([indices, where + a], -1)
+                top, pick = top.topk(min(k, top.shape[-1]), dim=-1)
+                where = where.gather(-1, pick)
+            values, indices = top, where
+        values = values.relu()
+        for a, b in self.ranges:
+            inside = (indices >= a) & (indices < b)
+            chunk = torch.zeros(*x.shape[:-1], b - a, dtype=values.dtype, device=values.device)
+            # Adding, not writing: the zeros of entries outside the chunk land on slot 0 too.
+            chunk.scatter_add_(
+                -1, torch.where(inside, indices - a, 0), torch.where(inside, values, 0)
+            )
+            yield a, chunk
+
+
+def _latent_slice(sae, first: int, last: int):
+    """A shallow copy of `sae` that has only latents first .. last − 1: each parameter with a
+    row or column per latent sliced (a view), the others shared."""
+    part = copy.copy(sae)
+    part._parameters = {}
+    for name, parameter in sae._parameters.items():
+        if name == "W_enc":
+            parameter = parameter[:, first:last]
+        elif name not in SHARED_PARAMETERS and parameter.shape[0] == sae.W_dec.shape[0]:
+            parameter = parameter[first:last]
+        part._parameters[name] = torch.nn.Parameter(parameter, requires_grad=False)
+    return part

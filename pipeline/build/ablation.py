@@ -30,6 +30,7 @@ from saescope.db.codec import histogram_edges
 from saescope.pipeline.activations import ActivationSource
 from saescope.pipeline.build.accumulators import FeatureStatsResult
 from saescope.pipeline.build.evaluation import ReconstructionTotals, keep_special
+from saescope.pipeline.saes import row_chunks
 
 TARGET_FRACTIONS = (1.0, 0.85, 0.7, 0.55, 0.4, 0.25)
 # Each rule, and what it removes (stored beside its points).
@@ -66,11 +67,12 @@ def ablation_contexts(
     for start, token_ids in source.batches(device, n_sequences):
         x = source.read(start, token_ids).float()
         special = source.special(token_ids)
-        f = sae.encode(x[~special]).float()
-        rows, cols = torch.nonzero(f > 0, as_tuple=True)
-        values.append(f[rows, cols].cpu().numpy())
-        latents.append(cols.cpu().numpy())
-        per_token.append((f > 0).sum(1).cpu().numpy())
+        for part in row_chunks(x[~special], sae.W_dec.shape[0]):
+            f = sae.encode(part).float()
+            rows, cols = torch.nonzero(f > 0, as_tuple=True)
+            values.append(f[rows, cols].cpu().numpy())
+            latents.append(cols.cpu().numpy())
+            per_token.append((f > 0).sum(1).cpu().numpy())
         batches.append((token_ids, x, special))
     return AblationContexts(
         batches, np.concatenate(values), np.concatenate(latents), np.concatenate(per_token)
@@ -91,10 +93,13 @@ def measure(
     loss = predictions = 0.0
     model = source.language_model if with_loss else None
     for token_ids, x, special in contexts.batches:
-        f = transform(sae.encode(x[~special]).float())
-        reconstruction = sae.decode(f.to(sae.dtype)).float()
+        parts = []
+        for part in row_chunks(x[~special], sae.W_dec.shape[0]):
+            f = transform(sae.encode(part).float())
+            parts.append(sae.decode(f.to(sae.dtype)).float())
+            active, tokens = active + int((f > 0).sum()), tokens + len(f)
+        reconstruction = torch.cat(parts)
         totals.add(x[~special], reconstruction)
-        active, tokens = active + int((f > 0).sum()), tokens + len(f)
         if model is not None:
 
             def splice(activation: Tensor, hook, special=special, reconstruction=reconstruction):

@@ -38,7 +38,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from saescope.pipeline.saes import unit_rows
+from saescope.pipeline.saes import row_chunks, unit_rows
 
 NEIGHBOUR_COSINE = 0.5
 """decoder cosine at which another latent can absorb i: well above the best cosine expected by
@@ -71,16 +71,16 @@ class Absorption:
 
 
 def sparse_activations(
-    x: Float[Tensor, "n d_in"], encode: Callable[[Tensor], Tensor], rows: int = 4096
+    x: Float[Tensor, "n d_in"], encode: Callable[[Tensor], Tensor], d_sae: int
 ) -> Tensor:
     """f = encode(x) as a sparse CSR matrix [n, d_sae] of the active entries."""
-    index, values, d_sae = [], [], 0
-    for start in range(0, len(x), rows):
-        acts = encode(x[start : start + rows]).float()
-        d_sae = acts.shape[1]
+    index, values, start = [], [], 0
+    for part in row_chunks(x, d_sae):
+        acts = encode(part).float()
         row, col = torch.nonzero(acts > 0, as_tuple=True)
         index.append(torch.stack([row + start, col]))
         values.append(acts[row, col])
+        start += len(part)
     coo = torch.sparse_coo_tensor(torch.cat(index, 1), torch.cat(values), (len(x), d_sae))
     return coo.coalesce().to_sparse_csr()
 
@@ -170,7 +170,7 @@ def _absorption(
     there, `sequence` the sequence each position lies in (the bootstrap's unit)."""
     x, decoder = x.float().cpu(), decoder.float().cpu()
     n, d_sae = x.shape[0], decoder.shape[0]
-    f = sparse_activations(x, encode)  # [n, d_sae]
+    f = sparse_activations(x, encode, d_sae)  # [n, d_sae]
     f_by_latent = f.to_sparse_coo().t().coalesce().to_sparse_csr()  # [d_sae, n]
     fired = torch.sparse_csr_tensor(
         f.crow_indices(), f.col_indices(), torch.ones_like(f.values()), f.shape

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import functools
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -66,67 +67,64 @@ def position_hash(token_index: Int[Tensor, " n"], feature_index: Int[Tensor, " n
 
 @dataclass
 class Batch:
-    """Activations for whole sequences `first_sequence ..` of the corpus: the hook's
-    `hook_activations` and the SAE's `feature_acts`, also as `acts`, a [tokens, d_sae] array on
-    the CPU.
-
-    `feature_acts` is zero on special tokens (BOS/EOS/pad), which are excluded from all
-    statistics; `special_feature_acts` keeps their activations for BOS counting.
-    """
+    """Whole sequences `first_sequence ..` of the corpus: their tokens and the hook's
+    activations. Special tokens (BOS/EOS/pad) are excluded from all statistics."""
 
     first_sequence: int
     token_ids: Int[Tensor, "seq ctx"]
     hook_activations: Float[Tensor, "seq ctx d_model"]
-    feature_acts: Float[Tensor, "seq ctx d_sae"]
     special: Bool[Tensor, "seq ctx"]
-    special_feature_acts: Float[Tensor, "n_special d_sae"]
-    acts: np.ndarray
-
-    @classmethod
-    def from_activations(
-        cls,
-        first_sequence: int,
-        token_ids: Int[Tensor, "seq ctx"],
-        hook_activations: Float[Tensor, "seq ctx d_model"],
-        feature_acts: Float[Tensor, "seq ctx d_sae"],
-        special: Bool[Tensor, "seq ctx"],
-    ) -> Batch:
-        """Masks special tokens in place."""
-        n_features = feature_acts.shape[-1]
-        flat = feature_acts.view(-1, n_features)
-        # Row indices, not a boolean mask over the whole tensor: special tokens are few.
-        special_rows = torch.nonzero(special.reshape(-1)).squeeze(1)
-        special_feature_acts = flat[special_rows]
-        flat[special_rows] = 0.0
-        return cls(
-            first_sequence=first_sequence,
-            token_ids=token_ids,
-            hook_activations=hook_activations,
-            feature_acts=feature_acts,
-            special=special,
-            special_feature_acts=special_feature_acts,
-            acts=np.ascontiguousarray(flat.float().cpu().numpy()),
-        )
 
     @property
     def context_length(self) -> int:
         return self.token_ids.shape[1]
 
     @property
-    def n_features(self) -> int:
-        return self.feature_acts.shape[-1]
-
-    @property
     def first_token(self) -> int:
         return self.first_sequence * self.context_length
 
-    def view(self) -> BatchView:
-        return BatchView(self.acts, self.context_length, self.first_token)
+
+@dataclass
+class LatentChunk:
+    """The activations of latents `first_feature ..` on a batch: `feature_acts`, zero on special
+    tokens (whose activations `special_feature_acts` keeps for BOS counting), also as `acts`, a
+    [tokens, n] array on the CPU."""
+
+    first_feature: int
+    feature_acts: Float[Tensor, "seq ctx n"]
+    special_feature_acts: Float[Tensor, "n_special n"]
+    acts: np.ndarray
+
+    @classmethod
+    def of(
+        cls, first_feature: int, feature_acts: Float[Tensor, "seq ctx n"], batch: Batch
+    ) -> LatentChunk:
+        """Masks special tokens in place."""
+        n_features = feature_acts.shape[-1]
+        flat = feature_acts.view(-1, n_features)
+        # Row indices, not a boolean mask over the whole tensor: special tokens are few.
+        special_rows = torch.nonzero(batch.special.reshape(-1)).squeeze(1)
+        special_feature_acts = flat[special_rows]
+        flat[special_rows] = 0.0
+        return cls(
+            first_feature=first_feature,
+            feature_acts=feature_acts,
+            special_feature_acts=special_feature_acts,
+            acts=np.ascontiguousarray(flat.float().cpu().numpy()),
+        )
+
+    @property
+    def features(self) -> slice:
+        """The chunk's latents, as a slice of the accumulators' per-latent state."""
+        return slice(self.first_feature, self.first_feature + self.acts.shape[1])
+
+    def view(self, batch: Batch) -> BatchView:
+        return BatchView(self.acts, batch.context_length, batch.first_token, self.first_feature)
 
     def active_entries(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Rows, features and values of the active entries, row by row."""
+        """Rows, features (global indices) and values of the active entries, row by row."""
         rows, features = np.nonzero(self.acts > 0)
-        return rows, features, self.acts[rows, features]
+        return rows, features + self.first_feature, self.acts[rows, features]
 
 
 class FeatureStats:
@@ -146,15 +144,16 @@ class FeatureStats:
         self.position_sum = np.zeros((context_length, n_features))
         self.histogram = np.zeros((n_features, HISTOGRAM_BINS), dtype=np.int32)
 
-    def kernel_tables(self) -> StatisticsTables:
-        """The tables `kernels.scan_activations` adds each active entry to."""
+    def kernel_tables(self, features: slice) -> StatisticsTables:
+        """The tables of some latents, which `kernels.scan_activations` adds each active entry
+        to."""
         return StatisticsTables(
-            self.position_count,
-            self.position_sum,
-            self.sum_sq,
-            self.max,
-            self.min,
-            self.histogram,
+            self.position_count[:, features],
+            self.position_sum[:, features],
+            self.sum_sq[features],
+            self.max[features],
+            self.min[features],
+            self.histogram[features],
         )
 
     def count_tokens(self, batch: Batch) -> None:
@@ -162,8 +161,10 @@ class FeatureStats:
         special = batch.special.cpu().numpy()
         self.tokens_seen += int((~special).sum())
         self.special_tokens_seen += int(special.sum())
-        self.special_count += (batch.special_feature_acts > 0).sum(0).cpu().numpy()
         self.position_tokens += (~special).sum(0)
+
+    def count_special(self, chunk: LatentChunk) -> None:
+        self.special_count[chunk.features] += (chunk.special_feature_acts > 0).sum(0).cpu().numpy()
 
     def merge(self, other: FeatureStats) -> None:
         self.tokens_seen += other.tokens_seen
@@ -232,14 +233,22 @@ class ExampleHeaps:
         self.activation = np.zeros((n_features, k), dtype=np.float32)
         self.window = np.full((n_features, k, WINDOW_LENGTH), np.nan, dtype=np.float32)
 
-    def state(self) -> ExampleState:
-        """The arrays the kernels update, with each feature's current threshold."""
-        return ExampleState(self.key, self.heap, self.activation, self.window, self.kth_scores())
+    def state(self, features: slice = slice(None)) -> ExampleState:
+        """The arrays of some latents' examples, which the kernels update, with each one's
+        current threshold."""
+        return ExampleState(
+            self.key[features],
+            self.heap[features],
+            self.activation[features],
+            self.window[features],
+            self.kth_scores(features),
+        )
 
-    def kth_scores(self) -> np.ndarray:
+    def kth_scores(self, features: slice = slice(None)) -> np.ndarray:
         """The score a candidate must reach to have a chance to enter: the k-th kept score, or
         -inf while a feature has free slots."""
-        root = self.key[np.arange(len(self.key)), self.heap[:, 0]]
+        key, heap = self.key[features], self.heap[features]
+        root = key[np.arange(len(key)), heap[:, 0]]
         return np.where(root > EMPTY_KEY + self.k, kernels.key_scores(root), np.float32(-np.inf))
 
     def merge(self, other: ExampleHeaps) -> None:
@@ -310,24 +319,26 @@ class DecoderExampleHeaps(ExampleHeaps):
             self.decoder_unit = self.decoder_unit.bfloat16()
 
     def approximate_projections(
-        self, centred: Float[Tensor, "rows d_model"]
-    ) -> BFloat16[Tensor, "rows d_sae"]:
-        """The screen: (x - b_dec)·ŵ_i in bfloat16, for rows x - b_dec."""
+        self, centred: Float[Tensor, "rows d_model"], features: slice
+    ) -> BFloat16[Tensor, "rows n"]:
+        """The screen: (x - b_dec)·ŵ_i in bfloat16, for rows x - b_dec and some latents."""
+        unit = self.decoder_unit[features]
         if self.native_bfloat16:
-            return centred.bfloat16() @ self.decoder_unit.T
-        return (centred @ self.decoder_unit.T).bfloat16()
+            return centred.bfloat16() @ unit.T
+        return (centred @ unit.T).bfloat16()
 
-    def update(self, batch: Batch) -> None:
+    def update(self, batch: Batch, chunk: LatentChunk) -> None:
         d_model = batch.hook_activations.shape[-1]
         centred = (batch.hook_activations - self.decoder_bias).reshape(-1, d_model)
+        features = chunk.features
         kernels.scan_projections(
-            batch.view(),
-            self.approximate_projections(centred).view(torch.int16).cpu().numpy(),
+            chunk.view(batch),
+            self.approximate_projections(centred, features).view(torch.int16).cpu().numpy(),
             (centred.norm(dim=1) * PROJECTION_MARGIN).cpu().numpy(),
             centred.cpu().numpy(),
-            self.unit_on_cpu,
+            self.unit_on_cpu[features],
             batch.special.reshape(-1).cpu().numpy(),
-            self.state(),
+            self.state(features),
         )
 
 
@@ -415,14 +426,22 @@ class TokenTable:
         self._pending_size = 0
 
     def count_tokens(self, batch: Batch) -> None:
-        """Token counts, and the sparse table's pairs; the dense table is the kernel's."""
         tokens = batch.token_ids.reshape(-1).cpu().numpy()
         ordinary = tokens[~batch.special.reshape(-1).cpu().numpy()]
         self.token_count += np.bincount(ordinary, minlength=self.vocab_size)
+
+    def count_latents(self, batch: Batch, chunk: LatentChunk) -> None:
+        """The sparse table's pairs; the dense table is the kernel's."""
         if not self.dense:
-            rows, features, values = batch.active_entries()
+            tokens = batch.token_ids.reshape(-1).cpu().numpy()
+            rows, features, values = chunk.active_entries()
             keys = tokens[rows] * self.n_features + features
             self._add(keys, np.ones_like(keys), values.astype(np.float64))
+
+    def kernel_table(self, features: slice) -> np.ndarray:
+        """The dense table's columns of some latents, which the kernel fills (empty when the
+        table is sparse)."""
+        return self.table[:, features] if self.dense else self.table
 
     def _add(self, keys: np.ndarray, count: np.ndarray, total: np.ndarray) -> None:
         if self.dense:  # keys are unique here: the entries of another table
@@ -555,23 +574,29 @@ class FeatureAccumulators:
             self.position_sample,
         )
 
-    def update(self, batch: Batch) -> None:
+    def update(self, batch: Batch, chunks: Iterable[LatentChunk]) -> None:
+        """One batch: its tokens, then its activations chunk of latents by chunk."""
         if batch.first_token + batch.token_ids.numel() > TOKEN_LIMIT:
             raise ValueError(f"corpus positions beyond {TOKEN_LIMIT} tokens are not supported")
         self.stats.count_tokens(batch)
         self.tokens.count_tokens(batch)
-        kernels.scan_activations(
-            batch.view(),
-            batch.token_ids.reshape(-1).cpu().numpy(),
-            self.seed,
-            self.stats.kernel_tables(),
-            self.tokens.table,
-            self.top.state(),
-            self.bottom.state(),
-            self.active_sample.state(),
-        )
-        self.decoder_top.update(batch)
         self.position_sample.update(batch)
+        token_ids = batch.token_ids.reshape(-1).cpu().numpy()
+        for chunk in chunks:
+            features = chunk.features
+            self.stats.count_special(chunk)
+            self.tokens.count_latents(batch, chunk)
+            kernels.scan_activations(
+                chunk.view(batch),
+                token_ids,
+                self.seed,
+                self.stats.kernel_tables(features),
+                self.tokens.kernel_table(features),
+                self.top.state(features),
+                self.bottom.state(features),
+                self.active_sample.state(features),
+            )
+            self.decoder_top.update(batch, chunk)
 
     def merge(self, other: FeatureAccumulators) -> None:
         for mine, theirs in zip(self.parts(), other.parts(), strict=True):

@@ -20,7 +20,7 @@ from saescope.db.records import (
 from saescope.pipeline.build.absorption import Absorption
 from saescope.pipeline.build.accumulators import AccumulatedResult, FeatureStatsResult, KeptExamples
 from saescope.pipeline.build.config import AnalysisSettings
-from saescope.pipeline.saes import unit_rows
+from saescope.pipeline.saes import ACTIVATION_CELLS, unit_rows
 from saescope.pipeline.synthetic.ground_truth import GroundTruthMatch
 
 
@@ -131,8 +131,9 @@ def decoder_neighbours(
     unit = unit_rows(decoder)
     n = min(n, decoder.shape[0] - 1)
     values, ids = [], []
-    for start in range(0, unit.shape[0], 1024):
-        cosine = unit[start : start + 1024] @ unit.T
+    rows = max(1, ACTIVATION_CELLS // len(unit))
+    for start in range(0, unit.shape[0], rows):
+        cosine = unit[start : start + rows] @ unit.T
         own = torch.arange(start, start + cosine.shape[0])
         cosine[torch.arange(cosine.shape[0]), own] = -2.0
         v, i = cosine.topk(n, dim=1)

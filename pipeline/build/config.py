@@ -80,6 +80,12 @@ class BuildConfig:
         None, "Name of the SAE in the database. Default: the SAE directory or id."
     )
     batch_size: int = setting(32, "Contexts per forward pass.", at_least=1)
+    latent_chunk: int | None = setting(
+        None,
+        "Latents encoded and accumulated at a time. Default: as many as keep a batch's "
+        "activations within 2**26 values (256 MB).",
+        at_least=1,
+    )
     dtype: str = setting(
         "float32", "Model and SAE dtype: float32, float16 or bfloat16.", choices=DTYPES
     )
@@ -125,6 +131,7 @@ class BuildConfig:
             "n_tokens": source.n_tokens,
             "context_length": source.context_length,
             "batch_size": self.batch_size,
+            "latent_chunk": self.latent_chunk,
             "device": source.device,
             "dtype": self.dtype,
             "weight_processing": source.weight_processing,

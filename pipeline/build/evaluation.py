@@ -7,13 +7,15 @@ reconstruction metrics, as they are left out of all feature statistics.
 from __future__ import annotations
 
 import torch
+from jaxtyping import Float
 from torch import Tensor
 from tqdm.auto import tqdm
 
 from saescope.pipeline.activations import ActivationSource
+from saescope.pipeline.saes import row_chunks
 
-# Synthetic activations are reconstructed in chunks of this many rows.
-RECONSTRUCTION_CHUNK = 4096
+# Synthetic activations are evaluated this many rows at a time.
+RECONSTRUCTION_ROWS = 1 << 16
 
 
 class ReconstructionTotals:
@@ -44,6 +46,13 @@ class ReconstructionTotals:
         }
 
 
+def reconstruct(sae, x: Float[Tensor, "... d_in"]) -> Float[Tensor, "... d_in"]:
+    """sae(x) in float32, rows at a time where the SAE is wide."""
+    rows = x.reshape(-1, x.shape[-1]).to(sae.dtype)
+    parts = [sae(part).float() for part in row_chunks(rows, sae.W_dec.shape[0])]
+    return torch.cat(parts).reshape(*x.shape[:-1], -1)
+
+
 def keep_special(original: Tensor, replacement: Tensor, mask: Tensor) -> Tensor:
     """The replacement, but at special tokens (`mask`), where the original stays."""
     return torch.where(mask.unsqueeze(-1), original, replacement.to(original.dtype))
@@ -57,7 +66,7 @@ def evaluate(
     if source.language_model is None:
         tokens = torch.from_numpy(source.tokens[:n_sequences])
         x = source.read(0, tokens)
-        return evaluate_reconstruction(sae, x.reshape(-1, x.shape[-1]), RECONSTRUCTION_CHUNK)
+        return evaluate_reconstruction(sae, x.reshape(-1, x.shape[-1]))
     return evaluate_sae(
         source.language_model,
         sae,
@@ -86,7 +95,7 @@ def evaluate_sae(
         mask = torch.isin(batch, special)
 
         def splice(activation: Tensor, hook, mask=mask) -> Tensor:
-            reconstruction = sae(activation.to(sae.dtype)).float()
+            reconstruction = reconstruct(sae, activation)
             totals.add(activation[~mask], reconstruction[~mask])
             return keep_special(activation, reconstruction, mask)
 
@@ -111,9 +120,9 @@ def evaluate_sae(
     }
 
 
-def evaluate_reconstruction(sae, activations: Tensor, batch_size: int) -> dict:
+def evaluate_reconstruction(sae, activations: Tensor) -> dict:
     """Reconstruction metrics alone, for activations that come without a language model."""
     totals = ReconstructionTotals()
-    for chunk in activations.split(batch_size):
-        totals.add(chunk, sae(chunk.to(sae.dtype)).float())
+    for chunk in activations.split(RECONSTRUCTION_ROWS):
+        totals.add(chunk, reconstruct(sae, chunk))
     return {**totals.metrics(), "ce_clean": None, "ce_sae": None, "ce_zero": None, "ce_score": None}

@@ -31,6 +31,7 @@ from saescope.pipeline.build.accumulators import (
     Batch,
     FeatureAccumulators,
     FeatureStatsResult,
+    LatentChunk,
 )
 from saescope.pipeline.build.config import BuildConfig
 from saescope.pipeline.build.description_length import (
@@ -42,7 +43,14 @@ from saescope.pipeline.build.evaluation import evaluate
 from saescope.pipeline.build.matching import compare_both_ways
 from saescope.pipeline.errors import InputError
 from saescope.pipeline.memory import reused_memory
-from saescope.pipeline.saes import decoder_and_bias, load_sae, read_training, sae_metadata
+from saescope.pipeline.saes import (
+    LatentChunks,
+    decoder_and_bias,
+    latent_chunk_size,
+    load_sae,
+    read_training,
+    sae_metadata,
+)
 from saescope.pipeline.synthetic.ground_truth import match_ground_truth
 
 logger = logging.getLogger(__name__)
@@ -99,30 +107,32 @@ def run_build(config: BuildConfig) -> BuildSummary:
     )
 
 
-def encode_batch(sae, x: torch.Tensor, hook: str, d_in: int):
-    """The hook's activations in float32 (for the decoder projections and the position sample;
-    the SAE casts them to its own dtype), and the feature activations f."""
+def check_width(x: torch.Tensor, hook: str, d_in: int) -> None:
     if x.shape[-1] != d_in:
         raise InputError(
             f"the SAE reads {d_in}-dimensional activations but hook "
             f"{hook!r} gives {x.shape[-1]}; is this the SAE's model and hook?"
         )
-    x = x.float()
-    return x, sae.encode(x).float()
 
 
 def stream(sae, config: BuildConfig, source: ActivationSource) -> AccumulatedResult:
-    """The one pass over the corpus: every feature's accumulators updated batch by batch."""
+    """The one pass over the corpus: every feature's accumulators updated batch by batch, a
+    chunk of latents at a time where the SAE is wide."""
     n_sequences, context_length = source.tokens.shape
     decoder, decoder_bias = decoder_and_bias(sae)
+    d_sae, d_in = decoder.shape
     accumulators = FeatureAccumulators(
-        n_features=decoder.shape[0],
+        n_features=d_sae,
         context_length=context_length,
         vocab_size=len(source.vocab),
         decoder=decoder,
         decoder_bias=decoder_bias,
         sizes=config.examples,
         seed=config.seed,
+    )
+    encode = LatentChunks(
+        sae,
+        config.latent_chunk or latent_chunk_size(d_sae, source.forward_sequences * context_length),
     )
     progress = tqdm(
         total=n_sequences * context_length,
@@ -133,15 +143,16 @@ def stream(sae, config: BuildConfig, source: ActivationSource) -> AccumulatedRes
     )
     with progress, reused_memory():
         for start, token_ids in source.batches(config.source.device):
-            x, feature_acts = encode_batch(
-                sae, source.read(start, token_ids), source.hook, decoder.shape[1]
+            x = source.read(start, token_ids)
+            check_width(x, source.hook, d_in)
+            # float32 for the decoder projections and the position sample; the SAE casts it.
+            batch = Batch(start, token_ids, x.float(), source.special(token_ids))
+            chunks = (
+                LatentChunk.of(a, f.float(), batch) for a, f in encode(batch.hook_activations)
             )
-            batch = Batch.from_activations(
-                start, token_ids, x, feature_acts, source.special(token_ids)
-            )
-            accumulators.update(batch)
+            accumulators.update(batch, chunks)
             progress.update(token_ids.numel())
-        del batch
+        del batch, chunks
         # Here, the results take the memory the last batch freed instead of being faulted in.
         return accumulators.finalize()
 

@@ -62,12 +62,13 @@ class ExampleState(NamedTuple):
 
 
 class BatchView(NamedTuple):
-    """A batch's feature activations `acts` [tokens, d_sae]: whole sequences of `context`
-    tokens in corpus order, the first at global token index `first_token`."""
+    """A batch's activations `acts` [tokens, n] of latents `first_feature ..`: whole sequences
+    of `context` tokens in corpus order, the first at global token index `first_token`."""
 
     acts: np.ndarray
     context: int
     first_token: int
+    first_feature: int
 
 
 class StatisticsTables(NamedTuple):
@@ -337,7 +338,8 @@ def scan_activations(
     -activation) and a uniform sample of the active positions (score -random key /
     2**RANDOM_KEY_BITS)."""
     _scan_activations(
-        batch.acts, token_ids, batch.context, batch.first_token, seed, numba.get_num_threads(),
+        batch.acts, token_ids, batch.context, batch.first_token, batch.first_feature, seed,
+        numba.get_num_threads(),
         *tables, token_table, token_table.shape[0] > 0,
         top.slots(), top.threshold, bottom.slots(), bottom.threshold,
         active_sample.slots(), active_sample.threshold,
@@ -346,13 +348,15 @@ def scan_activations(
 
 @njit(parallel=True, cache=True)
 def _scan_activations(
-    acts, token_ids, context, first_token, seed, n_threads,
+    acts, token_ids, context, first_token, first_feature, seed, n_threads,
     position_count, position_sum, sum_sq, maximum, minimum, histogram,
     token_table, dense_token_table,
     top, top_threshold, bottom, bottom_threshold, random, random_threshold,
 ):  # fmt: skip
     """One batch's active entries (acts > 0; rows are whole sequences in corpus order) into the
-    feature statistics, the dense token table, and the top, bottom and random examples.
+    feature statistics, the dense token table, and the top, bottom and random examples. The
+    tables and example sets are those of the batch's latents (column j is latent
+    first_feature + j), which only the random keys need to know.
 
     Thresholds hold each feature's k-th kept score (-inf while slots are free). Random examples
     are scored -random key / 2**RANDOM_KEY_BITS.
@@ -411,7 +415,9 @@ def _scan_activations(
                             )  # fmt: skip
                     for i in range(n_active):
                         feature = first + active[i]
-                        random_key = position_hash(token, feature, seed) >> (62 - RANDOM_KEY_BITS)
+                        random_key = position_hash(token, first_feature + feature, seed) >> (
+                            62 - RANDOM_KEY_BITS
+                        )
                         # Exact in float32: random keys have RANDOM_KEY_BITS bits.
                         score = np.float32(-(random_key / float(1 << RANDOM_KEY_BITS)))
                         if score >= random_threshold[feature]:

@@ -12,7 +12,12 @@ from click.testing import CliRunner
 
 from saescope.cli import app
 from saescope.db.codec import WINDOW_LENGTH
-from saescope.pipeline.build.accumulators import AccumulatedResult, Batch, FeatureAccumulators
+from saescope.pipeline.build.accumulators import (
+    AccumulatedResult,
+    Batch,
+    FeatureAccumulators,
+    LatentChunk,
+)
 from saescope.pipeline.build.config import ExampleCounts
 from tests.conftest import HOOK
 
@@ -42,20 +47,45 @@ def data() -> dict[str, torch.Tensor]:
     }
 
 
-def accumulate(data: dict, sequences: range, batch_size: int) -> FeatureAccumulators:
+def feed(
+    accumulators: FeatureAccumulators,
+    start: int,
+    tokens: torch.Tensor,
+    inputs: torch.Tensor,
+    feature_acts: torch.Tensor,
+    special: torch.Tensor,
+    chunk: int | None = None,
+) -> None:
+    """One batch into the accumulators, `chunk` latents at a time (all at once by default)."""
+    batch = Batch(start, tokens, inputs, special)
+    width = feature_acts.shape[-1]
+    chunk = chunk or width
+    accumulators.update(
+        batch,
+        (
+            LatentChunk.of(first, feature_acts[..., first : first + chunk].clone(), batch)
+            for first in range(0, width, chunk)
+        ),
+    )
+
+
+def accumulate(
+    data: dict, sequences: range, batch_size: int, chunk: int | None = None
+) -> FeatureAccumulators:
     accumulators = FeatureAccumulators(
         N_FEATURES, CTX, VOCAB, data["decoder"], data["decoder_bias"], SIZES, seed=SEED
     )
     for start in range(sequences.start, sequences.stop, batch_size):
         part = slice(start, min(start + batch_size, sequences.stop))
-        batch = Batch.from_activations(
+        feed(
+            accumulators,
             start,
             data["tokens"][part],
             data["inputs"][part],
-            data["feature_acts"][part].clone(),
+            data["feature_acts"][part],
             data["special"][part],
+            chunk,
         )
-        accumulators.update(batch)
     return accumulators
 
 

@@ -14,7 +14,6 @@ from saescope.db.codec import (
 )
 from saescope.pipeline.build.accumulators import (
     AccumulatedResult,
-    Batch,
     FeatureAccumulators,
     position_hash,
 )
@@ -30,6 +29,7 @@ from tests.pipeline.build.conftest import (
     VOCAB,
     accumulate,
     examples_of,
+    feed,
     masked,
     reference_top,
 )
@@ -80,9 +80,7 @@ def test_histogram_bins_at_the_edges_match_numpy() -> None:
     accumulators = FeatureAccumulators(
         1, acts.shape[1], 2, torch.ones(1, 2), torch.zeros(2), SIZES, seed=SEED
     )
-    accumulators.update(
-        Batch.from_activations(0, tokens, torch.zeros(*acts.shape[:2], 2), acts, tokens == 0)
-    )
+    feed(accumulators, 0, tokens, torch.zeros(*acts.shape[:2], 2), acts, tokens == 0)
     expected, _ = np.histogram(values.astype(np.float64), np.concatenate([[0], edges, [np.inf]]))
     np.testing.assert_array_equal(accumulators.stats.histogram[0], expected)
 
@@ -136,11 +134,7 @@ def test_decoder_top_is_that_of_exact_projections(monkeypatch, native_bfloat16: 
     accumulators = FeatureAccumulators(n_features, CTX, VOCAB, decoder, bias, SIZES, seed=SEED)
     for start in range(0, n_seq, 8):
         part = slice(start, start + 8)
-        accumulators.update(
-            Batch.from_activations(
-                start, tokens[part], inputs[part], acts[part].clone(), tokens[part] == 0
-            )
-        )
+        feed(accumulators, start, tokens[part], inputs[part], acts[part], tokens[part] == 0)
     found = accumulators.decoder_top.finalize()
     exact = ((inputs - bias).double() @ unit_rows(decoder).double().T).float().numpy()
     exact[(tokens == 0).numpy()] = -np.inf
@@ -297,6 +291,15 @@ def test_merge_of_two_halves_equals_one_run(data: dict, result, split: int) -> N
 
 def test_batch_size_does_not_change_the_result(data: dict, result) -> None:
     assert_results_equal(accumulate(data, range(N_SEQ), batch_size=N_SEQ).finalize(), result)
+
+
+@pytest.mark.parametrize("chunk", [1, 4])
+def test_chunks_of_latents_give_the_whole_width_result(data: dict, result, chunk: int) -> None:
+    """Fed a few latents at a time (1, and 4 of 6: chunks of unequal width), the accumulators
+    hold what they hold fed every latent at once, the active sample's random keys included."""
+    assert_results_equal(
+        accumulate(data, range(N_SEQ), batch_size=3, chunk=chunk).finalize(), result
+    )
 
 
 def test_one_thread_gives_the_multithreaded_result(data: dict, result) -> None:
