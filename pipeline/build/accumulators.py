@@ -6,9 +6,9 @@ results (`finalize`). State is bounded by the number of features times k (or the
 histogram bins or positions, or the size of the position sample), never by the number of tokens,
 except `TokenTable`, bounded by the number of distinct (token, feature) pairs.
 
-The per-entry work runs in the compiled kernels of `kernels`, on the CPU whatever the
-build's device (the model, the SAE and the decoder projections stay on the device): one kernel
-pass over a batch updates the statistics, the token table and three example sets at once.
+The per-entry work runs in the compiled kernels of `kernels` on the CPU (one kernel pass over a
+batch updates the statistics, the token table and three example sets at once), or with torch on
+the build's device (`torch_scan`): the same results either way.
 
 A batch holds whole sequences that are contiguous in corpus order, so a token is identified
 across shards by its global index `sequence_index * context_length + position`.
@@ -21,6 +21,7 @@ import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
@@ -37,15 +38,15 @@ from saescope.pipeline.build.kernels import (
     ExampleState,
     StatisticsTables,
 )
+from saescope.pipeline.build.torch_scan import PROJECTION_MARGIN, TorchScan, position_hash
 from saescope.pipeline.saes import unit_rows
 
+# Where the per-entry work runs: the compiled CPU kernels, or torch on the build's device.
+Scan = Literal["kernels", "torch"]
 # The token table is dense up to this many (token, feature) cells (16 bytes each); beyond, its
 # pending sparse pairs are folded in once there are TOKEN_TABLE_COMPACT_EVERY of them.
 DENSE_TOKEN_TABLE_CELLS = 1 << 25
 TOKEN_TABLE_COMPACT_EVERY = 4_000_000
-# Bound on |bfloat16 screen - projection| per unit of ‖x - b_dec‖: 2**-6 > 3·2**-8 (see
-# DecoderExampleHeaps).
-PROJECTION_MARGIN = 2.0**-6
 
 
 @functools.cache
@@ -57,12 +58,6 @@ def cpu_multiplies_bfloat16() -> bool:
     except OSError:
         return False
     return re.search(r"\b(avx512_bf16|amx_bf16)\b", cpuinfo) is not None
-
-
-def position_hash(token_index: Int[Tensor, " n"], feature_index: Int[Tensor, " n"], seed: int):
-    """A 62-bit hash per (token, feature), the same in whichever shard sees it."""
-    hashes = kernels.position_hashes(token_index.cpu().numpy(), feature_index.cpu().numpy(), seed)
-    return torch.from_numpy(hashes).to(token_index.device)
 
 
 @dataclass
@@ -87,13 +82,11 @@ class Batch:
 @dataclass
 class LatentChunk:
     """The activations of latents `first_feature ..` on a batch: `feature_acts`, zero on special
-    tokens (whose activations `special_feature_acts` keeps for BOS counting), also as `acts`, a
-    [tokens, n] array on the CPU."""
+    tokens (whose activations `special_feature_acts` keeps for BOS counting)."""
 
     first_feature: int
     feature_acts: Float[Tensor, "seq ctx n"]
     special_feature_acts: Float[Tensor, "n_special n"]
-    acts: np.ndarray
 
     @classmethod
     def of(
@@ -106,25 +99,25 @@ class LatentChunk:
         special_rows = torch.nonzero(batch.special.reshape(-1)).squeeze(1)
         special_feature_acts = flat[special_rows]
         flat[special_rows] = 0.0
-        return cls(
-            first_feature=first_feature,
-            feature_acts=feature_acts,
-            special_feature_acts=special_feature_acts,
-            acts=np.ascontiguousarray(flat.float().cpu().numpy()),
-        )
+        return cls(first_feature, feature_acts, special_feature_acts)
+
+    @property
+    def width(self) -> int:
+        return self.feature_acts.shape[-1]
 
     @property
     def features(self) -> slice:
         """The chunk's latents, as a slice of the accumulators' per-latent state."""
-        return slice(self.first_feature, self.first_feature + self.acts.shape[1])
+        return slice(self.first_feature, self.first_feature + self.width)
+
+    @functools.cached_property
+    def acts(self) -> np.ndarray:
+        """The activations as a [tokens, n] float32 array on the CPU, for the kernels."""
+        flat = self.feature_acts.reshape(-1, self.width)
+        return np.ascontiguousarray(flat.float().cpu().numpy())
 
     def view(self, batch: Batch) -> BatchView:
         return BatchView(self.acts, batch.context_length, batch.first_token, self.first_feature)
-
-    def active_entries(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Rows, features (global indices) and values of the active entries, row by row."""
-        rows, features = np.nonzero(self.acts > 0)
-        return rows, features + self.first_feature, self.acts[rows, features]
 
 
 class FeatureStats:
@@ -311,18 +304,25 @@ class DecoderExampleHeaps(ExampleHeaps):
         decoder_bias: Float[Tensor, " d_model"],
     ) -> None:
         super().__init__(k, n_features, context_length)
-        self.decoder_unit = unit_rows(decoder.float())
+        self.decoder = decoder
         self.decoder_bias = decoder_bias.float()
-        self.unit_on_cpu = np.ascontiguousarray(self.decoder_unit.cpu().numpy())
         self.native_bfloat16 = decoder.device.type == "cpu" and cpu_multiplies_bfloat16()
-        if self.native_bfloat16:
-            self.decoder_unit = self.decoder_unit.bfloat16()
+
+    @functools.cached_property
+    def unit_on_cpu(self) -> np.ndarray:
+        """The unit decoder rows, which the kernel takes for the exact projections."""
+        return np.ascontiguousarray(unit_rows(self.decoder.float()).cpu().numpy())
+
+    @functools.cached_property
+    def screen_unit(self) -> Tensor:
+        unit = unit_rows(self.decoder.float())
+        return unit.bfloat16() if self.native_bfloat16 else unit
 
     def approximate_projections(
         self, centred: Float[Tensor, "rows d_model"], features: slice
     ) -> BFloat16[Tensor, "rows n"]:
         """The screen: (x - b_dec)·ŵ_i in bfloat16, for rows x - b_dec and some latents."""
-        unit = self.decoder_unit[features]
+        unit = self.screen_unit[features]
         if self.native_bfloat16:
             return centred.bfloat16() @ unit.T
         return (centred @ unit.T).bfloat16()
@@ -430,13 +430,14 @@ class TokenTable:
         ordinary = tokens[~batch.special.reshape(-1).cpu().numpy()]
         self.token_count += np.bincount(ordinary, minlength=self.vocab_size)
 
-    def count_latents(self, batch: Batch, chunk: LatentChunk) -> None:
-        """The sparse table's pairs; the dense table is the kernel's."""
+    def count_latents(
+        self, token_ids: np.ndarray, rows: Tensor, features: Tensor, values: Tensor
+    ) -> None:
+        """The sparse table's pairs: the active entries at `rows` of a batch of `token_ids`,
+        their latents (global indices) and values. The dense table is filled elsewhere."""
         if not self.dense:
-            tokens = batch.token_ids.reshape(-1).cpu().numpy()
-            rows, features, values = chunk.active_entries()
-            keys = tokens[rows] * self.n_features + features
-            self._add(keys, np.ones_like(keys), values.astype(np.float64))
+            keys = token_ids[rows.cpu().numpy()] * self.n_features + features.cpu().numpy()
+            self._add(keys, np.ones_like(keys), values.cpu().numpy().astype(np.float64))
 
     def kernel_table(self, features: slice) -> np.ndarray:
         """The dense table's columns of some latents, which the kernel fills (empty when the
@@ -549,6 +550,7 @@ class FeatureAccumulators:
         decoder_bias: Float[Tensor, " d_model"],
         sizes: ExampleCounts,
         seed: int,
+        scan: Scan = "kernels",
     ) -> None:
         self.seed = seed
         self.stats = FeatureStats(n_features, context_length)
@@ -562,6 +564,9 @@ class FeatureAccumulators:
         self.position_sample = PositionSample(
             sizes.sample_positions, decoder.shape[1], decoder.device, seed
         )
+        # The per-entry state on the device until the pass is over (torch), else in the arrays
+        # above.
+        self.on_device = TorchScan(self, decoder, decoder_bias) if scan == "torch" else None
 
     def parts(self) -> tuple:
         return (
@@ -583,9 +588,16 @@ class FeatureAccumulators:
         self.position_sample.update(batch)
         token_ids = batch.token_ids.reshape(-1).cpu().numpy()
         for chunk in chunks:
+            if self.on_device is not None:
+                self.tokens.count_latents(token_ids, *self.on_device.update(batch, chunk))
+                continue
             features = chunk.features
             self.stats.count_special(chunk)
-            self.tokens.count_latents(batch, chunk)
+            acts = chunk.feature_acts.reshape(-1, chunk.width)
+            rows, latents = torch.nonzero(acts > 0, as_tuple=True)
+            self.tokens.count_latents(
+                token_ids, rows, latents + chunk.first_feature, acts[rows, latents]
+            )
             kernels.scan_activations(
                 chunk.view(batch),
                 token_ids,
@@ -598,11 +610,20 @@ class FeatureAccumulators:
             )
             self.decoder_top.update(batch, chunk)
 
+    def to_host(self) -> None:
+        """Brings the per-entry state from the device, once the pass is over."""
+        if self.on_device is not None:
+            self.on_device.into(self)
+            self.on_device = None
+
     def merge(self, other: FeatureAccumulators) -> None:
+        self.to_host()
+        other.to_host()
         for mine, theirs in zip(self.parts(), other.parts(), strict=True):
             mine.merge(theirs)
 
     def finalize(self) -> AccumulatedResult:
+        self.to_host()
         return AccumulatedResult(
             stats=self.stats.finalize(),
             top=self.top.finalize(),

@@ -18,6 +18,8 @@ from saescope.pipeline.errors import InputError
 
 # Model and SAE dtypes, by name (torch.float32, ...).
 DTYPES = ("float32", "float16", "bfloat16")
+# Where the pass's per-entry work runs.
+SCANS = ("auto", "kernels", "torch")
 
 
 @dataclass
@@ -89,6 +91,13 @@ class BuildConfig:
     dtype: str = setting(
         "float32", "Model and SAE dtype: float32, float16 or bfloat16.", choices=DTYPES
     )
+    scan: str = setting(
+        "auto",
+        "Where the pass's per-latent work runs: kernels (compiled, on the CPU) or torch (on "
+        "--device; only what is kept crosses to the host). auto: kernels on the CPU, torch "
+        "elsewhere. Both give the same database.",
+        choices=SCANS,
+    )
     examples: ExampleCounts = field(default_factory=ExampleCounts)
     analysis: AnalysisSettings = field(default_factory=AnalysisSettings)
     eval_sequences: int = setting(
@@ -134,6 +143,7 @@ class BuildConfig:
             "latent_chunk": self.latent_chunk,
             "device": source.device,
             "dtype": self.dtype,
+            "scan": self.resolved_scan(),
             "weight_processing": source.weight_processing,
             "examples": {
                 "top": self.examples.top,
@@ -146,6 +156,11 @@ class BuildConfig:
             "eval_sequences": self.eval_sequences,
             "seed": self.seed,
         }
+
+    def resolved_scan(self) -> str:
+        if self.scan != "auto":
+            return self.scan
+        return "kernels" if self.source.device.split(":")[0] == "cpu" else "torch"
 
     def sae_name(self) -> str:
         """The name given, else one made from the SAE directory or id."""

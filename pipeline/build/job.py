@@ -129,6 +129,7 @@ def stream(sae, config: BuildConfig, source: ActivationSource) -> AccumulatedRes
         decoder_bias=decoder_bias,
         sizes=config.examples,
         seed=config.seed,
+        scan=config.resolved_scan(),
     )
     encode = LatentChunks(
         sae,

@@ -101,8 +101,9 @@ def _histogram_cells() -> tuple[int, np.ndarray, np.ndarray]:
 
 _BIN_CELL_SHIFT = 23 - 8
 _BIN_CELL_OFFSET, _BIN_OF_CELL, _BIN_UPPER_EDGE = _histogram_cells()
-_HASH_MASK = (1 << 62) - 1
-_HASH_MULTIPLIERS = (0xBF58476D1CE4E5B9 & _HASH_MASK, 0x94D049BB133111EB & _HASH_MASK)
+HASH_MASK = (1 << 62) - 1
+HASH_WEIGHTS = (0x9E3779B1, 0x85EBCA77, 0xC2B2AE3D)
+HASH_MULTIPLIERS = (0xBF58476D1CE4E5B9 & HASH_MASK, 0x94D049BB133111EB & HASH_MASK)
 # Entries are tested this many at a time: one vectorised test skips a run of zeros.
 _RUN = 8
 # The projection screen is tested this many entries at a time.
@@ -112,9 +113,9 @@ _SCREEN_RUN = 64
 @njit(inline="always")
 def position_hash(token: int, feature: int, seed: int) -> int:
     """A 62-bit hash per (token, feature), the same in whichever shard sees it."""
-    x = (token * 0x9E3779B1 + feature * 0x85EBCA77 + seed * 0xC2B2AE3D) & _HASH_MASK
-    x = ((x ^ (x >> 31)) * _HASH_MULTIPLIERS[0]) & _HASH_MASK
-    x = ((x ^ (x >> 31)) * _HASH_MULTIPLIERS[1]) & _HASH_MASK
+    x = (token * HASH_WEIGHTS[0] + feature * HASH_WEIGHTS[1] + seed * HASH_WEIGHTS[2]) & HASH_MASK
+    x = ((x ^ (x >> 31)) * HASH_MULTIPLIERS[0]) & HASH_MASK
+    x = ((x ^ (x >> 31)) * HASH_MULTIPLIERS[1]) & HASH_MASK
     return x ^ (x >> 29)
 
 
@@ -606,15 +607,6 @@ def admit(examples, features, keys, activations, windows) -> None:
         slot = _push(key, heap, feature, keys[i])
         activation[feature, slot] = activations[i]
         window[feature, slot] = windows[i]
-
-
-@njit(cache=True)
-def position_hashes(tokens, features, seed: int):
-    """`position_hash` of each (token, feature) pair."""
-    out = np.empty(len(tokens), np.int64)
-    for i in range(len(tokens)):
-        out[i] = position_hash(tokens[i], features[i], seed)
-    return out
 
 
 @njit(cache=True)

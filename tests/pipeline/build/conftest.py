@@ -17,6 +17,7 @@ from saescope.pipeline.build.accumulators import (
     Batch,
     FeatureAccumulators,
     LatentChunk,
+    Scan,
 )
 from saescope.pipeline.build.config import ExampleCounts
 from tests.conftest import HOOK
@@ -70,10 +71,14 @@ def feed(
 
 
 def accumulate(
-    data: dict, sequences: range, batch_size: int, chunk: int | None = None
+    data: dict,
+    sequences: range,
+    batch_size: int,
+    chunk: int | None = None,
+    scan: Scan = "kernels",
 ) -> FeatureAccumulators:
     accumulators = FeatureAccumulators(
-        N_FEATURES, CTX, VOCAB, data["decoder"], data["decoder_bias"], SIZES, seed=SEED
+        N_FEATURES, CTX, VOCAB, data["decoder"], data["decoder_bias"], SIZES, SEED, scan
     )
     for start in range(sequences.start, sequences.stop, batch_size):
         part = slice(start, min(start + batch_size, sequences.stop))

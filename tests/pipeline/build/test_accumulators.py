@@ -12,12 +12,9 @@ from saescope.db.codec import (
     WINDOW_RIGHT,
     histogram_edges,
 )
-from saescope.pipeline.build.accumulators import (
-    AccumulatedResult,
-    FeatureAccumulators,
-    position_hash,
-)
+from saescope.pipeline.build.accumulators import AccumulatedResult, FeatureAccumulators, Scan
 from saescope.pipeline.build.kernels import RANDOM_KEY_BITS
+from saescope.pipeline.build.torch_scan import position_hash
 from saescope.pipeline.saes import unit_rows
 from tests.pipeline.build.conftest import (
     CTX,
@@ -302,6 +299,20 @@ def test_chunks_of_latents_give_the_whole_width_result(data: dict, result, chunk
     )
 
 
+@pytest.mark.parametrize(("batch_size", "chunk"), [(3, None), (2, 4), (N_SEQ, 1)])
+def test_the_torch_scan_gives_the_kernels_result(data, result, batch_size, chunk) -> None:
+    """The device path (run here on the CPU device) keeps the kernels' examples, example for
+    example, and their tables."""
+    accumulated = accumulate(data, range(N_SEQ), batch_size, chunk, scan="torch")
+    assert_results_equal(accumulated.finalize(), result)
+
+
+def test_a_torch_shard_merges_with_a_kernel_shard(data: dict, result) -> None:
+    first = accumulate(data, range(3), batch_size=2, scan="torch")
+    first.merge(accumulate(data, range(3, N_SEQ), batch_size=2))
+    assert_results_equal(first.finalize(), result)
+
+
 def test_one_thread_gives_the_multithreaded_result(data: dict, result) -> None:
     import numba
 
@@ -333,13 +344,14 @@ def test_example_keys_order_by_score_then_earlier_token() -> None:
     np.testing.assert_array_equal(key_scores(keys), scores)
 
 
-def test_sparse_token_table_equals_the_dense_one(data, result, monkeypatch) -> None:
+@pytest.mark.parametrize("scan", ["kernels", "torch"])
+def test_sparse_token_table_equals_the_dense_one(data, result, monkeypatch, scan: Scan) -> None:
     import saescope.pipeline.build.accumulators as accumulators
 
     monkeypatch.setattr(accumulators, "DENSE_TOKEN_TABLE_CELLS", 0)
     monkeypatch.setattr(accumulators, "TOKEN_TABLE_COMPACT_EVERY", 50)
-    first = accumulate(data, range(3), batch_size=2)
-    second = accumulate(data, range(3, N_SEQ), batch_size=2)
+    first = accumulate(data, range(3), batch_size=2, scan=scan)
+    second = accumulate(data, range(3, N_SEQ), batch_size=2, scan=scan)
     assert not first.tokens.dense
     first.merge(second)
     sparse = first.finalize().tokens

@@ -111,6 +111,29 @@ def test_a_build_in_chunks_of_latents_gives_the_same_features(
     assert rows(out, examples) == rows(built_db, examples)
 
 
+def test_the_torch_scan_gives_the_same_database(
+    built_db, tmp_path, tiny_model_dir, tiny_sae_dir, token_file
+) -> None:
+    """The device path of the pass (here on the CPU device) writes the kernels' database: every
+    table, row for row; sums agree to float64 rounding (another order of addition)."""
+    out = tmp_path / "torch.db"
+    args = build_args(tiny_model_dir, tiny_sae_dir, token_file, out, "--scan", "torch")
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    tables = [name for (name,) in rows(out, "select name from sqlite_master where type='table'")]
+    for table in tables:
+        mine, theirs = rows(out, f"select * from {table}"), rows(built_db, f"select * from {table}")
+        assert len(mine) == len(theirs), table
+        for left, right in zip(mine, theirs, strict=True):
+            for a, b in zip(left, right, strict=True):
+                if isinstance(a, float):
+                    assert a == pytest.approx(b, rel=1e-9, abs=1e-12), table
+                elif not (isinstance(a, str) and '"scan"' in a):
+                    assert a == b, table
+    config = json.loads(rows(out, "select config from saes")[0][0])
+    assert config["scan"] == "torch"
+
+
 def test_second_sae_is_added_to_the_same_file(
     tmp_path, built_db, tiny_model_dir, tiny_sae_dir, token_file
 ) -> None:
