@@ -78,6 +78,8 @@ def build(**options: Any) -> None:
 
     with user_errors(f"interrupted; {config.out} was left as it was"):
         summary = run_build(config)
+    if summary is None:  # a rank of a sharded build that handed its share to rank 0
+        return
     click.echo(
         f"{summary.name}: {summary.n_features} features over {summary.tokens_seen} tokens "
         f"in {summary.seconds:.1f}s -> {summary.out} "

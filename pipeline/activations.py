@@ -52,13 +52,14 @@ class ActivationSource:
         return torch.isin(token_ids, special.to(token_ids.device))
 
     def batches(
-        self, device: str, n_sequences: int | None = None
+        self, device: str, sequences: range | None = None
     ) -> Iterator[tuple[int, Int[Tensor, "seq ctx"]]]:
-        """(first sequence, token ids on `device`) for each forward pass over the first
-        `n_sequences` (default all)."""
-        tokens = self.tokens[:n_sequences]
-        for start in range(0, len(tokens), self.forward_sequences):
-            yield start, torch.from_numpy(tokens[start : start + self.forward_sequences]).to(device)
+        """(first sequence, token ids on `device`) for each forward pass over `sequences`
+        (default all)."""
+        sequences = sequences if sequences is not None else range(len(self.tokens))
+        for start in range(sequences.start, sequences.stop, self.forward_sequences):
+            stop = min(start + self.forward_sequences, sequences.stop)
+            yield start, torch.from_numpy(self.tokens[start:stop]).to(device)
 
     def training_activations(self, device: str) -> Callable[[], Iterator[Tensor]]:
         """A factory of fresh passes over the corpus's activations [tokens, d_in], special tokens

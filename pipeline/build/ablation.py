@@ -64,7 +64,7 @@ def ablation_contexts(
     sae, source: ActivationSource, n_sequences: int, device: str
 ) -> AblationContexts:
     batches, values, latents, per_token = [], [], [], []
-    for start, token_ids in source.batches(device, n_sequences):
+    for start, token_ids in source.batches(device, range(min(n_sequences, len(source.tokens)))):
         x = source.read(start, token_ids).float()
         special = source.special(token_ids)
         for part in row_chunks(x[~special], sae.W_dec.shape[0]):

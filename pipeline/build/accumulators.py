@@ -308,6 +308,14 @@ class DecoderExampleHeaps(ExampleHeaps):
         self.decoder_bias = decoder_bias.float()
         self.native_bfloat16 = decoder.device.type == "cpu" and cpu_multiplies_bfloat16()
 
+    def __getstate__(self) -> dict:
+        """A shard's examples travel to another process without the decoder, which it has."""
+        return {
+            name: value
+            for name, value in vars(self).items()
+            if name not in ("decoder", "unit_on_cpu", "screen_unit")
+        }
+
     @functools.cached_property
     def unit_on_cpu(self) -> np.ndarray:
         """The unit decoder rows, which the kernel takes for the exact projections."""
@@ -387,8 +395,16 @@ class PositionSample:
         self.token[slots] = tokens[newcomers]
         self.hook_activations[slots] = x[newcomers]
 
+    def __getstate__(self) -> dict:
+        """A shard's sample travels to another process on the host."""
+        return {
+            name: value.cpu() if isinstance(value, Tensor) else value
+            for name, value in vars(self).items()
+        }
+
     def merge(self, other: PositionSample) -> None:
-        self._add(other.key, other.token, other.hook_activations)
+        device = self.key.device
+        self._add(other.key.to(device), other.token.to(device), other.hook_activations.to(device))
 
     def finalize(self) -> PositionSampleResult:
         order = torch.argsort(self.key)

@@ -41,6 +41,14 @@ from saescope.pipeline.build.description_length import (
 )
 from saescope.pipeline.build.evaluation import evaluate
 from saescope.pipeline.build.matching import compare_both_ways
+from saescope.pipeline.build.ranks import (
+    SINGLE_PROCESS,
+    Rank,
+    join,
+    leave,
+    merged_on_rank_zero,
+    rank_from_environment,
+)
 from saescope.pipeline.errors import InputError
 from saescope.pipeline.memory import reused_memory
 from saescope.pipeline.saes import (
@@ -66,11 +74,21 @@ class BuildSummary:
     metrics: dict[str, float | None]
 
 
-def run_build(config: BuildConfig) -> BuildSummary:
+def run_build(config: BuildConfig) -> BuildSummary | None:
+    """The build; under torchrun, this rank's part of it (None on every rank but 0)."""
     started = time.perf_counter()
     config.validate()
+    rank = rank_from_environment()
+    config.source.device = join(rank, config.source.device)
+    try:
+        return build_on_rank(config, rank, started)
+    finally:
+        leave(rank)
+
+
+def build_on_rank(config: BuildConfig, rank: Rank, started: float) -> BuildSummary | None:
     name = config.sae_name()
-    writer = DatabaseWriter(config.out, name, config.replace)
+    writer = DatabaseWriter(config.out, name, config.replace) if rank.writes else None
     with torch.inference_mode():
         sae = load_sae(
             config.sae, config.sae_release, config.sae_id, config.source.device, config.dtype
@@ -83,13 +101,18 @@ def run_build(config: BuildConfig) -> BuildSummary:
             config.quiet,
         )
         logger.info("corpus: %d contexts of %d tokens", *source.tokens.shape)
-        accumulated = stream(sae, config, source)
+        merged = merged_on_rank_zero(rank, stream(sae, config, source, rank))
+        if writer is None or merged is None:
+            return None
         with reused_memory():  # forward passes at full vocabulary width
+            accumulated = merged.finalize()
             evaluation = evaluate(
                 sae, source, config.eval_sequences, config.batch_size, config.quiet
             )
             ablation, precision = ablation_and_precision(sae, config, source, accumulated.stats)
-        records = sae_records(config, sae, accumulated, evaluation, ablation, precision, source)
+        records = sae_records(
+            config, sae, accumulated, evaluation, ablation, precision, source, rank.world_size
+        )
         compare = partial(compare_both_ways, device=config.source.device)
         writer.write(corpus_record(source), records, compare=compare if config.compare else None)
     return BuildSummary(
@@ -115,9 +138,11 @@ def check_width(x: torch.Tensor, hook: str, d_in: int) -> None:
         )
 
 
-def stream(sae, config: BuildConfig, source: ActivationSource) -> AccumulatedResult:
-    """The one pass over the corpus: every feature's accumulators updated batch by batch, a
-    chunk of latents at a time where the SAE is wide."""
+def stream(
+    sae, config: BuildConfig, source: ActivationSource, rank: Rank = SINGLE_PROCESS
+) -> FeatureAccumulators:
+    """The one pass over the corpus (this rank's share of it): every feature's accumulators
+    updated batch by batch, a chunk of latents at a time where the SAE is wide."""
     n_sequences, context_length = source.tokens.shape
     decoder, decoder_bias = decoder_and_bias(sae)
     d_sae, d_in = decoder.shape
@@ -135,15 +160,16 @@ def stream(sae, config: BuildConfig, source: ActivationSource) -> AccumulatedRes
         sae,
         config.latent_chunk or latent_chunk_size(d_sae, source.forward_sequences * context_length),
     )
+    sequences = rank.share(n_sequences)
     progress = tqdm(
-        total=n_sequences * context_length,
+        total=len(sequences) * context_length,
         unit="tok",
         unit_scale=True,
         desc="build",
-        disable=config.quiet,
+        disable=config.quiet or not rank.writes,
     )
     with progress, reused_memory():
-        for start, token_ids in source.batches(config.source.device):
+        for start, token_ids in source.batches(config.source.device, sequences):
             x = source.read(start, token_ids)
             check_width(x, source.hook, d_in)
             # float32 for the decoder projections and the position sample; the SAE casts it.
@@ -153,9 +179,7 @@ def stream(sae, config: BuildConfig, source: ActivationSource) -> AccumulatedRes
             )
             accumulators.update(batch, chunks)
             progress.update(token_ids.numel())
-        del batch, chunks
-        # Here, the results take the memory the last batch freed instead of being faulted in.
-        return accumulators.finalize()
+    return accumulators
 
 
 def ablation_and_precision(
@@ -182,6 +206,7 @@ def sae_records(
     ablation: list[dict],
     precision: int,
     source: ActivationSource,
+    world_size: int = 1,
 ) -> SaeRecords:
     decoder, decoder_bias = decoder_and_bias(sae)
     n_sequences, context_length = source.tokens.shape
@@ -241,7 +266,7 @@ def sae_records(
         mmcs=match.mmcs if match else None,
         recovered_share=match.recovered if match else None,
         ground_truth={**truth.description, "features": truth.names} if truth else None,
-        config=config.record(),
+        config={**config.record(), "world_size": world_size},
         training=training_record(training) if training else None,
         training_log=training["log"] if training else None,
         description_length_bits=float(description_length_bits.sum()),

@@ -127,7 +127,7 @@ def time_passes(model_dir: Path, sae_dir: Path, tokens_path: Path, n_tokens: int
         forward_and_encode(model, sae, tokens)
 
     def full() -> None:
-        stream(sae, config, source)
+        stream(sae, config, source).finalize()
 
     with torch.inference_mode():
         bare()  # warm-up

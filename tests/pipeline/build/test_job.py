@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import sqlite3
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -114,24 +116,53 @@ def test_a_build_in_chunks_of_latents_gives_the_same_features(
 def test_the_torch_scan_gives_the_same_database(
     built_db, tmp_path, tiny_model_dir, tiny_sae_dir, token_file
 ) -> None:
-    """The device path of the pass (here on the CPU device) writes the kernels' database: every
-    table, row for row; sums agree to float64 rounding (another order of addition)."""
+    """The device path of the pass (here on the CPU device) writes the kernels' database."""
     out = tmp_path / "torch.db"
     args = build_args(tiny_model_dir, tiny_sae_dir, token_file, out, "--scan", "torch")
     result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output
-    tables = [name for (name,) in rows(out, "select name from sqlite_master where type='table'")]
-    for table in tables:
-        mine, theirs = rows(out, f"select * from {table}"), rows(built_db, f"select * from {table}")
+    assert_same_database(out, built_db)
+    assert json.loads(rows(out, "select config from saes")[0][0])["scan"] == "torch"
+
+
+def test_a_build_on_two_ranks_equals_one_process(
+    built_db, tmp_path, tiny_model_dir, tiny_sae_dir, token_file
+) -> None:
+    """torchrun's form of the sharded build, two CPU ranks on gloo: each reads half the corpus,
+    rank 0 merges and writes the single process's database."""
+    out = tmp_path / "ranks.db"
+    bin = Path(sys.executable).parent
+    result = subprocess.run(
+        [
+            bin / "torchrun", "--standalone", "--nproc-per-node", "2", "--no-python",
+            bin / "saescope", *build_args(tiny_model_dir, tiny_sae_dir, token_file, out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("tiny-sae: 64 features over") == 1  # rank 0's summary only
+    assert_same_database(out, built_db)
+    assert json.loads(rows(out, "select config from saes")[0][0])["world_size"] == 2
+
+
+def assert_same_database(built: Path, reference: Path) -> None:
+    """Every table, row for row, but the build's stored options; sums agree to float64 rounding
+    (another order of addition)."""
+    tables = rows(built, "select name from sqlite_master where type='table'")
+    for (table,) in tables:
+        mine, theirs = (
+            rows(built, f"select * from {table}"),
+            rows(reference, f"select * from {table}"),
+        )
         assert len(mine) == len(theirs), table
         for left, right in zip(mine, theirs, strict=True):
             for a, b in zip(left, right, strict=True):
                 if isinstance(a, float):
                     assert a == pytest.approx(b, rel=1e-9, abs=1e-12), table
-                elif not (isinstance(a, str) and '"scan"' in a):
+                elif not (isinstance(a, str) and '"world_size"' in a):
                     assert a == b, table
-    config = json.loads(rows(out, "select config from saes")[0][0])
-    assert config["scan"] == "torch"
 
 
 def test_second_sae_is_added_to_the_same_file(
