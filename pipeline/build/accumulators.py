@@ -47,6 +47,8 @@ Scan = Literal["kernels", "torch"]
 # pending sparse pairs are folded in once there are TOKEN_TABLE_COMPACT_EVERY of them.
 DENSE_TOKEN_TABLE_CELLS = 1 << 25
 TOKEN_TABLE_COMPACT_EVERY = 4_000_000
+# Example slots are sorted this many features at a time (a bounded copy).
+FINALIZE_ROWS = 4096
 
 
 @functools.cache
@@ -175,6 +177,7 @@ class FeatureStats:
         np.minimum(self.min, other.min, out=self.min)
 
     def finalize(self) -> FeatureStatsResult:
+        """The positional tables and the histogram are shared with the result, not copied."""
         # Counts and sums are the positional tables summed over positions.
         count = self.position_count.sum(0)
         return FeatureStatsResult(
@@ -187,9 +190,9 @@ class FeatureStats:
             min=np.where(count > 0, self.min.astype(np.float64), 0.0),
             special_count=self.special_count.copy(),
             position_tokens=self.position_tokens.copy(),
-            position_count=self.position_count.astype(np.int64),
-            position_sum=self.position_sum.copy(),
-            histogram=self.histogram.astype(np.int64),
+            position_count=self.position_count,
+            position_sum=self.position_sum,
+            histogram=self.histogram,
         )
 
 
@@ -256,20 +259,28 @@ class ExampleHeaps:
         )
 
     def finalize(self) -> KeptExamples:
-        """Examples as feature-major arrays, best first; `valid` marks real entries."""
+        """Examples as feature-major arrays, best first; `valid` marks real entries. The slots
+        are sorted in place (still a valid heap) and shared with the result: the windows, the
+        largest state, are not copied."""
         order = np.argsort(-self.key, axis=1, kind="stable")
-        key = np.take_along_axis(self.key, order, axis=1)
-        valid = key > EMPTY_KEY + self.k
-        token = np.where(valid, kernels.key_tokens(key), -1)
+        for start in range(0, len(order), FINALIZE_ROWS):
+            rows = slice(start, start + FINALIZE_ROWS)
+            for values in (self.key, self.activation):
+                values[rows] = np.take_along_axis(values[rows], order[rows], axis=1)
+            self.window[rows] = np.take_along_axis(self.window[rows], order[rows, :, None], axis=1)
+        # Descending keys read from the last slot up: ascending, a min-heap.
+        self.heap[:] = np.arange(self.k - 1, -1, -1, dtype=self.heap.dtype)
+        valid = self.key > EMPTY_KEY + self.k
+        token = np.where(valid, kernels.key_tokens(self.key), -1)
         ctx = self.context_length
         return KeptExamples(
             valid=valid,
             token=token,
             sequence_index=np.where(valid, token // ctx, -1),
             position=np.where(valid, token % ctx, -1),
-            score=kernels.key_scores(key).astype(np.float64),
-            activation=np.take_along_axis(self.activation, order, axis=1).astype(np.float64),
-            window=np.take_along_axis(self.window, order[:, :, None], axis=1),
+            score=kernels.key_scores(self.key),
+            activation=self.activation,
+            window=self.window,
         )
 
 
