@@ -46,6 +46,22 @@ class ActivationSource:
     """(first sequence, its token ids) → activations [sequences, context, d_in]"""
     language_model: Any | None = None
     dataset: SyntheticDataset | None = None
+    output_hook: str | None = None
+    """where a transcoder writes (None: the SAE writes where it reads)"""
+
+    @property
+    def written_hook(self) -> str:
+        """The hook whose activations the SAE reconstructs, which a splice replaces."""
+        return self.output_hook or self.hook
+
+    def read_with_output(self, start: int, token_ids: Tensor) -> tuple[Tensor, Tensor]:
+        """The activations the SAE reads and those it reconstructs (the same tensor for an SAE),
+        from one forward pass."""
+        if self.output_hook is None:
+            x = self.read(start, token_ids)
+            return x, x
+        hooks = (self.hook, self.output_hook)
+        return models.activations_at_hooks(self.language_model, hooks, token_ids)
 
     def special(self, token_ids: Int[Tensor, "seq ctx"]) -> Bool[Tensor, "seq ctx"]:
         special = torch.tensor(sorted(self.special_ids), dtype=torch.int64)
@@ -101,10 +117,14 @@ def open_source(
     dtype: torch.dtype,
     forward_sequences: int,
     quiet: bool,
+    output_hook: str | None = None,
 ) -> ActivationSource:
     """The source the options name; `sae_metadata` (the SAE's SAELens metadata, or {} for an SAE
-    yet to be trained) sets defaults for weight processing, context length and BOS."""
+    yet to be trained) sets defaults for weight processing, context length and BOS;
+    `output_hook` is where a transcoder writes."""
     if config.synthetic is not None:
+        if output_hook is not None:
+            raise InputError("a transcoder reads one hook and writes another: give --model")
         return _synthetic_source(config, forward_sequences)
     if not (config.model and config.hook and config.corpus):
         raise InputError("give --model, --hook and --corpus, or --synthetic")
@@ -116,7 +136,9 @@ def open_source(
         )  # fmt: skip
     processing = models.weight_processing_kwargs(sae_metadata, config.weight_processing)
     model = models.load_model(config.model, config.device, dtype, processing, quiet)
-    models.check_hook(model, config.hook)
+    for hook in (config.hook, output_hook):
+        if hook is not None:
+            models.check_hook(model, hook)
     corpus = load_corpus(
         config.corpus,
         model.tokenizer,
@@ -137,6 +159,7 @@ def open_source(
         forward_sequences=forward_sequences,
         read=lambda _, token_ids: models.activations_at_hook(model, hook, token_ids),
         language_model=model,
+        output_hook=output_hook,
     )
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 from pathlib import Path
 from typing import Any
@@ -73,20 +74,37 @@ class _StopForward(Exception):
     """Raised inside the hook so the model stops right after the layer the hook needs."""
 
 
+def activations_at_hooks(
+    model, hooks: tuple[str, ...], tokens: Int[Tensor, "seq ctx"]
+) -> tuple[Float[Tensor, "seq ctx d"], ...]:
+    """The activations at each hook (heads flattened, see `flat_heads`), from one forward pass
+    that stops once the last of them is reached."""
+    captured: dict[str, Tensor] = {}
+
+    def capture(activation: Tensor, hook, name: str) -> None:
+        captured[name] = flat_heads(activation)
+        if len(captured) == len(set(hooks)):
+            raise _StopForward
+
+    fwd_hooks = [(name, functools.partial(capture, name=name)) for name in dict.fromkeys(hooks)]
+    with contextlib.suppress(_StopForward):
+        model.run_with_hooks(tokens, fwd_hooks=fwd_hooks)
+    for name in hooks:
+        if name not in captured:
+            raise InputError(f"hook {name!r} was not reached in a forward pass")
+    return tuple(captured[name] for name in hooks)
+
+
 def activations_at_hook(
     model, hook: str, tokens: Int[Tensor, "seq ctx"]
 ) -> Float[Tensor, "seq ctx d_in"]:
-    captured: list[Tensor] = []
+    return activations_at_hooks(model, (hook,), tokens)[0]
 
-    def capture(activation: Tensor, hook) -> None:
-        captured.append(activation)
-        raise _StopForward
 
-    with contextlib.suppress(_StopForward):
-        model.run_with_hooks(tokens, fwd_hooks=[(hook, capture)])
-    if not captured:
-        raise InputError(f"hook {hook!r} was not reached in a forward pass")
-    return captured[0]
+def flat_heads(activation: Tensor) -> Tensor:
+    """Per-head activations (hook_z, hook_q, ...: [..., n_heads, d_head]) as one vector per token
+    [..., n_heads · d_head], the layout hook_z SAEs read and write; others as they are."""
+    return activation.flatten(-2) if activation.ndim == 4 else activation
 
 
 def vocab_strings(tokenizer, vocab_size: int) -> list[str]:

@@ -23,6 +23,24 @@ TRAINING_LOG = "training_log.json"
 ACTIVATION_CELLS = 1 << 26
 # Parameters that do not have a row or column per latent.
 SHARED_PARAMETERS = {"b_dec", "W_skip"}
+# The SAELens architectures (cfg.architecture()) the build covers. Transcoders read at the SAE's
+# hook and write at metadata.hook_name_out.
+SUPPORTED_ARCHITECTURES = (
+    "standard",
+    "gated",
+    "jumprelu",
+    "topk",
+    "transcoder",
+    "skip_transcoder",
+    "jumprelu_transcoder",
+    "jumprelu_skip_transcoder",
+)
+# Those it refuses, and why.
+UNSUPPORTED_ARCHITECTURES = {
+    "abstopk": "its activations can be negative; every statistic here reads positive ones",
+    "matching_pursuit": "its latents are chosen one after another, not per latent",
+    "temporal": "its encoding depends on the context before each token",
+}
 
 
 def load_sae(
@@ -45,17 +63,46 @@ def load_sae(
             with warnings.catch_warnings():
                 # SAELens's advice on loading the model: the build processes its weights itself.
                 warnings.filterwarnings("ignore", message=".*model_from_pretrained_kwargs")
-                return SAE.load_from_disk(directory, device=device, dtype=dtype)
+                sae = SAE.load_from_disk(directory, device=device, dtype=dtype)
         except Exception as error:
             raise InputError(f"cannot load the SAE in {directory}: {describe(error)}") from None
-    if release is None or sae_id is None:
-        raise InputError("give --sae DIRECTORY, or --sae-release with --sae-id")
-    try:
-        return SAE.from_pretrained(release, sae_id, device=device, dtype=dtype)
-    except Exception as error:
+    else:
+        if release is None or sae_id is None:
+            raise InputError("give --sae DIRECTORY, or --sae-release with --sae-id")
+        try:
+            sae = SAE.from_pretrained(release, sae_id, device=device, dtype=dtype)
+        except Exception as error:
+            raise InputError(
+                f"cannot load SAE {sae_id!r} of release {release!r}: {describe(error)}"
+            ) from None
+    check_architecture(sae)
+    # Per-head activations arrive flattened (models.flat_heads) and leave reshaped by the splice.
+    sae.turn_off_forward_pass_hook_z_reshaping()
+    return sae
+
+
+def check_architecture(sae) -> None:
+    architecture = sae.cfg.architecture()
+    if architecture in SUPPORTED_ARCHITECTURES:
+        output_hook(sae)
+        return
+    reason = UNSUPPORTED_ARCHITECTURES.get(architecture, "it is not one saescope knows")
+    raise InputError(
+        f"saescope cannot build SAEs of SAELens architecture {architecture!r}: {reason} "
+        f"(supported: {', '.join(SUPPORTED_ARCHITECTURES)})"
+    )
+
+
+def output_hook(sae) -> str | None:
+    """The hook a transcoder writes to (None for an SAE, which writes where it reads)."""
+    if "transcoder" not in sae.cfg.architecture():
+        return None
+    hook = sae.cfg.metadata.get("hook_name_out")
+    if not hook:
         raise InputError(
-            f"cannot load SAE {sae_id!r} of release {release!r}: {describe(error)}"
-        ) from None
+            "the transcoder's cfg.json names no metadata.hook_name_out, the hook it writes to"
+        )
+    return hook
 
 
 def sae_metadata(sae) -> dict[str, Any]:

@@ -29,7 +29,7 @@ from torch import Tensor
 from saescope.db.codec import histogram_edges
 from saescope.pipeline.activations import ActivationSource
 from saescope.pipeline.build.accumulators import FeatureStatsResult
-from saescope.pipeline.build.evaluation import ReconstructionTotals, keep_special
+from saescope.pipeline.build.evaluation import ReconstructionTotals, splice_hooks
 from saescope.pipeline.saes import row_chunks
 
 TARGET_FRACTIONS = (1.0, 0.85, 0.7, 0.55, 0.4, 0.25)
@@ -51,7 +51,8 @@ class AblationContexts:
     tokens aside), from which each rule's knob is set."""
 
     batches: list[tuple[Tensor, Tensor, Tensor]]
-    """(token ids, the hook's activations, special-token mask) per forward pass"""
+    """(token ids, the activations the SAE reads, those it writes, special-token mask) per
+    forward pass"""
     values: np.ndarray
     """the active values, over every ordinary token"""
     latents: np.ndarray
@@ -65,7 +66,8 @@ def ablation_contexts(
 ) -> AblationContexts:
     batches, values, latents, per_token = [], [], [], []
     for start, token_ids in source.batches(device, range(min(n_sequences, len(source.tokens)))):
-        x = source.read(start, token_ids).float()
+        x, written = source.read_with_output(start, token_ids)
+        x, written = x.float(), written.float()
         special = source.special(token_ids)
         for part in row_chunks(x[~special], sae.W_dec.shape[0]):
             f = sae.encode(part).float()
@@ -73,7 +75,7 @@ def ablation_contexts(
             values.append(f[rows, cols].cpu().numpy())
             latents.append(cols.cpu().numpy())
             per_token.append((f > 0).sum(1).cpu().numpy())
-        batches.append((token_ids, x, special))
+        batches.append((token_ids, x, written, special))
     return AblationContexts(
         batches, np.concatenate(values), np.concatenate(latents), np.concatenate(per_token)
     )
@@ -92,23 +94,23 @@ def measure(
     active = tokens = 0
     loss = predictions = 0.0
     model = source.language_model if with_loss else None
-    for token_ids, x, special in contexts.batches:
+    for token_ids, x, written, special in contexts.batches:
         parts = []
         for part in row_chunks(x[~special], sae.W_dec.shape[0]):
             f = transform(sae.encode(part).float())
             parts.append(sae.decode(f.to(sae.dtype)).float())
             active, tokens = active + int((f > 0).sum()), tokens + len(f)
         reconstruction = torch.cat(parts)
-        totals.add(x[~special], reconstruction)
+        totals.add(written[~special], reconstruction)
         if model is not None:
 
-            def splice(activation: Tensor, hook, special=special, reconstruction=reconstruction):
-                replaced = activation.clone()
-                replaced[~special] = reconstruction.to(activation.dtype)
-                return keep_special(activation, replaced, special)
+            def replace(x: Tensor, y: Tensor, special=special, reconstruction=reconstruction):
+                replaced = y.clone()
+                replaced[~special] = reconstruction.to(y.dtype)
+                return replaced
 
             n = token_ids.shape[0] * (token_ids.shape[1] - 1)
-            hooks = [(source.hook, splice)]
+            hooks = splice_hooks(source.hook, source.written_hook, replace, special)
             run = model.run_with_hooks(token_ids, return_type="loss", fwd_hooks=hooks)
             loss, predictions = loss + float(run) * n, predictions + n
     metrics = totals.metrics()

@@ -165,9 +165,12 @@ def _absorption(
     decoder_bias: Float[Tensor, " d_in"],
     n_absorbers: int,
     seed: int,
+    target: Float[Tensor, "n d_out"] | None = None,
 ) -> Absorption:
     """The absorption of every latent on a sample of positions: `x` the hook's activations
-    there, `sequence` the sequence each position lies in (the bootstrap's unit)."""
+    there, `sequence` the sequence each position lies in (the bootstrap's unit), `target` the
+    activations the decoder writes there, where its directions are measured (a transcoder's
+    output hook; by default `x`)."""
     x, decoder = x.float().cpu(), decoder.float().cpu()
     n, d_sae = x.shape[0], decoder.shape[0]
     f = sparse_activations(x, encode, d_sae)  # [n, d_sae]
@@ -176,7 +179,8 @@ def _absorption(
         f.crow_indices(), f.col_indices(), torch.ones_like(f.values()), f.shape
     )
     norms, unit = decoder.norm(dim=1), unit_rows(decoder)
-    projection_base = x - decoder_bias.float().cpu()
+    target = x if target is None else target.float().cpu()
+    projection_base = target - decoder_bias.float().cpu()
     _, group = torch.unique(sequence.cpu(), return_inverse=True)
     n_groups = int(group.max()) + 1 if n else 0
     generator = torch.Generator().manual_seed(seed)

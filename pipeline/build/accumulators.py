@@ -64,13 +64,15 @@ def cpu_multiplies_bfloat16() -> bool:
 
 @dataclass
 class Batch:
-    """Whole sequences `first_sequence ..` of the corpus: their tokens and the hook's
-    activations. Special tokens (BOS/EOS/pad) are excluded from all statistics."""
+    """Whole sequences `first_sequence ..` of the corpus: their tokens, the activations the SAE
+    reads and, for a transcoder, those it writes (`outputs`). Special tokens (BOS/EOS/pad) are
+    excluded from all statistics."""
 
     first_sequence: int
     token_ids: Int[Tensor, "seq ctx"]
-    hook_activations: Float[Tensor, "seq ctx d_model"]
+    hook_activations: Float[Tensor, "seq ctx d_in"]
     special: Bool[Tensor, "seq ctx"]
+    outputs: Float[Tensor, "seq ctx d_out"] | None = None
 
     @property
     def context_length(self) -> int:
@@ -79,6 +81,11 @@ class Batch:
     @property
     def first_token(self) -> int:
         return self.first_sequence * self.context_length
+
+    @property
+    def decoder_space(self) -> Float[Tensor, "seq ctx d_out"]:
+        """The activations the decoder writes: where decoder directions are measured."""
+        return self.hook_activations if self.outputs is None else self.outputs
 
 
 @dataclass
@@ -347,8 +354,8 @@ class DecoderExampleHeaps(ExampleHeaps):
         return (centred @ unit.T).bfloat16()
 
     def update(self, batch: Batch, chunk: LatentChunk) -> None:
-        d_model = batch.hook_activations.shape[-1]
-        centred = (batch.hook_activations - self.decoder_bias).reshape(-1, d_model)
+        d_model = batch.decoder_space.shape[-1]
+        centred = (batch.decoder_space - self.decoder_bias).reshape(-1, d_model)
         features = chunk.features
         kernels.scan_projections(
             chunk.view(batch),
@@ -362,16 +369,18 @@ class DecoderExampleHeaps(ExampleHeaps):
 
 
 class PositionSample:
-    """A uniform random sample of `size` positions (special tokens excluded) with the hook's
-    input there: the positions with the smallest hash keys, so any split of the corpus into
-    batches or shards gives the same sample. The absorption measure re-encodes it at the end."""
+    """A uniform random sample of `size` positions (special tokens excluded) with the activations
+    there (those the SAE reads, then, for a transcoder, those it writes): the positions with the
+    smallest hash keys, so any split of the corpus into batches or shards gives the same sample.
+    The absorption measure re-encodes it at the end."""
 
-    def __init__(self, size: int, d_model: int, device: torch.device, seed: int) -> None:
+    def __init__(self, size: int, device: torch.device, seed: int) -> None:
         self.size = size
         self.seed = seed
         self.key = torch.zeros(0, dtype=torch.int64, device=device)
         self.token = torch.zeros(0, dtype=torch.int64, device=device)
-        self.hook_activations = torch.zeros(0, d_model, device=device)
+        self.vectors: Tensor | None = None  # [n, d_in (+ d_out)], sized by the first batch
+        self.input_width = 0
 
     def update(self, batch: Batch) -> None:
         rows = torch.nonzero(~batch.special.reshape(-1)).squeeze(1)
@@ -380,20 +389,23 @@ class PositionSample:
         if len(self.key) == self.size:
             below = torch.nonzero(keys < self.key.max()).squeeze(1)
             rows, tokens, keys = rows[below], tokens[below], keys[below]
-        x = batch.hook_activations.reshape(-1, batch.hook_activations.shape[-1])[rows]
+        self.input_width = batch.hook_activations.shape[-1]
+        parts = [batch.hook_activations] + ([] if batch.outputs is None else [batch.outputs])
+        vectors = torch.cat([part.reshape(len(batch.special.reshape(-1)), -1) for part in parts], 1)
         if len(keys):
-            self._add(keys, tokens, x)
+            self._add(keys, tokens, vectors[rows].float())
 
-    def _add(self, keys: Tensor, tokens: Tensor, x: Tensor) -> None:
-        x = x.to(self.hook_activations.dtype)
+    def _add(self, keys: Tensor, tokens: Tensor, vectors: Tensor) -> None:
+        if self.vectors is None:
+            self.vectors = vectors[:0]
         if len(self.key) < self.size:
             keys = torch.cat([self.key, keys])
             tokens = torch.cat([self.token, tokens])
-            x = torch.cat([self.hook_activations, x])
+            vectors = torch.cat([self.vectors, vectors])
             if len(keys) > self.size:
                 keep = torch.topk(keys, self.size, largest=False).indices
-                keys, tokens, x = keys[keep], tokens[keep], x[keep]
-            self.key, self.token, self.hook_activations = keys, tokens, x
+                keys, tokens, vectors = keys[keep], tokens[keep], vectors[keep]
+            self.key, self.token, self.vectors = keys, tokens, vectors
             return
         # Full: the newcomers that make the cut take the slots of the entries they push out, in
         # place (copying the whole sample every batch costs more than the rest of the update).
@@ -404,7 +416,7 @@ class PositionSample:
         newcomers = keep[keep >= self.size] - self.size
         self.key[slots] = keys[newcomers]
         self.token[slots] = tokens[newcomers]
-        self.hook_activations[slots] = x[newcomers]
+        self.vectors[slots] = vectors[newcomers]
 
     def __getstate__(self) -> dict:
         """A shard's sample travels to another process on the host."""
@@ -414,21 +426,28 @@ class PositionSample:
         }
 
     def merge(self, other: PositionSample) -> None:
+        if other.vectors is None:
+            return
+        self.input_width = other.input_width
         device = self.key.device
-        self._add(other.key.to(device), other.token.to(device), other.hook_activations.to(device))
+        self._add(other.key.to(device), other.token.to(device), other.vectors.to(device))
 
     def finalize(self) -> PositionSampleResult:
         order = torch.argsort(self.key)
+        vectors = self.vectors[order] if self.vectors is not None else torch.zeros(0, 0)
+        inputs, outputs = vectors[:, : self.input_width], vectors[:, self.input_width :]
         return PositionSampleResult(
             token_index=self.token[order].cpu().numpy(),
-            hook_activations=self.hook_activations[order],
+            inputs=inputs,
+            outputs=outputs if outputs.shape[1] else inputs,
         )
 
 
 @dataclass
 class PositionSampleResult:
     token_index: np.ndarray  # global token index, in random (hash key) order
-    hook_activations: Tensor  # [n, d_model], on the build's device
+    inputs: Tensor  # [n, d_in] the activations the SAE reads there, on the build's device
+    outputs: Tensor  # [n, d_out] those it writes (a transcoder's target; else `inputs`)
 
 
 class TokenTable:
@@ -588,9 +607,7 @@ class FeatureAccumulators:
             sizes.decoder_top, n_features, context_length, decoder, decoder_bias
         )
         self.tokens = TokenTable(n_features, vocab_size)
-        self.position_sample = PositionSample(
-            sizes.sample_positions, decoder.shape[1], decoder.device, seed
-        )
+        self.position_sample = PositionSample(sizes.sample_positions, decoder.device, seed)
         # The per-entry state on the device until the pass is over (torch), else in the arrays
         # above.
         self.on_device = TorchScan(self, decoder, decoder_bias) if scan == "torch" else None

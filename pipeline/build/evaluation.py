@@ -6,12 +6,15 @@ reconstruction metrics, as they are left out of all feature statistics.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from jaxtyping import Float
 from torch import Tensor
 from tqdm.auto import tqdm
 
 from saescope.pipeline.activations import ActivationSource
+from saescope.pipeline.models import flat_heads
 from saescope.pipeline.saes import row_chunks
 
 # Synthetic activations are evaluated this many rows at a time.
@@ -53,9 +56,23 @@ def reconstruct(sae, x: Float[Tensor, "... d_in"]) -> Float[Tensor, "... d_in"]:
     return torch.cat(parts).reshape(*x.shape[:-1], -1)
 
 
-def keep_special(original: Tensor, replacement: Tensor, mask: Tensor) -> Tensor:
-    """The replacement, but at special tokens (`mask`), where the original stays."""
-    return torch.where(mask.unsqueeze(-1), original, replacement.to(original.dtype))
+def splice_hooks(
+    reads: str, writes: str, replace: Callable[[Tensor, Tensor], Tensor], special: Tensor
+) -> list[tuple[str, Callable]]:
+    """Forward hooks that replace the activations at `writes` by replace(x, y), x those at
+    `reads` and y those at `writes` (heads flattened; the same hook for an SAE, two for a
+    transcoder); special tokens (`special`, [batch, ctx]) keep their own."""
+    read: list[Tensor] = []
+
+    def capture(activation: Tensor, hook) -> None:
+        read.append(flat_heads(activation))
+
+    def write(activation: Tensor, hook) -> Tensor:
+        y = flat_heads(activation)
+        replacement = replace(read[-1] if read else y, y).to(y.dtype)
+        return torch.where(special.unsqueeze(-1), y, replacement).reshape(activation.shape)
+
+    return ([(reads, capture)] if reads != writes else []) + [(writes, write)]
 
 
 def evaluate(
@@ -70,7 +87,7 @@ def evaluate(
     return evaluate_sae(
         source.language_model,
         sae,
-        source.hook,
+        (source.hook, source.written_hook),
         torch.from_numpy(source.tokens[:n_sequences]),
         source.special_ids,
         batch_size,
@@ -79,11 +96,17 @@ def evaluate(
 
 
 def evaluate_sae(
-    model, sae, hook: str, tokens: Tensor, special_ids: set[int], batch_size: int, quiet: bool
+    model,
+    sae,
+    hooks: tuple[str, str],
+    tokens: Tensor,
+    special_ids: set[int],
+    batch_size: int,
+    quiet: bool,
 ) -> dict[str, float | None]:
-    """Reconstruction metrics, and the model's next-token cross-entropy clean, with the SAE
-    reconstruction spliced in at the hook, and with the hook zero-ablated;
-    CE score = (CE_zero − CE_sae) / (CE_zero − CE_clean)."""
+    """Reconstruction metrics, and the model's next-token cross-entropy clean, with the SAE's
+    reconstruction spliced in where it writes (`hooks`: where it reads, where it writes), and
+    with that hook zero-ablated; CE score = (CE_zero − CE_sae) / (CE_zero − CE_clean)."""
     device = next(sae.parameters()).device
     special = torch.tensor(sorted(special_ids), dtype=torch.int64, device=device)
     totals = ReconstructionTotals()
@@ -94,18 +117,19 @@ def evaluate_sae(
         batch = tokens[start : start + batch_size].to(device)
         mask = torch.isin(batch, special)
 
-        def splice(activation: Tensor, hook, mask=mask) -> Tensor:
-            reconstruction = reconstruct(sae, activation)
-            totals.add(activation[~mask], reconstruction[~mask])
-            return keep_special(activation, reconstruction, mask)
+        def reconstructed(x: Tensor, y: Tensor, mask=mask) -> Tensor:
+            reconstruction = reconstruct(sae, x)
+            totals.add(y[~mask], reconstruction[~mask])
+            return reconstruction
 
-        def zero(activation: Tensor, hook, mask=mask) -> Tensor:
-            return keep_special(activation, torch.zeros_like(activation), mask)
+        def zero(x: Tensor, y: Tensor) -> Tensor:
+            return torch.zeros_like(y)
 
         n = batch.shape[0] * (batch.shape[1] - 1)
         losses["clean"] += float(model(batch, return_type="loss")) * n
-        for name, hook_fn in (("sae", splice), ("zero", zero)):
-            loss = model.run_with_hooks(batch, return_type="loss", fwd_hooks=[(hook, hook_fn)])
+        for name, replace in (("sae", reconstructed), ("zero", zero)):
+            fwd_hooks = splice_hooks(*hooks, replace, mask)
+            loss = model.run_with_hooks(batch, return_type="loss", fwd_hooks=fwd_hooks)
             losses[name] += float(loss) * n
         n_predictions += n
 

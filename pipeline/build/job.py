@@ -56,6 +56,7 @@ from saescope.pipeline.saes import (
     decoder_and_bias,
     latent_chunk_size,
     load_sae,
+    output_hook,
     read_training,
     sae_metadata,
 )
@@ -99,6 +100,7 @@ def build_on_rank(config: BuildConfig, rank: Rank, started: float) -> BuildSumma
             getattr(torch, config.dtype),
             config.batch_size,
             config.quiet,
+            output_hook(sae),
         )
         logger.info("corpus: %d contexts of %d tokens", *source.tokens.shape)
         merged = merged_on_rank_zero(rank, stream(sae, config, source, rank))
@@ -130,11 +132,11 @@ def build_on_rank(config: BuildConfig, rank: Rank, started: float) -> BuildSumma
     )
 
 
-def check_width(x: torch.Tensor, hook: str, d_in: int) -> None:
-    if x.shape[-1] != d_in:
+def check_width(x: torch.Tensor, hook: str, width: int) -> None:
+    if x.shape[-1] != width:
         raise InputError(
-            f"the SAE reads {d_in}-dimensional activations but hook "
-            f"{hook!r} gives {x.shape[-1]}; is this the SAE's model and hook?"
+            f"the SAE takes {width}-dimensional activations at hook {hook!r}, which gives "
+            f"{x.shape[-1]}; is this the SAE's model and hook?"
         )
 
 
@@ -145,7 +147,7 @@ def stream(
     updated batch by batch, a chunk of latents at a time where the SAE is wide."""
     n_sequences, context_length = source.tokens.shape
     decoder, decoder_bias = decoder_and_bias(sae)
-    d_sae, d_in = decoder.shape
+    d_sae, d_out = decoder.shape
     accumulators = FeatureAccumulators(
         n_features=d_sae,
         context_length=context_length,
@@ -170,10 +172,12 @@ def stream(
     )
     with progress, reused_memory():
         for start, token_ids in source.batches(config.source.device, sequences):
-            x = source.read(start, token_ids)
-            check_width(x, source.hook, d_in)
+            x, written = source.read_with_output(start, token_ids)
+            check_width(x, source.hook, sae.cfg.d_in)
+            check_width(written, source.written_hook, d_out)
             # float32 for the decoder projections and the position sample; the SAE casts it.
-            batch = Batch(start, token_ids, x.float(), source.special(token_ids))
+            outputs = None if written is x else written.float()
+            batch = Batch(start, token_ids, x.float(), source.special(token_ids), outputs)
             chunks = (
                 LatentChunk.of(a, f.float(), batch) for a, f in encode(batch.hook_activations)
             )
@@ -217,13 +221,14 @@ def sae_records(
     match = match_ground_truth(truth.directions, decoder.cpu()) if truth is not None else None
     sample = accumulated.position_sample
     absorbed = absorption(
-        sample.hook_activations,
+        sample.inputs,
         torch.from_numpy(sample.token_index // context_length),
         sae.encode,
         decoder,
         decoder_bias,
         settings.n_absorbers,
         config.seed,
+        target=sample.outputs,
     )
     tokens_seen = max(stats.tokens_seen, 1)
     description_length_bits = description_lengths(

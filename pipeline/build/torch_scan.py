@@ -289,8 +289,8 @@ class TorchScan:
     ) -> Float[Tensor, "tokens n"]:
         """Exact decoder projections (x - b_dec)·ŵ where an entry can be its block's best and
         reach the threshold, -inf elsewhere and on special tokens."""
-        n_sequences, context, d_model = batch.hook_activations.shape
-        centred = (batch.hook_activations - self.decoder_bias).reshape(-1, d_model)
+        n_sequences, context, d_model = batch.decoder_space.shape
+        centred = (batch.decoder_space - self.decoder_bias).reshape(-1, d_model)
         unit = self.decoder_unit[features]
         screen = centred @ unit.T
         margin = centred.norm(dim=1) * PROJECTION_MARGIN

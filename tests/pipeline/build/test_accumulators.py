@@ -203,7 +203,7 @@ def test_position_sample_is_the_smallest_hash_keys_of_ordinary_tokens(data, resu
     expected = tokens[torch.argsort(keys)[: SIZES.sample_positions]].numpy()
     np.testing.assert_array_equal(result.position_sample.token_index, expected)
     inputs = data["inputs"].reshape(-1, D_MODEL)[expected]
-    np.testing.assert_array_equal(result.position_sample.hook_activations.numpy(), inputs.numpy())
+    np.testing.assert_array_equal(result.position_sample.inputs.numpy(), inputs.numpy())
 
 
 def test_token_table(data: dict, result: AccumulatedResult) -> None:
@@ -263,7 +263,7 @@ def assert_results_equal(a: AccumulatedResult, b: AccumulatedResult) -> None:
     assert_token_tables_equal(a.tokens, b.tokens)
     np.testing.assert_array_equal(a.position_sample.token_index, b.position_sample.token_index)
     np.testing.assert_array_equal(
-        a.position_sample.hook_activations.numpy(), b.position_sample.hook_activations.numpy()
+        a.position_sample.inputs.numpy(), b.position_sample.inputs.numpy()
     )
 
 

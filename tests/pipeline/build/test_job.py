@@ -220,7 +220,7 @@ def test_sae_width_must_match_the_hook(tmp_path, previous_db, built_db, tiny_mod
         app, build_args(tiny_model_dir, sae, token_file, previous_db, "--replace")
     )
     assert_failed_cleanly(
-        result, previous_db, built_db, "the SAE reads 16-dimensional activations but hook"
+        result, previous_db, built_db, "the SAE takes 16-dimensional activations at hook"
     )
 
 
