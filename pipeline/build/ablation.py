@@ -30,7 +30,7 @@ from saescope.db.codec import histogram_edges
 from saescope.pipeline.activations import ActivationSource
 from saescope.pipeline.build.accumulators import FeatureStatsResult
 from saescope.pipeline.build.evaluation import ReconstructionTotals, splice_hooks
-from saescope.pipeline.saes import row_chunks
+from saescope.pipeline.saes import ACTIVATION_CELLS, row_chunks
 
 TARGET_FRACTIONS = (1.0, 0.85, 0.7, 0.55, 0.4, 0.25)
 # Each rule, and what it removes (stored beside its points).
@@ -43,6 +43,9 @@ RULES = {
 
 # f ↦ the activations the decoder gets instead.
 Transform = Callable[[Tensor], Tensor]
+# A removal rule makes several dense copies of f: rows are taken this many (token, latent) cells
+# at a time, so a wide SAE's copies stay small.
+TRANSFORM_CELLS = ACTIVATION_CELLS // 8
 
 
 @dataclass
@@ -96,7 +99,7 @@ def measure(
     model = source.language_model if with_loss else None
     for token_ids, x, written, special in contexts.batches:
         parts = []
-        for part in row_chunks(x[~special], sae.W_dec.shape[0]):
+        for part in row_chunks(x[~special], sae.W_dec.shape[0], TRANSFORM_CELLS):
             f = transform(sae.encode(part).float())
             parts.append(sae.decode(f.to(sae.dtype)).float())
             active, tokens = active + int((f > 0).sum()), tokens + len(f)
