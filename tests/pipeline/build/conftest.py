@@ -149,12 +149,14 @@ def examples_of(examples, feature: int) -> list[tuple[int, int]]:
     )
 
 
-def build_args(model: Path, sae: Path, corpus: Path, out: Path, *extra: str) -> list[str]:
+def build_args(
+    model: Path, sae: Path, corpus: Path, out: Path, *extra: str, hook: str = HOOK
+) -> list[str]:
     """`saescope build` of the tiny model and SAE over the token file."""
     return [
         "build",
         "--model", str(model),
-        "--hook", HOOK,
+        "--hook", hook,
         "--sae", str(sae),
         "--corpus", str(corpus),
         "--out", str(out),
