@@ -80,9 +80,10 @@ def build(**options: Any) -> None:
         summary = run_build(config)
     if summary is None:  # a rank of a sharded build that handed its share to rank 0
         return
+    phases = ", ".join(f"{name} {seconds:.1f}s" for name, seconds in summary.phases.items())
     click.echo(
         f"{summary.name}: {summary.n_features} features over {summary.tokens_seen} tokens "
-        f"in {summary.seconds:.1f}s -> {summary.out} "
+        f"in {summary.seconds:.1f}s ({phases}) -> {summary.out} "
         + " ".join(f"{k}={v:.4g}" for k, v in summary.metrics.items() if v is not None)
     )
 

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -73,6 +75,7 @@ class BuildSummary:
     tokens_seen: int
     seconds: float
     metrics: dict[str, float | None]
+    phases: dict[str, float]
 
 
 def run_build(config: BuildConfig) -> BuildSummary | None:
@@ -90,33 +93,40 @@ def run_build(config: BuildConfig) -> BuildSummary | None:
 def build_on_rank(config: BuildConfig, rank: Rank, started: float) -> BuildSummary | None:
     name = config.sae_name()
     writer = DatabaseWriter(config.out, name, config.replace) if rank.writes else None
+    phases = Phases()
     with torch.inference_mode():
-        sae = load_sae(
-            config.sae, config.sae_release, config.sae_id, config.source.device, config.dtype
-        )
-        source = open_source(
-            config.source,
-            sae_metadata(sae),
-            getattr(torch, config.dtype),
-            config.batch_size,
-            config.quiet,
-            output_hook(sae),
-        )
+        with phases("load"):
+            sae = load_sae(
+                config.sae, config.sae_release, config.sae_id, config.source.device, config.dtype
+            )
+            source = open_source(
+                config.source,
+                sae_metadata(sae),
+                getattr(torch, config.dtype),
+                config.batch_size,
+                config.quiet,
+                output_hook(sae),
+            )
         logger.info("corpus: %d contexts of %d tokens", *source.tokens.shape)
-        merged = merged_on_rank_zero(rank, stream(sae, config, source, rank))
+        with phases("pass"):
+            merged = merged_on_rank_zero(rank, stream(sae, config, source, rank))
         if writer is None or merged is None:
             return None
-        with reused_memory():  # forward passes at full vocabulary width
+        with phases("evaluation"), reused_memory():  # forward passes at full vocabulary width
             accumulated = merged.finalize()
             evaluation = evaluate(
                 sae, source, config.eval_sequences, config.batch_size, config.quiet
             )
             ablation, precision = ablation_and_precision(sae, config, source, accumulated.stats)
-        records = sae_records(
-            config, sae, accumulated, evaluation, ablation, precision, source, rank.world_size
-        )
+        with phases("analysis"):
+            records = sae_records(
+                config, sae, accumulated, evaluation, ablation, precision, source, rank.world_size
+            )
         compare = partial(compare_both_ways, device=config.source.device)
-        writer.write(corpus_record(source), records, compare=compare if config.compare else None)
+        with phases("write"):
+            writer.write(
+                corpus_record(source), records, compare=compare if config.compare else None
+            )
     return BuildSummary(
         name=name,
         out=config.out,
@@ -129,7 +139,23 @@ def build_on_rank(config: BuildConfig, rank: Rank, started: float) -> BuildSumma
             "ce_score": records.sae.ce_score,
             "mmcs": records.sae.mmcs,
         },
+        phases=phases.seconds,
     )
+
+
+class Phases:
+    """Seconds spent in each phase of a build."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    @contextmanager
+    def __call__(self, name: str) -> Iterator[None]:
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] = time.perf_counter() - started
 
 
 def check_width(x: torch.Tensor, hook: str, width: int) -> None:

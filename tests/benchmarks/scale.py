@@ -6,6 +6,7 @@ random unit decoder rows, the encoder tied to them; 65,536 tokens. Each build an
 a fresh process, whose peak resident memory is its own.
 
     python tests/benchmarks/scale.py [--widths 4096 16384 65536 262144] [--n-tokens 65536]
+        [--keep DIR]   # keep the databases (for server_load.py)
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ import argparse
 import json
 import logging
 import os
+import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -64,21 +67,33 @@ forward_and_encode(model, sae, np.load({tokens!r})[: {sequences}])
 """
 
 
-def measured(command: list[str]) -> tuple[float, float]:
-    """Seconds and peak RSS (MB) of a fresh process running `command`."""
+def measured(command: list[str]) -> tuple[float, float, str]:
+    """Seconds, peak RSS (MB) and standard output of a fresh process running `command`."""
     started = time.perf_counter()
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    output = process.stdout.read().decode()
     _, status, usage = os.wait4(process.pid, 0)
     seconds = time.perf_counter() - started
     if status:
         sys.exit(f"{command[:3]} failed:\n{process.stderr.read().decode()}")
-    return seconds, usage.ru_maxrss / 1024
+    return seconds, usage.ru_maxrss / 1024, output
+
+
+def phases(summary: str) -> dict[str, float]:
+    """The seconds of each phase in the build's summary line: `(load 1.0s, pass 2.0s, ...)`."""
+    listed = re.search(r"\((load [^)]*)\)", summary)
+    if listed is None:
+        return {}
+    return {
+        name: float(seconds) for name, seconds in re.findall(r"(\w+) ([\d.]+)s", listed.group(1))
+    }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--widths", type=int, nargs="+", default=[4096, 16384, 65536, 262144])
     parser.add_argument("--n-tokens", type=int, default=65_536)
+    parser.add_argument("--keep", type=Path, help="a directory to keep the databases in")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     saescope = str(Path(sys.executable).with_name("saescope"))
@@ -92,21 +107,26 @@ def main() -> None:
                 benchmarks=str(Path(__file__).parent), sae=str(sae), model=str(model),
                 tokens=str(tokens), sequences=args.n_tokens // CONTEXT,
             )  # fmt: skip
-            bare_seconds, bare_rss = measured([sys.executable, "-c", bare])
+            bare_seconds, bare_rss, _ = measured([sys.executable, "-c", bare])
             build = [
                 saescope, "build", "--model", str(model), "--hook", HOOK, "--sae", str(sae),
                 "--corpus", str(tokens), "--n-tokens", str(args.n_tokens),
                 "--batch-size", str(BATCH), "--out", str(directory / f"{width}.db"), "--quiet",
             ]  # fmt: skip
-            seconds, rss = measured(build)
+            seconds, rss, summary = measured(build)
+            phase = phases(summary)
             size = (directory / f"{width}.db").stat().st_size
+            if args.keep:
+                args.keep.mkdir(parents=True, exist_ok=True)
+                shutil.copy(directory / f"{width}.db", args.keep / f"{width}.db")
             per = seconds / (width * args.n_tokens) * 1e6
-            rows.append((width, seconds, per, rss, bare_seconds, bare_rss, size))
+            rows.append((width, seconds, per, rss, bare_seconds, bare_rss, size, phase))
             logger.info(
                 "%7d latents: build %7.1f s (%.3f s per million latent-tokens), peak RSS %6.0f MB, "
-                "file %5.0f MB; bare forward + encode %6.1f s, %6.0f MB; build/bare %.2f×",
+                "file %5.0f MB; bare forward + encode %6.1f s, %6.0f MB; build/bare %.2f×; %s",
                 width, seconds, per, rss, size / 1e6, bare_seconds, bare_rss,
                 seconds / bare_seconds,
+                ", ".join(f"{name} {value:.1f} s" for name, value in phase.items()),
             )  # fmt: skip
     first = rows[0]
     for width, _, per, *_ in rows[1:]:
@@ -115,7 +135,8 @@ def main() -> None:
         )
     print(json.dumps([dict(zip(
         ("width", "seconds", "seconds_per_million_latent_tokens", "peak_rss_mb", "bare_seconds",
-         "bare_peak_rss_mb", "file_bytes"), row, strict=True)) for row in rows]))  # fmt: skip
+         "bare_peak_rss_mb", "file_bytes", "phase_seconds"), row, strict=True))
+        for row in rows]))  # fmt: skip
 
 
 if __name__ == "__main__":
