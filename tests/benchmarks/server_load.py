@@ -27,6 +27,8 @@ import sys
 import tempfile
 import time
 import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -45,7 +47,7 @@ ENDPOINTS = {
 }
 SEARCHED = ["def", "%20the", "(", "return", "%20of", "self", "%0A", "x", "The", "%20a"]
 # wrk prints one RESULT line.
-WRK_SCRIPT = """
+_WRK_SCRIPT = """
 local template = os.getenv("PREFIX")
 local tokens = {TOKENS}
 math.randomseed(tonumber(os.getenv("SEED")))
@@ -61,9 +63,39 @@ done = function(summary, latency, requests)
     latency:percentile(95) / 1e6, summary.requests / (summary.duration / 1e6),
     e.connect + e.read + e.write + e.status + e.timeout))
 end
-""".replace("LAST", str(N_FEATURES - 1)).replace(
-    "{TOKENS}", "{" + ", ".join(f'"{token}"' for token in SEARCHED) + "}"
-)
+"""
+
+
+def wrk_script(n_features: int) -> str:
+    """The Lua script of wrk requests over features 0 .. n_features − 1."""
+    tokens = "{" + ", ".join(f'"{token}"' for token in SEARCHED) + "}"
+    return _WRK_SCRIPT.replace("LAST", str(n_features - 1)).replace("{TOKENS}", tokens)
+
+
+@contextmanager
+def served(db: Path) -> Iterator[str]:
+    """`python -m saescope.server DB` on a free port, until the block ends; yields its URL."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = subprocess.Popen(
+        [sys.executable, "-m", "saescope.server", str(db), "--port", str(port)],
+        stderr=subprocess.DEVNULL,
+    )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(100):
+            try:
+                urllib.request.urlopen(f"{base}/api/v1/health", timeout=1)
+                break
+            except OSError:
+                time.sleep(0.2)
+        else:
+            sys.exit(f"the server did not answer on {base}")
+        yield base
+    finally:
+        server.terminate()
+        server.wait()
 
 
 def build_database(path: Path) -> None:
@@ -144,41 +176,21 @@ def main() -> None:
     if not args.db.exists() or not has_current_schema(args.db):
         args.db.unlink(missing_ok=True)
         build_database(args.db)
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    server = subprocess.Popen(
-        [sys.executable, "-m", "saescope.server", str(args.db), "--port", str(port)],
-        stderr=subprocess.DEVNULL,
-    )
-    base = f"http://127.0.0.1:{port}"
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp, served(args.db) as base:
         script = Path(tmp) / "random.lua"
-        script.write_text(WRK_SCRIPT)
-        try:
-            for _ in range(100):
-                try:
-                    urllib.request.urlopen(f"{base}/api/v1/health", timeout=1)
-                    break
-                except OSError:
-                    time.sleep(0.2)
-            else:
-                sys.exit(f"the server did not answer on {base}")
-            shares = np.array_split(np.arange(args.clients), len(ENDPOINTS))
-            running = {
-                name: wrk(base, path, len(share), args.seconds, script, seed)
-                for seed, ((name, path), share) in enumerate(
-                    zip(ENDPOINTS.items(), shares, strict=True)
-                )
-            }
-            mixed = {name: result(process) for name, process in running.items()}
-            alone = {}
-            for name in [TRIVIAL, *(name for name in ENDPOINTS if name != TRIVIAL), TRIVIAL]:
-                process = wrk(base, ENDPOINTS[name], args.clients, args.seconds, script, 7)
-                alone[name if name not in alone else "trivial again"] = result(process)
-        finally:
-            server.terminate()
-            server.wait()
+        script.write_text(wrk_script(N_FEATURES))
+        shares = np.array_split(np.arange(args.clients), len(ENDPOINTS))
+        running = {
+            name: wrk(base, path, len(share), args.seconds, script, seed)
+            for seed, ((name, path), share) in enumerate(
+                zip(ENDPOINTS.items(), shares, strict=True)
+            )
+        }
+        mixed = {name: result(process) for name, process in running.items()}
+        alone = {}
+        for name in [TRIVIAL, *(name for name in ENDPOINTS if name != TRIVIAL), TRIVIAL]:
+            process = wrk(base, ENDPOINTS[name], args.clients, args.seconds, script, 7)
+            alone[name if name not in alone else "trivial again"] = result(process)
     print(f"{args.clients} connections on loopback, {args.seconds:.0f} s per run, "
           f"{N_FEATURES} features")  # fmt: skip
     report("mixed: every endpoint in one run", mixed, TRIVIAL)
