@@ -158,9 +158,8 @@ class DeviceExamples:
         new_rows = rows[:, latents].gather(0, picked[:, latents]).T
         offsets = torch.arange(WINDOW_LENGTH, device=acts.device) - WINDOW_LEFT
         window_rows = new_rows[..., None] + offsets
-        inside = (new_rows[..., None] % context + offsets >= 0) & (
-            new_rows[..., None] % context + offsets < context
-        )
+        positions = new_rows[..., None] % context + offsets
+        inside = (positions >= 0) & (positions < context)
         window = torch.where(
             inside, acts[window_rows.clamp(0, len(acts) - 1), latents[:, None, None]], math.nan
         )
