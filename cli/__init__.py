@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import signal
+import subprocess
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -22,6 +23,7 @@ from saescope.pipeline.demo.config import DemoConfig, TrainLanguageModelConfig
 from saescope.pipeline.synthetic.config import SyntheticConfig
 from saescope.pipeline.training.config import TrainConfig
 from saescope.server.cli import ErrorContract, host_option, port_option, run, serve
+from saescope.server.inference import DEFAULT_INFERENCE_PORT
 
 
 class Group(ErrorContract, click.Group):
@@ -135,7 +137,16 @@ def demo(host: str, port: int, **options: Any) -> None:
     with user_errors("interrupted; what was built so far is kept"):
         database = build_demo(config.data, config.quiet, config.retrain)
     if config.serve:
-        run(database, host, port)
+        # The inference process beside the dashboard, for "test your text".
+        inference = subprocess.Popen(
+            [sys.executable, "-m", "saescope.cli", "infer", str(database), "--host", host,
+             "--port", str(DEFAULT_INFERENCE_PORT)]
+        )  # fmt: skip
+        try:
+            run(database, host, port, inference_url=f"http://{host}:{DEFAULT_INFERENCE_PORT}")
+        finally:
+            inference.terminate()
+            inference.wait()
 
 
 @app.command()
@@ -187,6 +198,35 @@ def compare(database: Path, sae: str, other: str, device: str) -> None:
             f"{record.latents} live latents above 0.9, {record.share_above_0_8:.1%} above 0.8, "
             f"median best cosine {record.median_best_cosine:.3f}"
         )
+
+
+@app.command()
+@click.argument("database", type=click.Path(path_type=Path))
+@host_option
+@click.option(
+    "--port",
+    default=DEFAULT_INFERENCE_PORT,
+    show_default=True,
+    type=click.IntRange(0, 65535),
+    help="Port to listen on.",
+)
+@click.option(
+    "--device", default="cpu", show_default=True, help="torch device of the model and the SAEs."
+)
+def infer(database: Path, host: str, port: int, device: str) -> None:
+    """Run the model and SAEs of DATABASE on text the dashboard sends ("test your text"):
+    connect the dashboard with `saescope serve DATABASE --inference-url http://HOST:PORT`."""
+    setup_logging(quiet=False)
+    if not database.is_file():
+        fail(f"{database} does not exist; build it with `saescope build` or `saescope demo`")
+    import uvicorn
+
+    from saescope.pipeline.inference import inference_app
+
+    with user_errors("interrupted"):
+        application = inference_app(database, device)
+    click.echo(f"saescope: running the SAEs of {database} at http://{host}:{port}/", err=True)
+    uvicorn.run(application, host=host, port=port, log_level="warning")
 
 
 app.add_command(serve)

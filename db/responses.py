@@ -353,3 +353,43 @@ class SaeComparison(BaseModel):
     pairs: list[PairSummary] = Field(
         description="every comparison stored: each way between SAEs of the same input width"
     )
+
+
+# Text run through the inference process (`saescope infer`), which the dashboard calls.
+MAX_TEXT_TOKENS = 1024
+"""longest text run, in tokens (BOS included)"""
+MAX_TOP_LATENTS = 50
+MAX_ASKED_LATENTS = 64
+
+
+class ActivationRequest(BaseModel):
+    text: str = Field(min_length=1, max_length=20 * MAX_TEXT_TOKENS, description="text to run")
+    features: list[int] = Field(
+        default_factory=list,
+        max_length=MAX_ASKED_LATENTS,
+        description="latents whose activation on every token to return",
+    )
+    top: int = Field(5, ge=0, le=MAX_TOP_LATENTS, description="latents listed per token")
+
+
+class LatentActivation(BaseModel):
+    feature_index: int
+    activation: float
+
+
+class FeatureActivations(BaseModel):
+    feature_index: int
+    activations: list[float] = Field(description="one per token")
+
+
+class TextActivations(BaseModel):
+    """The text's tokens (BOS first where the SAE's model prepends it) and the SAE's latents on
+    them."""
+
+    tokens: list[str]
+    token_ids: list[int]
+    special: list[bool]
+    top: list[list[LatentActivation]] = Field(
+        description="per token, the latents that fire most there, strongest first"
+    )
+    features: list[FeatureActivations] = Field(description="the latents asked for")

@@ -62,7 +62,8 @@ def load_sae(
             json.loads((directory / "cfg.json").read_text())
             with warnings.catch_warnings():
                 # SAELens's advice on loading the model: the build processes its weights itself.
-                warnings.filterwarnings("ignore", message=".*model_from_pretrained_kwargs")
+                # (The message starts with a line break.)
+                warnings.filterwarnings("ignore", message="(?s).*model_from_pretrained_kwargs")
                 sae = SAE.load_from_disk(directory, device=device, dtype=dtype)
         except Exception as error:
             raise InputError(f"cannot load the SAE in {directory}: {describe(error)}") from None

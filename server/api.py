@@ -8,6 +8,7 @@ from pydantic import BaseModel
 from saescope.db import queries, responses
 from saescope.db.flags import HIGH_FREQUENCY
 from saescope.db.models import SCHEMA_VERSION
+from saescope.server import inference
 from saescope.server.dependencies import SessionDep, SettingsDep
 from saescope.server.errors import ERROR_RESPONSES
 from saescope.server.params import (
@@ -100,6 +101,19 @@ def search(
 ) -> responses.TokenSearch:
     """Tokens matching `token` exactly, then by substring, with the latents that fire on them."""
     return queries.search_tokens(session, sae, token, limit=settings.search_limit)
+
+
+@router.post(
+    "/saes/{sae}/activations", response_model=responses.TextActivations, tags=["inference"]
+)
+def activations(
+    sae: SaeName, body: responses.ActivationRequest, session: SessionDep, settings: SettingsDep
+) -> responses.TextActivations:
+    """The SAE's latents on a text: its tokens and, per token, the latents that fire most, with
+    the activations of the latents asked for (`features`). The inference process (`saescope
+    infer`) runs the model; without one, 503 says how to start it."""
+    queries.get_sae(session, sae)
+    return inference.activations(settings.inference_url, sae, body)
 
 
 @router.get("/saes/{sae}/flags", response_model=responses.FlagsReport, tags=["features"])

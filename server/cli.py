@@ -58,9 +58,10 @@ def _setting_options(command):
             f"{field.description[0].upper()}{field.description[1:]} "
             f"(default {field.default}, or SAESCOPE_{name.upper()})."
         )
-        command = click.option(
-            f"--{name.replace('_', '-')}", name, type=type(field.default), help=help_text
-        )(command)
+        kind = str if field.default is None else type(field.default)
+        command = click.option(f"--{name.replace('_', '-')}", name, type=kind, help=help_text)(
+            command
+        )
     return command
 
 
@@ -69,13 +70,13 @@ def _setting_options(command):
 @host_option
 @port_option
 @_setting_options
-def serve(database: Path | None, host: str, port: int, **settings: int | None) -> None:
+def serve(database: Path | None, host: str, port: int, **settings: Any) -> None:
     """Serve the dashboard and the JSON API for DATABASE (default: SAESCOPE_DATABASE),
     read-only."""
     run(database, host, port, **settings)
 
 
-def run(database: Path | None, host: str, port: int, **settings: int | None) -> None:
+def run(database: Path | None, host: str, port: int, **settings: Any) -> None:
     """Serves `database`; settings left None come from the environment or their defaults."""
     import uvicorn
 

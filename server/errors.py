@@ -14,6 +14,7 @@ from starlette.exceptions import HTTPException
 
 from saescope.db.engine import DatabaseUnavailable
 from saescope.db.queries import BadRequestError, NotFoundError
+from saescope.server.inference import InferenceUnavailable
 from saescope.server.templating import templates
 
 logger = logging.getLogger(__name__)
@@ -82,6 +83,10 @@ def install_error_handlers(app: FastAPI) -> None:
         if error.status_code == 404 and message == "Not Found":
             message = f"no page at {shown(request.url.path)}"
         return error_response(request, error.status_code, message)
+
+    @app.exception_handler(InferenceUnavailable)
+    async def no_inference(request: Request, error: InferenceUnavailable) -> Response:
+        return error_response(request, 503, str(error))
 
     @app.exception_handler(DatabaseUnavailable)
     async def unavailable(request: Request, error: DatabaseUnavailable) -> Response:

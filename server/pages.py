@@ -9,6 +9,7 @@ from saescope.db import queries
 from saescope.db.flags import HIGH_FREQUENCY
 from saescope.server import urls
 from saescope.server.dependencies import SessionDep, SettingsDep
+from saescope.server.inference import HOW_TO_START
 from saescope.server.params import (
     ComparisonQuery,
     FeatureIndex,
@@ -18,6 +19,7 @@ from saescope.server.params import (
     Threshold,
     TokenQuery,
 )
+from saescope.server.settings import Settings
 from saescope.server.templating import templates
 
 router = APIRouter(include_in_schema=False, default_response_class=HTMLResponse)
@@ -82,12 +84,40 @@ def compare_pair_page(
 
 @router.get("/saes/{sae}/features/{feature_index}")
 def feature_page(
-    request: Request, sae: SaeName, feature_index: FeatureIndex, session: SessionDep
+    request: Request,
+    sae: SaeName,
+    feature_index: FeatureIndex,
+    session: SessionDep,
+    settings: SettingsDep,
 ) -> HTMLResponse:
     feature = queries.get_feature(session, sae, feature_index)
     return render(
-        request, "feature.html", urls.feature(sae, feature_index, api=True), feature=feature
+        request,
+        "feature.html",
+        urls.feature(sae, feature_index, api=True),
+        feature=feature,
+        inference_hint=inference_hint(settings),
     )
+
+
+@router.get("/saes/{sae}/test")
+def test_text(
+    request: Request, sae: SaeName, session: SessionDep, settings: SettingsDep
+) -> HTMLResponse:
+    detail = queries.get_sae(session, sae)
+    return render(
+        request,
+        "test.html",
+        urls.sae(sae, api=True),
+        sae=detail,
+        inference_hint=inference_hint(settings),
+    )
+
+
+def inference_hint(settings: Settings) -> str | None:
+    """What the test box says before a run: how to start the inference process, if none is
+    connected."""
+    return None if settings.inference_url else f"Needs the inference process: {HOW_TO_START}."
 
 
 @router.get("/saes/{sae}/search")

@@ -16,3 +16,8 @@ class Settings(BaseSettings):
     database: Path = Field(description="database file written by `saescope build`")
     page_size: int = Field(50, ge=1, le=200, description="features per page of the feature table")
     search_limit: int = Field(10, ge=1, le=50, description="matching tokens shown per search")
+    inference_url: str | None = Field(
+        None,
+        description="URL of the inference process (`saescope infer`), which runs the model on "
+        "text typed into the dashboard",
+    )

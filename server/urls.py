@@ -36,6 +36,16 @@ def feature(sae: str, feature_index: int, api: bool = False) -> str:
     return f"{API if api else ''}/saes/{_segment(sae)}/features/{feature_index}"
 
 
+def activations(sae: str) -> str:
+    """The JSON route that runs the SAE on a text (POST)."""
+    return f"{API}/saes/{_segment(sae)}/activations"
+
+
+def test_text(sae: str) -> str:
+    """The page to run the SAE on a text of one's own."""
+    return f"/saes/{_segment(sae)}/test"
+
+
 def search(sae: str, token: str | None = None, api: bool = False) -> str:
     path = f"{API if api else ''}/saes/{_segment(sae)}/search"
     return _with_query(path, {"token": token})

@@ -3,6 +3,12 @@
 from __future__ import annotations
 
 import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -201,3 +207,33 @@ def busiest_feature(dashboard_db: Path) -> int:
         return connection.execute(
             "select feature_index from features where sae_id = 1 order by count desc limit 1"
         ).fetchone()[0]
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def inference_url(tmp_path_factory, dashboard_db: Path) -> Iterator[str]:
+    """`saescope infer` on the dashboard database, as a user starts it."""
+    port = free_port()
+    log = tmp_path_factory.mktemp("inference") / "stderr.log"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "saescope.cli", "infer", str(dashboard_db), "--port", str(port)],
+        stderr=log.open("w"),
+    )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            urllib.request.urlopen(f"{url}/health", timeout=1)
+            break
+        except OSError:
+            assert process.poll() is None, log.read_text()
+            assert time.monotonic() < deadline, "the inference process did not start"
+            time.sleep(0.2)
+    yield url
+    process.terminate()
+    process.wait()

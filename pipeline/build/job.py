@@ -112,11 +112,14 @@ def build_on_rank(config: BuildConfig, rank: Rank, started: float) -> BuildSumma
             merged = merged_on_rank_zero(rank, stream(sae, config, source, rank))
         if writer is None or merged is None:
             return None
-        with phases("evaluation"), reused_memory():  # forward passes at full vocabulary width
-            accumulated = merged.finalize()
-            evaluation = evaluate(
-                sae, source, config.eval_sequences, config.batch_size, config.quiet
-            )
+        with phases("evaluation"):
+            with reused_memory():  # forward passes at full vocabulary width
+                accumulated = merged.finalize()
+                evaluation = evaluate(
+                    sae, source, config.eval_sequences, config.batch_size, config.quiet
+                )
+            # Not in reused memory: the ablation's many transients of many sizes would pile up in
+            # the heap (at 262,144 latents, gigabytes above the pass's peak).
             ablation, precision = ablation_and_precision(sae, config, source, accumulated.stats)
         with phases("analysis"):
             records = sae_records(

@@ -30,12 +30,15 @@ CHROMIUM_ARGS = [
 
 
 @pytest.fixture(scope="module")
-def base_url(dashboard_db: Path) -> Iterator[str]:
+def base_url(dashboard_db: Path, inference_url: str) -> Iterator[str]:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     config = uvicorn.Config(
-        create_app(Settings(database=dashboard_db)), host="127.0.0.1", port=port, log_level="error"
+        create_app(Settings(database=dashboard_db, inference_url=inference_url)),
+        host="127.0.0.1",
+        port=port,
+        log_level="error",
     )
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, daemon=True)
@@ -207,3 +210,56 @@ def test_feature_plots_tell_the_truth(browser, base_url: str, dashboard_db: Path
     assert "not measurable" in page.locator("dl.measures").inner_text()
     page.screenshot(path=str(screenshots / "feature-dead.png"), full_page=True)
     page.close()
+
+
+def test_typed_text_is_run_and_coloured_by_the_latent(
+    browser, base_url: str, busiest_feature: int, screenshots: Path
+) -> None:
+    """On a feature page: type text, press Run, and every token is drawn, coloured where the
+    latent fires, as the JSON route reports it."""
+    import json
+    import urllib.request
+
+    text = "The cat sat on the mat.\n\tdef add(a, b): return a + b"
+    page = browser.new_page(viewport={"width": 1200, "height": 900})
+    errors: list[str] = []
+    page.on("pageerror", lambda error: errors.append(str(error)))
+    page.goto(f"{base_url}/saes/tiny-sae/features/{busiest_feature}")
+    page.fill("form.text-test textarea", text)
+    page.click("form.text-test button")
+    page.wait_for_selector(".context.tested .tok")
+    request = urllib.request.Request(
+        f"{base_url}/api/v1/saes/tiny-sae/activations",
+        data=json.dumps({"text": text, "features": [busiest_feature], "top": 0}).encode(),
+        headers={"Content-Type": "application/json"},
+    )
+    expected = json.loads(urllib.request.urlopen(request).read())
+    values = expected["features"][0]["activations"]
+    drawn = page.eval_on_selector_all(
+        ".context.tested .tok", "spans => spans.map(s => [s.textContent, s.className])"
+    )
+    assert len(drawn) == len(expected["tokens"]) and any(v > 0 for v in values)
+    for (_, classes), value, special in zip(drawn, values, expected["special"], strict=True):
+        assert ("h0" in classes.split()) == (value <= 0)
+        assert ("special" in classes.split()) == special
+    assert "↵" in "".join(shown for shown, _ in drawn)  # the line break drawn, not lost
+    page.locator("form.text-test").screenshot(path=str(screenshots / "test-your-text.png"))
+    assert errors == []
+
+
+def test_the_test_page_lists_the_latents_that_fire_most(
+    browser, base_url: str, screenshots: Path
+) -> None:
+    page = browser.new_page(viewport={"width": 1000, "height": 900})
+    page.goto(f"{base_url}/saes/tiny-sae/test")
+    page.click("form.text-test button")
+    page.wait_for_selector("table.tested-latents tbody tr")
+    links = page.eval_on_selector_all(
+        "table.tested-latents tbody a", "links => links.map(a => a.getAttribute('href'))"
+    )
+    assert links and all(link.startswith("/saes/tiny-sae/features/") for link in links)
+    maxima = page.eval_on_selector_all(
+        "table.tested-latents tbody tr td:nth-child(2)", "cells => cells.map(c => +c.textContent)"
+    )
+    assert maxima == sorted(maxima, reverse=True)
+    page.screenshot(path=str(screenshots / "test-page.png"), full_page=True)

@@ -1,0 +1,120 @@
+// "Test your text": runs the SAE on a text through the dashboard's JSON route (which forwards it
+// to the inference process) and draws every token coloured by activation.
+"use strict";
+
+const HEAT_LEVELS = 10;
+
+// A token as the pages draw it: line breaks, tabs and spaces at its ends made visible.
+function shownToken(token) {
+  if (token === "") return "∅";
+  const inner = token.replace(/\n/g, "↵").replace(/\t/g, "⇥");
+  if (inner.trim() === "") return inner.replace(/ /g, "·");
+  return inner;
+}
+
+function heat(activation, maximum) {
+  if (maximum <= 0 || activation <= 0) return 0;
+  return Math.max(1, Math.min(HEAT_LEVELS, Math.round((HEAT_LEVELS * activation) / maximum)));
+}
+
+function tokenSpan(token, special, activation, maximum, title) {
+  const span = document.createElement("span");
+  span.className = `tok h${heat(activation, maximum)}${special ? " special" : ""}`;
+  span.textContent = shownToken(token);
+  span.title = title;
+  return span;
+}
+
+// One latent: every token coloured by its activation, against the larger of its stored maximum
+// and its maximum on the text.
+function drawFeature(out, data, scale) {
+  const values = data.features[0].activations;
+  const maximum = Math.max(scale, ...values);
+  const context = document.createElement("p");
+  context.className = "context tested";
+  data.tokens.forEach((token, i) => {
+    const title = `${JSON.stringify(token)} · ${values[i].toPrecision(4)}`;
+    context.append(tokenSpan(token, data.special[i], values[i], maximum, title));
+  });
+  const fired = values.filter((value, i) => value > 0 && !data.special[i]).length;
+  const summary = document.createElement("p");
+  summary.className = "muted";
+  summary.textContent = `fires on ${fired} of ${data.tokens.length} tokens; max ${Math.max(...values).toPrecision(3)}`;
+  out.replaceChildren(context, summary);
+}
+
+// Every latent: tokens coloured by their strongest latent; then the latents that fire most.
+function drawAll(out, data, featureUrl) {
+  const strongest = data.top.map((latents) => (latents.length ? latents[0].activation : 0));
+  const maximum = Math.max(0, ...strongest);
+  const context = document.createElement("p");
+  context.className = "context tested";
+  const totals = new Map();
+  data.tokens.forEach((token, i) => {
+    const listed = data.top[i].map((l) => `#${l.feature_index} ${l.activation.toPrecision(3)}`);
+    const title = `${JSON.stringify(token)}${listed.length ? " · " + listed.join(", ") : ""}`;
+    context.append(tokenSpan(token, data.special[i], strongest[i], maximum, title));
+    if (data.special[i]) return;
+    for (const latent of data.top[i]) {
+      const seen = totals.get(latent.feature_index) || { max: 0, tokens: 0 };
+      seen.max = Math.max(seen.max, latent.activation);
+      seen.tokens += 1;
+      totals.set(latent.feature_index, seen);
+    }
+  });
+  const table = document.createElement("table");
+  table.className = "grid tested-latents";
+  const head = table.createTHead().insertRow();
+  for (const name of ["latent", "max activation", "tokens where it is in the top"]) {
+    const cell = document.createElement("th");
+    cell.textContent = name;
+    head.append(cell);
+  }
+  const body = table.createTBody();
+  const ranked = [...totals.entries()].sort((a, b) => b[1].max - a[1].max).slice(0, 25);
+  for (const [feature, seen] of ranked) {
+    const row = body.insertRow();
+    const link = document.createElement("a");
+    link.href = featureUrl + feature;
+    link.textContent = `#${feature}`;
+    row.insertCell().append(link);
+    row.insertCell().textContent = seen.max.toPrecision(3);
+    row.insertCell().textContent = String(seen.tokens);
+  }
+  out.replaceChildren(context, table);
+}
+
+for (const form of document.querySelectorAll("form.text-test")) {
+  form.addEventListener("submit", async (event) => {
+    event.preventDefault();
+    const out = form.querySelector(".text-test-result");
+    const feature = form.dataset.feature === undefined ? null : Number(form.dataset.feature);
+    const request = {
+      text: form.elements.text.value,
+      features: feature === null ? [] : [feature],
+      top: feature === null ? 5 : 0,
+    };
+    out.classList.remove("error");
+    out.textContent = "running…";
+    let response;
+    try {
+      response = await fetch(form.dataset.url, {
+        method: "POST",
+        headers: { "Content-Type": "application/json" },
+        body: JSON.stringify(request),
+      });
+    } catch (error) {
+      out.classList.add("error");
+      out.textContent = `the dashboard does not answer: ${error}`;
+      return;
+    }
+    const data = await response.json();
+    if (!response.ok) {
+      out.classList.add("error");
+      out.textContent = data.error.message;
+      return;
+    }
+    if (feature === null) drawAll(out, data, form.dataset.featureUrl);
+    else drawFeature(out, data, Number(form.dataset.scale));
+  });
+}

@@ -1,0 +1,61 @@
+"""The dashboard's side of "test your text": it forwards the text to the inference process
+(`saescope infer DATABASE --port P`, connected with `serve --inference-url URL` or
+SAESCOPE_INFERENCE_URL), which runs the model and SAE; the dashboard itself runs no model."""
+
+from __future__ import annotations
+
+import json
+import urllib.error
+import urllib.request
+from urllib.parse import quote
+
+from starlette.exceptions import HTTPException
+
+from saescope.db.responses import ActivationRequest, TextActivations
+
+# The inference process's port unless told otherwise (`saescope infer --port`).
+DEFAULT_INFERENCE_PORT = 8001
+# A long text on a CPU: the first request also loads the model and the SAE.
+TIMEOUT_SECONDS = 120
+HOW_TO_START = (
+    f"start it with `saescope infer DATABASE --port {DEFAULT_INFERENCE_PORT}` and serve with "
+    f"`--inference-url http://127.0.0.1:{DEFAULT_INFERENCE_PORT}` (or SAESCOPE_INFERENCE_URL)"
+)
+
+
+class InferenceUnavailable(Exception):
+    """No inference process configured, or it does not answer."""
+
+
+def activations(url: str | None, sae: str, request: ActivationRequest) -> TextActivations:
+    """The inference process's answer for `sae` on the request's text. Its refusals (an unknown
+    latent, a text too long) come back with their status and message."""
+    if url is None:
+        raise InferenceUnavailable(f"no inference process is connected: {HOW_TO_START}")
+    forwarded = urllib.request.Request(
+        f"{url.rstrip('/')}/saes/{quote(sae, safe='')}/activations",
+        data=request.model_dump_json().encode(),
+        headers={"Content-Type": "application/json"},
+        method="POST",
+    )
+    try:
+        with urllib.request.urlopen(forwarded, timeout=TIMEOUT_SECONDS) as response:
+            return TextActivations.model_validate_json(response.read())
+    except urllib.error.HTTPError as error:
+        if error.code in (404, 422):
+            raise HTTPException(error.code, _detail(error)) from None
+        raise InferenceUnavailable(
+            f"the inference process at {url} failed ({error.code}): {_detail(error)}"
+        ) from None
+    except (urllib.error.URLError, OSError):
+        raise InferenceUnavailable(
+            f"the inference process at {url} does not answer: {HOW_TO_START}"
+        ) from None
+
+
+def _detail(error: urllib.error.HTTPError) -> str:
+    try:
+        detail = json.loads(error.read()).get("detail")
+    except (ValueError, AttributeError):
+        return error.reason
+    return detail if isinstance(detail, str) else json.dumps(detail)[:500]
