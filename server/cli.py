@@ -59,9 +59,9 @@ def _setting_options(command):
             f"(default {field.default}, or SAESCOPE_{name.upper()})."
         )
         kind = str if field.default is None else type(field.default)
-        command = click.option(f"--{name.replace('_', '-')}", name, type=kind, help=help_text)(
-            command
-        )
+        command = click.option(
+            f"--{name.replace('_', '-')}", name, type=kind, default=None, help=help_text
+        )(command)
     return command
 
 

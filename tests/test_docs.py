@@ -11,7 +11,7 @@ from saescope.db.flags import FLAGS
 from saescope.server.settings import Settings
 
 README = (Path(__file__).parent.parent / "README.md").read_text()
-COMMANDS = ("build", "compare", "train", "train-lm", "synth", "demo", "serve")
+COMMANDS = ("build", "compare", "train", "train-lm", "synth", "demo", "serve", "infer")
 
 
 def option_table(command_name: str) -> str:
@@ -60,7 +60,8 @@ def test_readme_lists_every_api_route() -> None:
     from saescope.server import api
 
     for route in api.router.routes:
-        assert f"GET {route.path}" in README, route.path
+        for method in route.methods - {"HEAD"}:
+            assert f"{method} {route.path}" in README, route.path
 
 
 def test_compose_file_is_accepted() -> None:
