@@ -2,19 +2,24 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter
+from typing import Annotated
+
+from fastapi import APIRouter, Header
 from pydantic import BaseModel
 
 from saescope.db import queries, responses
 from saescope.db.flags import HIGH_FREQUENCY
 from saescope.db.models import SCHEMA_VERSION
+from saescope.db.queries import NotFoundError
 from saescope.server import inference
-from saescope.server.dependencies import SessionDep, SettingsDep
-from saescope.server.errors import ERROR_RESPONSES
+from saescope.server.dependencies import LabelsDep, SessionDep, SettingsDep
+from saescope.server.errors import ERROR_RESPONSES, WRITE_RESPONSES
+from saescope.server.labels import Label, LabelImport, LabelIn
 from saescope.server.params import (
     ComparisonQuery,
     FeatureIndex,
     FeatureTableQuery,
+    LabelQuery,
     OtherSaeName,
     SaeName,
     Threshold,
@@ -101,6 +106,79 @@ def search(
 ) -> responses.TokenSearch:
     """Tokens matching `token` exactly, then by substring, with the latents that fire on them."""
     return queries.search_tokens(session, sae, token, limit=settings.search_limit)
+
+
+@router.get("/saes/{sae}/labels", response_model=list[Label], tags=["labels"])
+def labels(
+    sae: SaeName, session: SessionDep, store: LabelsDep, q: LabelQuery = None
+) -> list[Label]:
+    """The SAE's labels and notes, by latent (its export); with `q`, those whose label or note
+    contains it."""
+    queries.get_sae(session, sae)
+    return store.of_sae(sae, q)
+
+
+@router.post(
+    "/saes/{sae}/labels", response_model=list[Label], tags=["labels"], responses=WRITE_RESPONSES
+)
+def import_labels(
+    sae: SaeName,
+    body: list[LabelImport],
+    session: SessionDep,
+    store: LabelsDep,
+    authorization: Annotated[str | None, Header()] = None,
+) -> list[Label]:
+    """Writes many labels at once (an import of what GET exported); needs the write token as
+    `Authorization: Bearer TOKEN`."""
+    store.check_token(authorization)
+    check_latents(session, sae, [label.feature_index for label in body])
+    return store.write(sae, body)
+
+
+@router.put(
+    "/saes/{sae}/features/{feature_index}/label",
+    response_model=Label,
+    tags=["labels"],
+    responses=WRITE_RESPONSES,
+)
+def put_label(
+    sae: SaeName,
+    feature_index: FeatureIndex,
+    body: LabelIn,
+    session: SessionDep,
+    store: LabelsDep,
+    authorization: Annotated[str | None, Header()] = None,
+) -> Label:
+    """Labels a latent (replacing its label); needs the write token as `Authorization: Bearer
+    TOKEN`."""
+    store.check_token(authorization)
+    check_latents(session, sae, [feature_index])
+    labelled = LabelImport(feature_index=feature_index, **body.model_dump())
+    return store.write(sae, [labelled])[0]
+
+
+@router.delete(
+    "/saes/{sae}/features/{feature_index}/label", tags=["labels"], responses=WRITE_RESPONSES
+)
+def delete_label(
+    sae: SaeName,
+    feature_index: FeatureIndex,
+    session: SessionDep,
+    store: LabelsDep,
+    authorization: Annotated[str | None, Header()] = None,
+) -> dict[str, bool]:
+    """Removes a latent's label; needs the write token."""
+    store.check_token(authorization)
+    check_latents(session, sae, [feature_index])
+    return {"deleted": store.delete(sae, feature_index)}
+
+
+def check_latents(session, sae: str, features: list[int]) -> None:
+    """404 for an unknown SAE or a latent beyond it."""
+    d_sae = queries.get_sae(session, sae).d_sae
+    outside = sorted({i for i in features if i >= d_sae})
+    if outside:
+        raise NotFoundError(f"SAE {sae!r} has {d_sae} latents; no latent {outside[0]}")
 
 
 @router.post(

@@ -14,6 +14,7 @@ from starlette.middleware.gzip import GZipMiddleware
 from saescope.db.engine import ServedDatabase
 from saescope.server import api, assets, pages
 from saescope.server.errors import error_response, install_error_handlers
+from saescope.server.labels import LabelStore, labels_path
 from saescope.server.middleware import HttpHygiene
 from saescope.server.settings import Settings
 from saescope.server.templating import templates
@@ -46,6 +47,9 @@ def create_app(settings: Settings) -> FastAPI:
     )
     app.state.database = database
     app.state.settings = settings
+    app.state.labels = LabelStore(
+        settings.labels or labels_path(settings.database), settings.write_token
+    )
 
     app.include_router(api.router)
     app.include_router(pages.router)

@@ -8,6 +8,7 @@ from typing import Annotated
 from fastapi import Depends, Request
 from sqlalchemy.orm import Session
 
+from saescope.server.labels import LabelStore
 from saescope.server.settings import Settings
 
 
@@ -21,5 +22,10 @@ def get_settings(request: Request) -> Settings:
     return request.app.state.settings
 
 
+def get_labels(request: Request) -> LabelStore:
+    return request.app.state.labels
+
+
 SessionDep = Annotated[Session, Depends(get_session)]
+LabelsDep = Annotated[LabelStore, Depends(get_labels)]
 SettingsDep = Annotated[Settings, Depends(get_settings)]

@@ -37,6 +37,10 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     status: {"model": ErrorBody, "description": HTTPStatus(status).phrase}
     for status in (400, 404, 422, 503)
 }
+# The write routes (labels) answer these too.
+WRITE_RESPONSES: dict[int | str, dict[str, Any]] = {
+    status: {"model": ErrorBody, "description": HTTPStatus(status).phrase} for status in (401, 403)
+}
 # Longest piece of a request echoed back in an error message.
 ECHO_LIMIT = 200
 

@@ -8,7 +8,7 @@ from fastapi.responses import HTMLResponse
 from saescope.db import queries
 from saescope.db.flags import HIGH_FREQUENCY
 from saescope.server import urls
-from saescope.server.dependencies import SessionDep, SettingsDep
+from saescope.server.dependencies import LabelsDep, SessionDep, SettingsDep
 from saescope.server.inference import HOW_TO_START
 from saescope.server.params import (
     ComparisonQuery,
@@ -45,6 +45,7 @@ def sae_page(
     params: FeatureTableQuery,
     session: SessionDep,
     settings: SettingsDep,
+    store: LabelsDep,
 ) -> HTMLResponse:
     detail = queries.get_sae(session, sae)
     page = params.page(session, sae, settings.page_size)
@@ -54,6 +55,7 @@ def sae_page(
         urls.feature_table(sae, api=True),
         sae=detail,
         page=page,
+        labels=store.of_features(sae, [row.feature_index for row in page.items]),
         params=params,
         ablation=queries.threshold_ablation(session, sae),
         pairs=queries.pair_summaries(session, sae),
@@ -89,6 +91,7 @@ def feature_page(
     feature_index: FeatureIndex,
     session: SessionDep,
     settings: SettingsDep,
+    store: LabelsDep,
 ) -> HTMLResponse:
     feature = queries.get_feature(session, sae, feature_index)
     return render(
@@ -96,6 +99,8 @@ def feature_page(
         "feature.html",
         urls.feature(sae, feature_index, api=True),
         feature=feature,
+        label=store.of_features(sae, [feature_index]).get(feature_index),
+        labels_writable=settings.write_token is not None,
         inference_hint=inference_hint(settings),
     )
 
@@ -122,10 +127,21 @@ def inference_hint(settings: Settings) -> str | None:
 
 @router.get("/saes/{sae}/search")
 def search_page(
-    request: Request, sae: SaeName, token: TokenQuery, session: SessionDep, settings: SettingsDep
+    request: Request,
+    sae: SaeName,
+    token: TokenQuery,
+    session: SessionDep,
+    settings: SettingsDep,
+    store: LabelsDep,
 ) -> HTMLResponse:
     result = queries.search_tokens(session, sae, token, limit=settings.search_limit)
-    return render(request, "search.html", urls.search(sae, api=True), result=result)
+    return render(
+        request,
+        "search.html",
+        urls.search(sae, api=True),
+        result=result,
+        labelled=store.of_sae(sae, token.strip()),
+    )
 
 
 @router.get("/saes/{sae}/flags")

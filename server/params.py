@@ -37,6 +37,9 @@ FeatureIndex = Annotated[int, Path(ge=0, description="latent index")]
 TokenQuery = Annotated[
     str, Query(min_length=1, max_length=200, description="token text to look for")
 ]
+LabelQuery = Annotated[
+    str | None, Query(max_length=200, description="text a label or note contains")
+]
 Threshold = Annotated[
     float,
     Query(

@@ -16,6 +16,14 @@ class Settings(BaseSettings):
     database: Path = Field(description="database file written by `saescope build`")
     page_size: int = Field(50, ge=1, le=200, description="features per page of the feature table")
     search_limit: int = Field(10, ge=1, le=50, description="matching tokens shown per search")
+    labels: Path | None = Field(
+        None,
+        description="writable file of the latents' labels and notes (default: beside the "
+        "database, NAME.labels.sqlite)",
+    )
+    write_token: str | None = Field(
+        None, description="token that writing labels needs (none: labels are read-only)"
+    )
     inference_url: str | None = Field(
         None,
         description="URL of the inference process (`saescope infer`), which runs the model on "

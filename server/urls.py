@@ -41,6 +41,11 @@ def activations(sae: str) -> str:
     return f"{API}/saes/{_segment(sae)}/activations"
 
 
+def label(sae: str, feature_index: int) -> str:
+    """A latent's label (PUT, DELETE)."""
+    return f"{API}/saes/{_segment(sae)}/features/{feature_index}/label"
+
+
 def test_text(sae: str) -> str:
     """The page to run the SAE on a text of one's own."""
     return f"/saes/{_segment(sae)}/test"

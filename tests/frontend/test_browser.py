@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import os
-import socket
 import sqlite3
 import threading
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -15,6 +15,7 @@ import uvicorn
 
 from saescope.server.app import create_app
 from saescope.server.settings import Settings
+from tests.conftest import free_port
 
 CHROMIUM = "/usr/bin/chromium"
 # Without the networking flags Chromium tries to reach Google's hosts, which this machine refuses.
@@ -29,16 +30,11 @@ CHROMIUM_ARGS = [
 ]
 
 
-@pytest.fixture(scope="module")
-def base_url(dashboard_db: Path, inference_url: str) -> Iterator[str]:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+@contextmanager
+def serving(settings: Settings) -> Iterator[str]:
+    """The dashboard with `settings`, in a thread, for the block; yields its URL."""
     config = uvicorn.Config(
-        create_app(Settings(database=dashboard_db, inference_url=inference_url)),
-        host="127.0.0.1",
-        port=port,
-        log_level="error",
+        create_app(settings), host="127.0.0.1", port=free_port(), log_level="error"
     )
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, daemon=True)
@@ -47,9 +43,15 @@ def base_url(dashboard_db: Path, inference_url: str) -> Iterator[str]:
     while not server.started:
         assert time.monotonic() < deadline, "server did not start"
         time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}"
+    yield f"http://127.0.0.1:{config.port}"
     server.should_exit = True
     thread.join(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def base_url(dashboard_db: Path, inference_url: str) -> Iterator[str]:
+    with serving(Settings(database=dashboard_db, inference_url=inference_url)) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")
@@ -263,3 +265,36 @@ def test_the_test_page_lists_the_latents_that_fire_most(
     )
     assert maxima == sorted(maxima, reverse=True)
     page.screenshot(path=str(screenshots / "test-page.png"), full_page=True)
+
+
+def test_a_label_is_saved_with_the_token_and_refused_without(
+    browser, dashboard_db: Path, tmp_path: Path, screenshots: Path
+) -> None:
+    settings = Settings(
+        database=dashboard_db, labels=tmp_path / "labels.sqlite", write_token="let-me-write"
+    )
+    with serving(settings) as url:
+        page = browser.new_page(viewport={"width": 1200, "height": 900})
+        page.goto(f"{url}/saes/tiny-sae/features/4")
+        page.click(".label-box summary")
+        page.fill(".label-form input[name=label]", "opening parentheses")
+        page.fill(".label-form textarea[name=note]", "fires on ( in code and prose")
+        page.fill(".label-form input[name=author]", "ada")
+        page.fill(".label-form input[name=token]", "wrong")
+        page.click(".label-form button")
+        # (No wait_for_function: the pages' Content-Security-Policy forbids evaluating strings.)
+        page.locator(".label-status", has_text="write token").wait_for()
+        assert page.inner_text(".label-shown") == "No label yet."
+        page.fill(".label-form input[name=token]", "let-me-write")
+        page.click(".label-form button")
+        page.locator(".label-status", has_text="saved").wait_for()
+        assert "opening parentheses" in page.inner_text(".label-shown")
+        page.screenshot(path=str(screenshots / "label-saved.png"))
+        # Shown after a reload, in the table and in search.
+        page.goto(f"{url}/saes/tiny-sae/features/4")
+        assert "opening parentheses" in page.inner_text(".label-shown")
+        page.goto(f"{url}/saes/tiny-sae?limit=10")
+        assert "opening parentheses" in page.inner_text("table")
+        page.goto(f"{url}/saes/tiny-sae/search?token=parentheses")
+        assert "opening parentheses" in page.inner_text("ul.labelled")
+        page.close()

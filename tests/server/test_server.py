@@ -314,6 +314,9 @@ def test_openapi_lists_every_json_route(client: TestClient) -> None:
         "/api/v1/compare",
         "/api/v1/saes/{sae}/compare/{other}",
         "/api/v1/saes/{sae}/threshold-ablation",
+        "/api/v1/saes/{sae}/activations",
+        "/api/v1/saes/{sae}/labels",
+        "/api/v1/saes/{sae}/features/{feature_index}/label",
     }
 
 
