@@ -202,7 +202,10 @@ class ActivationRanks:
 
     def __init__(self, stats: FeatureStatsResult) -> None:
         self.histogram = stats.histogram
-        self.below = np.cumsum(stats.histogram, axis=1) - stats.histogram
+        # In the histogram's int32 (no count reaches 2**31), and in place: at 262,144 latents an
+        # int64 copy and its temporary would take 2 GB.
+        self.below = np.cumsum(stats.histogram, axis=1, dtype=stats.histogram.dtype)
+        self.below -= stats.histogram
         self.total = np.maximum(stats.histogram.sum(1), 1)
         self.low, self.high = stats.min, stats.max
         self.edges = histogram_edges()

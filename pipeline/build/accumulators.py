@@ -283,8 +283,8 @@ class ExampleHeaps:
         return KeptExamples(
             valid=valid,
             token=token,
-            sequence_index=np.where(valid, token // ctx, -1),
-            position=np.where(valid, token % ctx, -1),
+            sequence_index=np.where(valid, token // ctx, -1).astype(np.int32),
+            position=np.where(valid, token % ctx, -1).astype(np.int32),
             score=kernels.key_scores(self.key),
             activation=self.activation,
             window=self.window,
