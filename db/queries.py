@@ -514,14 +514,17 @@ def _histogram(feature: Feature) -> Histogram:
 def search_tokens(
     session: Session, sae_name: str, query: str, limit: int = 10, latents_per_token: int = 5
 ) -> TokenSearch:
-    """Tokens equal to the query (ignoring surrounding spaces) first, then tokens containing it;
+    """Tokens equal to the query (ignoring surrounding spaces, unless it is only whitespace)
+    first, then tokens containing it;
     for each, the latents most associated with it and a couple of contexts where they fire.
 
     A bounded number of queries whatever the matches: the token counts, the matched tokens'
     latents, those latents' examples, and the sequences the examples lie in."""
     sae = _sae(session, sae_name)
     vocab = _vocab(session, sae.corpus_id)
-    needle = query.strip()
+    # Surrounding spaces are ignored, but a whitespace token (a line break, an indent) is
+    # searched as it is.
+    needle = query.strip() or query
     if not needle:
         return TokenSearch(sae=sae.name, query=query, matches=[])
     counts = {

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from functools import lru_cache
 from importlib.resources import files
 from urllib.parse import quote
@@ -19,9 +20,30 @@ TEMPLATES_DIR = files("saescope.frontend") / "templates"
 templates = Jinja2Templates(directory=str(TEMPLATES_DIR))
 
 
+# Special tokens (BOS/EOS/pad) as tokenizers spell them, drawn apart from text.
+SPECIAL_TOKEN = re.compile(r"<\|[^|<>]*\|>|</?s>|<(pad|bos|eos|unk)>")
+
+
 def visible(token: str) -> str:
-    """Token text with line breaks and tabs made visible (spaces show under white-space: pre)."""
-    return token.replace("\n", "↵").replace("\t", "⇥") or "∅"
+    """Token text as running text draws it: line breaks and tabs made visible, and the spaces
+    of a token that is nothing but spaces."""
+    shown = token.replace("\n", "↵").replace("\t", "⇥")
+    return shown.replace(" ", "·") if token.isspace() else shown or "∅"
+
+
+def visible_ends(token: str) -> str:
+    """Token text as a chip draws it, alone: spaces at its ends made visible too, so that " 3"
+    and "3" differ."""
+    shown = visible(token)
+    stripped = shown.strip(" ")
+    if not stripped:
+        return shown
+    start = shown.index(stripped)
+    return "·" * start + stripped + "·" * (len(shown) - start - len(stripped))
+
+
+def is_special(token: str) -> bool:
+    return SPECIAL_TOKEN.fullmatch(token) is not None
 
 
 HEAT_LEVELS = 10
@@ -44,22 +66,30 @@ def context_html(sae: str, tokens: list[str], activations: list[float], focus: i
     spans = []
     for index, (token, activation) in enumerate(zip(tokens, activations, strict=True)):
         focus_class = " focus" if index == focus else ""
-        text, quoted, shown = _token_parts(token)
+        text, quoted, shown, special = _token_parts(token)
         spans.append(
-            f'<a class="tok h{heat(activation, scale)}{focus_class}" title="{text} · '
+            f'<a class="tok h{heat(activation, scale)}{focus_class}{special}" title="{text} · '
             f'{activation:.4g}" href="{search}{quoted}">{shown}</a>'
         )
     return Markup("".join(spans))
 
 
 @lru_cache(maxsize=1 << 16)
-def _token_parts(token: str) -> tuple[str, str, str]:
-    """A token escaped for an attribute, quoted for a URL, and escaped as shown: tokens repeat
-    across a page's examples, and across pages."""
-    return str(escape(token)), quote(token, safe=""), str(escape(visible(token)))
+def _token_parts(token: str) -> tuple[str, str, str, str]:
+    """A token as its title shows it (the raw string, quoted), quoted for a URL, escaped as
+    shown, and its class if special: tokens repeat across a page's examples, and across
+    pages."""
+    return (
+        str(escape(repr(token))),
+        quote(token, safe=""),
+        str(escape(visible(token))),
+        " special" if is_special(token) else "",
+    )
 
 
 templates.env.filters["visible"] = visible
+templates.env.filters["visible_ends"] = visible_ends
+templates.env.tests["special_token"] = is_special
 templates.env.filters["sentence"] = lambda text: text[:1].upper() + text[1:]
 templates.env.filters["flag_label"] = lambda name: FLAGS_BY_NAME[name].label
 templates.env.globals.update(

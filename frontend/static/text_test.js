@@ -8,7 +8,7 @@ const HEAT_LEVELS = 10;
 function shownToken(token) {
   if (token === "") return "∅";
   const inner = token.replace(/\n/g, "↵").replace(/\t/g, "⇥");
-  if (inner.trim() === "") return inner.replace(/ /g, "·");
+  if (token.trim() === "") return inner.replace(/ /g, "·");
   return inner;
 }
 

@@ -342,6 +342,30 @@ def test_next_page_link_keeps_every_query_parameter(client: TestClient) -> None:
     assert following.status_code == 200
 
 
+def test_whitespace_tokens_are_found_and_drawn_visibly(client: TestClient) -> None:
+    """A space or a line break is searched as it is (not stripped to nothing), and chips and
+    contexts draw it: spaces at a chip's ends as ·, line breaks as ↵, the raw string on
+    hover; special tokens set apart."""
+    for token in (" ", "\n"):
+        result = client.get(f"/api/v1/saes/{SAE}/search", params={"token": token}).json()
+        assert result["matches"], repr(token)
+        assert all(token in match["token"] for match in result["matches"])
+        assert result["matches"][0]["token"] == token and result["matches"][0]["exact"]
+    page = client.get(f"/saes/{SAE}/search", params={"token": " "}).text
+    assert ">·</a>" in page  # the space token's chip is not empty
+    assert 'title="&#39; &#39; · token id' in page
+    feature = client.get(f"/saes/{SAE}/features/4").text
+    assert 'class="tok h' in feature and " special" in feature  # BOS drawn apart
+
+
+def test_tokens_are_drawn_truthfully() -> None:
+    from saescope.server.templating import is_special, visible, visible_ends
+
+    assert [visible_ends(t) for t in (" 3", "3", "a ", "\n", "")] == ["·3", "3", "a·", "↵", "∅"]
+    assert [visible(t) for t in (" the", " ", "\n  ", "\t")] == [" the", "·", "↵··", "⇥"]
+    assert is_special("<|endoftext|>") and is_special("</s>") and not is_special("<b>")
+
+
 def test_token_search_reads_a_bounded_number_of_queries(client: TestClient) -> None:
     """The SAE, the vocabulary, the token counts, the matches' latents, their examples and the
     sequences those lie in: one query each, however many tokens and latents match."""
