@@ -263,10 +263,15 @@ def list_features(
     max_frequency: float | None = None,
     after: str | None = None,
     limit: int = 50,
+    before: str | None = None,
 ) -> FeaturePage:
-    """One page of the feature table, paginated by key: `after` is the previous page's cursor."""
+    """One page of the feature table, paginated by key: the rows after the cursor `after` (a
+    page's `next_cursor`) or before the cursor `before` (its `previous_cursor`); with the count
+    of rows that match the filters."""
     if min_frequency is not None and max_frequency is not None and min_frequency > max_frequency:
         raise BadRequestError("min_frequency is greater than max_frequency")
+    if after is not None and before is not None:
+        raise BadRequestError("give after or before, not both")
     sae = _sae(session, sae_name)
     threshold = sae.high_frequency_threshold
     column = _sort_column(sort)
@@ -277,8 +282,14 @@ def list_features(
         query = query.where(Feature.frequency >= min_frequency)
     if max_frequency is not None:
         query = query.where(Feature.frequency <= max_frequency)
-    query = _keyset(query, column, Feature.feature_index, order, after, sort)
+    total = session.scalar(select(func.count()).select_from(query.subquery()))
+    backward = before is not None
+    query = _keyset(query, column, Feature.feature_index, order, before or after, sort, backward)
     features = list(session.scalars(query.limit(limit + 1)))
+    more = len(features) > limit
+    features = features[:limit]
+    if backward:
+        features.reverse()
     vocab = _vocab(session, sae.corpus_id)
     items = [
         FeatureRow(
@@ -294,14 +305,23 @@ def list_features(
             flags=flags_of(f, threshold),
             top_tokens=_token_counts(f.top_tokens[:5], vocab),
         )
-        for f in features[:limit]
+        for f in features
     ]
-    next_cursor = None
-    if len(features) > limit:
-        last = features[limit - 1]
-        next_cursor = _cursor(_sort_value(last, sort), last.feature_index)
+    # Going forward there are rows before this page if it started after one; going backward,
+    # rows after it (the one it started before).
+    has_next, has_previous = (True, more) if backward else (more, after is not None)
     return FeaturePage(
-        sae=sae.name, sort=sort.value, order=order.value, items=items, next_cursor=next_cursor
+        sae=sae.name,
+        sort=sort.value,
+        order=order.value,
+        items=items,
+        total=total,
+        next_cursor=_cursor(_sort_value(features[-1], sort), features[-1].feature_index)
+        if has_next and features
+        else None,
+        previous_cursor=_cursor(_sort_value(features[0], sort), features[0].feature_index)
+        if has_previous and features
+        else None,
     )
 
 
@@ -328,14 +348,25 @@ def _sort_value(feature: Feature, sort: SortKey) -> float | int:
 INTEGER_LIMIT = 2**63
 
 
-def _keyset(query, column, index, order: SortOrder, after: str | None, sort: StrEnum):
-    """`query` ordered by `column` then `index` (unique), from after the cursor `after`."""
-    if after is not None:
-        value, last = _parse_cursor(after, sort)
-        beyond = column > value if order is SortOrder.asc else column < value
-        query = query.where(or_(beyond, and_(column == value, index > last)))
-    direction = column.asc() if order is SortOrder.asc else column.desc()
-    return query.order_by(direction, index)
+def _keyset(
+    query,
+    column,
+    index,
+    order: SortOrder,
+    cursor: str | None,
+    sort: StrEnum,
+    backward: bool = False,
+):
+    """`query` ordered by `column` then `index` (unique), from after the cursor; `backward`:
+    from before it, in reverse order (the caller reverses the page)."""
+    ascending = (order is SortOrder.asc) != backward
+    if cursor is not None:
+        value, last = _parse_cursor(cursor, sort)
+        beyond = column > value if ascending else column < value
+        next_index = index < last if backward else index > last
+        query = query.where(or_(beyond, and_(column == value, next_index)))
+    direction = column.asc() if ascending else column.desc()
+    return query.order_by(direction, index.desc() if backward else index.asc())
 
 
 def _cursor(value: float | int, index: int) -> str:

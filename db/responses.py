@@ -105,7 +105,9 @@ class FeaturePage(BaseModel):
     sort: str
     order: str
     items: list[FeatureRow]
+    total: int = Field(description="features that match the filters, on every page")
     next_cursor: str | None = Field(description="pass as `after` for the next page")
+    previous_cursor: str | None = Field(None, description="pass as `before` for the previous page")
 
 
 class Flag(BaseModel):

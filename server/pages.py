@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Request
-from fastapi.responses import HTMLResponse
+from typing import Annotated
+
+from fastapi import APIRouter, Query, Request
+from fastapi.responses import HTMLResponse, RedirectResponse
 
 from saescope.db import queries
 from saescope.db.flags import HIGH_FREQUENCY
@@ -103,6 +105,15 @@ def feature_page(
         labels_writable=settings.write_token is not None,
         inference_hint=inference_hint(settings),
     )
+
+
+@router.get("/saes/{sae}/jump")
+def jump(
+    sae: SaeName, feature: Annotated[int, Query(ge=0, description="latent index")]
+) -> RedirectResponse:
+    """The jump-to-feature box: a redirect to the feature's page (its page says if it is
+    beyond the SAE)."""
+    return RedirectResponse(urls.feature(sae, feature), status_code=303)
 
 
 @router.get("/saes/{sae}/test")

@@ -57,6 +57,7 @@ class FeatureTableParams:
     max_frequency: float | None
     after: str | None
     limit: int | None
+    before: str | None
 
     def page(self, session: Session, sae: str, default_limit: int) -> FeaturePage:
         """The page of the feature table these parameters ask for."""
@@ -70,6 +71,7 @@ class FeatureTableParams:
             max_frequency=self.max_frequency,
             after=self.after,
             limit=self.limit or default_limit,
+            before=self.before,
         )
 
 
@@ -85,8 +87,11 @@ def feature_table_params(
         Cursor | None, EmptyIsNone, Query(description="cursor from the previous page")
     ] = None,
     limit: Annotated[PageSize | None, EmptyIsNone, Query()] = None,
+    before: Annotated[
+        Cursor | None, EmptyIsNone, Query(description="cursor from the next page, to go back")
+    ] = None,
 ) -> FeatureTableParams:
-    return FeatureTableParams(sort, order, flag, min_frequency, max_frequency, after, limit)
+    return FeatureTableParams(sort, order, flag, min_frequency, max_frequency, after, limit, before)
 
 
 FeatureTableQuery = Annotated[FeatureTableParams, Depends(feature_table_params)]

@@ -32,8 +32,21 @@ def feature_table(sae: str, api: bool = False, **query: object) -> str:
     return _with_query(path, query)
 
 
-def feature(sae: str, feature_index: int, api: bool = False) -> str:
-    return f"{API if api else ''}/saes/{_segment(sae)}/features/{feature_index}"
+def feature(sae: str, feature_index: int | str, api: bool = False, table: str = "") -> str:
+    """A feature; `table`: the query string of the feature-table page it was opened from, which
+    its breadcrumb goes back to."""
+    path = f"{API if api else ''}/saes/{_segment(sae)}/features/{feature_index}"
+    return _with_query(path, {"table": table or None})
+
+
+def jump(sae: str) -> str:
+    """Redirects `?feature=N` to feature N."""
+    return f"/saes/{_segment(sae)}/jump"
+
+
+def feature_table_from(sae: str, table: str | None) -> str:
+    """The feature-table page whose query string is `table` (only its parameters are kept)."""
+    return _with_query(feature_table(sae), dict(parse_qsl(table or "")))
 
 
 def activations(sae: str) -> str:

@@ -298,3 +298,13 @@ def test_a_label_is_saved_with_the_token_and_refused_without(
         page.goto(f"{url}/saes/tiny-sae/search?token=parentheses")
         assert "opening parentheses" in page.inner_text("ul.labelled")
         page.close()
+
+
+def test_the_table_fits_a_narrow_screen(browser, base_url: str, screenshots: Path) -> None:
+    """At 420 px the page does not scroll sideways: the table scrolls inside its box."""
+    page = browser.new_page(viewport={"width": 420, "height": 900})
+    page.goto(f"{base_url}/saes/tiny-sae?sort=frequency&order=desc")
+    width = page.evaluate("() => document.documentElement.scrollWidth")
+    assert width <= 420
+    page.screenshot(path=str(screenshots / "table-420px.png"))
+    page.close()

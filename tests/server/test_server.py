@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import sqlite3
 import subprocess
 import sys
@@ -334,12 +335,50 @@ def test_server_never_imports_torch(dashboard_db: Path) -> None:
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120, cwd=dashboard_db.parent)
 
 
-def test_next_page_link_keeps_every_query_parameter(client: TestClient) -> None:
-    page = client.get(f"/saes/{SAE}?sort=frequency&order=desc&limit=7&min_frequency=0.01").text
-    (link,) = [part for part in page.split('"') if "after=" in part]
-    assert "limit=7" in link and "min_frequency=0.01" in link and "sort=frequency" in link
-    following = client.get(link.replace("&amp;", "&"))
-    assert following.status_code == 200
+def links(page: str, css_class: str) -> set[str]:
+    """The hrefs of the page's links of one class, unescaped."""
+    found = re.findall(rf'<a class="{css_class}" href="([^"]*)"', page)
+    return {link.replace("&amp;", "&") for link in found}
+
+
+def test_the_table_pages_forward_and_back_keeping_its_query(client: TestClient) -> None:
+    query = "sort=frequency&order=desc&limit=7&min_frequency=0.01"
+    first = client.get(f"/saes/{SAE}?{query}").text
+    (following,) = links(first, "next")
+    assert "limit=7" in following and "min_frequency=0.01" in following
+    assert "sort=frequency" in following and not links(first, "previous")
+    api = client.get(f"/api/v1/saes/{SAE}/features?{query}").json()
+    assert f"{api['total']:,} features match these filters" in first
+    second = client.get(following).text
+    (back,) = links(second, "previous")
+    (start,) = links(second, "first")
+    rows_of = lambda page: re.findall(r"features/(\d+)\?table", page)  # noqa: E731
+    assert rows_of(client.get(back).text) == rows_of(first) == rows_of(client.get(start).text)
+    # Back from the third page is the second page.
+    api = f"/api/v1/saes/{SAE}/features?{query}"
+    page_two = client.get(f"{api}&after={client.get(api).json()['next_cursor']}").json()
+    page_three = client.get(f"{api}&after={page_two['next_cursor']}").json()
+    again = client.get(f"{api}&before={page_three['previous_cursor']}").json()
+    assert [x["feature_index"] for x in again["items"]] == [
+        x["feature_index"] for x in page_two["items"]
+    ]
+    assert again["previous_cursor"] is not None and again["next_cursor"] is not None
+    both = client.get(f"/api/v1/saes/{SAE}/features?after=0:1&before=0:3")
+    assert both.status_code == 400
+
+
+def test_headers_sort_the_table_and_breadcrumbs_go_back_to_it(client: TestClient) -> None:
+    page = client.get(f"/saes/{SAE}?sort=frequency&order=desc&flag=dead").text
+    sort_links = links(page, "sort current")
+    assert any("sort=frequency" in link and "order=asc" in link for link in sort_links)
+    assert any("sort=jaccard" in link for link in links(page, "sort"))
+    feature_link = re.search(r'href="(/saes/tiny-sae/features/\d+\?table=[^"]*)"', page)
+    feature = client.get(feature_link.group(1).replace("&amp;", "&")).text
+    crumb = re.search(r'<span>›</span><a href="([^"]*)">tiny-sae</a>', feature).group(1)
+    assert "sort=frequency" in crumb and "flag=dead" in crumb and "order=desc" in crumb
+    jumped = client.get(f"/saes/{SAE}/jump?feature=5", follow_redirects=False)
+    assert jumped.status_code == 303 and jumped.headers["location"] == f"/saes/{SAE}/features/5"
+    assert client.get(f"/saes/{SAE}/jump?feature=-1").status_code == 422
 
 
 def test_whitespace_tokens_are_found_and_drawn_visibly(client: TestClient) -> None:
