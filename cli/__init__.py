@@ -17,6 +17,7 @@ from typing import Any
 import click
 
 from saescope.cli.options import with_options
+from saescope.db.export import FORMATS as EXPORT_FORMATS
 from saescope.pipeline.build.config import BuildConfig
 from saescope.pipeline.config import from_options
 from saescope.pipeline.demo.config import DemoConfig, TrainLanguageModelConfig
@@ -227,6 +228,53 @@ def infer(database: Path, host: str, port: int, device: str) -> None:
         application = inference_app(database, device)
     click.echo(f"saescope: running the SAEs of {database} at http://{host}:{port}/", err=True)
     uvicorn.run(application, host=host, port=port, log_level="warning")
+
+
+@app.command()
+@click.argument("database", type=click.Path(path_type=Path))
+@click.argument("sae")
+@click.argument("out", type=click.Path(path_type=Path))
+@click.option(
+    "--format",
+    "export_format",
+    type=click.Choice(EXPORT_FORMATS),
+    default="neuronpedia",
+    show_default=True,
+    help="neuronpedia: Neuronpedia's export layout (gzipped JSON lines of features, activations "
+    "and explanations); json: one file per feature, the API's JSON.",
+)
+@click.option(
+    "--labels",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Labels file, exported as explanations. Default: beside the database.",
+)
+def export(
+    database: Path, sae: str, out: Path, export_format: str, labels: Path | None
+) -> None:
+    """Export the features of SAE in DATABASE to OUT, for another tool or for Neuronpedia."""
+    from sqlalchemy.orm import Session
+
+    from saescope.db import export as exports
+    from saescope.db.engine import readonly_engine
+    from saescope.db.queries import NotFoundError
+    from saescope.server.labels import LabelStore, labels_path
+
+    if not database.is_file():
+        fail(f"{database} does not exist")
+    with Session(readonly_engine(database)) as session:
+        try:
+            if export_format == "json":
+                count = exports.export_json(session, sae, out)
+                click.echo(f"{sae}: {count} features -> {out}/<index>.json")
+                return
+            written = LabelStore(labels or labels_path(database), None).of_sae(sae)
+            root = exports.export_neuronpedia(
+                session, sae, out, [label.model_dump() for label in written]
+            )
+        except NotFoundError as error:
+            fail(str(error))
+    click.echo(f"{sae}: Neuronpedia export ({len(written)} labels) -> {root}")
 
 
 app.add_command(serve)

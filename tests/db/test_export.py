@@ -1,0 +1,96 @@
+"""`saescope export`: what is exported equals what the API serves."""
+
+from __future__ import annotations
+
+import gzip
+import json
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+from fastapi.testclient import TestClient
+
+from saescope.cli import app
+from saescope.server.app import create_app
+from saescope.server.settings import Settings
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def api(dashboard_db: Path) -> TestClient:
+    return TestClient(create_app(Settings(database=dashboard_db)))
+
+
+def read_batches(directory: Path) -> list[dict]:
+    rows = []
+    for path in sorted(directory.glob("batch-*.jsonl.gz"), key=lambda p: int(p.stem[6:-6])):
+        with gzip.open(path, "rt") as file:
+            rows += [json.loads(line) for line in file]
+    return rows
+
+
+def test_the_json_export_is_the_api_json(dashboard_db: Path, tmp_path: Path, api) -> None:
+    result = runner.invoke(app, ["export", str(dashboard_db), "tiny-sae", "--format", "json",
+                                 str(tmp_path)])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    files = sorted(tmp_path.glob("*.json"), key=lambda p: int(p.stem))
+    assert [int(p.stem) for p in files] == list(range(64))
+    for path in files:
+        served = api.get(f"/api/v1/saes/tiny-sae/features/{path.stem}").json()
+        assert json.loads(path.read_text()) == served
+
+
+def test_the_neuronpedia_export_holds_the_features_examples_and_labels(
+    dashboard_db: Path, tmp_path: Path, api
+) -> None:
+    labels = tmp_path / "labels.sqlite"
+    writer = TestClient(create_app(Settings(database=dashboard_db, labels=labels, write_token="t")))
+    writer.put(
+        "/api/v1/saes/tiny-sae/features/9/label",
+        json={"label": "brackets", "note": "( and [", "author": "ada"},
+        headers={"Authorization": "Bearer t"},
+    )
+    out = tmp_path / "np"
+    result = runner.invoke(app, ["export", str(dashboard_db), "tiny-sae", "--format",
+                                 "neuronpedia", str(out), "--labels", str(labels)])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    (source,) = (out / "v1").glob("*/*")
+    assert source.name == "1-saescope-tiny-sae"
+    features = read_batches(source / "features")
+    activations = read_batches(source / "activations")
+    assert [row["index"] for row in features] == [str(i) for i in range(64)]
+    for row in features:
+        served = api.get(f"/api/v1/saes/tiny-sae/features/{row['index']}").json()
+        assert row["layer"] == source.name and row["modelId"] == source.parent.name
+        assert row["frac_nonzero"] == served["frequency"]
+        assert row["maxActApprox"] == served["max_activation"]
+        assert row["pos_str"] == [effect["token"] for effect in served["logits_top"]]
+        assert row["neg_values"] == [effect["logit"] for effect in served["logits_bottom"]]
+        assert row["freq_hist_data_bar_heights"] == served["histogram"]["counts"]
+        assert row["topkCosSimIndices"] == [n["feature_index"] for n in served["neighbours"]]
+        mine = [a for a in activations if a["index"] == row["index"]]
+        examples = served["examples"]
+        expected = (
+            examples["top"]
+            + [e for band in examples["quantiles"] for e in band["examples"]]
+            + examples["bottom"]
+        )
+        assert [a["tokens"] for a in mine] == [e["tokens"] for e in expected]
+        for activation, example in zip(mine, expected, strict=True):
+            values = [0.0 if v is None else v for v in example["activations"]]
+            assert activation["values"] == pytest.approx(values)
+            assert activation["maxValue"] == max(values)
+            assert activation["dataIndex"] == str(example["sequence_index"])
+    (explanation,) = read_batches(source / "explanations")
+    assert (explanation["index"], explanation["description"], explanation["authorId"]) == (
+        "9",
+        "brackets",
+        "ada",
+    )
+
+
+def test_exporting_an_unknown_sae_fails_with_a_message(dashboard_db: Path, tmp_path: Path):
+    result = runner.invoke(app, ["export", str(dashboard_db), "nope", str(tmp_path / "x")])
+    assert result.exit_code == 2
+    assert "no SAE named 'nope'" in result.output
