@@ -249,9 +249,7 @@ def infer(database: Path, host: str, port: int, device: str) -> None:
     default=None,
     help="Labels file, exported as explanations. Default: beside the database.",
 )
-def export(
-    database: Path, sae: str, out: Path, export_format: str, labels: Path | None
-) -> None:
+def export(database: Path, sae: str, out: Path, export_format: str, labels: Path | None) -> None:
     """Export the features of SAE in DATABASE to OUT, for another tool or for Neuronpedia."""
     from sqlalchemy.orm import Session
 

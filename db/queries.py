@@ -48,6 +48,7 @@ from saescope.db.responses import (
     GroundTruth,
     Histogram,
     LatentForToken,
+    LatentSummary,
     LogitEffect,
     Neighbour,
     PairSummary,
@@ -658,6 +659,28 @@ def flags_report(
             )
         )
     return FlagsReport(sae=sae.name, threshold=threshold, groups=groups)
+
+
+def latent_summaries(
+    session: Session, sae_name: str, indices: list[int], n_tokens: int = 3
+) -> dict[int, LatentSummary]:
+    """Frequency and the tokens it fires on most, of each latent listed (one query), for lists
+    of latents shown inline."""
+    sae = _sae(session, sae_name)
+    if not indices:
+        return {}
+    vocab = _vocab(session, sae.corpus_id)
+    rows = session.execute(
+        select(Feature.feature_index, Feature.frequency, Feature.top_tokens).where(
+            Feature.sae_id == sae.id, Feature.feature_index.in_(sorted(set(indices)))
+        )
+    )
+    return {
+        index: LatentSummary(
+            frequency=frequency, top_tokens=_token_counts(top_tokens[:n_tokens], vocab)
+        )
+        for index, frequency, top_tokens in rows
+    }
 
 
 def threshold_ablation(session: Session, sae_name: str) -> ThresholdAblation:

@@ -83,6 +83,13 @@ class TokenCount(BaseModel):
     mean_activation: float
 
 
+class LatentSummary(BaseModel):
+    """A latent as lists of latents show it inline."""
+
+    frequency: float
+    top_tokens: list[TokenCount]
+
+
 class FeatureRow(BaseModel):
     feature_index: int
     frequency: float

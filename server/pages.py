@@ -96,12 +96,17 @@ def feature_page(
     store: LabelsDep,
 ) -> HTMLResponse:
     feature = queries.get_feature(session, sae, feature_index)
+    listed = [n.feature_index for n in feature.neighbours] + [
+        a.feature_index for a in feature.encoder_decoder.absorbers
+    ]
     return render(
         request,
         "feature.html",
         urls.feature(sae, feature_index, api=True),
         feature=feature,
         label=store.of_features(sae, [feature_index]).get(feature_index),
+        labels=store.of_features(sae, listed),
+        summaries=queries.latent_summaries(session, sae, listed),
         labels_writable=settings.write_token is not None,
         inference_hint=inference_hint(settings),
     )
@@ -160,7 +165,16 @@ def flags_page(
     request: Request,
     sae: SaeName,
     session: SessionDep,
+    store: LabelsDep,
     threshold: Threshold = HIGH_FREQUENCY.default_threshold,
 ) -> HTMLResponse:
     report = queries.flags_report(session, sae, threshold)
-    return render(request, "flags.html", urls.flags(sae, api=True), report=report)
+    listed = [index for group in report.groups for index in group.features]
+    return render(
+        request,
+        "flags.html",
+        urls.flags(sae, api=True),
+        report=report,
+        labels=store.of_features(sae, listed),
+        summaries=queries.latent_summaries(session, sae, listed),
+    )
