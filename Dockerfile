@@ -1,5 +1,5 @@
 # Two images from one file:
-#   server   - the dashboard, without torch (fastapi, sqlalchemy, jinja2, plotly)
+#   server   - the dashboard, without torch (fastapi, sqlalchemy, jinja2)
 #   pipeline - `saescope build` / `train`, with the pinned torch (CUDA build on GPU hosts)
 FROM python:3.11-slim AS server
 WORKDIR /app

@@ -13,15 +13,11 @@ import swagger_ui_bundle
 
 STATIC_DIR = files("saescope.frontend") / "static"
 SWAGGER_DIR = Path(swagger_ui_bundle.swagger_ui_path)
-# plotly.js from the installed plotly package: the pages never reach a CDN.
-PLOTLY_JS = files("plotly") / "package_data" / "plotly.min.js"
 SWAGGER_PREFIX = "swagger/"
 
 
 def asset(name: str) -> Traversable:
     """The file behind /static/`name`."""
-    if name == "plotly.min.js":
-        return PLOTLY_JS
     if name.startswith(SWAGGER_PREFIX):
         return SWAGGER_DIR / name.removeprefix(SWAGGER_PREFIX)
     return STATIC_DIR / name
