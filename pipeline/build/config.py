@@ -129,11 +129,11 @@ class BuildConfig:
         """The options as the database stores them beside the SAE."""
         source = self.source
         return {
-            "model": source.model,
+            "model": _local_or_name(source.model),
             "hook": source.hook,
             "corpus": source.corpus,
             "synthetic": _text(source.synthetic),
-            "sae": _text(self.sae),
+            "sae": _text(self.sae.resolve() if self.sae is not None else None),
             "sae_release": self.sae_release,
             "sae_id": self.sae_id,
             "name": self.name,
@@ -169,6 +169,14 @@ class BuildConfig:
         raw = self.sae.resolve().name if self.sae is not None else str(self.sae_id)
         cleaned = "".join(c if c.isalnum() or c in "._-" else "-" for c in raw).strip("-.")
         return cleaned or "sae"
+
+
+def _local_or_name(model: str | None) -> str | None:
+    """A local model directory as an absolute path (the inference process may run elsewhere); a
+    hub name as it is."""
+    if model is not None and Path(model).exists():
+        return str(Path(model).resolve())
+    return model
 
 
 def _text(path: Path | None) -> str | None:
