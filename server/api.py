@@ -20,8 +20,10 @@ from saescope.server.params import (
     FeatureIndex,
     FeatureTableQuery,
     LabelQuery,
+    LatentsPerToken,
     OtherSaeName,
     SaeName,
+    SearchLimit,
     Threshold,
     TokenQuery,
 )
@@ -102,10 +104,17 @@ def feature(
 
 @router.get("/saes/{sae}/search", response_model=responses.TokenSearch, tags=["search"])
 def search(
-    sae: SaeName, token: TokenQuery, session: SessionDep, settings: SettingsDep
+    sae: SaeName,
+    token: TokenQuery,
+    session: SessionDep,
+    settings: SettingsDep,
+    limit: SearchLimit = None,
+    latents: LatentsPerToken = 5,
 ) -> responses.TokenSearch:
     """Tokens matching `token` exactly, then by substring, with the latents that fire on them."""
-    return queries.search_tokens(session, sae, token, limit=settings.search_limit)
+    return queries.search_tokens(
+        session, sae, token, limit=limit or settings.search_limit, latents_per_token=latents
+    )
 
 
 @router.get("/saes/{sae}/labels", response_model=list[Label], tags=["labels"])

@@ -16,8 +16,10 @@ from saescope.server.params import (
     ComparisonQuery,
     FeatureIndex,
     FeatureTableQuery,
+    LatentsPerToken,
     OtherSaeName,
     SaeName,
+    SearchLimit,
     Threshold,
     TokenQuery,
 )
@@ -149,13 +151,18 @@ def search_page(
     session: SessionDep,
     settings: SettingsDep,
     store: LabelsDep,
+    limit: SearchLimit = None,
+    latents: LatentsPerToken = 5,
 ) -> HTMLResponse:
-    result = queries.search_tokens(session, sae, token, limit=settings.search_limit)
+    limit = limit or settings.search_limit
+    result = queries.search_tokens(session, sae, token, limit=limit, latents_per_token=latents)
     return render(
         request,
         "search.html",
         urls.search(sae, api=True),
         result=result,
+        limit=limit,
+        latents=latents,
         labelled=store.of_sae(sae, token.strip()),
     )
 

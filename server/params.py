@@ -37,6 +37,11 @@ FeatureIndex = Annotated[int, Path(ge=0, description="latent index")]
 TokenQuery = Annotated[
     str, Query(min_length=1, max_length=200, description="token text to look for")
 ]
+# Token search: matching tokens shown, and latents per token (the build keeps 16 per token).
+SearchLimit = Annotated[
+    int | None, Query(ge=1, le=200, description="matching tokens to show (default: the setting)")
+]
+LatentsPerToken = Annotated[int, Query(ge=1, le=16, description="latents shown per token")]
 LabelQuery = Annotated[
     str | None, Query(max_length=200, description="text a label or note contains")
 ]

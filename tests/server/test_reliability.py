@@ -154,7 +154,9 @@ def test_responses_are_compressed_and_static_files_cached(client: TestClient) ->
     assert raw.headers["content-encoding"] == "gzip"
     assert "immutable" not in raw.headers.get("cache-control", "")
     html = client.get(f"/saes/{SAE}/features/3").text
-    (plotly,) = [part for part in html.split('"') if part.startswith("/static/plotly-basic.min.js?v=")]
+    (plotly,) = [
+        part for part in html.split('"') if part.startswith("/static/plotly-basic.min.js?v=")
+    ]
     versioned = client.get(plotly, headers={"Accept-Encoding": "gzip"})
     assert versioned.headers["cache-control"] == "public, max-age=31536000, immutable"
     assert versioned.num_bytes_downloaded < len(versioned.content) / 2  # sent compressed

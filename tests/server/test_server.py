@@ -397,6 +397,19 @@ def test_whitespace_tokens_are_found_and_drawn_visibly(client: TestClient) -> No
     assert 'class="tok h' in feature and " special" in feature  # BOS drawn apart
 
 
+def test_token_search_shows_more_on_request(client: TestClient) -> None:
+    few = client.get(f"/api/v1/saes/{SAE}/search", params={"token": "e", "limit": 2}).json()
+    more = client.get(f"/api/v1/saes/{SAE}/search", params={"token": "e", "limit": 6}).json()
+    assert len(few["matches"]) == 2 and len(more["matches"]) == 6
+    assert [m["token_id"] for m in more["matches"][:2]] == [m["token_id"] for m in few["matches"]]
+    page = client.get(f"/saes/{SAE}/search", params={"token": "e", "limit": 2}).text
+    (link,) = links(page, "more-tokens")
+    assert "limit=4" in link and "token=e" in link
+    wide = client.get(f"/api/v1/saes/{SAE}/search", params={"token": "e", "latents": 10}).json()
+    assert max(len(m["latents"]) for m in wide["matches"]) > 5
+    assert "latents=10" in next(iter(links(page, "more-latents")))
+
+
 def test_tokens_are_drawn_truthfully() -> None:
     from saescope.server.templating import is_special, visible, visible_ends
 
