@@ -37,7 +37,13 @@ from saescope.db.responses import (
 )
 from saescope.pipeline import models
 from saescope.pipeline.errors import InputError
-from saescope.pipeline.saes import LatentChunks, latent_chunk_size, load_sae, output_hook
+from saescope.pipeline.saes import (
+    LatentChunks,
+    latent_chunk_size,
+    load_sae,
+    output_hook,
+    running_top_k,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -142,18 +148,15 @@ def top_and_wanted(
     """Per token, the `top` latents by activation (values and indices, best first), and the
     activations of `features`: a chunk of latents at a time where the SAE is wide."""
     n_tokens = x.shape[0]
-    values = torch.zeros(n_tokens, 0, device=x.device)
-    indices = torch.zeros(n_tokens, 0, dtype=torch.int64, device=x.device)
+    kept = None
     wanted = torch.zeros(n_tokens, len(features), device=x.device)
     asked = torch.tensor(features, dtype=torch.int64, device=x.device)
     for first, f in LatentChunks(sae, latent_chunk_size(sae.W_dec.shape[0], n_tokens))(x):
         f = f.float()
         inside = (asked >= first) & (asked < first + f.shape[1])
         wanted[:, inside] = f[:, asked[inside] - first]
-        best, where = f.topk(min(top, f.shape[1]), dim=1)
-        candidates = torch.cat([values, best], 1)
-        values, order = candidates.topk(min(top, candidates.shape[1]), dim=1)
-        indices = torch.cat([indices, where + first], 1).gather(1, order)
+        kept = running_top_k(kept, f, first, top)
+    values, indices = kept
     return (values.tolist(), indices.tolist()), wanted.cpu()
 
 

@@ -170,17 +170,13 @@ class LatentChunks:
     def _top_k_chunks(self, x: Tensor) -> Iterator[tuple[int, Tensor]]:
         sae, k = self.sae, self.top_k
         sae_in = sae.process_sae_in(x)
-        values = indices = None
+        kept = None
         for a, b in self.ranges:
             pre = sae_in @ sae.W_enc[:, a:b] + sae.b_enc[a:b]
             if sae.cfg.rescale_acts_by_decoder_norm:
                 pre = pre * sae.W_dec[a:b].norm(dim=-1)
-            top, where = pre.topk(min(k, b - a), dim=-1)
-            if values is not None:
-                top, where = torch.cat([values, top], -1), torch.cat([indices, where + a], -1)
-                top, pick = top.topk(min(k, top.shape[-1]), dim=-1)
-                where = where.gather(-1, pick)
-            values, indices = top, where
+            kept = running_top_k(kept, pre, a, k)
+        values, indices = kept
         values = values.relu()
         for a, b in self.ranges:
             inside = (indices >= a) & (indices < b)
@@ -190,6 +186,20 @@ class LatentChunks:
                 -1, torch.where(inside, indices - a, 0), torch.where(inside, values, 0)
             )
             yield a, chunk
+
+
+def running_top_k(
+    kept: tuple[Tensor, Tensor] | None, values: Tensor, first: int, k: int
+) -> tuple[Tensor, Tensor]:
+    """The k largest (values, latent indices) along the last dimension of those `kept` so far
+    and of `values`, a chunk of latents `first ..`; best first."""
+    top, where = values.topk(min(k, values.shape[-1]), dim=-1)
+    where = where + first
+    if kept is not None:
+        top, where = torch.cat([kept[0], top], -1), torch.cat([kept[1], where], -1)
+        top, pick = top.topk(min(k, top.shape[-1]), dim=-1)
+        where = where.gather(-1, pick)
+    return top, where
 
 
 def _latent_slice(sae, first: int, last: int):

@@ -6,12 +6,14 @@ from typing import Annotated
 
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import HTMLResponse, RedirectResponse
+from sqlalchemy.orm import Session
 
 from saescope.db import queries
 from saescope.db.flags import HIGH_FREQUENCY
 from saescope.server import urls
 from saescope.server.dependencies import LabelsDep, SessionDep, SettingsDep
 from saescope.server.inference import HOW_TO_START
+from saescope.server.labels import LabelStore
 from saescope.server.params import (
     ComparisonQuery,
     FeatureIndex,
@@ -107,8 +109,7 @@ def feature_page(
         urls.feature(sae, feature_index, api=True),
         feature=feature,
         label=store.of_features(sae, [feature_index]).get(feature_index),
-        labels=store.of_features(sae, listed),
-        summaries=queries.latent_summaries(session, sae, listed),
+        **inline_latents(session, store, sae, listed),
         labels_writable=settings.write_token is not None,
         inference_hint=inference_hint(settings),
     )
@@ -135,6 +136,15 @@ def test_text(
         sae=detail,
         inference_hint=inference_hint(settings),
     )
+
+
+def inline_latents(session: Session, store: LabelStore, sae: str, listed: list[int]) -> dict:
+    """What `latent_inline` (in _macros.html) shows of each latent listed: its label, frequency
+    and top tokens."""
+    return {
+        "labels": store.of_features(sae, listed),
+        "summaries": queries.latent_summaries(session, sae, listed),
+    }
 
 
 def inference_hint(settings: Settings) -> str | None:
@@ -182,6 +192,5 @@ def flags_page(
         "flags.html",
         urls.flags(sae, api=True),
         report=report,
-        labels=store.of_features(sae, listed),
-        summaries=queries.latent_summaries(session, sae, listed),
+        **inline_latents(session, store, sae, listed),
     )

@@ -60,6 +60,21 @@ def vocab_size(tiny_model_dir: Path) -> int:
     return json.loads((tiny_model_dir / "config.json").read_text())["vocab_size"]
 
 
+def read_hooks(model_dir: Path, sae_dir: Path, hooks: tuple[str, ...], tokens: np.ndarray):
+    """The SAE, and the activations at `hooks` on `tokens` as the build reads them (the model
+    loaded with the weight processing the SAE states), computed on their own."""
+    import torch
+
+    from saescope.pipeline.models import activations_at_hooks, load_model, weight_processing_kwargs
+    from saescope.pipeline.saes import load_sae
+
+    sae = load_sae(sae_dir, None, None, "cpu", "float32")
+    processing = weight_processing_kwargs(sae.cfg.metadata.to_dict(), None)
+    model = load_model(str(model_dir), "cpu", torch.float32, processing, quiet=True)
+    with torch.no_grad():
+        return sae, activations_at_hooks(model, hooks, torch.from_numpy(tokens))
+
+
 def save_sae(directory: Path, d_in: int, d_sae: int, seed: int = 0, **metadata) -> Path:
     """A standard SAE with random weights in SAELens format."""
     import torch

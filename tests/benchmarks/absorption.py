@@ -15,8 +15,8 @@ import numpy as np
 from scipy.stats import spearmanr
 
 from tests.pipeline.synthetic.test_synthetic import (
-    absorbed_parent_latents,
-    build_synthetic,
+    build_hierarchical,
+    build_null,
     flagged_absorbed,
 )
 
@@ -41,17 +41,7 @@ def demo_figures(database: Path) -> None:
 
 def hierarchical(directory: Path, seed: int) -> tuple[int, int, int]:
     """(parent latents the L1 SAE absorbs, latents flagged, of those truly absorbed)."""
-    name = f"hier{seed}"
-    db = build_synthetic(
-        directory,
-        name,
-        ["--generator", "hierarchical", "--n-parents", "8", "--children-per-parent", "1",
-         "--p-parent", "0.15", "--p-child", "0.7", "--d", "32", "--n-samples", "120000",
-         "--seed", str(seed)],
-        ["--objective", "l1", "--d-sae", "16", "--sparsity-coefficient", "0.3",
-         "--training-tokens", "400000", "--seed", str(seed)],
-    )  # fmt: skip
-    truth = absorbed_parent_latents(directory / f"{name}.safetensors", directory / name)
+    db, name, truth = build_hierarchical(directory, seed)
     flagged = flagged_absorbed(db, name)
     return len(truth), len(flagged), len(flagged & set(truth))
 
@@ -59,14 +49,7 @@ def hierarchical(directory: Path, seed: int) -> tuple[int, int, int]:
 def null(directory: Path, seed: int, objective: list[str]) -> tuple[float, int]:
     """(MMCS, latents flagged of 64) on independent sparse features."""
     name = f"null{seed}{objective[1]}"
-    db = build_synthetic(
-        directory,
-        name,
-        ["--generator", "sparse", "--n-features", "64", "--d", "48", "--p-active", "0.03",
-         "--n-samples", "120000", "--seed", str(seed)],
-        [*objective, "--d-sae", "64", "--training-tokens", "1000000", "--batch-size", "1024",
-         "--seed", str(seed)],
-    )  # fmt: skip
+    db = build_null(directory, name, seed, objective)
     mmcs = sqlite3.connect(db).execute("select mmcs from saes").fetchone()[0]
     return mmcs, len(flagged_absorbed(db, name))
 

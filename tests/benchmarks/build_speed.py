@@ -139,8 +139,12 @@ def time_passes(model_dir: Path, sae_dir: Path, tokens_path: Path, n_tokens: int
                 times[name].append(time.perf_counter() - started)
         # The decoder projections' screen alone: the one extra matmul the floor does not have.
         started = time.perf_counter()
+        every_latent = slice(None)
         forward_and_encode(
-            model, sae, tokens, then=lambda x: decoder_top.approximate_projections(x - bias)
+            model,
+            sae,
+            tokens,
+            then=lambda x: decoder_top.approximate_projections(x - bias, every_latent),
         )
         times["encode_and_project"] = [time.perf_counter() - started]
     return {name: min(values) for name, values in times.items()}

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from fastapi.testclient import TestClient
@@ -12,7 +13,7 @@ from fastapi.testclient import TestClient
 from saescope.db.responses import MAX_TEXT_TOKENS
 from saescope.server.app import create_app
 from saescope.server.settings import Settings
-from tests.conftest import HOOK, TEXT, free_port
+from tests.conftest import HOOK, TEXT, free_port, read_hooks
 
 ROUTE = "/api/v1/saes/tiny-sae/activations"
 
@@ -24,14 +25,9 @@ def client(dashboard_db: Path, inference_url: str) -> TestClient:
 
 def expected_activations(tiny_model_dir: Path, dashboard_sae_dir: Path, token_ids: list[int]):
     """The SAE's activations on the tokens, computed here from the model and SAE directories."""
-    from saescope.pipeline.models import activations_at_hook, load_model, weight_processing_kwargs
-    from saescope.pipeline.saes import load_sae
-
-    sae = load_sae(dashboard_sae_dir, None, None, "cpu", "float32")
-    processing = weight_processing_kwargs(sae.cfg.metadata.to_dict(), None)
-    model = load_model(str(tiny_model_dir), "cpu", torch.float32, processing, quiet=True)
+    sae, (x,) = read_hooks(tiny_model_dir, dashboard_sae_dir, (HOOK,), np.array([token_ids]))
     with torch.no_grad():
-        return sae.encode(activations_at_hook(model, HOOK, torch.tensor([token_ids]))[0])
+        return sae.encode(x[0])
 
 
 def test_text_runs_through_the_inference_process(

@@ -12,8 +12,8 @@ import torch
 from click.testing import CliRunner
 
 from saescope.cli import app
-from saescope.pipeline.models import activations_at_hooks, load_model, weight_processing_kwargs
-from saescope.pipeline.saes import SUPPORTED_ARCHITECTURES, load_sae
+from saescope.pipeline.saes import SUPPORTED_ARCHITECTURES
+from tests.conftest import read_hooks
 from tests.pipeline.build.conftest import build_args, rows
 
 runner = CliRunner()
@@ -79,20 +79,11 @@ def test_every_covered_architecture_builds(
     assert l0 > 0 and mse > 0 and ce_sae is not None and ce_sae != ce_clean
     # Each latent's firing count, against the SAE's own encode of the hook's activations.
     tokens = np.load(token_file)[:20]
-    model_sae, (x,) = decoder_space(tiny_model_dir, sae, (hook,), tokens)
+    model_sae, (x,) = read_hooks(tiny_model_dir, sae, (hook,), tokens)
     with torch.no_grad():
         fires = (model_sae.encode(x[torch.from_numpy(tokens != 0)]) > 0).sum(0)
     counts = [count for (count,) in rows(out, "select count from features order by 1")]
     assert sorted(counts) == sorted(fires.tolist()) and sum(counts) > 0
-
-
-def decoder_space(model_dir: Path, sae_dir: Path, hooks: tuple[str, ...], tokens: np.ndarray):
-    """The activations at `hooks` as the build reads them, computed here on their own."""
-    sae = load_sae(sae_dir, None, None, "cpu", "float32")
-    processing = weight_processing_kwargs(sae.cfg.metadata.to_dict(), None)
-    model = load_model(str(model_dir), "cpu", torch.float32, processing, quiet=True)
-    with torch.no_grad():
-        return sae, activations_at_hooks(model, hooks, torch.from_numpy(tokens))
 
 
 @pytest.mark.parametrize("architecture", ["transcoder", "jumprelu_skip_transcoder"])
@@ -105,7 +96,7 @@ def test_a_transcoder_is_measured_where_it_writes(
     out, result = build(tmp_path, tiny_model_dir, token_file, sae_dir, TRANSCODER_IN)
     assert result.exit_code == 0, result.output
     tokens = np.load(token_file)[:20]
-    sae, (x, y) = decoder_space(tiny_model_dir, sae_dir, (TRANSCODER_IN, TRANSCODER_OUT), tokens)
+    sae, (x, y) = read_hooks(tiny_model_dir, sae_dir, (TRANSCODER_IN, TRANSCODER_OUT), tokens)
     unit = sae.W_dec / sae.W_dec.norm(dim=1, keepdim=True)
     examples = rows(
         out,
@@ -136,7 +127,7 @@ def test_a_hook_z_sae_reads_the_heads_flattened(tmp_path, tiny_model_dir, token_
     out, result = build(tmp_path, tiny_model_dir, token_file, sae_dir, HOOK_Z)
     assert result.exit_code == 0, result.output
     tokens = np.load(token_file)[:6]
-    sae, (x,) = decoder_space(tiny_model_dir, sae_dir, (HOOK_Z,), tokens)
+    sae, (x,) = read_hooks(tiny_model_dir, sae_dir, (HOOK_Z,), tokens)
     assert x.shape == (6, 24, 32)
     special = torch.from_numpy(tokens == 0)
     with torch.no_grad():

@@ -204,6 +204,35 @@ def build_synthetic(tmp_path: Path, name: str, synth: list[str], train: list[str
     return db
 
 
+def build_hierarchical(directory: Path, seed: int) -> tuple[Path, str, dict[int, str]]:
+    """Planted absorption: 8 parents, each always on with its one child, and an L1 SAE of 16
+    latents; the database, the SAE's name and the parent latents it absorbs."""
+    name = f"hier{seed}"
+    db = build_synthetic(
+        directory,
+        name,
+        ["--generator", "hierarchical", "--n-parents", "8", "--children-per-parent", "1",
+         "--p-parent", "0.15", "--p-child", "0.7", "--d", "32", "--n-samples", "120000",
+         "--seed", str(seed)],
+        ["--objective", "l1", "--d-sae", "16", "--sparsity-coefficient", "0.3",
+         "--training-tokens", "400000", "--seed", str(seed)],
+    )  # fmt: skip
+    return db, name, absorbed_parent_latents(directory / f"{name}.safetensors", directory / name)
+
+
+def build_null(directory: Path, name: str, seed: int, train: list[str]) -> Path:
+    """The null: 64 independent sparse features (no hierarchy) and an SAE of 64 latents trained
+    with `train` (its objective and coefficient)."""
+    return build_synthetic(
+        directory,
+        name,
+        ["--generator", "sparse", "--n-features", "64", "--d", "48", "--p-active", "0.03",
+         "--n-samples", "120000", "--seed", str(seed)],
+        [*train, "--d-sae", "64", "--training-tokens", "1000000", "--batch-size", "1024",
+         "--seed", str(seed)],
+    )  # fmt: skip
+
+
 def test_absorbed_flag_finds_the_parents_an_l1_sae_absorbs(tmp_path: Path) -> None:
     """Chanin et al. (2024): a parent always on with its child; an L1 SAE's parent latent stays
     off where the child is on, and the child's latent writes the parent's direction there. Over
@@ -211,19 +240,8 @@ def test_absorbed_flag_finds_the_parents_an_l1_sae_absorbs(tmp_path: Path) -> No
     names each one's child as its top absorber."""
     true_positives = flagged = truly_absorbed = 0
     for seed in (1, 2, 3, 4):
-        db = build_synthetic(
-            tmp_path,
-            f"hier{seed}",
-            ["--generator", "hierarchical", "--n-parents", "8", "--children-per-parent", "1",
-             "--p-parent", "0.15", "--p-child", "0.7", "--d", "32", "--n-samples", "120000",
-             "--seed", str(seed)],
-            ["--objective", "l1", "--d-sae", "16", "--sparsity-coefficient", "0.3",
-             "--training-tokens", "400000", "--seed", str(seed)],
-        )  # fmt: skip
-        truth = absorbed_parent_latents(
-            tmp_path / f"hier{seed}.safetensors", tmp_path / f"hier{seed}"
-        )
-        here = flagged_absorbed(db, f"hier{seed}")
+        db, name, truth = build_hierarchical(tmp_path, seed)
+        here = flagged_absorbed(db, name)
         flagged += len(here)
         true_positives += len(here & set(truth))
         truly_absorbed += len(truth)
@@ -247,14 +265,7 @@ def test_no_absorption_is_flagged_where_there_is_none(tmp_path: Path) -> None:
         (2, ["--objective", "l1", "--sparsity-coefficient", "0.1"]),
     ):
         name = f"null{seed}"
-        db = build_synthetic(
-            tmp_path,
-            name,
-            ["--generator", "sparse", "--n-features", "64", "--d", "48", "--p-active", "0.03",
-             "--n-samples", "120000", "--seed", str(seed)],
-            [*train, "--d-sae", "64", "--training-tokens", "1000000", "--batch-size", "1024",
-             "--seed", str(seed)],
-        )  # fmt: skip
+        db = build_null(tmp_path, name, seed, train)
         with sqlite3.connect(db) as connection:
             assert connection.execute("select mmcs from saes").fetchone()[0] >= 0.9
         flagged += len(flagged_absorbed(db, name))
