@@ -390,10 +390,11 @@ class PositionSample:
             below = torch.nonzero(keys < self.key.max()).squeeze(1)
             rows, tokens, keys = rows[below], tokens[below], keys[below]
         self.input_width = batch.hook_activations.shape[-1]
-        parts = [batch.hook_activations] + ([] if batch.outputs is None else [batch.outputs])
-        vectors = torch.cat([part.reshape(len(batch.special.reshape(-1)), -1) for part in parts], 1)
         if len(keys):
-            self._add(keys, tokens, vectors[rows].float())
+            parts = [batch.hook_activations] + ([] if batch.outputs is None else [batch.outputs])
+            n_tokens = batch.special.numel()
+            vectors = torch.cat([part.reshape(n_tokens, -1)[rows] for part in parts], 1)
+            self._add(keys, tokens, vectors.float())
 
     def _add(self, keys: Tensor, tokens: Tensor, vectors: Tensor) -> None:
         if self.vectors is None:
@@ -637,11 +638,12 @@ class FeatureAccumulators:
                 continue
             features = chunk.features
             self.stats.count_special(chunk)
-            acts = chunk.feature_acts.reshape(-1, chunk.width)
-            rows, latents = torch.nonzero(acts > 0, as_tuple=True)
-            self.tokens.count_latents(
-                token_ids, rows, latents + chunk.first_feature, acts[rows, latents]
-            )
+            if not self.tokens.dense:  # the dense table is the kernel's
+                acts = chunk.feature_acts.reshape(-1, chunk.width)
+                rows, latents = torch.nonzero(acts > 0, as_tuple=True)
+                self.tokens.count_latents(
+                    token_ids, rows, latents + chunk.first_feature, acts[rows, latents]
+                )
             kernels.scan_activations(
                 chunk.view(batch),
                 token_ids,
