@@ -52,8 +52,8 @@ BACKGROUND_POSITIONS = 4096
 BOOTSTRAP_REPLICATES = 200
 CONFIDENCE = 0.95
 AUROC_BINS = 1024
-# Latents per chunk: bounded so that a chunk's [latents, positions] and [latents, d_sae] tables
-# stay within about CHUNK_CELLS floats each.
+# Latents per chunk: bounded so that a chunk's [latents, positions] tables stay within about
+# CHUNK_CELLS floats each; the neighbour search's tiles hold CHUNK_CELLS cosines.
 CHUNK_CELLS = 1 << 24
 MAX_CHUNK = 512
 
@@ -175,10 +175,9 @@ def _absorption(
     n, d_sae = x.shape[0], decoder.shape[0]
     f = sparse_activations(x, encode, d_sae)  # [n, d_sae]
     f_by_latent = f.to_sparse_coo().t().coalesce().to_sparse_csr()  # [d_sae, n]
-    fired = torch.sparse_csr_tensor(
-        f.crow_indices(), f.col_indices(), torch.ones_like(f.values()), f.shape
-    )
     norms, unit = decoder.norm(dim=1), unit_rows(decoder)
+    graph = neighbour_graph(unit)
+    graph_crow = graph.crow_indices()
     target = x if target is None else target.float().cpu()
     projection_base = target - decoder_bias.float().cpu()
     _, group = torch.unique(sequence.cpu(), return_inverse=True)
@@ -193,7 +192,7 @@ def _absorption(
     n_firings = np.zeros(d_sae, np.int64)
     absorbed_positions = np.zeros(d_sae, np.int64)
     absorbers: list[list[dict]] = []
-    chunk = max(1, min(MAX_CHUNK, CHUNK_CELLS // max(n, d_sae, 1)))
+    chunk = max(1, min(MAX_CHUNK, CHUNK_CELLS // max(n, 1)))
     for a in range(0, d_sae, chunk):
         b = min(a + chunk, d_sae)
         m = b - a
@@ -205,16 +204,20 @@ def _absorption(
         fires = torch.zeros(m, n, dtype=torch.bool)
         fires[latent, position] = True
         count = torch.bincount(latent, minlength=m)
-        # Neighbours: decoder cosine ≥ NEIGHBOUR_COSINE; `along[i, j]` = ŵ_i·W_dec[j] for them.
-        along_all = unit[a:b] @ decoder.T  # [m, d_sae]
-        neighbour = along_all / norms.clamp_min(1e-12) >= NEIGHBOUR_COSINE
-        neighbour[own, own + a] = False
-        along = torch.where(neighbour, along_all, 0.0)
-        written = (f @ along.T).T.contiguous()  # [m, n]: W_i(t)
+        # `along[i, j]` = ŵ_i·W_dec[j] for i's neighbours j, over the chunk's neighbours only.
+        row_start, row_end = int(graph_crow[a]), int(graph_crow[b])
+        row = torch.repeat_interleave(own, graph_crow[a + 1 : b + 1] - graph_crow[a:b])
+        neighbour = graph.col_indices()[row_start:row_end]
+        columns, column = torch.unique(neighbour, return_inverse=True)
+        along = torch.zeros(m, len(columns))
+        along[row, column] = graph.values()[row_start:row_end] * norms[neighbour]
+        near, near_by_latent = _columns(f_by_latent, columns)  # [n, c], [c, n]
+        written = (near @ along.T).T.contiguous()  # [m, n]: W_i(t)
         own_write = activation * norms[a:b][latent]  # S_i(t) where i fires
         floor = group_quantile(own_write, latent, m, FLOOR_QUANTILE)
         absorbed_at = ~fires & (written >= floor.unsqueeze(1)) & (written > 0)
         absorbed = torch.where(absorbed_at, written, 0.0)
+        absorbed_count = absorbed_at.sum(1)
         counted_own = torch.where(own_write >= floor[latent], own_write, 0.0)
         # Sums per sequence, for the totals and the bootstrap.
         per_group_absorbed = torch.zeros(m, n_groups).index_add_(1, group, absorbed)
@@ -233,7 +236,7 @@ def _absorption(
         # the floor would have (the rule of three), not the bootstrap's 0.
         three = 3 * floor.clamp_max(1e30)
         chunk_high = torch.where(
-            absorbed_at.sum(1) == 0,
+            absorbed_count == 0,
             torch.maximum(chunk_high, three / (three + total_own).clamp_min(1e-30)),
             chunk_high,
         )
@@ -248,18 +251,20 @@ def _absorption(
         )
         # Absorbers: the mass each neighbour writes along ŵ_i on i's absorbed positions, on
         # how many of them it fires, and how often it fires with i.
-        gate = absorbed_at.float().to_sparse_csr()
-        weight = along * (gate @ f).to_dense()
-        on_absorbed = (gate @ fired).to_dense().round().long()
-        cofiring = (fires.float().to_sparse_csr() @ fired).to_dense() / count.clamp_min(1)[:, None]
-        top_weight, top_latent = weight.topk(min(n_absorbers, d_sae), dim=1)
+        gate = absorbed_at.float()
+        weight = along * (near_by_latent @ gate.T).T
+        fired_near = _ones(near_by_latent)
+        on_absorbed = (fired_near @ gate.T).T.round().long()
+        cofiring = (fired_near @ fires.float().T).T / count.clamp_min(1)[:, None]
+        top_weight, top_column = weight.topk(min(n_absorbers, len(columns)), dim=1)
+        top_latent = columns[top_column]
 
         value[a:b] = (total_absorbed / total.clamp_min(1e-30)).numpy()
         low[a:b], high[a:b] = chunk_low.numpy(), chunk_high.numpy()
         auroc[a:b] = chunk_auroc.numpy()
         own_share[a:b] = (own_total / (own_total + beside).clamp_min(1e-30)).numpy()
         n_firings[a:b] = count.numpy()
-        absorbed_positions[a:b] = absorbed_at.sum(1).numpy()
+        absorbed_positions[a:b] = absorbed_count.numpy()
         shares = (top_weight / total.clamp_min(1e-30)[:, None]).tolist()
         for row, (latents, weights_row, shares_row) in enumerate(
             zip(top_latent.tolist(), top_weight.tolist(), shares, strict=True)
@@ -270,10 +275,12 @@ def _absorption(
                         "feature_index": j,
                         "weight": round(w, 6),
                         "share": round(s, 6),
-                        "count": int(on_absorbed[row, j]),
-                        "cofiring": round(float(cofiring[row, j]), 4),
+                        "count": int(on_absorbed[row, c]),
+                        "cofiring": round(float(cofiring[row, c]), 4),
                     }
-                    for j, w, s in zip(latents, weights_row, shares_row, strict=True)
+                    for j, c, w, s in zip(
+                        latents, top_column[row].tolist(), weights_row, shares_row, strict=True
+                    )
                     if w > 0
                 ]
             )
@@ -282,6 +289,59 @@ def _absorption(
     for array in (value, low, high):
         array[unmeasured] = np.nan
     return Absorption(value, low, high, reason, absorbed_positions, absorbers, auroc, own_share)
+
+
+def neighbour_graph(unit: Float[Tensor, "d_sae d"]) -> Tensor:
+    """The pairs of distinct latents whose decoder cosine is at least NEIGHBOUR_COSINE, as a
+    sparse CSR matrix [d_sae, d_sae] of their cosines: from square tiles on and above the
+    diagonal, each tile standing for its mirror too (half the products of a full pass)."""
+    d_sae = len(unit)
+    size = max(1, math.isqrt(CHUNK_CELLS))
+    rows, cols, cosines = [], [], []
+    for a in range(0, d_sae, size):
+        for b in range(a, d_sae, size):
+            tile = unit[a : a + size] @ unit[b : b + size].T
+            i, j = torch.nonzero(tile >= NEIGHBOUR_COSINE, as_tuple=True)
+            cosine = tile[i, j]
+            i, j = i + a, j + b
+            if a == b:
+                distinct = i != j
+                rows.append(i[distinct])
+                cols.append(j[distinct])
+                cosines.append(cosine[distinct])
+            else:
+                rows += [i, j]
+                cols += [j, i]
+                cosines += [cosine, cosine]
+    index = torch.stack([torch.cat(rows), torch.cat(cols)]) if rows else torch.zeros(2, 0)
+    values = torch.cat(cosines) if cosines else torch.zeros(0)
+    coo = torch.sparse_coo_tensor(index.long(), values, (d_sae, d_sae))
+    return coo.coalesce().to_sparse_csr()
+
+
+def _columns(f_by_latent: Tensor, columns: Int[Tensor, " c"]) -> tuple[Tensor, Tensor]:
+    """The activations of the latents `columns` as sparse CSR matrices [n, c] and [c, n], from
+    f by latent [d_sae, n]."""
+    crow = f_by_latent.crow_indices()
+    counts = crow[columns + 1] - crow[columns]
+    row = torch.repeat_interleave(torch.arange(len(columns)), counts)
+    entry = torch.repeat_interleave(crow[columns] - torch.cumsum(counts, 0) + counts, counts)
+    entry += torch.arange(len(entry))
+    n = f_by_latent.shape[1]
+    by_latent = torch.sparse_coo_tensor(
+        torch.stack([row, f_by_latent.col_indices()[entry]]),
+        f_by_latent.values()[entry],
+        (len(columns), n),
+        is_coalesced=True,
+    )
+    return by_latent.t().coalesce().to_sparse_csr(), by_latent.to_sparse_csr()
+
+
+def _ones(matrix: Tensor) -> Tensor:
+    """A sparse CSR matrix's pattern, ones where it has an entry."""
+    return torch.sparse_csr_tensor(
+        matrix.crow_indices(), matrix.col_indices(), torch.ones_like(matrix.values()), matrix.shape
+    )
 
 
 def _unmeasurable(n_firings: int, own_share: float, auroc: float) -> str | None:

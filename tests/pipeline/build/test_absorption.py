@@ -10,15 +10,22 @@ import pytest
 import torch
 
 from saescope.pipeline.build import absorption as measure
-from saescope.pipeline.build.absorption import absorption, binned_auroc, group_quantile
+from saescope.pipeline.build.absorption import (
+    absorption,
+    binned_auroc,
+    group_quantile,
+    neighbour_graph,
+)
+from saescope.pipeline.saes import unit_rows
 
 
 def reference(x, f, decoder, bias):
-    """Absorption, AUROC, own share and absorber weights by loops over latents (float64)."""
+    """Absorption, AUROC, own share and absorbers (weight, cofiring, count), by loops over
+    latents (float64)."""
     x, f, decoder, bias = (t.double().numpy() for t in (x, f, decoder, bias))
     norms = np.linalg.norm(decoder, axis=1)
     unit = decoder / norms[:, None]
-    value, auroc, weights, own, cofiring = [], [], [], [], []
+    value, auroc, weights, own, cofiring, counts = [], [], [], [], [], []
     for i in range(len(decoder)):
         cosine = unit @ unit[i]
         neighbours = [j for j in range(len(decoder)) if j != i and cosine[j] >= 0.5]
@@ -37,10 +44,11 @@ def reference(x, f, decoder, bias):
             else 0.0
         )
         weights.append({j: (f[gate, j] * (decoder[j] @ unit[i])).sum() for j in neighbours})
+        counts.append({j: int((f[gate, j] > 0).sum()) for j in neighbours})
         mass = own_write[fires].sum()
         own.append(mass / (mass + written[fires].sum()) if fires.any() else 0.0)
         cofiring.append({j: (f[fires, j] > 0).mean() if fires.any() else 0.0 for j in neighbours})
-    return np.array(value), np.array(auroc), weights, np.array(own), cofiring
+    return np.array(value), np.array(auroc), weights, np.array(own), cofiring, counts
 
 
 @pytest.mark.parametrize("seed", [0, 1])
@@ -64,7 +72,7 @@ def test_matches_the_definition(monkeypatch, seed: int) -> None:
     monkeypatch.setattr(measure, "BACKGROUND_POSITIONS", n)
     monkeypatch.setattr(measure, "CHUNK_CELLS", 7 * n)
     got = absorption(x, sequence, encode, decoder, bias, n_absorbers=5, seed=0)
-    value, auroc, weights, own, cofiring = reference(x, encode(x), decoder, bias)
+    value, auroc, weights, own, cofiring, counts = reference(x, encode(x), decoder, bias)
     np.testing.assert_allclose(got.value, value, rtol=1e-4, atol=1e-6)
     np.testing.assert_allclose(got.auroc, auroc, atol=2e-3)
     np.testing.assert_allclose(got.own_share, own, rtol=1e-4, atol=1e-6)
@@ -75,6 +83,7 @@ def test_matches_the_definition(monkeypatch, seed: int) -> None:
         for absorber, (j, weight) in zip(found, expected, strict=True):
             assert absorber["weight"] == pytest.approx(weight, rel=1e-4, abs=1e-6)
             assert absorber["cofiring"] == pytest.approx(cofiring[i][j], abs=1e-4)
+            assert absorber["count"] == counts[i][j]
         if len(weights[i]) <= 5:  # every absorber listed: their shares add up to the value
             assert sum(a["share"] for a in found) == pytest.approx(value[i], abs=1e-5)
     monkeypatch.setattr(measure, "CHUNK_CELLS", d_sae * n)
@@ -82,6 +91,20 @@ def test_matches_the_definition(monkeypatch, seed: int) -> None:
     np.testing.assert_allclose(whole.value, got.value, rtol=1e-6)
     np.testing.assert_allclose(whole.low, got.low, rtol=1e-6)
     assert (got.low <= got.value + 1e-6).all() and (got.high >= got.value - 1e-6).all()
+
+
+def test_neighbour_graph_in_tiles_equals_all_pairs(monkeypatch) -> None:
+    generator = torch.Generator().manual_seed(3)
+    directions = torch.randn(40, 6, generator=generator)
+    directions[20:] = directions[:20] + 0.7 * torch.randn(20, 6, generator=generator)
+    directions[5] = directions[33]  # a duplicate: cosine 1
+    unit = unit_rows(directions)
+    cosine = (unit.double() @ unit.double().T).numpy()
+    expected = (cosine >= 0.5) & ~np.eye(40, dtype=bool)
+    monkeypatch.setattr(measure, "CHUNK_CELLS", 49)  # tiles of 7 × 7, the last one 5 × 5
+    graph = neighbour_graph(unit).to_dense().numpy()
+    assert ((graph != 0) == expected).all() and expected.sum() > 40
+    np.testing.assert_allclose(graph[expected], cosine[expected], rtol=1e-6)
 
 
 def test_group_quantile_and_binned_auroc() -> None:
