@@ -14,7 +14,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from saescope.db.codec import FLOAT16, FLOAT32, INT32, WINDOW_LENGTH, blob
 
 # Bump whenever a table or column changes meaning; the server refuses other versions.
-SCHEMA_VERSION = 7
+SCHEMA_VERSION = 8
 SAE_NAME_MAX_LENGTH = 128
 
 
@@ -189,6 +189,19 @@ class FeatureExamples(Base):
     window_activations: Mapped[bytes] = mapped_column(
         LargeBinary, info=blob(FLOAT32, WINDOW_LENGTH)
     )
+
+
+class SequenceExamples(Base):
+    """Where an SAE's stored examples lie, by sequence: each (position, latent) that an example
+    of any kind is centred on, once, ordered by position then latent; which latents the stored
+    data shows firing on a context's tokens."""
+
+    __tablename__ = "sequence_examples"
+    sae_id: Mapped[int] = mapped_column(ForeignKey("saes.id"), primary_key=True)
+    sequence_index: Mapped[int] = mapped_column(primary_key=True)
+    position: Mapped[bytes] = mapped_column(LargeBinary, info=blob(INT32))
+    feature_index: Mapped[bytes] = mapped_column(LargeBinary, info=blob(INT32))
+    activation: Mapped[bytes] = mapped_column(LargeBinary, info=blob(FLOAT32))
 
 
 class TokenStat(Base):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 import weakref
 from collections import defaultdict
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from enum import StrEnum
 
@@ -13,11 +14,12 @@ import numpy as np
 from sqlalchemy import Engine, Row, and_, func, or_, select
 from sqlalchemy.orm import Session
 
-from saescope.db import codec
+from saescope.db import codec, corpus_text
 from saescope.db.codec import (
     HISTOGRAM_BINS_PER_DECADE,
     HISTOGRAM_LOG10_MIN,
     WINDOW_LEFT,
+    WINDOW_RIGHT,
     cosine_edges,
 )
 from saescope.db.flags import COMPARISONS, FLAGS, FLAGS_BY_NAME, FlagDefinition, FlagName
@@ -28,6 +30,7 @@ from saescope.db.models import (
     FeatureExamples,
     Match,
     Sae,
+    SequenceExamples,
     TokenLatent,
     TokenStat,
     VocabToken,
@@ -52,6 +55,9 @@ from saescope.db.responses import (
     LogitEffect,
     Neighbour,
     PairSummary,
+    PhraseContext,
+    PhraseLatent,
+    PhraseSearch,
     Positional,
     QuantileBand,
     SaeComparison,
@@ -208,15 +214,7 @@ class _ExampleRenderer:
         wanted = {example.sequence_index for example in examples} - self.sequences.keys()
         if not wanted:
             return
-        found = self.session.execute(
-            select(CorpusSequence.sequence_index, CorpusSequence.token_ids).where(
-                CorpusSequence.corpus_id == self.corpus_id,
-                CorpusSequence.sequence_index.in_(wanted),
-            )
-        )
-        column = CorpusSequence.__table__.c.token_ids
-        for index, blob in found:
-            self.sequences[index] = codec.unpack(column, blob)
+        self.sequences |= _sequence_tokens(self.session, self.corpus_id, wanted)
 
     def token_at(self, example: _StoredExample) -> int:
         return int(self.sequences[example.sequence_index][example.position])
@@ -612,6 +610,173 @@ def search_tokens(
         for token_id in chosen
     ]
     return TokenSearch(sae=sae.name, query=query, matches=matches)
+
+
+# Latents listed per context of a phrase search.
+PHRASE_LATENTS = 8
+COMPUTED_NOTE = (
+    "computed by the inference process on the corpus's tokens up to the phrase: each latent's "
+    "highest activation on the phrase's tokens"
+)
+STORED_NOTE = (
+    "from the stored examples: the latents with an example (top, bottom, quantile or "
+    "decoder-top) on one of the phrase's tokens, with its activation there; a latent that "
+    "fires here without an example here is not listed"
+)
+# Runs the model and SAE on token ids: per token, (latent, activation) strongest first.
+LatentRunner = Callable[[list[int]], list[list[tuple[int, float]]]]
+
+
+def search_phrase(
+    session: Session,
+    sae_name: str,
+    phrase: str,
+    limit: int,
+    after: str | None = None,
+    run: LatentRunner | None = None,
+) -> PhraseSearch:
+    """The contexts of the corpus where `phrase` occurs (ignoring case), in corpus order from
+    the cursor `after`, each with the latents that fire on it: computed with `run` if given,
+    else from the stored examples."""
+    sae = _sae(session, sae_name)
+    if len(phrase) < corpus_text.MIN_PHRASE_CHARACTERS:
+        raise BadRequestError(
+            f"a phrase needs at least {corpus_text.MIN_PHRASE_CHARACTERS} characters; "
+            "search a single token with the token search"
+        )
+    vocab = _vocab(session, sae.corpus_id)
+    after_sequence, after_start = _parse_phrase_cursor(after) if after else (0, -1)
+    found: list[tuple[int, corpus_text.Occurrence]] = []
+    tokens: dict[int, np.ndarray] = {}
+    first = after_sequence
+    # One context more than the page, to know whether another page follows.
+    while len(found) <= limit:
+        sequences = corpus_text.matching_sequences(session, sae.corpus_id, phrase, first, limit + 1)
+        tokens |= _sequence_tokens(session, sae.corpus_id, sequences)
+        found += [
+            (index, occurrence)
+            for index in sequences
+            for occurrence in corpus_text.occurrences(tokens[index], vocab, phrase)
+            if (index, occurrence.start) > (after_sequence, after_start)
+        ]
+        if len(sequences) <= limit:
+            break
+        first = sequences[-1] + 1
+    page = found[:limit]
+    latents = (
+        _computed_phrase_latents(run, tokens, page)
+        if run is not None
+        else _stored_phrase_latents(session, sae, page)
+    )
+    contexts = []
+    for (index, occurrence), listed in zip(page, latents, strict=True):
+        low = max(0, occurrence.start - WINDOW_LEFT)
+        window = tokens[index][low : occurrence.end + WINDOW_RIGHT].tolist()
+        contexts.append(
+            PhraseContext(
+                sequence_index=index,
+                start=occurrence.start,
+                end=occurrence.end,
+                tokens=[vocab[t] for t in window],
+                token_ids=window,
+                focus=occurrence.start - low,
+                latents=listed,
+            )
+        )
+    last = page[-1] if page else None
+    return PhraseSearch(
+        sae=sae.name,
+        phrase=phrase,
+        sequences=corpus_text.count_sequences(session, sae.corpus_id, phrase),
+        latents_source="computed" if run is not None else "stored",
+        latents_note=COMPUTED_NOTE if run is not None else STORED_NOTE,
+        contexts=contexts,
+        next_cursor=f"{last[0]}:{last[1].start}" if len(found) > limit and last else None,
+    )
+
+
+def _parse_phrase_cursor(cursor: str) -> tuple[int, int]:
+    """(sequence, token) of a phrase search's `next_cursor`."""
+    sequence, _, start = cursor.partition(":")
+    try:
+        parsed = int(sequence), int(start)
+    except ValueError:
+        parsed = None
+    if parsed is None or not all(0 <= value < INTEGER_LIMIT for value in parsed):
+        raise BadRequestError(f"cursor {cursor!r} is not a phrase search's (sequence:token)")
+    return parsed
+
+
+def _sequence_tokens(
+    session: Session, corpus_id: int, indices: Iterable[int]
+) -> dict[int, np.ndarray]:
+    column = CorpusSequence.__table__.c.token_ids
+    rows = session.execute(
+        select(CorpusSequence.sequence_index, CorpusSequence.token_ids).where(
+            CorpusSequence.corpus_id == corpus_id, CorpusSequence.sequence_index.in_(indices)
+        )
+    )
+    return {index: codec.unpack(column, blob) for index, blob in rows}
+
+
+def _strongest(activations: dict[int, float]) -> list[PhraseLatent]:
+    ranked = sorted(activations.items(), key=lambda item: (-item[1], item[0]))
+    return [
+        PhraseLatent(feature_index=index, activation=round(value, 5))
+        for index, value in ranked[:PHRASE_LATENTS]
+    ]
+
+
+def _computed_phrase_latents(
+    run: LatentRunner,
+    tokens: dict[int, np.ndarray],
+    page: list[tuple[int, corpus_text.Occurrence]],
+) -> list[list[PhraseLatent]]:
+    """Each context's latents from one run per sequence, over its tokens up to the last phrase
+    on the page (the model is causal: the prefix is all that counts)."""
+    ends: dict[int, int] = defaultdict(int)
+    for index, occurrence in page:
+        ends[index] = max(ends[index], occurrence.end)
+    per_token = {index: run(tokens[index][:end].tolist()) for index, end in ends.items()}
+    listed = []
+    for index, occurrence in page:
+        best: dict[int, float] = {}
+        for token in per_token[index][occurrence.start : occurrence.end]:
+            for latent, activation in token:
+                best[latent] = max(best.get(latent, 0.0), activation)
+        listed.append(_strongest(best))
+    return listed
+
+
+def _stored_phrase_latents(
+    session: Session, sae: Sae, page: list[tuple[int, corpus_text.Occurrence]]
+) -> list[list[PhraseLatent]]:
+    """Each context's latents from the examples stored on its tokens."""
+    columns = SequenceExamples.__table__.c
+    stored = {
+        row.sequence_index: tuple(
+            codec.unpack(columns[name], getattr(row, name))
+            for name in ("position", "feature_index", "activation")
+        )
+        for row in session.execute(
+            select(SequenceExamples).where(
+                SequenceExamples.sae_id == sae.id,
+                SequenceExamples.sequence_index.in_({index for index, _ in page}),
+            )
+        ).scalars()
+    }
+    listed = []
+    for index, occurrence in page:
+        best: dict[int, float] = {}
+        if index in stored:
+            position, feature, activation = stored[index]
+            low, high = np.searchsorted(position, [occurrence.start, occurrence.end])
+            for latent, value in zip(
+                feature[low:high].tolist(), activation[low:high].tolist(), strict=True
+            ):
+                best[latent] = max(best.get(latent, 0.0), value)
+        listed.append(_strongest(best))
+    return listed
 
 
 def _examples_by_activation(

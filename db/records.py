@@ -21,6 +21,7 @@ from saescope.db.models import (
     FeatureExamples,
     Match,
     Sae,
+    SequenceExamples,
     TokenLatent,
     TokenStat,
     VocabToken,
@@ -145,6 +146,42 @@ class ExampleColumns:
 
 
 @dataclass
+class SequenceExampleColumns:
+    """The `sequence_examples` rows: one per sequence, each field an array over its entries."""
+
+    sequence_index: Column
+    position: Column
+    feature_index: Column
+    activation: Column
+
+    @classmethod
+    def of(cls, examples: ExampleColumns) -> SequenceExampleColumns:
+        """The examples' (sequence, position, latent) entries, each once, grouped by sequence."""
+        counts = [len(positions) for positions in examples.position]
+        if sum(counts) == 0:
+            return cls([], [], [], [])
+        feature = np.repeat(np.asarray(examples.feature_index, np.int64), counts)
+        sequence, position, activation = (
+            np.concatenate([np.asarray(row) for row in getattr(examples, name)])
+            for name in ("sequence_index", "position", "activation")
+        )
+        sequence, position = sequence.astype(np.int64), position.astype(np.int64)
+        width = int(feature.max()) + 1
+        key = (sequence * (int(position.max()) + 1) + position) * width + feature
+        _, first = np.unique(key, return_index=True)  # sorted by sequence, position, latent
+        sequence, position, feature, activation = (
+            column[first] for column in (sequence, position, feature, activation)
+        )
+        starts = np.flatnonzero(np.diff(sequence, prepend=-1))
+        return cls(
+            sequence_index=sequence[starts],
+            position=np.split(position, starts[1:]),
+            feature_index=np.split(feature, starts[1:]),
+            activation=np.split(activation, starts[1:]),
+        )
+
+
+@dataclass
 class TokenStatColumns:
     token_id: Column
     count: Column
@@ -225,6 +262,7 @@ TABLES: list[tuple[type, type[Base], set[str]]] = [
     (SaeRecord, Sae, {"id", "name", "corpus_id"}),
     (FeatureColumns, Feature, {"sae_id"}),
     (ExampleColumns, FeatureExamples, {"sae_id"}),
+    (SequenceExampleColumns, SequenceExamples, {"sae_id"}),
     (TokenStatColumns, TokenStat, {"sae_id"}),
     (TokenLatentColumns, TokenLatent, {"sae_id"}),
     (MatchColumns, Match, {"sae_id", "other_sae_id"}),

@@ -3,9 +3,9 @@ these models' field names and OpenAPI documents them."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, model_validator
 
 # One line per measure: the API documents each field with it, the pages show it beside the number.
 DEFINITIONS = {
@@ -281,6 +281,34 @@ class TokenSearch(BaseModel):
     matches: list[TokenMatch]
 
 
+class PhraseLatent(BaseModel):
+    feature_index: int
+    activation: float = Field(description="its highest activation on the phrase's tokens")
+
+
+class PhraseContext(BaseModel):
+    sequence_index: int
+    start: int = Field(description="position of the phrase's first token in the sequence")
+    end: int = Field(description="position after its last token")
+    tokens: list[str] = Field(description="the phrase's tokens with a window around them")
+    token_ids: list[int]
+    focus: int = Field(description="index of the phrase's first token within `tokens`")
+    latents: list[PhraseLatent] = Field(description="strongest first")
+
+
+class PhraseSearch(BaseModel):
+    sae: str
+    phrase: str
+    sequences: int = Field(description="sequences of the corpus that contain the phrase")
+    latents_source: Literal["computed", "stored"] = Field(
+        description="computed: by the inference process on the corpus's tokens; stored: from "
+        "the latents' stored examples"
+    )
+    latents_note: str = Field(description="what the listed latents are, in a sentence")
+    contexts: list[PhraseContext] = Field(description="in corpus order")
+    next_cursor: str | None = Field(description="`after` for the next page; null on the last")
+
+
 class FlagGroup(BaseModel):
     name: str
     rule: str
@@ -372,13 +400,27 @@ MAX_ASKED_LATENTS = 64
 
 
 class ActivationRequest(BaseModel):
-    text: str = Field(min_length=1, max_length=20 * MAX_TEXT_TOKENS, description="text to run")
+    text: str | None = Field(
+        None, min_length=1, max_length=20 * MAX_TEXT_TOKENS, description="text to run"
+    )
+    token_ids: list[int] | None = Field(
+        None,
+        min_length=1,
+        max_length=MAX_TEXT_TOKENS,
+        description="instead of `text`: token ids to run as they are (no BOS is added)",
+    )
     features: list[int] = Field(
         default_factory=list,
         max_length=MAX_ASKED_LATENTS,
         description="latents whose activation on every token to return",
     )
     top: int = Field(5, ge=0, le=MAX_TOP_LATENTS, description="latents listed per token")
+
+    @model_validator(mode="after")
+    def _one_input(self) -> ActivationRequest:
+        if (self.text is None) == (self.token_ids is None):
+            raise ValueError("give either `text` or `token_ids`")
+        return self
 
 
 class LatentActivation(BaseModel):

@@ -28,7 +28,7 @@ from sqlalchemy import JSON, Engine, LargeBinary, delete, select
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 
-from saescope.db import codec
+from saescope.db import codec, corpus_text
 from saescope.db.engine import (
     SchemaMismatchError,
     check_schema_version,
@@ -48,6 +48,7 @@ from saescope.db.models import (
     Match,
     Meta,
     Sae,
+    SequenceExamples,
     TokenLatent,
     TokenStat,
     VocabToken,
@@ -57,6 +58,7 @@ from saescope.db.records import (
     CorpusRecord,
     SaeRecords,
     SequenceColumns,
+    SequenceExampleColumns,
     StoredDecoder,
     VocabColumns,
 )
@@ -126,6 +128,8 @@ def rewriting(out: Path) -> Iterator[Engine]:
                 if existed:
                     check_schema_version(engine)
                 Base.metadata.create_all(engine)
+                with engine.begin() as connection:
+                    connection.exec_driver_sql(corpus_text.CREATE)
                 if not existed:
                     with Session(engine) as session:
                         session.add(Meta(key="schema_version", value=str(SCHEMA_VERSION)))
@@ -349,7 +353,7 @@ class DatabaseWriter:
             return
         if not self.replace:
             raise DatabaseWriteError(self._name_taken())
-        for table in (FeatureExamples, Feature, TokenStat, TokenLatent):
+        for table in (FeatureExamples, SequenceExamples, Feature, TokenStat, TokenLatent):
             session.execute(delete(table).where(table.sae_id == existing.id))
         for table in (Comparison, Match):
             session.execute(
@@ -368,6 +372,7 @@ class DatabaseWriter:
         for model, columns in (
             (Feature, records.features),
             (FeatureExamples, records.examples),
+            (SequenceExamples, SequenceExampleColumns.of(records.examples)),
             (TokenStat, records.token_stats),
             (TokenLatent, records.token_latents),
         ):
@@ -403,4 +408,5 @@ class DatabaseWriter:
             ),
             corpus_id=row.id,
         )
+        corpus_text.index_corpus(session, row.id, corpus.token_ids, corpus.vocab)
         return row.id

@@ -3,6 +3,8 @@ built from on text a user types, for the dashboard's "test your text" box. The d
 torch-free and calls this process over HTTP:
 
     POST /saes/{sae}/activations  {"text": "...", "features": [12, 40], "top": 5}
+                                  (or {"token_ids": [...]}: run as they are, as the corpus
+                                  search does on stored sequences)
     → {"tokens": [...], "token_ids": [...], "special": [...],
        "top": [[{"feature_index", "activation"}, ...] per token],
        "features": [{"feature_index", "activations": [per token]}, ...]}
@@ -103,6 +105,23 @@ class Inference:
             special_ids=models.special_token_ids(model.tokenizer),
         )
 
+    @staticmethod
+    def _token_ids(loaded: LoadedSae, request: ActivationRequest) -> list[int]:
+        """The request's token ids as given, or its text tokenized (BOS first where the SAE's
+        model prepends it)."""
+        if request.token_ids is not None:
+            outside = [i for i in request.token_ids if not 0 <= i < len(loaded.vocab)]
+            if outside:
+                raise InputError(
+                    f"the vocabulary has token ids 0 to {len(loaded.vocab) - 1}; got {outside[:5]}"
+                )
+            return request.token_ids
+        tokenizer = loaded.model.tokenizer
+        ids = tokenizer(request.text, add_special_tokens=False)["input_ids"]
+        if loaded.prepend_bos and tokenizer.bos_token_id is not None:
+            ids = [tokenizer.bos_token_id, *ids]
+        return ids
+
     def run(self, name: str, request: ActivationRequest) -> TextActivations:
         if name not in self.configs:
             raise KeyError(name)
@@ -112,10 +131,7 @@ class Inference:
             raise InputError(f"SAE {name!r} has latents 0 to {d_sae - 1}; asked for {outside}")
         with self._lock, torch.inference_mode():
             loaded = self.loaded(name)
-            tokenizer = loaded.model.tokenizer
-            ids = tokenizer(request.text, add_special_tokens=False)["input_ids"]
-            if loaded.prepend_bos and tokenizer.bos_token_id is not None:
-                ids = [tokenizer.bos_token_id, *ids]
+            ids = self._token_ids(loaded, request)
             if len(ids) > MAX_TEXT_TOKENS:
                 raise InputError(
                     f"the text is {len(ids)} tokens; at most {MAX_TEXT_TOKENS} are run"

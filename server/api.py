@@ -22,6 +22,9 @@ from saescope.server.params import (
     LabelQuery,
     LatentsPerToken,
     OtherSaeName,
+    PhraseCursor,
+    PhraseLimit,
+    PhraseQuery,
     SaeName,
     SearchLimit,
     Threshold,
@@ -115,6 +118,21 @@ def search(
     return queries.search_tokens(
         session, sae, token, limit=limit or settings.search_limit, latents_per_token=latents
     )
+
+
+@router.get("/saes/{sae}/corpus", response_model=responses.PhraseSearch, tags=["search"])
+def corpus_search(
+    sae: SaeName,
+    phrase: PhraseQuery,
+    session: SessionDep,
+    settings: SettingsDep,
+    limit: PhraseLimit = 20,
+    after: PhraseCursor = None,
+) -> responses.PhraseSearch:
+    """The contexts of the corpus where `phrase` occurs (ignoring case; at least 3 characters),
+    in corpus order, each with the latents that fire on it: computed by the inference process
+    when one is connected, else from the stored examples (`latents_source` says which)."""
+    return inference.search_phrase(session, settings.inference_url, sae, phrase, limit, after)
 
 
 @router.get("/saes/{sae}/labels", response_model=list[Label], tags=["labels"])

@@ -9,9 +9,11 @@ import urllib.error
 import urllib.request
 from urllib.parse import quote
 
+from sqlalchemy.orm import Session
 from starlette.exceptions import HTTPException
 
-from saescope.db.responses import ActivationRequest, TextActivations
+from saescope.db import queries
+from saescope.db.responses import ActivationRequest, PhraseSearch, TextActivations
 
 # The inference process's port unless told otherwise (`saescope infer --port`).
 DEFAULT_INFERENCE_PORT = 8001
@@ -22,6 +24,8 @@ HOW_TO_START = (
     f"`--inference-url http://127.0.0.1:{DEFAULT_INFERENCE_PORT}` (or SAESCOPE_INFERENCE_URL)"
 )
 
+NOT_CONNECTED = f"no inference process is connected: {HOW_TO_START}"
+
 
 class InferenceUnavailable(Exception):
     """No inference process configured, or it does not answer."""
@@ -31,7 +35,7 @@ def activations(url: str | None, sae: str, request: ActivationRequest) -> TextAc
     """The inference process's answer for `sae` on the request's text. Its refusals (an unknown
     latent, a text too long) come back with their status and message."""
     if url is None:
-        raise InferenceUnavailable(f"no inference process is connected: {HOW_TO_START}")
+        raise InferenceUnavailable(NOT_CONNECTED)
     forwarded = urllib.request.Request(
         f"{url.rstrip('/')}/saes/{quote(sae, safe='')}/activations",
         data=request.model_dump_json().encode(),
@@ -51,6 +55,30 @@ def activations(url: str | None, sae: str, request: ActivationRequest) -> TextAc
         raise InferenceUnavailable(
             f"the inference process at {url} does not answer: {HOW_TO_START}"
         ) from None
+
+
+def search_phrase(
+    session: Session, url: str | None, sae: str, phrase: str, limit: int, after: str | None
+) -> PhraseSearch:
+    """Phrase search, with each context's latents computed by the inference process when one
+    is connected and answers, else from the stored examples (the result says which, and why)."""
+    unavailable = NOT_CONNECTED
+    if url is not None:
+
+        def run(token_ids: list[int]) -> list[list[tuple[int, float]]]:
+            request = ActivationRequest(token_ids=token_ids, top=queries.PHRASE_LATENTS)
+            return [
+                [(latent.feature_index, latent.activation) for latent in token]
+                for token in activations(url, sae, request).top
+            ]
+
+        try:
+            return queries.search_phrase(session, sae, phrase, limit, after, run)
+        except InferenceUnavailable as error:
+            unavailable = str(error)
+    result = queries.search_phrase(session, sae, phrase, limit, after)
+    result.latents_note += f". To compute them instead: {unavailable}"
+    return result
 
 
 def _detail(error: urllib.error.HTTPError) -> str:

@@ -10,9 +10,8 @@ from sqlalchemy.orm import Session
 
 from saescope.db import queries
 from saescope.db.flags import HIGH_FREQUENCY
-from saescope.server import urls
+from saescope.server import inference, urls
 from saescope.server.dependencies import LabelsDep, SessionDep, SettingsDep
-from saescope.server.inference import HOW_TO_START
 from saescope.server.labels import LabelStore
 from saescope.server.params import (
     ComparisonQuery,
@@ -20,6 +19,8 @@ from saescope.server.params import (
     FeatureTableQuery,
     LatentsPerToken,
     OtherSaeName,
+    PhraseCursor,
+    PhraseLimit,
     SaeName,
     SearchLimit,
     Threshold,
@@ -150,7 +151,9 @@ def inline_latents(session: Session, store: LabelStore, sae: str, listed: list[i
 def inference_hint(settings: Settings) -> str | None:
     """What the test box says before a run: how to start the inference process, if none is
     connected."""
-    return None if settings.inference_url else f"Needs the inference process: {HOW_TO_START}."
+    if settings.inference_url:
+        return None
+    return f"Needs the inference process: {inference.HOW_TO_START}."
 
 
 @router.get("/saes/{sae}/search")
@@ -174,6 +177,35 @@ def search_page(
         limit=limit,
         latents=latents,
         labelled=store.of_sae(sae, token.strip()),
+    )
+
+
+@router.get("/saes/{sae}/corpus")
+def corpus_page(
+    request: Request,
+    sae: SaeName,
+    session: SessionDep,
+    settings: SettingsDep,
+    store: LabelsDep,
+    phrase: Annotated[str, Query(max_length=200)] = "",
+    limit: PhraseLimit = 20,
+    after: PhraseCursor = None,
+) -> HTMLResponse:
+    """Phrase search over the corpus; without a phrase, its form."""
+    result = (
+        inference.search_phrase(session, settings.inference_url, sae, phrase, limit, after)
+        if phrase
+        else None
+    )
+    contexts = result.contexts if result else []
+    listed = [latent.feature_index for context in contexts for latent in context.latents]
+    return render(
+        request,
+        "corpus.html",
+        urls.corpus_search(sae, api=True),
+        sae=queries.get_sae(session, sae).name,
+        result=result,
+        **inline_latents(session, store, sae, listed),
     )
 
 

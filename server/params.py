@@ -9,6 +9,7 @@ from fastapi import Depends, Path, Query
 from pydantic import BeforeValidator, Field
 from sqlalchemy.orm import Session
 
+from saescope.db.corpus_text import MIN_PHRASE_CHARACTERS
 from saescope.db.flags import FlagName
 from saescope.db.models import SAE_NAME_MAX_LENGTH
 from saescope.db.queries import (
@@ -42,6 +43,18 @@ SearchLimit = Annotated[
     int | None, Query(ge=1, le=200, description="matching tokens to show (default: the setting)")
 ]
 LatentsPerToken = Annotated[int, Query(ge=1, le=16, description="latents shown per token")]
+PhraseQuery = Annotated[
+    str,
+    Query(
+        min_length=MIN_PHRASE_CHARACTERS,
+        max_length=200,
+        description="text to find in the corpus, ignoring case",
+    ),
+]
+PhraseLimit = Annotated[int, Query(ge=1, le=100, description="contexts per page")]
+PhraseCursor = Annotated[
+    str | None, Query(max_length=100, description="the previous page's `next_cursor`")
+]
 LabelQuery = Annotated[
     str | None, Query(max_length=200, description="text a label or note contains")
 ]

@@ -56,20 +56,32 @@ def heat(activation: float, maximum: float) -> int:
     return max(1, min(HEAT_LEVELS, round(HEAT_LEVELS * activation / maximum)))
 
 
-def context_html(sae: str, tokens: list[str], activations: list[float], focus: int, scale: float):
-    """An example's window: one link to the token search per token, coloured by activation
-    (classes h0..h10 in style.css), the value in the title.
+def context_html(
+    sae: str,
+    tokens: list[str],
+    activations: list[float] | None,
+    focus: int,
+    scale: float,
+    focus_length: int = 1,
+):
+    """A window of tokens: one link to the token search per token, coloured by activation
+    (classes h0..h10 in style.css; none without activations), the value in the title, and the
+    `focus_length` tokens from `focus` highlighted.
 
     Built here rather than in a template loop: a feature page holds about two thousand tokens,
     and this is several times faster. Every token string goes through `escape`."""
     search = urls.token_search_prefix(sae)
     spans = []
-    for index, (token, activation) in enumerate(zip(tokens, activations, strict=True)):
-        focus_class = " focus" if index == focus else ""
+    for index, token in enumerate(tokens):
+        focus_class = " focus" if focus <= index < focus + focus_length else ""
         text, quoted, shown, special = _token_parts(token)
+        if activations is None:
+            level, title = 0, text
+        else:
+            level, title = heat(activations[index], scale), f"{text} · {activations[index]:.4g}"
         spans.append(
-            f'<a class="tok h{heat(activation, scale)}{focus_class}{special}" title="{text} · '
-            f'{activation:.4g}" href="{search}{quoted}">{shown}</a>'
+            f'<a class="tok h{level}{focus_class}{special}" title="{title}" '
+            f'href="{search}{quoted}">{shown}</a>'
         )
     return Markup("".join(spans))
 

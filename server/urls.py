@@ -69,6 +69,12 @@ def search(sae: str, token: str | None = None, api: bool = False) -> str:
     return _with_query(path, {"token": token})
 
 
+def corpus_search(sae: str, phrase: str | None = None, api: bool = False, **query: object) -> str:
+    """Phrase search over the corpus's text."""
+    path = f"{API if api else ''}/saes/{_segment(sae)}/corpus"
+    return _with_query(path, {"phrase": phrase, **query})
+
+
 def flags(sae: str, threshold: float | None = None, api: bool = False) -> str:
     return _with_query(f"{API if api else ''}/saes/{_segment(sae)}/flags", {"threshold": threshold})
 

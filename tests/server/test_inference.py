@@ -77,3 +77,20 @@ def test_without_an_inference_process_the_box_says_how_to_start_one(dashboard_db
     response = gone.post(ROUTE, json={"text": "the cat"})
     assert response.status_code == 503
     assert "does not answer" in response.json()["error"]["message"]
+
+
+def test_token_ids_run_as_they_are(
+    client: TestClient, tiny_model_dir: Path, dashboard_sae_dir: Path, vocab_size: int
+) -> None:
+    ids = client.post(ROUTE, json={"text": TEXT[:40]}).json()["token_ids"][1:]  # no BOS
+    response = client.post(ROUTE, json={"token_ids": ids, "features": [5]})
+    assert response.status_code == 200, response.text
+    assert response.json()["token_ids"] == ids
+    expected = expected_activations(tiny_model_dir, dashboard_sae_dir, ids)[:, 5].tolist()
+    got = response.json()["features"][0]["activations"]
+    assert got == pytest.approx(expected, rel=1e-5, abs=1e-6)
+    both = client.post(ROUTE, json={"text": "the cat", "token_ids": ids})
+    assert both.status_code == 422 and "either" in both.text
+    outside = client.post(ROUTE, json={"token_ids": [1, vocab_size]})
+    assert outside.status_code == 422
+    assert f"token ids 0 to {vocab_size - 1}" in outside.json()["error"]["message"]

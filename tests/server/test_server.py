@@ -311,6 +311,7 @@ def test_openapi_lists_every_json_route(client: TestClient) -> None:
         "/api/v1/saes/{sae}/features",
         "/api/v1/saes/{sae}/features/{feature_index}",
         "/api/v1/saes/{sae}/search",
+        "/api/v1/saes/{sae}/corpus",
         "/api/v1/saes/{sae}/flags",
         "/api/v1/compare",
         "/api/v1/saes/{sae}/compare/{other}",
