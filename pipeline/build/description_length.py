@@ -66,12 +66,16 @@ def description_lengths(
 
 def quantise(f: Float[Tensor, "tokens d_sae"], precision: int) -> Float[Tensor, "tokens d_sae"]:
     """Each active value replaced by the geometric centre of its bin at `precision` bins per
-    decade (values beyond the histogram's range are kept)."""
-    positive = f > 0
-    log = torch.log10(torch.where(positive, f, 1.0).double())
+    decade (values beyond the histogram's range are kept). Only the active entries are touched:
+    a wide SAE's rows are almost all zeros."""
+    active = torch.nonzero(f > 0, as_tuple=True)
+    values = f[active].double()
+    log = torch.log10(values)
     centre = 10.0 ** ((torch.floor(log * precision) + 0.5) / precision)
-    inside = positive & (log >= HISTOGRAM_LOG10_MIN) & (log < HISTOGRAM_LOG10_MAX)
-    return torch.where(inside, centre.to(f.dtype), f)
+    inside = (log >= HISTOGRAM_LOG10_MIN) & (log < HISTOGRAM_LOG10_MAX)
+    quantised = f.clone()
+    quantised[active] = torch.where(inside, centre, values).to(f.dtype)
+    return quantised
 
 
 def effective_precision(mse_at: Callable[[int | None], float]) -> int:
