@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from jaxtyping import Float
 from torch import Tensor
@@ -135,6 +137,24 @@ def latent_chunk_size(d_sae: int, tokens: int, cells: int = ACTIVATION_CELLS) ->
 def row_chunks(x: Tensor, d_sae: int, cells: int = ACTIVATION_CELLS) -> tuple[Tensor, ...]:
     """`x` [rows, ...] split so that each part's dense activations stay within `cells`."""
     return x.split(max(1, cells // max(d_sae, 1)))
+
+
+def by_row_blocks(
+    function: Callable[..., np.ndarray], *arrays: np.ndarray, cells: int = 1 << 22
+) -> np.ndarray:
+    """`function(*arrays)`, row-wise, computed on blocks of rows (each block of the widest
+    array within `cells` values) and concatenated: per-latent tables of a wide SAE (its fine
+    histogram is 514 counts a latent) without whole-table transients."""
+    width = max(math.prod(array.shape[1:]) for array in arrays) or 1
+    rows = max(1, cells // width)
+    if len(arrays[0]) <= rows:
+        return function(*arrays)
+    return np.concatenate(
+        [
+            function(*(array[start : start + rows] for array in arrays))
+            for start in range(0, len(arrays[0]), rows)
+        ]
+    )
 
 
 class LatentChunks:

@@ -20,7 +20,7 @@ from saescope.db.records import (
 from saescope.pipeline.build.absorption import Absorption
 from saescope.pipeline.build.accumulators import AccumulatedResult, FeatureStatsResult, KeptExamples
 from saescope.pipeline.build.config import AnalysisSettings
-from saescope.pipeline.saes import ACTIVATION_CELLS, unit_rows
+from saescope.pipeline.saes import ACTIVATION_CELLS, by_row_blocks, unit_rows
 from saescope.pipeline.synthetic.ground_truth import GroundTruthMatch
 
 
@@ -75,6 +75,15 @@ def quantile_edges(
     """Per feature, cut points at quantiles 0, 1/n, …, 1 of its active values (the ends exact:
     min and max); nan for a feature that never fired. A feature whose active values are all
     equal has one band: its inner edges are infinite."""
+    return by_row_blocks(lambda *rows: _quantile_edges(*rows, n_bands), histogram, low, high)
+
+
+def _quantile_edges(
+    histogram: Int[np.ndarray, "features bins"],
+    low: Float[np.ndarray, " features"],
+    high: Float[np.ndarray, " features"],
+    n_bands: int,
+) -> Float[np.ndarray, "features edges"]:
     inner = interpolated_quantiles(histogram, low, high, np.arange(1, n_bands) / n_bands)
     edges = np.concatenate([low[:, None], inner, high[:, None]], axis=1)
     edges[low == high, 1:-1] = np.inf
@@ -96,6 +105,12 @@ def band_mass(
 ) -> Float[np.ndarray, "features bands"]:
     """Share of each feature's summed activation in each band, from the fine histogram's bin
     centres."""
+    return by_row_blocks(_band_mass, histogram, edges)
+
+
+def _band_mass(
+    histogram: Int[np.ndarray, "features bins"], edges: Float[np.ndarray, "features edges"]
+) -> Float[np.ndarray, "features bands"]:
     n_features, n_bands = edges.shape[0], edges.shape[1] - 1
     finite = histogram_edges()
     centres = np.r_[finite[0], np.sqrt(finite[:-1] * finite[1:]), finite[-1]]

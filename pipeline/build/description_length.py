@@ -24,6 +24,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from saescope.db.codec import HISTOGRAM_BINS_PER_DECADE, HISTOGRAM_LOG10_MAX, HISTOGRAM_LOG10_MIN
+from saescope.pipeline.saes import by_row_blocks
 
 # Bins per decade tried, finest last: each divides the fine histogram's.
 PRECISIONS = (1, 2, 4, 8, 16, 32, 64)
@@ -61,7 +62,11 @@ def description_lengths(
     precision: int,
 ) -> Float[np.ndarray, " features"]:
     """DL_i in bits per token, for every latent."""
-    return binary_entropy_bits(frequency) + frequency * entropy_bits(coarser(histogram, precision))
+    return by_row_blocks(
+        lambda counts, p: binary_entropy_bits(p) + p * entropy_bits(coarser(counts, precision)),
+        histogram,
+        frequency,
+    )
 
 
 def quantise(f: Float[Tensor, "tokens d_sae"], precision: int) -> Float[Tensor, "tokens d_sae"]:

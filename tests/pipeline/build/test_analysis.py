@@ -4,8 +4,9 @@ import numpy as np
 import pytest
 import torch
 
-from saescope.db.codec import histogram_edges
+from saescope.db.codec import HISTOGRAM_BINS, histogram_edges
 from saescope.db.flags import FLAGS_BY_NAME, HIGH_FREQUENCY
+from saescope.pipeline import saes
 from saescope.pipeline.build import analysis
 from saescope.pipeline.build.accumulators import AccumulatedResult
 from saescope.pipeline.build.kernels import top_per_group
@@ -137,7 +138,10 @@ def test_logit_effects_and_neighbours_against_dense_products() -> None:
     assert cosine_id[3, 0] == 7 and cosine_value[3, 0] == pytest.approx(1.0)
 
 
-def test_quantile_edges_and_band_mass_match_the_per_feature_rule() -> None:
+@pytest.mark.parametrize("block_rows", [None, 7])
+def test_quantile_edges_and_band_mass_match_the_per_feature_rule(monkeypatch, block_rows) -> None:
+    if block_rows is not None:  # in blocks of 7 latents, as a wide SAE's are
+        monkeypatch.setattr(saes.by_row_blocks, "__defaults__", (block_rows * HISTOGRAM_BINS,))
     rng = np.random.default_rng(0)
     finite = histogram_edges()
     n_bands = 5

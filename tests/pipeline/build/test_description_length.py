@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from saescope.db.codec import HISTOGRAM_BINS, HISTOGRAM_BINS_PER_DECADE, HISTOGRAM_LOG10_MIN
+from saescope.pipeline import saes
 from saescope.pipeline.build.description_length import (
     MSE_TOLERANCE,
     PRECISIONS,
@@ -34,12 +35,15 @@ def h(p: float) -> float:
     return -p * math.log2(p) - (1 - p) * math.log2(1 - p)
 
 
-def test_description_length_by_hand() -> None:
+@pytest.mark.parametrize("block_rows", [None, 2])
+def test_description_length_by_hand(monkeypatch, block_rows) -> None:
     """DL = H_b(p) + p·H(activations at the precision), by hand:
     a binary latent (one activation value) costs H_b(p), at most 1 bit whatever p;
     two equally likely values a decade apart cost one bit more where it fires;
     two values within one coarse bin cost nothing more at that precision, a bit at a finer one;
-    a dead latent costs nothing."""
+    a dead latent costs nothing. Also in blocks of 2 latents, as a wide SAE's are."""
+    if block_rows is not None:
+        monkeypatch.setattr(saes.by_row_blocks, "__defaults__", (block_rows * HISTOGRAM_BINS,))
     rows = np.stack(
         [
             histogram_of((3.0, 25)),  # binary, p = 0.25
