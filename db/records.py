@@ -30,6 +30,33 @@ from saescope.db.models import (
 Column = Sequence[Any] | np.ndarray
 
 
+class JsonRows(Sequence[list[dict[str, Any]]]):
+    """A JSON column of short lists, kept as arrays [rows, k] (one per key) and built into each
+    row's list of {key: value} only when read: a wide SAE's millions of small dicts never exist
+    at once. Floats are rounded to 6 decimals; entries where `keep` is False are left out."""
+
+    def __init__(self, keep: np.ndarray | None = None, **arrays: np.ndarray) -> None:
+        self.keep = keep
+        self.arrays = arrays
+
+    def __len__(self) -> int:
+        return len(next(iter(self.arrays.values())))
+
+    def __getitem__(self, row: int) -> list[dict[str, Any]]:  # type: ignore[override]
+        values = [
+            [round(x, 6) for x in array[row].tolist()]
+            if array.dtype.kind == "f"
+            else array[row].tolist()
+            for array in self.arrays.values()
+        ]
+        keep = None if self.keep is None else self.keep[row]
+        return [
+            dict(zip(self.arrays, entry, strict=True))
+            for j, entry in enumerate(zip(*values, strict=True))
+            if keep is None or keep[j]
+        ]
+
+
 @dataclass
 class CorpusRecord:
     """The tokens an SAE was built over, with the tokenizer's display strings."""

@@ -13,12 +13,14 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
+import itertools
 import json
 import logging
 import os
 import re
 import sqlite3
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, fields
 from pathlib import Path
 from typing import Any
@@ -80,32 +82,35 @@ Compare = Callable[[StoredDecoder, StoredDecoder], list[ComparisonRecord]]
 
 
 def _insert_columns(session: Session, model: type[Base], record: Any, **constant: Any) -> None:
-    """Bulk insert of a column-wise record through the driver: one executemany, no per-row ORM
-    work. Blob columns are packed by `db.codec`, JSON columns serialised here; a field left None
-    is NULL in every row, and `constant` fills a column with one value in every row."""
+    """Bulk insert of a column-wise record through the driver: one executemany over rows made
+    as it goes (a wide SAE's packed blobs and JSON texts never exist all at once), no per-row
+    ORM work. Blob columns are packed by `db.codec`, JSON columns serialised here; a field left
+    None is NULL in every row, and `constant` fills a column with one value in every row."""
     table = model.__table__
     length = len(getattr(record, fields(record)[0].name))
     if length == 0:
         return  # an empty executemany would run the statement once, with no parameters
-    values = []
+    values: list[Iterable[Any]] = []
     for field in fields(record):
         column = table.c[field.name]
         rows = getattr(record, field.name)
         if rows is None:  # a column this record leaves empty
-            rows = [None] * length
+            values.append(itertools.repeat(None, length))
         elif isinstance(column.type, LargeBinary):
-            rows = [codec.pack(column, row) for row in rows]
+            values.append(map(functools.partial(codec.pack, column), rows))
         elif isinstance(column.type, JSON):
-            rows = [json.dumps(row) for row in rows]
+            values.append(map(json.dumps, rows))
         elif isinstance(rows, np.ndarray):
-            rows = rows.tolist()
-        values.append(rows)
+            values.append(rows.tolist())
+        else:
+            values.append(rows)
     names = [field.name for field in fields(record)] + list(constant)
-    values += [[value] * length for value in constant.values()]
+    values += [itertools.repeat(value, length) for value in constant.values()]
     marks = ", ".join("?" * len(names))
-    session.connection().exec_driver_sql(
+    # The driver's own executemany takes an iterator; SQLAlchemy's wants a list.
+    session.connection().connection.driver_connection.executemany(
         f"INSERT INTO {table.name} ({', '.join(names)}) VALUES ({marks})",
-        list(zip(*values, strict=True)),
+        zip(*values, strict=True),
     )
 
 

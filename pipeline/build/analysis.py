@@ -14,6 +14,7 @@ from saescope.db.codec import histogram_edges
 from saescope.db.records import (
     ExampleColumns,
     FeatureColumns,
+    JsonRows,
     TokenLatentColumns,
     TokenStatColumns,
 )
@@ -234,8 +235,8 @@ def feature_records(
         top_logit, top_token, bottom_logit, bottom_token = logit_effects(
             decoder, unembed, settings.n_logits
         )
-        logits_top = _pairs(top_token, top_logit, "token_id", "logit")
-        logits_bottom = _pairs(bottom_token, bottom_logit, "token_id", "logit")
+        logits_top = JsonRows(token_id=top_token, logit=top_logit)
+        logits_bottom = JsonRows(token_id=bottom_token, logit=bottom_logit)
     else:
         logits_top = logits_bottom = [[] for _ in range(n_features)]
     return FeatureColumns(
@@ -267,7 +268,7 @@ def feature_records(
         **_band_rows(edges, band_mass(stats.histogram, edges), fired),
         logits_top=logits_top,
         logits_bottom=logits_bottom,
-        neighbours=_pairs(neighbour_id, neighbour_cosine, "feature_index", "cosine"),
+        neighbours=JsonRows(feature_index=neighbour_id, cosine=neighbour_cosine),
         top_tokens=feature_top_tokens(result, settings.n_top_tokens),
         **ground_truth_columns(ground_truth),
     )
@@ -305,14 +306,6 @@ def ground_truth_columns(
     }
 
 
-def _pairs(ids: np.ndarray, values: np.ndarray, id_name: str, value_name: str) -> list[list[dict]]:
-    """Rows of (id, value) pairs as lists of {id_name: id, value_name: value}."""
-    return [
-        [{id_name: a, value_name: round(b, 6)} for a, b in zip(id_row, value_row, strict=True)]
-        for id_row, value_row in zip(ids.tolist(), values.tolist(), strict=True)
-    ]
-
-
 def positional_r2(result: AccumulatedResult) -> np.ndarray:
     """Share of each feature's activation variance (zeros included) explained by position."""
     stats = result.stats
@@ -342,18 +335,11 @@ def encoder_decoder_agreement(result: AccumulatedResult) -> tuple[np.ndarray, np
     return jaccard, miss_rate
 
 
-def feature_top_tokens(result: AccumulatedResult, n: int) -> list[list[dict]]:
+def feature_top_tokens(result: AccumulatedResult, n: int) -> JsonRows:
     """Per feature, the tokens it fires on most often, with the mean activation there."""
     token, count, total = result.tokens.top_tokens(n)
     mean = np.divide(total, count, out=np.zeros_like(total), where=token >= 0)
-    return [
-        [
-            {"token_id": t, "count": c, "mean_activation": round(m, 6)}
-            for t, c, m in zip(*row, strict=True)
-            if t >= 0
-        ]
-        for row in zip(token.tolist(), count.tolist(), mean.tolist(), strict=True)
-    ]
+    return JsonRows(token >= 0, token_id=token, count=count, mean_activation=mean)
 
 
 def token_records(result: AccumulatedResult, n: int) -> tuple[TokenStatColumns, TokenLatentColumns]:
