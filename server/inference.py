@@ -13,7 +13,12 @@ from sqlalchemy.orm import Session
 from starlette.exceptions import HTTPException
 
 from saescope.db import queries
-from saescope.db.responses import ActivationRequest, PhraseSearch, TextActivations
+from saescope.db.responses import (
+    MAX_TEXT_TOKENS,
+    ActivationRequest,
+    PhraseSearch,
+    TextActivations,
+)
 
 # The inference process's port unless told otherwise (`saescope infer --port`).
 DEFAULT_INFERENCE_PORT = 8001
@@ -66,10 +71,21 @@ def search_phrase(
     if url is not None:
 
         def run(token_ids: list[int]) -> list[list[tuple[int, float]]]:
+            if len(token_ids) > MAX_TEXT_TOKENS:
+                raise InferenceUnavailable(
+                    f"a phrase ends at token {len(token_ids)} of its context, and the inference "
+                    f"process runs at most {MAX_TEXT_TOKENS}"
+                )
             request = ActivationRequest(token_ids=token_ids, top=queries.PHRASE_LATENTS)
+            try:
+                answer = activations(url, sae, request)
+            except HTTPException as error:
+                raise InferenceUnavailable(
+                    f"the inference process refused the corpus's tokens: {error.detail}"
+                ) from None
             return [
                 [(latent.feature_index, latent.activation) for latent in token]
-                for token in activations(url, sae, request).top
+                for token in answer.top
             ]
 
         try:

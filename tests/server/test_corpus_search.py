@@ -12,6 +12,7 @@ import pytest
 import torch
 from fastapi.testclient import TestClient
 
+from saescope.server import inference
 from saescope.server.app import create_app
 from saescope.server.settings import Settings
 from tests.conftest import HOOK, XSS, free_port, read_hooks
@@ -156,6 +157,15 @@ def test_without_an_answering_inference_process_the_stored_latents_say_why(
     body = gone.get(ROUTE, params={"phrase": "the cat"}).json()
     assert body["latents_source"] == "stored"
     assert "does not answer" in body["latents_note"]
+
+
+def test_contexts_longer_than_the_inference_process_runs_fall_back_to_stored(
+    connected: TestClient, monkeypatch
+) -> None:
+    monkeypatch.setattr(inference, "MAX_TEXT_TOKENS", 4)
+    body = connected.get(ROUTE, params={"phrase": "the market", "limit": 2}).json()
+    assert body["latents_source"] == "stored"
+    assert "the inference process runs at most 4" in body["latents_note"]
 
 
 def test_refusals(unconnected: TestClient) -> None:
