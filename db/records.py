@@ -8,7 +8,9 @@ SQL statement after a whole pass.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import bisect
+import itertools
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, fields
 from typing import Any
 
@@ -28,6 +30,40 @@ from saescope.db.models import (
 )
 
 Column = Sequence[Any] | np.ndarray
+
+
+class RowSlices(Sequence[np.ndarray]):
+    """A blob column whose rows are consecutive slices of one array: row i is
+    values[starts[i]:starts[i + 1]], a view made when read (a wide SAE's million rows are not a
+    million array objects)."""
+
+    def __init__(self, values: np.ndarray, starts: np.ndarray) -> None:
+        self.values = values
+        self.bounds = np.r_[starts, len(values)]
+
+    def __len__(self) -> int:
+        return len(self.bounds) - 1
+
+    def __getitem__(self, row: int) -> np.ndarray:  # type: ignore[override]
+        return self.values[self.bounds[row] : self.bounds[row + 1]]
+
+
+class Chained(Sequence[Any]):
+    """Sequences one after another, without copying them."""
+
+    def __init__(self, parts: Sequence[Sequence[Any]]) -> None:
+        self.parts = parts
+        self.ends = np.cumsum([len(part) for part in parts]).tolist()
+
+    def __len__(self) -> int:
+        return self.ends[-1] if self.ends else 0
+
+    def __getitem__(self, row: int) -> Any:  # type: ignore[override]
+        part = bisect.bisect_right(self.ends, row)
+        return self.parts[part][row - (self.ends[part - 1] if part else 0)]
+
+    def __iter__(self) -> Iterator[Any]:
+        return itertools.chain.from_iterable(self.parts)
 
 
 class JsonRows(Sequence[list[dict[str, Any]]]):
@@ -166,7 +202,7 @@ class ExampleColumns:
     def concatenate(cls, parts: Sequence[ExampleColumns]) -> ExampleColumns:
         return cls(
             **{
-                field.name: [row for part in parts for row in getattr(part, field.name)]
+                field.name: Chained([getattr(part, field.name) for part in parts])
                 for field in fields(cls)
             }
         )

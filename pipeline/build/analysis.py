@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -15,6 +16,7 @@ from saescope.db.records import (
     ExampleColumns,
     FeatureColumns,
     JsonRows,
+    RowSlices,
     TokenLatentColumns,
     TokenStatColumns,
 )
@@ -402,10 +404,8 @@ def _example_rows(
     starts = np.flatnonzero(np.r_[True, feature[1:] != feature[:-1]][: len(feature)])
     n = len(starts)
 
-    def per_row(values: np.ndarray | None) -> list:
-        if values is None:
-            return [None] * n
-        return np.split(values, starts[1:]) if n else []
+    def per_row(values: np.ndarray | None) -> Sequence:
+        return [None] * n if values is None else RowSlices(values, starts)
 
     return ExampleColumns(
         feature_index=feature[starts].tolist(),
