@@ -191,7 +191,7 @@ class Statistics:
 
 def positional_profile(stats: FeatureStatsResult) -> tuple[np.ndarray, np.ndarray]:
     """Per feature and position: the firing rate, and the mean activation where it fires (0
-    where it never does)."""
+    where it never does); in float32, as they are stored."""
     position_tokens = np.maximum(stats.position_tokens, 1)[:, None]
     rate = (stats.position_count / position_tokens).T
     mean = np.divide(
@@ -200,7 +200,7 @@ def positional_profile(stats: FeatureStatsResult) -> tuple[np.ndarray, np.ndarra
         out=np.zeros_like(stats.position_sum),
         where=stats.position_count > 0,
     ).T
-    return rate, mean
+    return rate.astype(np.float32), mean.astype(np.float32)
 
 
 def histogram_rows(histogram: Int[np.ndarray, "features bins"]) -> tuple[np.ndarray, list]:
