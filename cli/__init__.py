@@ -84,9 +84,12 @@ def build(**options: Any) -> None:
     if summary is None:  # a rank of a sharded build that handed its share to rank 0
         return
     phases = ", ".join(f"{name} {seconds:.1f}s" for name, seconds in summary.phases.items())
+    peak = f"peak RSS {summary.peak_rss_mb / 1024:.2f} GB" + (
+        f", reached in {summary.peak_phase}" if summary.peak_phase else ""
+    )
     click.echo(
         f"{summary.name}: {summary.n_features} features over {summary.tokens_seen} tokens "
-        f"in {summary.seconds:.1f}s ({phases}) -> {summary.out} "
+        f"in {summary.seconds:.1f}s ({phases}; {peak}) -> {summary.out} "
         + " ".join(f"{k}={v:.4g}" for k, v in summary.metrics.items() if v is not None)
     )
 

@@ -9,6 +9,7 @@ CPU-sized run (a few seconds with the embedded demo model):
 from __future__ import annotations
 
 import logging
+import resource
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -76,6 +77,8 @@ class BuildSummary:
     seconds: float
     metrics: dict[str, float | None]
     phases: dict[str, float]
+    peak_rss_mb: float
+    peak_phase: str | None
 
 
 def run_build(config: BuildConfig) -> BuildSummary | None:
@@ -143,14 +146,19 @@ def build_on_rank(config: BuildConfig, rank: Rank, started: float) -> BuildSumma
             "mmcs": records.sae.mmcs,
         },
         phases=phases.seconds,
+        peak_rss_mb=phases.peak_rss_mb,
+        peak_phase=phases.peak_phase,
     )
 
 
 class Phases:
-    """Seconds spent in each phase of a build."""
+    """Seconds spent in each phase of a build, and the phase in which the process's peak
+    resident memory was reached."""
 
     def __init__(self) -> None:
         self.seconds: dict[str, float] = {}
+        self.peak_rss_mb = peak_rss_mb()
+        self.peak_phase: str | None = None
 
     @contextmanager
     def __call__(self, name: str) -> Iterator[None]:
@@ -159,6 +167,14 @@ class Phases:
             yield
         finally:
             self.seconds[name] = time.perf_counter() - started
+            peak = peak_rss_mb()
+            if peak > self.peak_rss_mb:
+                self.peak_rss_mb, self.peak_phase = peak, name
+
+
+def peak_rss_mb() -> float:
+    """The process's peak resident memory so far (Linux: ru_maxrss is in kB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def check_width(x: torch.Tensor, hook: str, width: int) -> None:

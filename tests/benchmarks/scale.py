@@ -115,6 +115,7 @@ def main() -> None:
             ]  # fmt: skip
             seconds, rss, summary = measured(build)
             phase = phases(summary)
+            peak_phase = re.search(r"reached in (\w+)", summary)
             size = (directory / f"{width}.db").stat().st_size
             if args.keep:
                 args.keep.mkdir(parents=True, exist_ok=True)
@@ -123,10 +124,12 @@ def main() -> None:
             rows.append((width, seconds, per, rss, bare_seconds, bare_rss, size, phase))
             logger.info(
                 "%7d latents: build %7.1f s (%.3f s per million latent-tokens), peak RSS %6.0f MB, "
-                "file %5.0f MB; bare forward + encode %6.1f s, %6.0f MB; build/bare %.2f×; %s",
+                "file %5.0f MB; bare forward + encode %6.1f s, %6.0f MB; build/bare %.2f×; %s; "
+                "peak reached in %s",
                 width, seconds, per, rss, size / 1e6, bare_seconds, bare_rss,
                 seconds / bare_seconds,
                 ", ".join(f"{name} {value:.1f} s" for name, value in phase.items()),
+                peak_phase.group(1) if peak_phase else "?",
             )  # fmt: skip
     first = rows[0]
     for width, _, per, *_ in rows[1:]:

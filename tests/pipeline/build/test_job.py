@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import sqlite3
 import subprocess
 import sys
@@ -143,6 +144,10 @@ def test_a_build_on_two_ranks_equals_one_process(
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.count("tiny-sae: 64 features over") == 1  # rank 0's summary only
+    # A fresh process: its peak memory is reached in one of the build's phases.
+    assert re.search(
+        r"peak RSS [\d.]+ GB, reached in (load|pass|evaluation|analysis|write)\)", result.stdout
+    )
     assert_same_database(out, built_db)
     assert json.loads(rows(out, "select config from saes")[0][0])["world_size"] == 2
 
