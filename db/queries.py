@@ -644,6 +644,8 @@ def search_phrase(
             f"a phrase needs at least {corpus_text.MIN_PHRASE_CHARACTERS} characters; "
             "search a single token with the token search"
         )
+    if "\x00" in phrase:  # FTS5's query strings end at a NUL
+        raise BadRequestError("a phrase cannot contain a NUL character")
     vocab = _vocab(session, sae.corpus_id)
     after_sequence, after_start = _parse_phrase_cursor(after) if after else (0, -1)
     found: list[tuple[int, corpus_text.Occurrence]] = []
