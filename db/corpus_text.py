@@ -42,9 +42,17 @@ def index_corpus(session: Session, corpus_id: int, token_ids: np.ndarray, vocab:
     )
 
 
-def _match_expression(phrase: str) -> str:
-    """FTS5's query for the phrase as one string (its double quotes doubled)."""
-    return '"' + phrase.replace('"', '""') + '"'
+# The rows of one corpus whose text contains the phrase, from one sequence on.
+_MATCHING = f"FROM {TABLE} WHERE {TABLE} MATCH :phrase AND rowid BETWEEN :low AND :high"
+
+
+def _matching_parameters(corpus_id: int, phrase: str, first: int = 0) -> dict[str, object]:
+    return {
+        # FTS5's query for the phrase as one string (its double quotes doubled).
+        "phrase": '"' + phrase.replace('"', '""') + '"',
+        "low": rowid(corpus_id, first),
+        "high": rowid(corpus_id + 1, 0) - 1,
+    }
 
 
 def matching_sequences(
@@ -53,16 +61,8 @@ def matching_sequences(
     """The indices of up to `limit` sequences from `first` on whose text contains the phrase
     (ignoring case), in order."""
     found = session.execute(
-        text(
-            f"SELECT rowid FROM {TABLE} WHERE {TABLE} MATCH :phrase "
-            "AND rowid BETWEEN :low AND :high ORDER BY rowid LIMIT :limit"
-        ),
-        {
-            "phrase": _match_expression(phrase),
-            "low": rowid(corpus_id, first),
-            "high": rowid(corpus_id + 1, 0) - 1,
-            "limit": limit,
-        },
+        text(f"SELECT rowid {_MATCHING} ORDER BY rowid LIMIT :limit"),
+        _matching_parameters(corpus_id, phrase, first) | {"limit": limit},
     )
     return [value - rowid(corpus_id, 0) for (value,) in found]
 
@@ -70,15 +70,7 @@ def matching_sequences(
 def count_sequences(session: Session, corpus_id: int, phrase: str) -> int:
     """How many sequences of the corpus contain the phrase."""
     return session.execute(
-        text(
-            f"SELECT count(*) FROM {TABLE} WHERE {TABLE} MATCH :phrase "
-            "AND rowid BETWEEN :low AND :high"
-        ),
-        {
-            "phrase": _match_expression(phrase),
-            "low": rowid(corpus_id, 0),
-            "high": rowid(corpus_id + 1, 0) - 1,
-        },
+        text(f"SELECT count(*) {_MATCHING}"), _matching_parameters(corpus_id, phrase)
     ).scalar_one()
 
 
@@ -93,12 +85,11 @@ class Occurrence:
 def occurrences(token_ids: np.ndarray, vocab: list[str], phrase: str) -> list[Occurrence]:
     """Where the phrase occurs in the sequence's text (ignoring case, not overlapping), as token
     spans."""
-    pieces = [vocab[t] for t in token_ids]
-    ends = np.cumsum([len(piece) for piece in pieces])
+    ends = np.cumsum([len(vocab[t]) for t in token_ids])
     return [
         Occurrence(
             int(np.searchsorted(ends, found.start(), side="right")),
             int(np.searchsorted(ends, found.end() - 1, side="right")) + 1,
         )
-        for found in re.finditer(re.escape(phrase), "".join(pieces), re.IGNORECASE)
+        for found in re.finditer(re.escape(phrase), sequence_text(token_ids, vocab), re.IGNORECASE)
     ]
