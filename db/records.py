@@ -35,17 +35,31 @@ Column = Sequence[Any] | np.ndarray
 class RowSlices(Sequence[np.ndarray]):
     """A blob column whose rows are consecutive slices of one array: row i is
     values[starts[i]:starts[i + 1]], a view made when read (a wide SAE's million rows are not a
-    million array objects)."""
+    million array objects). With `at`, index arrays into `values`, row i is gathered when read:
+    values[tuple(index[starts[i]:starts[i + 1]] for index in at)], so the gathered whole never
+    exists (the examples' windows, the build's largest arrays)."""
 
-    def __init__(self, values: np.ndarray, starts: np.ndarray) -> None:
+    def __init__(
+        self, values: np.ndarray, starts: np.ndarray, at: tuple[np.ndarray, ...] = ()
+    ) -> None:
         self.values = values
-        self.bounds = np.r_[starts, len(values)]
+        self.at = at
+        self.bounds = np.r_[starts, len(at[0]) if at else len(values)]
 
     def __len__(self) -> int:
         return len(self.bounds) - 1
 
     def __getitem__(self, row: int) -> np.ndarray:  # type: ignore[override]
-        return self.values[self.bounds[row] : self.bounds[row + 1]]
+        return self._between(self.bounds[row], self.bounds[row + 1])
+
+    def flat(self) -> np.ndarray:
+        """All rows, one after another."""
+        return self._between(self.bounds[0], self.bounds[-1])
+
+    def _between(self, first: int, last: int) -> np.ndarray:
+        if self.at:
+            return self.values[tuple(index[first:last] for index in self.at)]
+        return self.values[first:last]
 
 
 class Chained(Sequence[Any]):
@@ -64,6 +78,15 @@ class Chained(Sequence[Any]):
 
     def __iter__(self) -> Iterator[Any]:
         return itertools.chain.from_iterable(self.parts)
+
+
+def flattened(column: Column) -> np.ndarray:
+    """A column of arrays as one array, its rows one after another."""
+    if isinstance(column, RowSlices):
+        return column.flat()
+    if isinstance(column, Chained):
+        return np.concatenate([flattened(part) for part in column.parts])
+    return np.concatenate([np.asarray(row) for row in column])
 
 
 class JsonRows(Sequence[list[dict[str, Any]]]):
@@ -225,7 +248,7 @@ class SequenceExampleColumns:
             return cls([], [], [], [])
         feature = np.repeat(np.asarray(examples.feature_index, np.int64), counts)
         sequence, position, activation = (
-            np.concatenate([np.asarray(row) for row in getattr(examples, name)])
+            flattened(getattr(examples, name))
             for name in ("sequence_index", "position", "activation")
         )
         sequence, position = sequence.astype(np.int64), position.astype(np.int64)

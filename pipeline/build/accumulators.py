@@ -269,37 +269,56 @@ class ExampleHeaps:
         """Examples as feature-major arrays, best first; `valid` marks real entries. The slots
         are sorted in place (still a valid heap) and shared with the result: the windows, the
         largest state, are not copied."""
-        order = np.argsort(-self.key, axis=1, kind="stable")
-        for start in range(0, len(order), FINALIZE_ROWS):
+        for start in range(0, len(self.key), FINALIZE_ROWS):
             rows = slice(start, start + FINALIZE_ROWS)
+            order = np.argsort(-self.key[rows], axis=1, kind="stable")
             for values in (self.key, self.activation):
-                values[rows] = np.take_along_axis(values[rows], order[rows], axis=1)
-            self.window[rows] = np.take_along_axis(self.window[rows], order[rows, :, None], axis=1)
+                values[rows] = np.take_along_axis(values[rows], order, axis=1)
+            self.window[rows] = np.take_along_axis(self.window[rows], order[:, :, None], axis=1)
         # Descending keys read from the last slot up: ascending, a min-heap.
         self.heap[:] = np.arange(self.k - 1, -1, -1, dtype=self.heap.dtype)
-        valid = self.key > EMPTY_KEY + self.k
-        token = np.where(valid, kernels.key_tokens(self.key), -1)
-        ctx = self.context_length
         return KeptExamples(
-            valid=valid,
-            token=token,
-            sequence_index=np.where(valid, token // ctx, -1).astype(np.int32),
-            position=np.where(valid, token % ctx, -1).astype(np.int32),
-            score=kernels.key_scores(self.key),
+            key=self.key,
+            valid=self.key > EMPTY_KEY + self.k,
             activation=self.activation,
             window=self.window,
+            context_length=self.context_length,
         )
+
+
+# Which slots of a [d_sae, k] table: index arrays, or everything.
+Index = np.ndarray | slice
+ALL = slice(None)
 
 
 @dataclass
 class KeptExamples:
+    """A kind of examples, feature-major [d_sae, k], best first. Only the keys, activations and
+    windows are held (shared with the heaps); where each example is and its score are read from
+    its key when asked, for all slots or for some."""
+
+    key: np.ndarray
     valid: np.ndarray  # [d_sae, k]
-    token: np.ndarray  # global token index, -1 where not valid
-    sequence_index: np.ndarray
-    position: np.ndarray
-    score: np.ndarray
     activation: np.ndarray
     window: np.ndarray  # [d_sae, k, WINDOW_LENGTH], nan outside the sequence
+    context_length: int
+
+    def tokens(self, feature: Index = ALL, slot: Index = ALL) -> np.ndarray:
+        """Global token indices of the slots at (feature, slot), all by default; -1 where not
+        valid."""
+        return np.where(self.valid[feature, slot], kernels.key_tokens(self.key[feature, slot]), -1)
+
+    def located(self, feature: Index = ALL, slot: Index = ALL) -> tuple[np.ndarray, np.ndarray]:
+        """(sequence index, position) of the slots at (feature, slot); -1 where not valid."""
+        token = self.tokens(feature, slot)
+        valid = token >= 0
+        return (
+            np.where(valid, token // self.context_length, -1).astype(np.int32),
+            np.where(valid, token % self.context_length, -1).astype(np.int32),
+        )
+
+    def scores(self, feature: Index = ALL, slot: Index = ALL) -> np.ndarray:
+        return kernels.key_scores(self.key[feature, slot])
 
 
 class DecoderExampleHeaps(ExampleHeaps):

@@ -328,9 +328,10 @@ def encoder_decoder_agreement(result: AccumulatedResult) -> tuple[np.ndarray, np
     top, decoder = result.top, result.decoder_top
     n_features = top.valid.shape[0]
     jaccard = np.zeros(n_features)
+    top_tokens, decoder_tokens = top.tokens(), decoder.tokens()
     for i in range(n_features):
-        a = set(top.token[i][top.valid[i]].tolist())
-        b = set(decoder.token[i][decoder.valid[i]].tolist())
+        a = set(top_tokens[i][top.valid[i]].tolist())
+        b = set(decoder_tokens[i][decoder.valid[i]].tolist())
         jaccard[i] = len(a & b) / len(a | b) if a | b else 0.0
     missed = decoder.valid & (decoder.activation <= 0)
     miss_rate = missed.sum(1) / np.maximum(decoder.valid.sum(1), 1)
@@ -371,7 +372,7 @@ def example_records(
     for kind in ("top", "bottom", "decoder_top"):
         examples: KeptExamples = getattr(result, kind)
         feature, slot = np.nonzero(examples.valid)  # feature-major, best first
-        projection = examples.score[feature, slot] if kind == "decoder_top" else None
+        projection = examples.scores(feature, slot) if kind == "decoder_top" else None
         parts.append(_example_rows(examples, feature, slot, kind, None, projection))
     parts.append(_quantile_examples(result.active_sample, settings, edges))
     return ExampleColumns.concatenate(parts)
@@ -403,6 +404,7 @@ def _example_rows(
     examples in the given order."""
     starts = np.flatnonzero(np.r_[True, feature[1:] != feature[:-1]][: len(feature)])
     n = len(starts)
+    sequence_index, position = examples.located(feature, slot)
 
     def per_row(values: np.ndarray | None) -> Sequence:
         return [None] * n if values is None else RowSlices(values, starts)
@@ -410,10 +412,10 @@ def _example_rows(
     return ExampleColumns(
         feature_index=feature[starts].tolist(),
         kind=[kind] * n,
-        sequence_index=per_row(examples.sequence_index[feature, slot]),
-        position=per_row(examples.position[feature, slot]),
+        sequence_index=per_row(sequence_index),
+        position=per_row(position),
         activation=per_row(examples.activation[feature, slot]),
         band=per_row(band),
         projection=per_row(projection),
-        window_activations=per_row(examples.window[feature, slot]),
+        window_activations=RowSlices(examples.window, starts, at=(feature, slot)),
     )

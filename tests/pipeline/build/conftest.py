@@ -139,14 +139,9 @@ def reference_top(score: np.ndarray, k: int) -> list[list[tuple[int, int]]]:
 
 
 def examples_of(examples, feature: int) -> list[tuple[int, int]]:
-    valid = examples.valid[feature]
-    return list(
-        zip(
-            examples.sequence_index[feature][valid].tolist(),
-            examples.position[feature][valid].tolist(),
-            strict=True,
-        )
-    )
+    slots = np.flatnonzero(examples.valid[feature])
+    sequence_index, position = examples.located(feature, slots)
+    return list(zip(sequence_index.tolist(), position.tolist(), strict=True))
 
 
 def build_args(

@@ -138,7 +138,7 @@ def test_decoder_top_is_that_of_exact_projections(monkeypatch, native_bfloat16: 
     expected = reference_top(exact, SIZES.decoder_top)
     for feature in range(n_features):
         assert examples_of(found, feature) == expected[feature], f"feature {feature}"
-        scores = found.score[feature][found.valid[feature]]
+        scores = found.scores()[feature][found.valid[feature]]
         sequences, positions = np.array(expected[feature]).T
         np.testing.assert_allclose(scores, exact[sequences, positions, feature], rtol=1e-6)
 
@@ -159,8 +159,7 @@ def test_windows_carry_the_feature_activation_on_every_token(data, result) -> No
     examples = result.top
     for feature in range(N_FEATURES):
         for slot in np.flatnonzero(examples.valid[feature]):
-            sequence = examples.sequence_index[feature, slot]
-            position = examples.position[feature, slot]
+            sequence, position = examples.located(feature, slot)
             for offset in range(-WINDOW_LEFT, WINDOW_RIGHT + 1):
                 value = examples.window[feature, slot, offset + WINDOW_LEFT]
                 if 0 <= position + offset < CTX:
@@ -257,8 +256,10 @@ def assert_results_equal(a: AccumulatedResult, b: AccumulatedResult) -> None:
         np.testing.assert_allclose(value, getattr(b.stats, name), rtol=1e-12, err_msg=name)
     for kind in ("top", "bottom", "active_sample", "decoder_top"):
         left, right = getattr(a, kind), getattr(b, kind)
-        for name in ("valid", "sequence_index", "position", "score", "activation"):
-            np.testing.assert_array_equal(getattr(left, name), getattr(right, name), err_msg=kind)
+        np.testing.assert_array_equal(left.valid, right.valid, err_msg=kind)
+        np.testing.assert_array_equal(left.located(), right.located(), err_msg=kind)
+        np.testing.assert_array_equal(left.scores(), right.scores(), err_msg=kind)
+        np.testing.assert_array_equal(left.activation, right.activation, err_msg=kind)
         np.testing.assert_array_equal(left.window, right.window)
     assert_token_tables_equal(a.tokens, b.tokens)
     np.testing.assert_array_equal(a.position_sample.token_index, b.position_sample.token_index)
