@@ -19,6 +19,13 @@ from saescope.pipeline.errors import InputError
 
 # Where a setting's declaration lives in its field's metadata.
 SETTING = "saescope.setting"
+# Dense activations are made this many (token, latent) cells at a time (256 MB in float32): a
+# wide SAE is encoded a chunk of latents at a time, or a chunk of tokens at a time.
+ACTIVATION_CELLS = 1 << 26
+# The build's pass holds about three dense arrays a cell (the activations, their host copy and
+# the decoder projections: 12 bytes) and keeps freed blocks for reuse, where blocks this large
+# fragment its heap: its chunks are a quarter of that.
+PASS_CELLS = ACTIVATION_CELLS // 4
 
 
 @dataclass(frozen=True)

@@ -16,13 +16,11 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from saescope.pipeline.config import ACTIVATION_CELLS
 from saescope.pipeline.errors import InputError, describe
 
 # The log `saescope train` saves beside an SAE, which the build stores for the training curves.
 TRAINING_LOG = "training_log.json"
-# Dense activations are made this many (token, latent) cells at a time (256 MB in float32): a
-# wide SAE is encoded a chunk of latents at a time, or a chunk of tokens at a time.
-ACTIVATION_CELLS = 1 << 26
 # Parameters that do not have a row or column per latent.
 SHARED_PARAMETERS = {"b_dec", "W_skip"}
 # The SAELens architectures (cfg.architecture()) the build covers. Transcoders read at the SAE's

@@ -30,7 +30,8 @@ from saescope.db.codec import histogram_edges
 from saescope.pipeline.activations import ActivationSource
 from saescope.pipeline.build.accumulators import FeatureStatsResult
 from saescope.pipeline.build.evaluation import ReconstructionTotals, splice_hooks
-from saescope.pipeline.saes import ACTIVATION_CELLS, row_chunks
+from saescope.pipeline.config import ACTIVATION_CELLS
+from saescope.pipeline.saes import row_chunks
 
 TARGET_FRACTIONS = (1.0, 0.85, 0.7, 0.55, 0.4, 0.25)
 # Each rule, and what it removes (stored beside its points).

@@ -23,7 +23,8 @@ from saescope.db.records import (
 from saescope.pipeline.build.absorption import Absorption
 from saescope.pipeline.build.accumulators import AccumulatedResult, FeatureStatsResult, KeptExamples
 from saescope.pipeline.build.config import AnalysisSettings
-from saescope.pipeline.saes import ACTIVATION_CELLS, by_row_blocks, unit_rows
+from saescope.pipeline.config import ACTIVATION_CELLS
+from saescope.pipeline.saes import by_row_blocks, unit_rows
 from saescope.pipeline.synthetic.ground_truth import GroundTruthMatch
 
 

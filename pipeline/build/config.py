@@ -8,6 +8,7 @@ from typing import Any
 
 from saescope.db.flags import HIGH_FREQUENCY
 from saescope.pipeline.config import (
+    PASS_CELLS,
     SourceConfig,
     check_bounds,
     quiet_setting,
@@ -85,7 +86,7 @@ class BuildConfig:
     latent_chunk: int | None = setting(
         None,
         "Latents encoded and accumulated at a time. Default: as many as keep a batch's "
-        "activations within 2**26 values (256 MB).",
+        f"activations within 2**{PASS_CELLS.bit_length() - 1} values ({PASS_CELLS * 4 >> 20} MB).",
         at_least=1,
     )
     dtype: str = setting(

@@ -52,6 +52,7 @@ from saescope.pipeline.build.ranks import (
     merged_on_rank_zero,
     rank_from_environment,
 )
+from saescope.pipeline.config import PASS_CELLS
 from saescope.pipeline.errors import InputError
 from saescope.pipeline.memory import reused_memory
 from saescope.pipeline.saes import (
@@ -205,7 +206,8 @@ def stream(
     )
     encode = LatentChunks(
         sae,
-        config.latent_chunk or latent_chunk_size(d_sae, source.forward_sequences * context_length),
+        config.latent_chunk
+        or latent_chunk_size(d_sae, source.forward_sequences * context_length, PASS_CELLS),
     )
     sequences = rank.share(n_sequences)
     progress = tqdm(
