@@ -128,3 +128,20 @@ def test_a_flag_reason_names_its_measure() -> None:
     assert reasons["absorbed"].startswith(
         "other latents make 40% (95% interval 30% to 50%) of the strong writes"
     )
+
+
+def test_row_slices_gather_rows_when_read_and_flatten_in_order() -> None:
+    values = np.arange(60, dtype=np.float32).reshape(4, 3, 5)  # [feature, slot, window]
+    feature = np.array([0, 0, 2, 3, 3, 3])
+    slot = np.array([2, 0, 1, 0, 1, 2])
+    starts = np.array([0, 2, 3])
+    gathered = records.RowSlices(values, starts, at=(feature, slot))
+    assert len(gathered) == 3
+    for row, (first, last) in enumerate([(0, 2), (2, 3), (3, 6)]):
+        np.testing.assert_array_equal(gathered[row], values[feature[first:last], slot[first:last]])
+    column = records.Chained([gathered, [np.zeros((1, 5))], gathered])
+    expected = np.concatenate([values[feature, slot], np.zeros((1, 5)), values[feature, slot]])
+    np.testing.assert_array_equal(records.flattened(column), expected)
+    plain = records.RowSlices(np.arange(5), np.array([0, 3]))
+    np.testing.assert_array_equal(plain[0], [0, 1, 2])
+    np.testing.assert_array_equal(records.flattened(plain), np.arange(5))
