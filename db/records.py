@@ -246,18 +246,26 @@ class SequenceExampleColumns:
         counts = [len(positions) for positions in examples.position]
         if sum(counts) == 0:
             return cls([], [], [], [])
-        feature = np.repeat(np.asarray(examples.feature_index, np.int64), counts)
-        sequence, position, activation = (
-            flattened(getattr(examples, name))
-            for name in ("sequence_index", "position", "activation")
+        # One int64 key per entry, ordered by sequence, position, latent, from which the unique
+        # entries' fields are read back: a wide SAE has millions of entries.
+        sequence, position = (
+            flattened(getattr(examples, name)) for name in ("sequence_index", "position")
         )
-        sequence, position = sequence.astype(np.int64), position.astype(np.int64)
-        width = int(feature.max()) + 1
-        key = (sequence * (int(position.max()) + 1) + position) * width + feature
-        _, first = np.unique(key, return_index=True)  # sorted by sequence, position, latent
-        sequence, position, feature, activation = (
-            column[first] for column in (sequence, position, feature, activation)
-        )
+        width = max(examples.feature_index) + 1
+        positions = int(position.max()) + 1
+        key = sequence.astype(np.int64) * positions
+        key += position
+        del sequence, position
+        key *= width
+        key += np.repeat(np.asarray(examples.feature_index, np.int64), counts)
+        key, first = np.unique(key, return_index=True)
+        activation = flattened(examples.activation)[first]
+        del first
+        feature = key % width
+        key //= width
+        position = key % positions
+        sequence = key // positions
+        del key
         starts = np.flatnonzero(np.diff(sequence, prepend=-1))
         return cls(
             sequence_index=sequence[starts],

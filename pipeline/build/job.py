@@ -129,6 +129,9 @@ def build_on_rank(config: BuildConfig, rank: Rank, started: float) -> BuildSumma
             records = sae_records(
                 config, sae, accumulated, evaluation, ablation, precision, source, rank.world_size
             )
+        # The pass's state the records do not share (the heaps' keys, the tables) goes before the
+        # write; the examples' windows stay, read row by row as they are written.
+        del merged, accumulated
         compare = partial(compare_both_ways, device=config.source.device)
         with phases("write"):
             writer.write(
