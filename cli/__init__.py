@@ -18,9 +18,9 @@ import click
 
 from saescope.cli.options import with_options
 from saescope.db.export import FORMATS as EXPORT_FORMATS
-from saescope.pipeline.build.config import BuildConfig
 from saescope.pipeline.config import from_options
 from saescope.pipeline.demo.config import DemoConfig, TrainLanguageModelConfig
+from saescope.pipeline.precompute.config import BuildConfig
 from saescope.pipeline.synthetic.config import SyntheticConfig
 from saescope.pipeline.training.config import TrainConfig
 from saescope.server.cli import ErrorContract, host_option, port_option, run, serve
@@ -77,7 +77,7 @@ def build(**options: Any) -> None:
     """Run the model over the corpus once and precompute every feature's data into --out."""
     config = from_options(BuildConfig, options)
     setup_logging(config.quiet)
-    from saescope.pipeline.build.job import run_build
+    from saescope.pipeline.precompute.job import run_build
 
     with user_errors(f"interrupted; {config.out} was left as it was"):
         summary = run_build(config)
@@ -192,7 +192,7 @@ def compare(database: Path, sae: str, other: str, device: str) -> None:
     from functools import partial
 
     from saescope.db.writer import add_comparison
-    from saescope.pipeline.build.matching import compare_both_ways
+    from saescope.pipeline.precompute.matching import compare_both_ways
 
     with user_errors(f"interrupted; {database} was left as it was"):
         records = add_comparison(database, (sae, other), partial(compare_both_ways, device=device))

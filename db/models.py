@@ -103,7 +103,7 @@ class Sae(Base):
     # For SAEs trained by `saescope train`: {objective, hyperparameters, settings}, and its log.
     training: Mapped[dict[str, Any] | None]
     training_log: Mapped[list[Any] | None]
-    # Description length (`pipeline.build.description_length`), and the precision it was taken
+    # Description length (`pipeline.precompute.description_length`), and the precision it was taken
     # at: bins per decade of the activations.
     description_length_bits: Mapped[float]
     description_length_precision: Mapped[int]
@@ -128,7 +128,7 @@ class Feature(Base):
     jaccard: Mapped[float]
     miss_rate: Mapped[float]
     # Absorption, on the SAE's position sample; None where the feature fires there too rarely.
-    # Absorption (`pipeline.build.absorption`): None, with a reason, where not measurable.
+    # Absorption (`pipeline.precompute.absorption`): None, with a reason, where not measurable.
     absorption: Mapped[float | None]
     absorption_low: Mapped[float | None]
     absorption_high: Mapped[float | None]

@@ -23,16 +23,16 @@ FORBIDDEN = [
     *(("saescope.server", library) for library in LANGUAGE_MODEL_LIBRARIES),
     # The four products inside the pipeline: the build, training and the synthetic lab do not
     # reach into each other or into the demo, which uses them all.
-    ("saescope.pipeline.build", "saescope.pipeline.training"),
-    ("saescope.pipeline.build", "saescope.pipeline.demo"),
-    ("saescope.pipeline.training", "saescope.pipeline.build"),
+    ("saescope.pipeline.precompute", "saescope.pipeline.training"),
+    ("saescope.pipeline.precompute", "saescope.pipeline.demo"),
+    ("saescope.pipeline.training", "saescope.pipeline.precompute"),
     ("saescope.pipeline.training", "saescope.pipeline.demo"),
-    ("saescope.pipeline.synthetic", "saescope.pipeline.build"),
+    ("saescope.pipeline.synthetic", "saescope.pipeline.precompute"),
     ("saescope.pipeline.synthetic", "saescope.pipeline.training"),
     ("saescope.pipeline.synthetic", "saescope.pipeline.demo"),
 ]
 # Only the build job writes: the analysis hands it records, never packs storage itself.
-WRITERS = {"saescope.pipeline.build.job"}
+WRITERS = {"saescope.pipeline.precompute.job"}
 
 
 def module_name(path: Path) -> str:
@@ -100,9 +100,9 @@ def test_every_forbidden_arrow_is_absent() -> None:
 @pytest.mark.parametrize(
     ("importer", "imported"),
     [
-        ("saescope.pipeline.build.job", "saescope.server.app"),
-        ("saescope.pipeline.build.analysis", "saescope.db.writer"),
-        ("saescope.pipeline.build.job", "saescope.pipeline.training.train"),
+        ("saescope.pipeline.precompute.job", "saescope.server.app"),
+        ("saescope.pipeline.precompute.analysis", "saescope.db.writer"),
+        ("saescope.pipeline.precompute.job", "saescope.pipeline.training.train"),
         ("saescope.server.api", "torch"),
         ("saescope.db.queries", "saescope.pipeline"),
         ("saescope.server.pages", "db.queries"),

@@ -9,9 +9,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from saescope.db.engine import connect_readonly, has_current_schema
-from saescope.pipeline.build.config import BuildConfig
-from saescope.pipeline.build.job import run_build
 from saescope.pipeline.config import SourceConfig
+from saescope.pipeline.precompute.config import BuildConfig
+from saescope.pipeline.precompute.job import run_build
 from saescope.pipeline.training.config import TrainConfig, TrainingSettings
 from saescope.pipeline.training.train import run_training
 

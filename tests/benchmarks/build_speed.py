@@ -103,10 +103,10 @@ def forward_and_encode(
 
 def time_passes(model_dir: Path, sae_dir: Path, tokens_path: Path, n_tokens: int) -> dict:
     from saescope.pipeline.activations import open_source
-    from saescope.pipeline.build.accumulators import DecoderExampleHeaps
-    from saescope.pipeline.build.config import BuildConfig
-    from saescope.pipeline.build.job import stream
     from saescope.pipeline.config import SourceConfig
+    from saescope.pipeline.precompute.accumulators import DecoderExampleHeaps
+    from saescope.pipeline.precompute.config import BuildConfig
+    from saescope.pipeline.precompute.job import stream
     from saescope.pipeline.saes import decoder_and_bias, load_sae, sae_metadata
 
     sae = load_sae(sae_dir, None, None, "cpu", "float32")

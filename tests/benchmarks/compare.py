@@ -43,7 +43,7 @@ def run(kind: str, latents: int, d_in: int, results) -> None:
     a, b = decoders(latents, d_in)
     started = time.perf_counter()
     if kind == "chunked":
-        from saescope.pipeline.build.matching import compare_both_ways
+        from saescope.pipeline.precompute.matching import compare_both_ways
 
         records = compare_both_ways(a, b)
         summary = records[0].share_above_0_9, records[0].median_best_cosine

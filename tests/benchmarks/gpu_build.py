@@ -35,8 +35,8 @@ CHILD = """
 import json, sys, time, torch
 from pathlib import Path
 from saescope.pipeline.activations import open_source
-from saescope.pipeline.build.config import BuildConfig
-from saescope.pipeline.build.job import run_build
+from saescope.pipeline.precompute.config import BuildConfig
+from saescope.pipeline.precompute.job import run_build
 from saescope.pipeline.config import SourceConfig
 from saescope.pipeline.saes import load_sae, sae_metadata
 kind, model, hook, sae_dir, tokens, n_tokens, device, batch, out = sys.argv[1:]

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from saescope.pipeline.build.accumulators import FeatureAccumulators
+from saescope.pipeline.precompute.accumulators import FeatureAccumulators
 
 logger = logging.getLogger(__name__)
 

@@ -12,11 +12,11 @@ from saescope.db.codec import (
     WINDOW_RIGHT,
     histogram_edges,
 )
-from saescope.pipeline.build.accumulators import AccumulatedResult, FeatureAccumulators, Scan
-from saescope.pipeline.build.kernels import RANDOM_KEY_BITS
-from saescope.pipeline.build.torch_scan import position_hash
+from saescope.pipeline.precompute.accumulators import AccumulatedResult, FeatureAccumulators, Scan
+from saescope.pipeline.precompute.kernels import RANDOM_KEY_BITS
+from saescope.pipeline.precompute.torch_scan import position_hash
 from saescope.pipeline.saes import unit_rows
-from tests.pipeline.build.conftest import (
+from tests.pipeline.precompute.conftest import (
     CTX,
     D_MODEL,
     N_FEATURES,
@@ -114,7 +114,7 @@ def test_decoder_top_is_that_of_exact_projections(monkeypatch, native_bfloat16: 
     """Projections of a feature that differ by less than the bfloat16 rounding, so the screen's
     margin decides which enter; every fifth sequence three times as long, so its margin is looser
     than the others'."""
-    from saescope.pipeline.build import accumulators
+    from saescope.pipeline.precompute import accumulators
 
     monkeypatch.setattr(accumulators, "cpu_multiplies_bfloat16", lambda: native_bfloat16)
     n_seq, n_features, d_model = 40, 64, 48
@@ -328,7 +328,7 @@ def test_one_thread_gives_the_multithreaded_result(data: dict, result) -> None:
 
 
 def test_example_keys_order_by_score_then_earlier_token() -> None:
-    from saescope.pipeline.build.kernels import example_keys, key_scores, key_tokens
+    from saescope.pipeline.precompute.kernels import example_keys, key_scores, key_tokens
 
     rng = np.random.default_rng(1)
     scores = np.concatenate(
@@ -347,7 +347,7 @@ def test_example_keys_order_by_score_then_earlier_token() -> None:
 
 @pytest.mark.parametrize("scan", ["kernels", "torch"])
 def test_sparse_token_table_equals_the_dense_one(data, result, monkeypatch, scan: Scan) -> None:
-    import saescope.pipeline.build.accumulators as accumulators
+    import saescope.pipeline.precompute.accumulators as accumulators
 
     monkeypatch.setattr(accumulators, "DENSE_TOKEN_TABLE_CELLS", 0)
     monkeypatch.setattr(accumulators, "TOKEN_TABLE_COMPACT_EVERY", 50)

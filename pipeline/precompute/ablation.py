@@ -28,9 +28,9 @@ from torch import Tensor
 
 from saescope.db.codec import histogram_edges
 from saescope.pipeline.activations import ActivationSource
-from saescope.pipeline.build.accumulators import FeatureStatsResult
-from saescope.pipeline.build.evaluation import ReconstructionTotals, splice_hooks
 from saescope.pipeline.config import ACTIVATION_CELLS
+from saescope.pipeline.precompute.accumulators import FeatureStatsResult
+from saescope.pipeline.precompute.evaluation import ReconstructionTotals, splice_hooks
 from saescope.pipeline.saes import row_chunks
 
 TARGET_FRACTIONS = (1.0, 0.85, 0.7, 0.55, 0.4, 0.25)

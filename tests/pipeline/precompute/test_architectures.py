@@ -14,7 +14,7 @@ from click.testing import CliRunner
 from saescope.cli import app
 from saescope.pipeline.saes import SUPPORTED_ARCHITECTURES
 from tests.conftest import read_hooks
-from tests.pipeline.build.conftest import build_args, rows
+from tests.pipeline.precompute.conftest import build_args, rows
 
 runner = CliRunner()
 TRANSCODER_IN, TRANSCODER_OUT = "blocks.0.ln2.hook_normalized", "blocks.0.hook_mlp_out"

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from saescope.pipeline.build import absorption as measure
-from saescope.pipeline.build.absorption import (
+from saescope.pipeline.precompute import absorption as measure
+from saescope.pipeline.precompute.absorption import (
     absorption,
     binned_auroc,
     group_quantile,

@@ -16,7 +16,7 @@ from click.testing import CliRunner
 from saescope.cli import app
 from saescope.db.codec import WINDOW_LEFT, WINDOW_LENGTH
 from tests.conftest import HOOK
-from tests.pipeline.build.conftest import build_args, rows
+from tests.pipeline.precompute.conftest import build_args, rows
 
 runner = CliRunner()
 
@@ -321,7 +321,7 @@ def test_output_not_writable(tmp_path, tiny_model_dir, tiny_sae_dir, token_file)
 def test_ctrl_c_leaves_the_previous_database(
     monkeypatch, previous_db, built_db, tiny_model_dir, tiny_sae_dir, token_file
 ):
-    from saescope.pipeline.build.accumulators import FeatureAccumulators
+    from saescope.pipeline.precompute.accumulators import FeatureAccumulators
 
     def interrupt(self, batch, chunks) -> None:
         raise KeyboardInterrupt

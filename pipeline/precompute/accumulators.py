@@ -29,16 +29,16 @@ from jaxtyping import BFloat16, Bool, Float, Int
 from torch import Tensor
 
 from saescope.db.codec import HISTOGRAM_BINS, WINDOW_LENGTH
-from saescope.pipeline.build import kernels
-from saescope.pipeline.build.config import ExampleCounts
-from saescope.pipeline.build.kernels import (
+from saescope.pipeline.precompute import kernels
+from saescope.pipeline.precompute.config import ExampleCounts
+from saescope.pipeline.precompute.kernels import (
     EMPTY_KEY,
     TOKEN_LIMIT,
     BatchView,
     ExampleState,
     StatisticsTables,
 )
-from saescope.pipeline.build.torch_scan import PROJECTION_MARGIN, TorchScan, position_hash
+from saescope.pipeline.precompute.torch_scan import PROJECTION_MARGIN, TorchScan, position_hash
 from saescope.pipeline.saes import unit_rows
 
 # Where the per-entry work runs: the compiled CPU kernels, or torch on the build's device.

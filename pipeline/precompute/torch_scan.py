@@ -31,7 +31,7 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
 from saescope.db.codec import HISTOGRAM_BINS, WINDOW_LEFT, WINDOW_LENGTH, histogram_edges
-from saescope.pipeline.build.kernels import (
+from saescope.pipeline.precompute.kernels import (
     EMPTY_KEY,
     GAP,
     HASH_MASK,
@@ -43,7 +43,7 @@ from saescope.pipeline.build.kernels import (
 from saescope.pipeline.saes import unit_rows
 
 if TYPE_CHECKING:
-    from saescope.pipeline.build.accumulators import (
+    from saescope.pipeline.precompute.accumulators import (
         Batch,
         ExampleHeaps,
         FeatureAccumulators,

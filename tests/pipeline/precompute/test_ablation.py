@@ -12,16 +12,16 @@ import pytest
 import torch
 
 from saescope.pipeline.activations import open_source
-from saescope.pipeline.build.ablation import (
+from saescope.pipeline.config import SourceConfig
+from saescope.pipeline.models import activations_at_hook
+from saescope.pipeline.precompute.ablation import (
     RULES,
     TARGET_FRACTIONS,
     ActivationRanks,
     _drop_lowest,
 )
-from saescope.pipeline.build.accumulators import FeatureStatsResult
-from saescope.pipeline.build.analysis import interpolated_quantiles
-from saescope.pipeline.config import SourceConfig
-from saescope.pipeline.models import activations_at_hook
+from saescope.pipeline.precompute.accumulators import FeatureStatsResult
+from saescope.pipeline.precompute.analysis import interpolated_quantiles
 from saescope.pipeline.saes import load_sae, sae_metadata
 from tests.conftest import HOOK
 

@@ -12,14 +12,14 @@ from click.testing import CliRunner
 
 from saescope.cli import app
 from saescope.db.codec import WINDOW_LENGTH
-from saescope.pipeline.build.accumulators import (
+from saescope.pipeline.precompute.accumulators import (
     AccumulatedResult,
     Batch,
     FeatureAccumulators,
     LatentChunk,
     Scan,
 )
-from saescope.pipeline.build.config import ExampleCounts
+from saescope.pipeline.precompute.config import ExampleCounts
 from tests.conftest import HOOK
 
 N_SEQ, CTX, N_FEATURES, D_MODEL, VOCAB = 8, 45, 6, 4, 13

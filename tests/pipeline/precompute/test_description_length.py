@@ -10,7 +10,7 @@ import torch
 
 from saescope.db.codec import HISTOGRAM_BINS, HISTOGRAM_BINS_PER_DECADE, HISTOGRAM_LOG10_MIN
 from saescope.pipeline import saes
-from saescope.pipeline.build.description_length import (
+from saescope.pipeline.precompute.description_length import (
     MSE_TOLERANCE,
     PRECISIONS,
     description_lengths,

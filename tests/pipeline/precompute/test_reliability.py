@@ -17,7 +17,7 @@ import pytest
 from click.testing import CliRunner
 
 from saescope.cli import app
-from tests.pipeline.build.conftest import build_args, rows
+from tests.pipeline.precompute.conftest import build_args, rows
 
 runner = CliRunner()
 

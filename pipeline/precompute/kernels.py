@@ -633,32 +633,6 @@ def key_tokens(keys: np.ndarray) -> np.ndarray:
     return TOKEN_LIMIT - 1 - (keys & (TOKEN_LIMIT - 1))
 
 
-@njit(parallel=True, cache=True)
-def presence(projection, fired, threshold, measurable, max_examined: int, n_threads: int):
-    """Per feature (column): the positions (rows) where its projection reaches `threshold`, how
-    many of them it misses (not `fired`), and the first `max_examined` missed rows (-1 padding)
-    with their summed projection. Features not `measurable` count nothing."""
-    n_rows, n_features = projection.shape
-    n_present = np.zeros(n_features, np.int64)
-    n_missed = np.zeros(n_features, np.int64)
-    examined = np.full((n_features, max_examined), -1, np.int64)
-    examined_sum = np.zeros(n_features)
-    for thread in prange(n_threads):
-        first, last = _feature_range(thread, n_threads, n_features)
-        for row in range(n_rows):
-            for feature in range(first, last):
-                if not measurable[feature] or projection[row, feature] < threshold[feature]:
-                    continue
-                n_present[feature] += 1
-                if fired[row, feature]:
-                    continue
-                if n_missed[feature] < max_examined:
-                    examined[feature, n_missed[feature]] = row
-                    examined_sum[feature] += projection[row, feature]
-                n_missed[feature] += 1
-    return n_present, n_missed, examined, examined_sum
-
-
 @njit(inline="always")
 def _rank(top, top_score, filled, group: int, index: int, score) -> None:
     """Offers `index` with `score` to the group's row of the n best, kept best first; an equal

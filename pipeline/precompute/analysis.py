@@ -20,10 +20,14 @@ from saescope.db.records import (
     TokenLatentColumns,
     TokenStatColumns,
 )
-from saescope.pipeline.build.absorption import Absorption
-from saescope.pipeline.build.accumulators import AccumulatedResult, FeatureStatsResult, KeptExamples
-from saescope.pipeline.build.config import AnalysisSettings
 from saescope.pipeline.config import ACTIVATION_CELLS
+from saescope.pipeline.precompute.absorption import Absorption
+from saescope.pipeline.precompute.accumulators import (
+    AccumulatedResult,
+    FeatureStatsResult,
+    KeptExamples,
+)
+from saescope.pipeline.precompute.config import AnalysisSettings
 from saescope.pipeline.saes import by_row_blocks, unit_rows
 from saescope.pipeline.synthetic.ground_truth import GroundTruthMatch
 

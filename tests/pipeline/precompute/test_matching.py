@@ -13,8 +13,8 @@ from click.testing import CliRunner
 from saescope.cli import app
 from saescope.db.codec import COSINE_BINS
 from saescope.db.records import StoredDecoder
-from saescope.pipeline.build import matching
-from saescope.pipeline.build.matching import best_matches, compare_both_ways
+from saescope.pipeline.precompute import matching
+from saescope.pipeline.precompute.matching import best_matches, compare_both_ways
 
 
 def brute_force(a: np.ndarray, b: np.ndarray) -> np.ndarray:

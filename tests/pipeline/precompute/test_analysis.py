@@ -7,10 +7,10 @@ import torch
 from saescope.db.codec import HISTOGRAM_BINS, histogram_edges
 from saescope.db.flags import FLAGS_BY_NAME, HIGH_FREQUENCY
 from saescope.pipeline import saes
-from saescope.pipeline.build import analysis
-from saescope.pipeline.build.accumulators import AccumulatedResult
-from saescope.pipeline.build.kernels import top_per_group
-from tests.pipeline.build.conftest import (
+from saescope.pipeline.precompute import analysis
+from saescope.pipeline.precompute.accumulators import AccumulatedResult
+from saescope.pipeline.precompute.kernels import top_per_group
+from tests.pipeline.precompute.conftest import (
     CTX,
     D_MODEL,
     N_FEATURES,

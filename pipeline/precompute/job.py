@@ -26,25 +26,28 @@ from saescope.db.flags import HIGH_FREQUENCY
 from saescope.db.records import CorpusRecord, SaeRecord, SaeRecords
 from saescope.db.writer import DatabaseWriter
 from saescope.pipeline.activations import ActivationSource, open_source
-from saescope.pipeline.build import analysis
-from saescope.pipeline.build.ablation import ablation_contexts, measure, threshold_ablation
-from saescope.pipeline.build.absorption import absorption
-from saescope.pipeline.build.accumulators import (
+from saescope.pipeline.config import PASS_CELLS
+from saescope.pipeline.errors import InputError
+from saescope.pipeline.memory import reused_memory
+from saescope.pipeline.precompute import analysis
+from saescope.pipeline.precompute.ablation import ablation_contexts, measure, threshold_ablation
+from saescope.pipeline.precompute.absorption import absorption
+from saescope.pipeline.precompute.accumulators import (
     AccumulatedResult,
     Batch,
     FeatureAccumulators,
     FeatureStatsResult,
     LatentChunk,
 )
-from saescope.pipeline.build.config import BuildConfig
-from saescope.pipeline.build.description_length import (
+from saescope.pipeline.precompute.config import BuildConfig
+from saescope.pipeline.precompute.description_length import (
     description_lengths,
     effective_precision,
     quantise,
 )
-from saescope.pipeline.build.evaluation import evaluate
-from saescope.pipeline.build.matching import compare_both_ways
-from saescope.pipeline.build.ranks import (
+from saescope.pipeline.precompute.evaluation import evaluate
+from saescope.pipeline.precompute.matching import compare_both_ways
+from saescope.pipeline.precompute.ranks import (
     SINGLE_PROCESS,
     Rank,
     join,
@@ -52,9 +55,6 @@ from saescope.pipeline.build.ranks import (
     merged_on_rank_zero,
     rank_from_environment,
 )
-from saescope.pipeline.config import PASS_CELLS
-from saescope.pipeline.errors import InputError
-from saescope.pipeline.memory import reused_memory
 from saescope.pipeline.saes import (
     LatentChunks,
     decoder_and_bias,
