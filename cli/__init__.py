@@ -258,7 +258,7 @@ def export(database: Path, sae: str, out: Path, export_format: str, labels: Path
 
     from saescope.db import export as exports
     from saescope.db.engine import readonly_engine
-    from saescope.db.queries import NotFoundError
+    from saescope.db.queries.lookups import NotFoundError
     from saescope.server.labels import LabelStore, labels_path
 
     if not database.is_file():

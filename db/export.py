@@ -19,8 +19,9 @@ from typing import Any
 
 from sqlalchemy.orm import Session
 
-from saescope.db.queries import get_feature, get_sae
-from saescope.db.responses import ExampleOut, FeatureDetail
+from saescope.db.queries.examples import ExampleOut
+from saescope.db.queries.feature_detail import FeatureDetail, get_feature
+from saescope.db.queries.saes import get_sae
 
 FORMATS = ("json", "neuronpedia")
 NEURONPEDIA_BATCH = 1024

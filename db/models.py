@@ -8,14 +8,16 @@ from __future__ import annotations
 
 from typing import Any, ClassVar
 
-from sqlalchemy import JSON, ForeignKey, Index, LargeBinary, String
+from sqlalchemy import JSON, Float, ForeignKey, Index, Integer, LargeBinary, String
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from saescope.db.codec import FLOAT16, FLOAT32, INT32, WINDOW_LENGTH, blob
+from saescope.db.metrics import METRICS, SORTABLE
 
 # Bump whenever a table or column changes meaning; the server refuses other versions.
 SCHEMA_VERSION = 8
 SAE_NAME_MAX_LENGTH = 128
+SQL_TYPES = {float: Float, int: Integer}
 
 
 class Base(DeclarativeBase):
@@ -111,34 +113,28 @@ class Sae(Base):
     threshold_ablation: Mapped[list[Any]]
 
 
-class Feature(Base):
-    """Everything shown in a feature's header, charts and side tables."""
+def _metric_columns() -> type:
+    """A mixin with a column per metric of `db.metrics`."""
+    return type(
+        "MetricColumns",
+        (),
+        {
+            metric.name: mapped_column(SQL_TYPES[metric.type], nullable=metric.nullable)
+            for metric in METRICS
+        },
+    )
+
+
+class Feature(_metric_columns(), Base):
+    """Everything shown in a feature's header, charts and side tables: the metrics of
+    `db.metrics`, and these."""
 
     __tablename__ = "features"
     sae_id: Mapped[int] = mapped_column(ForeignKey("saes.id"), primary_key=True)
     feature_index: Mapped[int] = mapped_column(primary_key=True)
-    count: Mapped[int]
-    frequency: Mapped[float]
-    mean_activation: Mapped[float]
-    max_activation: Mapped[float]
-    min_activation: Mapped[float]
-    bos_count: Mapped[int]
-    bos_share: Mapped[float]
-    positional_r2: Mapped[float]
-    jaccard: Mapped[float]
-    miss_rate: Mapped[float]
-    # Absorption, on the SAE's position sample; None where the feature fires there too rarely.
-    # Absorption (`pipeline.precompute.absorption`): None, with a reason, where not measurable.
-    absorption: Mapped[float | None]
-    absorption_low: Mapped[float | None]
-    absorption_high: Mapped[float | None]
+    # Absorption (`pipeline.precompute.absorption`): why it is not measurable where it is None.
     absorption_reason: Mapped[str | None]
-    absorbed_positions: Mapped[int]
     absorbers: Mapped[list[Any]]
-    # AUROC of the decoder projection, the latent's firings against background positions.
-    decoder_auroc: Mapped[float]
-    # Bits per token the latent costs at the SAE's description-length precision.
-    description_length_bits: Mapped[float]
     # The decoder row W_dec[i], for comparisons with other SAEs and for export.
     decoder: Mapped[bytes] = mapped_column(LargeBinary, info=blob(FLOAT16), deferred=True)
     histogram_first_bin: Mapped[int]
@@ -158,13 +154,9 @@ class Feature(Base):
     gt_cosine: Mapped[float | None]
     composed_of: Mapped[list[Any] | None]
     composed_cosine: Mapped[float | None]
-    __table_args__ = (
-        Index("ix_features_frequency", "sae_id", "frequency"),
-        Index("ix_features_max", "sae_id", "max_activation"),
-        Index("ix_features_jaccard", "sae_id", "jaccard"),
-        Index("ix_features_miss_rate", "sae_id", "miss_rate"),
-        Index("ix_features_absorption", "sae_id", "absorption"),
-        Index("ix_features_description_length", "sae_id", "description_length_bits"),
+    # The feature table sorts by these.
+    __table_args__ = tuple(
+        Index(f"ix_features_{metric.name}", "sae_id", metric.name) for metric in SORTABLE
     )
 
 
@@ -211,6 +203,10 @@ class TokenStat(Base):
     sae_id: Mapped[int] = mapped_column(ForeignKey("saes.id"), primary_key=True)
     token_id: Mapped[int] = mapped_column(primary_key=True)
     count: Mapped[int]
+
+
+# Latents the build keeps per token id, ranked (token search shows up to this many).
+TOKEN_LATENTS = 16
 
 
 class TokenLatent(Base):

@@ -11,7 +11,7 @@ from __future__ import annotations
 import bisect
 import itertools
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, make_dataclass
 from typing import Any
 
 import numpy as np
@@ -168,44 +168,13 @@ class SaeRecord:
     threshold_ablation: list[Any]
 
 
-@dataclass
-class FeatureColumns:
-    """The `features` rows of one SAE, column by column, in feature order."""
-
-    feature_index: Column
-    count: Column
-    frequency: Column
-    mean_activation: Column
-    max_activation: Column
-    min_activation: Column
-    bos_count: Column
-    bos_share: Column
-    positional_r2: Column
-    jaccard: Column
-    miss_rate: Column
-    absorption: Column
-    absorption_low: Column
-    absorption_high: Column
-    absorption_reason: Column
-    absorbed_positions: Column
-    absorbers: Column
-    decoder_auroc: Column
-    description_length_bits: Column
-    decoder: Column
-    histogram_first_bin: Column
-    histogram_counts: Column
-    position_rate: Column
-    position_mean: Column
-    quantile_edges: Column
-    quantile_mass: Column
-    logits_top: Column
-    logits_bottom: Column
-    neighbours: Column
-    top_tokens: Column
-    gt_feature: Column | None
-    gt_cosine: Column | None
-    composed_of: Column | None
-    composed_cosine: Column | None
+# The `features` rows of one SAE, column by column, in feature order: a field per column of the
+# table (its metrics are declared in `db.metrics`).
+FeatureColumns = make_dataclass(
+    "FeatureColumns",
+    [(column.key, Column) for column in Feature.__table__.columns if column.key != "sae_id"],
+)
+FeatureColumns.__module__ = __name__
 
 
 @dataclass

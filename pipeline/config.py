@@ -100,6 +100,19 @@ def from_options(cls: type, options: dict[str, Any]) -> Any:
     return cls(**values)
 
 
+def as_options(config: Any) -> dict[str, Any]:
+    """Every field of a config by name, groups flattened, paths as text: what `from_options`
+    reads back (as JSON, too)."""
+    values: dict[str, Any] = {}
+    for dataclass_field in dataclasses.fields(config):
+        value = getattr(config, dataclass_field.name)
+        if dataclasses.is_dataclass(value):
+            values |= as_options(value)
+        else:
+            values[dataclass_field.name] = str(value) if isinstance(value, Path) else value
+    return values
+
+
 def check_bounds(config: Any) -> None:
     """Raises InputError for the first setting outside its declared bounds or choices."""
     for dataclass_field in dataclasses.fields(config):

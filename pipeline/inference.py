@@ -28,17 +28,18 @@ from sqlalchemy import select
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
-from saescope.db.engine import SchemaMismatchError, check_schema_version, readonly_engine
-from saescope.db.models import Sae
-from saescope.db.responses import (
+from saescope.db.activations import (
     MAX_TEXT_TOKENS,
     ActivationRequest,
     FeatureActivations,
     LatentActivation,
     TextActivations,
 )
+from saescope.db.engine import SchemaMismatchError, check_schema_version, readonly_engine
+from saescope.db.models import Sae
 from saescope.pipeline import models
 from saescope.pipeline.errors import InputError
+from saescope.pipeline.precompute.config import BuildConfig
 from saescope.pipeline.saes import (
     LatentChunks,
     latent_chunk_size,
@@ -72,7 +73,8 @@ class Inference:
             check_schema_version(engine)
             with Session(engine) as session:
                 self.configs = {
-                    sae.name: (sae.config, sae.d_sae) for sae in session.scalars(select(Sae))
+                    sae.name: (BuildConfig.from_record(sae.config, database), sae.d_sae)
+                    for sae in session.scalars(select(Sae))
                 }
         except (SchemaMismatchError, SQLAlchemyError) as error:
             raise InputError(f"{database}: {error}") from None
@@ -83,23 +85,21 @@ class Inference:
 
     @functools.cache  # noqa: B019
     def loaded(self, name: str) -> LoadedSae:
-        config, _ = self.configs[name]
-        if config.get("synthetic"):
+        build, _ = self.configs[name]
+        source = build.source
+        if source.synthetic:
             raise InputError(f"SAE {name!r} was built on synthetic activations: no text to run")
-        directory = Path(config["sae"]) if config.get("sae") else None
-        sae = load_sae(
-            directory, config.get("sae_release"), config.get("sae_id"), self.device,
-            config["dtype"],
-        )  # fmt: skip
+        directory = Path(build.sae) if build.sae else None
+        sae = load_sae(directory, build.sae_release, build.sae_id, self.device, build.dtype)
         if output_hook(sae) is not None:
             raise InputError(f"SAE {name!r} is a transcoder: the test box reads SAEs only")
         metadata = sae.cfg.metadata.to_dict()
-        processing = models.weight_processing_kwargs(metadata, config.get("weight_processing"))
-        model = self._model(config["model"], config["dtype"], tuple((processing or {}).items()))
+        processing = models.weight_processing_kwargs(metadata, source.weight_processing)
+        model = self._model(source.model, build.dtype, tuple((processing or {}).items()))
         return LoadedSae(
             model=model,
             sae=sae,
-            hook=config["hook"],
+            hook=source.hook,
             prepend_bos=metadata.get("prepend_bos", True),
             vocab=models.vocab_strings(model.tokenizer, model.cfg.d_vocab),
             special_ids=models.special_token_ids(model.tokenizer),

@@ -1,4 +1,6 @@
-"""JSON API under /api/v1: one route per page, from the same query functions."""
+"""The JSON API under /api/v1: its router, which the pages' views (`views`) also register on, and
+the routes that are JSON only: health, the feature table, threshold ablation, labels, and the
+activations of a text."""
 
 from __future__ import annotations
 
@@ -6,32 +8,26 @@ from typing import Annotated
 
 from fastapi import APIRouter, Header
 from pydantic import BaseModel
+from sqlalchemy.orm import Session
 
-from saescope.db import queries, responses
-from saescope.db.flags import HIGH_FREQUENCY
+from saescope.db.activations import ActivationRequest, TextActivations
 from saescope.db.models import SCHEMA_VERSION
-from saescope.db.queries import NotFoundError
+from saescope.db.queries.feature_table import FeaturePage
+from saescope.db.queries.lookups import NotFoundError
+from saescope.db.queries.saes import ThresholdAblation, get_sae, list_saes, threshold_ablation
 from saescope.server import inference
 from saescope.server.dependencies import LabelsDep, SessionDep, SettingsDep
 from saescope.server.errors import ERROR_RESPONSES, WRITE_RESPONSES
 from saescope.server.labels import Label, LabelImport, LabelIn
-from saescope.server.params import (
-    ComparisonQuery,
-    FeatureIndex,
-    FeatureTableQuery,
-    LabelQuery,
-    LatentsPerToken,
-    OtherSaeName,
-    PhraseCursor,
-    PhraseLimit,
-    PhraseQuery,
-    SaeName,
-    SearchLimit,
-    Threshold,
-    TokenQuery,
-)
+from saescope.server.params import FeatureIndex, FeatureTableQuery, LabelQuery, SaeName
+from saescope.server.routes import API, ROUTES
 
-router = APIRouter(prefix="/api/v1", responses=ERROR_RESPONSES)
+router = APIRouter(prefix=API, responses=ERROR_RESPONSES)
+
+
+def json_route(name: str, method: str = "GET", **options):
+    """Registers a JSON-only route at the path named `name`."""
+    return router.api_route(ROUTES[name].json, methods=[method], name=name, **options)
 
 
 class Health(BaseModel):
@@ -40,114 +36,36 @@ class Health(BaseModel):
     saes: int
 
 
-@router.get("/health", response_model=Health, tags=["meta"])
+@json_route("health", tags=["meta"])
 def health(session: SessionDep) -> Health:
-    return Health(status="ok", schema_version=SCHEMA_VERSION, saes=len(queries.list_saes(session)))
+    return Health(status="ok", schema_version=SCHEMA_VERSION, saes=len(list_saes(session)))
 
 
-@router.get("/saes", response_model=list[responses.SaeSummary], tags=["saes"])
-def saes(session: SessionDep) -> list[responses.SaeSummary]:
-    """The SAEs in the database with their metrics."""
-    return queries.list_saes(session)
-
-
-@router.get("/saes/{sae}", response_model=responses.SaeDetail, tags=["saes"])
-def sae(sae: SaeName, session: SessionDep) -> responses.SaeDetail:
-    """One SAE: metrics, build configuration, training settings and curve."""
-    return queries.get_sae(session, sae)
-
-
-@router.get("/compare", response_model=responses.SaeComparison, tags=["saes"])
-def compare(session: SessionDep) -> responses.SaeComparison:
-    """The SAEs side by side: metrics, training, threshold ablation, and every comparison's
-    summary."""
-    return queries.side_by_side(session)
-
-
-@router.get("/saes/{sae}/compare/{other}", response_model=responses.Comparison, tags=["saes"])
-def compare_pair(
-    sae: SaeName,
-    other: OtherSaeName,
-    params: ComparisonQuery,
-    session: SessionDep,
-    settings: SettingsDep,
-) -> responses.Comparison:
-    """Reference matching: how `sae`'s latents are matched in `other` by decoder cosine, and its
-    live latents with no match (best cosine below `threshold`), paginated by key."""
-    return params.comparison(session, sae, other, settings.page_size)
-
-
-@router.get(
-    "/saes/{sae}/threshold-ablation", response_model=responses.ThresholdAblation, tags=["saes"]
-)
-def threshold_ablation(sae: SaeName, session: SessionDep) -> responses.ThresholdAblation:
+@json_route("threshold_ablation", tags=["saes"])
+def ablation(sae: SaeName, session: SessionDep) -> ThresholdAblation:
     """L0, MSE, explained variance and CE as the lowest activations are removed by four rules."""
-    return queries.threshold_ablation(session, sae)
+    return threshold_ablation(session, sae)
 
 
-@router.get("/saes/{sae}/features", response_model=responses.FeaturePage, tags=["features"])
+@json_route("features", tags=["features"])
 def features(
     sae: SaeName, params: FeatureTableQuery, session: SessionDep, settings: SettingsDep
-) -> responses.FeaturePage:
+) -> FeaturePage:
     """The feature table, sorted, filtered and paginated by key."""
     return params.page(session, sae, settings.page_size)
 
 
-@router.get(
-    "/saes/{sae}/features/{feature_index}",
-    response_model=responses.FeatureDetail,
-    tags=["features"],
-)
-def feature(
-    sae: SaeName, feature_index: FeatureIndex, session: SessionDep
-) -> responses.FeatureDetail:
-    """Everything about one feature: statistics, flags, examples, charts' data, neighbours."""
-    return queries.get_feature(session, sae, feature_index)
-
-
-@router.get("/saes/{sae}/search", response_model=responses.TokenSearch, tags=["search"])
-def search(
-    sae: SaeName,
-    token: TokenQuery,
-    session: SessionDep,
-    settings: SettingsDep,
-    limit: SearchLimit = None,
-    latents: LatentsPerToken = 5,
-) -> responses.TokenSearch:
-    """Tokens matching `token` exactly, then by substring, with the latents that fire on them."""
-    return queries.search_tokens(
-        session, sae, token, limit=limit or settings.search_limit, latents_per_token=latents
-    )
-
-
-@router.get("/saes/{sae}/corpus", response_model=responses.PhraseSearch, tags=["search"])
-def corpus_search(
-    sae: SaeName,
-    phrase: PhraseQuery,
-    session: SessionDep,
-    settings: SettingsDep,
-    limit: PhraseLimit = 20,
-    after: PhraseCursor = None,
-) -> responses.PhraseSearch:
-    """The contexts of the corpus where `phrase` occurs (ignoring case; at least 3 characters),
-    in corpus order, each with the latents that fire on it: computed by the inference process
-    when one is connected, else from the stored examples (`latents_source` says which)."""
-    return inference.search_phrase(session, settings.inference_url, sae, phrase, limit, after)
-
-
-@router.get("/saes/{sae}/labels", response_model=list[Label], tags=["labels"])
+@json_route("labels", tags=["labels"])
 def labels(
     sae: SaeName, session: SessionDep, store: LabelsDep, q: LabelQuery = None
 ) -> list[Label]:
     """The SAE's labels and notes, by latent (its export); with `q`, those whose label or note
     contains it."""
-    queries.get_sae(session, sae)
+    get_sae(session, sae)
     return store.of_sae(sae, q)
 
 
-@router.post(
-    "/saes/{sae}/labels", response_model=list[Label], tags=["labels"], responses=WRITE_RESPONSES
-)
+@json_route("labels", "POST", tags=["labels"], responses=WRITE_RESPONSES)
 def import_labels(
     sae: SaeName,
     body: list[LabelImport],
@@ -162,12 +80,7 @@ def import_labels(
     return store.write(sae, body)
 
 
-@router.put(
-    "/saes/{sae}/features/{feature_index}/label",
-    response_model=Label,
-    tags=["labels"],
-    responses=WRITE_RESPONSES,
-)
+@json_route("label", "PUT", tags=["labels"], responses=WRITE_RESPONSES)
 def put_label(
     sae: SaeName,
     feature_index: FeatureIndex,
@@ -184,9 +97,7 @@ def put_label(
     return store.write(sae, [labelled])[0]
 
 
-@router.delete(
-    "/saes/{sae}/features/{feature_index}/label", tags=["labels"], responses=WRITE_RESPONSES
-)
+@json_route("label", "DELETE", tags=["labels"], responses=WRITE_RESPONSES)
 def delete_label(
     sae: SaeName,
     feature_index: FeatureIndex,
@@ -200,30 +111,20 @@ def delete_label(
     return {"deleted": store.delete(sae, feature_index)}
 
 
-def check_latents(session, sae: str, features: list[int]) -> None:
+def check_latents(session: Session, sae: str, features: list[int]) -> None:
     """404 for an unknown SAE or a latent beyond it."""
-    d_sae = queries.get_sae(session, sae).d_sae
+    d_sae = get_sae(session, sae).d_sae
     outside = sorted({i for i in features if i >= d_sae})
     if outside:
         raise NotFoundError(f"SAE {sae!r} has {d_sae} latents; no latent {outside[0]}")
 
 
-@router.post(
-    "/saes/{sae}/activations", response_model=responses.TextActivations, tags=["inference"]
-)
+@json_route("activations", "POST", tags=["inference"])
 def activations(
-    sae: SaeName, body: responses.ActivationRequest, session: SessionDep, settings: SettingsDep
-) -> responses.TextActivations:
-    """The SAE's latents on a text: its tokens and, per token, the latents that fire most, with
-    the activations of the latents asked for (`features`). The inference process (`saescope
+    sae: SaeName, body: ActivationRequest, session: SessionDep, settings: SettingsDep
+) -> TextActivations:
+    """The SAE's latents on a text: its tokens and, per token, the latents that fire most there,
+    with the activations of the latents asked for (`features`). The inference process (`saescope
     infer`) runs the model; without one, 503 says how to start it."""
-    queries.get_sae(session, sae)
+    get_sae(session, sae)
     return inference.activations(settings.inference_url, sae, body)
-
-
-@router.get("/saes/{sae}/flags", response_model=responses.FlagsReport, tags=["features"])
-def flags(
-    sae: SaeName, session: SessionDep, threshold: Threshold = HIGH_FREQUENCY.default_threshold
-) -> responses.FlagsReport:
-    """High-frequency (above `threshold`), dead, positional and BOS-dominated features."""
-    return queries.flags_report(session, sae, threshold)

@@ -12,7 +12,7 @@ from fastapi.staticfiles import StaticFiles
 from starlette.middleware.gzip import GZipMiddleware
 
 from saescope.db.engine import ServedDatabase
-from saescope.server import api, assets, pages
+from saescope.server import api, assets, views
 from saescope.server.errors import error_response, install_error_handlers
 from saescope.server.labels import LabelStore, labels_path
 from saescope.server.middleware import HttpHygiene
@@ -52,8 +52,9 @@ def create_app(settings: Settings) -> FastAPI:
     )
 
     app.include_router(api.router)
-    app.include_router(pages.router)
+    app.include_router(views.pages)
     install_error_handlers(app)
+    app.add_exception_handler(views.FormOnly, views.render_form)
 
     @app.get("/docs", include_in_schema=False)
     def docs(request: Request) -> HTMLResponse:

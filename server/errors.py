@@ -13,7 +13,7 @@ from pydantic import BaseModel
 from starlette.exceptions import HTTPException
 
 from saescope.db.engine import DatabaseUnavailable
-from saescope.db.queries import BadRequestError, NotFoundError
+from saescope.db.queries.lookups import BadRequestError, NotFoundError
 from saescope.server.inference import InferenceUnavailable
 from saescope.server.templating import templates
 

@@ -12,13 +12,9 @@ from urllib.parse import quote
 from sqlalchemy.orm import Session
 from starlette.exceptions import HTTPException
 
-from saescope.db import queries
-from saescope.db.responses import (
-    MAX_TEXT_TOKENS,
-    ActivationRequest,
-    PhraseSearch,
-    TextActivations,
-)
+from saescope.db.activations import MAX_TEXT_TOKENS, ActivationRequest, TextActivations
+from saescope.db.queries.phrase_search import PHRASE_LATENTS, PhraseSearch
+from saescope.db.queries.phrase_search import search_phrase as search_corpus
 
 # The inference process's port unless told otherwise (`saescope infer --port`).
 DEFAULT_INFERENCE_PORT = 8001
@@ -76,7 +72,7 @@ def search_phrase(
                     f"a phrase ends at token {len(token_ids)} of its context, and the inference "
                     f"process runs at most {MAX_TEXT_TOKENS}"
                 )
-            request = ActivationRequest(token_ids=token_ids, top=queries.PHRASE_LATENTS)
+            request = ActivationRequest(token_ids=token_ids, top=PHRASE_LATENTS)
             try:
                 answer = activations(url, sae, request)
             except HTTPException as error:
@@ -89,10 +85,10 @@ def search_phrase(
             ]
 
         try:
-            return queries.search_phrase(session, sae, phrase, limit, after, run)
+            return search_corpus(session, sae, phrase, limit, after, run)
         except InferenceUnavailable as error:
             unavailable = str(error)
-    result = queries.search_phrase(session, sae, phrase, limit, after)
+    result = search_corpus(session, sae, phrase, limit, after)
     result.latents_note += f". To compute them instead: {unavailable}"
     return result
 

@@ -11,16 +11,10 @@ from sqlalchemy.orm import Session
 
 from saescope.db.corpus_text import MIN_PHRASE_CHARACTERS
 from saescope.db.flags import FlagName
-from saescope.db.models import SAE_NAME_MAX_LENGTH
-from saescope.db.queries import (
-    MAX_PAGE_SIZE,
-    SortKey,
-    SortOrder,
-    UnmatchedSort,
-    compare_saes,
-    list_features,
-)
-from saescope.db.responses import Comparison, FeaturePage
+from saescope.db.models import SAE_NAME_MAX_LENGTH, TOKEN_LATENTS
+from saescope.db.queries.comparisons import Comparison, UnmatchedSort, compare_saes
+from saescope.db.queries.feature_table import FeaturePage, SortKey, list_features
+from saescope.db.queries.paging import MAX_PAGE_SIZE, SortOrder
 
 # An empty form field (`?flag=&min_frequency=`) means no filter.
 EmptyIsNone = BeforeValidator(lambda value: None if value == "" else value)
@@ -38,11 +32,14 @@ FeatureIndex = Annotated[int, Path(ge=0, description="latent index")]
 TokenQuery = Annotated[
     str, Query(min_length=1, max_length=200, description="token text to look for")
 ]
-# Token search: matching tokens shown, and latents per token (the build keeps 16 per token).
+# Token search: matching tokens shown, and latents per token (as many as the build keeps).
 SearchLimit = Annotated[
-    int | None, Query(ge=1, le=200, description="matching tokens to show (default: the setting)")
+    int | None,
+    Query(ge=1, le=MAX_PAGE_SIZE, description="matching tokens to show (default: the setting)"),
 ]
-LatentsPerToken = Annotated[int, Query(ge=1, le=16, description="latents shown per token")]
+LatentsPerToken = Annotated[
+    int, Query(ge=1, le=TOKEN_LATENTS, description="latents shown per token")
+]
 PhraseQuery = Annotated[
     str,
     Query(

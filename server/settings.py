@@ -7,6 +7,8 @@ from pathlib import Path
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from saescope.db.queries.paging import MAX_PAGE_SIZE
+
 
 class Settings(BaseSettings):
     """Every setting of the server; the README's configuration table lists the same."""
@@ -14,7 +16,9 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="SAESCOPE_")
 
     database: Path = Field(description="database file written by `saescope build`")
-    page_size: int = Field(50, ge=1, le=200, description="features per page of the feature table")
+    page_size: int = Field(
+        50, ge=1, le=MAX_PAGE_SIZE, description="features per page of the feature table"
+    )
     search_limit: int = Field(10, ge=1, le=50, description="matching tokens shown per search")
     labels: Path | None = Field(
         None,

@@ -9,10 +9,13 @@ from urllib.parse import quote
 
 from fastapi.templating import Jinja2Templates
 from markupsafe import Markup, escape
+from pydantic_core import to_jsonable_python
 
 from saescope.db.flags import FLAGS, FLAGS_BY_NAME
-from saescope.db.queries import SORT_ALIASES, SortKey, SortOrder, UnmatchedSort
-from saescope.db.responses import DEFINITIONS
+from saescope.db.metrics import DEFINITIONS, HEADER_METRICS, TABLE_COLUMNS
+from saescope.db.queries.comparisons import UnmatchedSort
+from saescope.db.queries.feature_table import SortKey
+from saescope.db.queries.paging import SortOrder
 from saescope.server import urls
 
 TEMPLATES_DIR = files("saescope.frontend") / "templates"
@@ -100,6 +103,8 @@ def _token_parts(token: str) -> tuple[str, str, str, str]:
 
 
 templates.env.filters["visible"] = visible
+# Response models (and lists of them) as plain JSON values, for `tojson`.
+templates.env.filters["plain"] = to_jsonable_python
 templates.env.filters["visible_ends"] = visible_ends
 templates.env.tests["special_token"] = is_special
 templates.env.filters["sentence"] = lambda text: text[:1].upper() + text[1:]
@@ -109,7 +114,9 @@ templates.env.globals.update(
     urls=urls,
     FLAGS=FLAGS,
     DEFINITIONS=DEFINITIONS,
-    SORT_KEYS=[key for key in SortKey if key not in SORT_ALIASES],
+    TABLE_COLUMNS=TABLE_COLUMNS,
+    HEADER_METRICS=HEADER_METRICS,
+    SORT_KEYS=list(SortKey),
     SORT_ORDERS=list(SortOrder),
     UNMATCHED_SORT_KEYS=list(UnmatchedSort),
 )

@@ -1,47 +1,43 @@
-"""Every URL the pages link to, built in one place (as datasette's `Urls`): path segments and
-query values are quoted here, and each page's JSON twin is the same path under API."""
+"""Every URL the pages link to, built in one place (as datasette's `Urls`) from the named routes
+of `routes`: path segments and query values are quoted here, and each page's JSON twin is its
+route's JSON path."""
 
 from __future__ import annotations
 
-from urllib.parse import parse_qsl, quote, urlencode
+from urllib.parse import parse_qsl, urlencode
 
 from starlette.datastructures import URL
 
 from saescope.db.flags import FLAGS_BY_NAME
 from saescope.server import assets
-
-API = "/api/v1"
-
-
-def _segment(text: str | int) -> str:
-    return quote(str(text), safe="")
+from saescope.server.routes import path
 
 
-def _with_query(path: str, query: dict[str, object]) -> str:
+def _with_query(at: str, query: dict[str, object]) -> str:
     given = {name: value for name, value in query.items() if value is not None}
-    return f"{path}?{urlencode(given)}" if given else path
+    return f"{at}?{urlencode(given)}" if given else at
 
 
 def index() -> str:
-    return "/"
+    return path("saes")
 
 
-def feature_table(sae: str, api: bool = False, **query: object) -> str:
-    """The feature table (its JSON twin: the features list), with query parameters."""
-    path = f"{API}/saes/{_segment(sae)}/features" if api else f"/saes/{_segment(sae)}"
-    return _with_query(path, query)
+def feature_table(sae: str, **query: object) -> str:
+    """The SAE's page, whose table takes these query parameters."""
+    return _with_query(path("sae", sae=sae), query)
 
 
-def feature(sae: str, feature_index: int | str, api: bool = False, table: str = "") -> str:
+def feature(sae: str, feature_index: int | str, table: str = "") -> str:
     """A feature; `table`: the query string of the feature-table page it was opened from, which
     its breadcrumb goes back to."""
-    path = f"{API if api else ''}/saes/{_segment(sae)}/features/{feature_index}"
-    return _with_query(path, {"table": table or None})
+    return _with_query(
+        path("feature", sae=sae, feature_index=feature_index), {"table": table or None}
+    )
 
 
 def jump(sae: str) -> str:
     """Redirects `?feature=N` to feature N."""
-    return f"/saes/{_segment(sae)}/jump"
+    return path("jump", sae=sae)
 
 
 def feature_table_from(sae: str, table: str | None) -> str:
@@ -51,32 +47,30 @@ def feature_table_from(sae: str, table: str | None) -> str:
 
 def activations(sae: str) -> str:
     """The JSON route that runs the SAE on a text (POST)."""
-    return f"{API}/saes/{_segment(sae)}/activations"
+    return path("activations", api=True, sae=sae)
 
 
 def label(sae: str, feature_index: int) -> str:
     """A latent's label (PUT, DELETE)."""
-    return f"{API}/saes/{_segment(sae)}/features/{feature_index}/label"
+    return path("label", api=True, sae=sae, feature_index=feature_index)
 
 
-def test_text(sae: str) -> str:
+def text_test(sae: str) -> str:
     """The page to run the SAE on a text of one's own."""
-    return f"/saes/{_segment(sae)}/test"
+    return path("text_test", sae=sae)
 
 
-def search(sae: str, token: str | None = None, api: bool = False) -> str:
-    path = f"{API if api else ''}/saes/{_segment(sae)}/search"
-    return _with_query(path, {"token": token})
+def search(sae: str, token: str | None = None) -> str:
+    return _with_query(path("search", sae=sae), {"token": token})
 
 
-def corpus_search(sae: str, phrase: str | None = None, api: bool = False, **query: object) -> str:
+def corpus_search(sae: str, phrase: str | None = None, **query: object) -> str:
     """Phrase search over the corpus's text."""
-    path = f"{API if api else ''}/saes/{_segment(sae)}/corpus"
-    return _with_query(path, {"phrase": phrase, **query})
+    return _with_query(path("corpus_search", sae=sae), {"phrase": phrase, **query})
 
 
-def flags(sae: str, threshold: float | None = None, api: bool = False) -> str:
-    return _with_query(f"{API if api else ''}/saes/{_segment(sae)}/flags", {"threshold": threshold})
+def flags(sae: str, threshold: float | None = None) -> str:
+    return _with_query(path("flags", sae=sae), {"threshold": threshold})
 
 
 def flag_members(sae: str, flag_name: str, threshold: float) -> str:
@@ -88,33 +82,23 @@ def flag_members(sae: str, flag_name: str, threshold: float) -> str:
     return feature_table(sae, sort=flag.ranked_by, order="desc", min_frequency=threshold)
 
 
-def sae(name: str, api: bool = False) -> str:
-    """An SAE: its page is the feature table; its JSON, its metrics and configuration."""
-    return f"{API}/saes/{_segment(name)}" if api else feature_table(name)
+def sae(name: str) -> str:
+    """An SAE: its page is the feature table."""
+    return feature_table(name)
 
 
-def saes(api: bool = False) -> str:
-    return f"{API}/saes" if api else index()
-
-
-def comparison(api: bool = False) -> str:
+def comparison() -> str:
     """The SAEs of the file side by side."""
-    return f"{API if api else ''}/compare"
+    return path("comparison")
 
 
-def compare_pair(sae: str, other: str, api: bool = False, **query: object) -> str:
-    path = f"{API if api else ''}/saes/{_segment(sae)}/compare/{_segment(other)}"
-    return _with_query(path, query)
-
-
-def threshold_ablation(sae: str) -> str:
-    """JSON only: the SAE page draws it."""
-    return f"{API}/saes/{_segment(sae)}/threshold-ablation"
+def compare_pair(sae: str, other: str, **query: object) -> str:
+    return _with_query(path("compare_pair", sae=sae, other=other), query)
 
 
 def token_search_prefix(sae: str) -> str:
     """The search URL up to the token, which the caller quotes and appends."""
-    return f"/saes/{_segment(sae)}/search?token="
+    return f"{path('search', sae=sae)}?token="
 
 
 def static(name: str) -> str:
@@ -129,6 +113,8 @@ def same_page(url: URL, **changes: object) -> str:
     return _with_query(url.path, query)
 
 
-def json_twin(url: URL, api_path: str) -> str:
-    """The JSON twin of the page at `url`: `api_path` with the page's query string."""
-    return f"{api_path}?{url.query}" if url.query else api_path
+def json_twin(url: URL, name: str, **parameters: str | int) -> str:
+    """The JSON twin of the page at `url`, the view `name`: its JSON route, with the page's query
+    string."""
+    at = path(name, api=True, **parameters)
+    return f"{at}?{url.query}" if url.query else at

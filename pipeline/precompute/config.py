@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from saescope.db.flags import HIGH_FREQUENCY
+from saescope.db.models import TOKEN_LATENTS
 from saescope.pipeline.config import (
     PASS_CELLS,
     SourceConfig,
+    as_options,
     check_bounds,
+    from_options,
     quiet_setting,
     seed_setting,
     setting,
@@ -62,7 +65,7 @@ class AnalysisSettings:
     """nearest latents by decoder cosine"""
     n_top_tokens: int = 10
     """tokens a feature fires on most"""
-    n_token_latents: int = 16
+    n_token_latents: int = TOKEN_LATENTS
     """latents kept per token id for token search"""
     n_absorbers: int = 5
     """absorbing latents kept per feature"""
@@ -127,36 +130,24 @@ class BuildConfig:
             raise InputError("give either --sae or --sae-release/--sae-id, not both")
 
     def record(self) -> dict[str, Any]:
-        """The options as the database stores them beside the SAE."""
-        source = self.source
-        return {
-            "model": _local_or_name(source.model),
-            "hook": source.hook,
-            "corpus": source.corpus,
-            "synthetic": _text(source.synthetic),
-            "sae": _text(self.sae.resolve() if self.sae is not None else None),
-            "sae_release": self.sae_release,
-            "sae_id": self.sae_id,
-            "name": self.name,
-            "n_tokens": source.n_tokens,
-            "context_length": source.context_length,
-            "batch_size": self.batch_size,
-            "latent_chunk": self.latent_chunk,
-            "device": source.device,
-            "dtype": self.dtype,
+        """The options as the database stores them beside the SAE: every field, groups
+        flattened (`from_record` reads them back), with the local paths absolute and the scan
+        resolved; not the output file, which is where the record lives."""
+        record = as_options(self)
+        del record["out"]
+        sae = self.sae.resolve() if self.sae is not None else None
+        record |= {
+            "model": _local_or_name(self.source.model),
+            "sae": _text(sae),
             "scan": self.resolved_scan(),
-            "weight_processing": source.weight_processing,
-            "examples": {
-                "top": self.examples.top,
-                "bottom": self.examples.bottom,
-                "decoder_top": self.examples.decoder_top,
-                "random": self.examples.active_sample,
-                "sample_positions": self.examples.sample_positions,
-            },
-            "analysis": asdict(self.analysis),
-            "eval_sequences": self.eval_sequences,
-            "seed": self.seed,
         }
+        return record
+
+    @classmethod
+    def from_record(cls, record: dict[str, Any], out: Path) -> BuildConfig:
+        """The config a stored record was made from, the database `out` holding it (settings it
+        lacks at their defaults)."""
+        return from_options(cls, {**record, "out": out})
 
     def resolved_scan(self) -> str:
         if self.scan != "auto":

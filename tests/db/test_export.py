@@ -11,6 +11,7 @@ from click.testing import CliRunner
 from fastapi.testclient import TestClient
 
 from saescope.cli import app
+from saescope.db.queries.feature_detail import FeatureDetail
 from saescope.server.app import create_app
 from saescope.server.settings import Settings
 
@@ -37,8 +38,12 @@ def test_the_json_export_is_the_api_json(dashboard_db: Path, tmp_path: Path, api
     files = sorted(tmp_path.glob("*.json"), key=lambda p: int(p.stem))
     assert [int(p.stem) for p in files] == list(range(64))
     for path in files:
+        # The feature's page adds what the server keeps: its label and the labels of the latents
+        # it lists, and the server's capabilities.
         served = api.get(f"/api/v1/saes/tiny-sae/features/{path.stem}").json()
-        assert json.loads(path.read_text()) == served
+        assert json.loads(path.read_text()) == {
+            key: served[key] for key in FeatureDetail.model_fields
+        }
 
 
 def test_the_neuronpedia_export_holds_the_features_examples_and_labels(

@@ -15,7 +15,7 @@ from sqlalchemy.orm import Session
 from saescope.db import codec, records
 from saescope.db.flags import FLAGS, HIGH_FREQUENCY
 from saescope.db.models import Base, Corpus, Feature, FeatureExamples, Sae
-from saescope.db.queries import flag_clause
+from saescope.db.queries.flags import flag_clause
 
 
 def test_blob_columns_round_trip_little_endian() -> None:

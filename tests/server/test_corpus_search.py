@@ -172,7 +172,7 @@ def test_refusals(unconnected: TestClient) -> None:
     short = unconnected.get(ROUTE, params={"phrase": "ab"})
     assert short.status_code == 422
     page = unconnected.get("/saes/tiny-sae/corpus", params={"phrase": "ab"})
-    assert page.status_code == 400 and "at least 3 characters" in page.text
+    assert page.status_code == 422 and "at least 3 characters" in page.text
     nul = unconnected.get(ROUTE, params={"phrase": "00\x00"})
     assert nul.status_code == 400 and "NUL" in nul.json()["error"]["message"]
     cursor = unconnected.get(ROUTE, params={"phrase": "the cat", "after": "x:1"})

@@ -10,7 +10,7 @@ import pytest
 import torch
 from fastapi.testclient import TestClient
 
-from saescope.db.responses import MAX_TEXT_TOKENS
+from saescope.db.activations import MAX_TEXT_TOKENS
 from saescope.server.app import create_app
 from saescope.server.settings import Settings
 from tests.conftest import HOOK, TEXT, free_port, read_hooks

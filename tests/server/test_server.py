@@ -80,13 +80,12 @@ def test_feature_json_contract(client: TestClient, dashboard_db: Path, busiest_f
         "absorption",
         "absorption_interval",
         "absorption_reason",
-        "present_miss_rate",
         "absorbed_positions",
         "decoder_auroc",
         "sample_positions",
         "absorbers",
     }
-    # Absorption is a number with its interval, or null with a reason; the old name is an alias.
+    # Absorption is a number with its interval, or null with a reason.
     if encoder_decoder["absorption"] is None:
         assert (
             encoder_decoder["absorption_reason"] and encoder_decoder["absorption_interval"] is None
@@ -94,7 +93,6 @@ def test_feature_json_contract(client: TestClient, dashboard_db: Path, busiest_f
     else:
         low, high = encoder_decoder["absorption_interval"]
         assert low <= encoder_decoder["absorption"] <= high
-    assert encoder_decoder["present_miss_rate"] == encoder_decoder["absorption"]
     top = feature["examples"]["top"]
     assert top, "the most frequent feature has top examples"
     assert [e["activation"] for e in top] == sorted((e["activation"] for e in top), reverse=True)
@@ -130,14 +128,12 @@ def test_feature_table_sorts_filters_and_pages_by_key(client: TestClient) -> Non
     assert sorted(f["feature_index"] for f in seen) == list(range(64))
     frequencies = [f["frequency"] for f in seen]
     assert frequencies == sorted(frequencies, reverse=True)
-    # Absorption: latents it cannot measure (null) come last, pages still cover every latent;
-    # the old sort name is an alias.
-    for sort in ("absorption", "present_miss_rate"):
-        seen = all_pages(client, f"/api/v1/saes/{SAE}/features?sort={sort}&order=desc&limit=7")
-        assert sorted(f["feature_index"] for f in seen) == list(range(64))
-        values = [-1.0 if f["absorption"] is None else f["absorption"] for f in seen]
-        assert values == sorted(values, reverse=True)
-        assert None in [f["absorption"] for f in seen] and max(values) >= 0
+    # Absorption: latents it cannot measure (null) come last, pages still cover every latent.
+    seen = all_pages(client, f"/api/v1/saes/{SAE}/features?sort=absorption&order=desc&limit=7")
+    assert sorted(f["feature_index"] for f in seen) == list(range(64))
+    values = [-1.0 if f["absorption"] is None else f["absorption"] for f in seen]
+    assert values == sorted(values, reverse=True)
+    assert None in [f["absorption"] for f in seen] and max(values) >= 0
     by_index = {f["feature_index"]: f for f in seen}
     dead = client.get(f"/api/v1/saes/{SAE}/features?flag=dead&limit=200").json()["items"]
     assert [f["feature_index"] for f in dead] == [
@@ -251,8 +247,6 @@ def test_every_page_renders_and_links_its_json_twin(client: TestClient, url: str
     assert response.status_code == 200, response.text
     path, _, query = url.partition("?")
     twin = "/api/v1/saes" if path == "/" else "/api/v1" + path
-    if path == f"/saes/{SAE}":
-        twin += "/features"
     twin += f"?{query}" if query else ""
     assert f'href="{twin.replace("&", "&amp;")}"' in response.text
     assert client.get(twin).status_code == 200
@@ -319,6 +313,7 @@ def test_openapi_lists_every_json_route(client: TestClient) -> None:
         "/api/v1/saes/{sae}/activations",
         "/api/v1/saes/{sae}/labels",
         "/api/v1/saes/{sae}/features/{feature_index}/label",
+        "/api/v1/saes/{sae}/test",
     }
 
 

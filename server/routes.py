@@ -1,0 +1,50 @@
+"""Every route's path, named once: the JSON API's (under `API`) and the HTML pages'. The routers
+register these paths by name, and `urls` builds every link from them."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from urllib.parse import quote
+
+API = "/api/v1"
+
+
+@dataclass(frozen=True)
+class Route:
+    json: str | None
+    """path under API; None: a page with no data of its own"""
+    page: str | None = None
+    """path of the HTML page that shows the same object; None: JSON only"""
+
+
+ROUTES = {
+    "health": Route("/health"),
+    "saes": Route("/saes", page="/"),
+    "sae": Route("/saes/{sae}", page="/saes/{sae}"),
+    "comparison": Route("/compare", page="/compare"),
+    "compare_pair": Route("/saes/{sae}/compare/{other}", page="/saes/{sae}/compare/{other}"),
+    "threshold_ablation": Route("/saes/{sae}/threshold-ablation"),
+    "features": Route("/saes/{sae}/features"),
+    "feature": Route(
+        "/saes/{sae}/features/{feature_index}", page="/saes/{sae}/features/{feature_index}"
+    ),
+    "text_test": Route("/saes/{sae}/test", page="/saes/{sae}/test"),
+    "search": Route("/saes/{sae}/search", page="/saes/{sae}/search"),
+    "corpus_search": Route("/saes/{sae}/corpus", page="/saes/{sae}/corpus"),
+    "flags": Route("/saes/{sae}/flags", page="/saes/{sae}/flags"),
+    "labels": Route("/saes/{sae}/labels"),
+    "label": Route("/saes/{sae}/features/{feature_index}/label"),
+    "activations": Route("/saes/{sae}/activations"),
+    "jump": Route(None, page="/saes/{sae}/jump"),
+}
+
+
+def path(name: str, api: bool = False, **parameters: str | int) -> str:
+    """The path of route `name` (its JSON route's with `api`), its parameters quoted."""
+    route = ROUTES[name]
+    template = route.json if api else route.page
+    if template is None:
+        raise KeyError(f"route {name!r} has no {'JSON route' if api else 'page'}")
+    if api:
+        template = API + template
+    return template.format(**{key: quote(str(value), safe="") for key, value in parameters.items()})

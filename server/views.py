@@ -1,0 +1,319 @@
+"""The pages: one view each, a function that builds one response object. `view` registers it
+once: its route serves the object as JSON under the API and renders it with the view's template
+at the page's path (datasette's DataView), so a page never shows what its JSON twin lacks."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, Query, Request
+from fastapi.responses import HTMLResponse, RedirectResponse
+from pydantic import BaseModel, Field
+from sqlalchemy.orm import Session
+
+from saescope.db.flags import HIGH_FREQUENCY
+from saescope.db.queries.comparisons import (
+    Comparison,
+    PairSummary,
+    SaeComparison,
+    pair_summaries,
+    side_by_side,
+)
+from saescope.db.queries.feature_detail import FeatureDetail, get_feature
+from saescope.db.queries.feature_table import FeaturePage, LatentSummary, latent_summaries
+from saescope.db.queries.flags import FlagsReport, flags_report
+from saescope.db.queries.phrase_search import CONTEXTS_PER_PAGE, PhraseSearch
+from saescope.db.queries.saes import (
+    AblationRule,
+    SaeDetail,
+    SaeSummary,
+    get_sae,
+    list_saes,
+    threshold_ablation,
+)
+from saescope.db.queries.token_search import LATENTS_SHOWN, TokenSearch, search_tokens
+from saescope.server import api, inference, urls
+from saescope.server.dependencies import LabelsDep, SessionDep, SettingsDep
+from saescope.server.labels import Label, LabelStore
+from saescope.server.params import (
+    ComparisonQuery,
+    FeatureIndex,
+    FeatureTableQuery,
+    LatentsPerToken,
+    OtherSaeName,
+    PhraseCursor,
+    PhraseLimit,
+    PhraseQuery,
+    SaeName,
+    SearchLimit,
+    Threshold,
+    TokenQuery,
+)
+from saescope.server.routes import ROUTES, path
+from saescope.server.settings import Settings
+from saescope.server.templating import templates
+
+pages = APIRouter(include_in_schema=False, default_response_class=HTMLResponse)
+
+
+class FormOnly(Exception):
+    """A page opened without the query its view needs: it shows its form alone."""
+
+    def __init__(self, template: str, sae: str) -> None:
+        self.template = template
+        self.sae = sae
+
+
+def form_until(parameter: str, template: str) -> Callable:
+    """A dependency that shows the page's form alone (for a known SAE) while `parameter` is
+    missing or empty, before the view's own parameters are checked."""
+
+    def check(request: Request, sae: SaeName, session: SessionDep) -> None:
+        if not request.query_params.get(parameter):
+            raise FormOnly(template, get_sae(session, sae).name)
+
+    return check
+
+
+def render_form(request: Request, form: FormOnly) -> HTMLResponse:
+    return templates.TemplateResponse(request, form.template, {"view": None, "sae": form.sae})
+
+
+def view(
+    name: str, template: str, tags: list[str], form: str | None = None
+) -> Callable[[Callable], Callable]:
+    """Registers a view under the route `name`: JSON at its JSON path (the view's return type is
+    the response model, its docstring the description), and the page at its page path, the same
+    object rendered with `template` as `view`. With `form`, the page without that query
+    parameter is the view's form alone."""
+    route = ROUTES[name]
+    checks = [Depends(form_until(form, template))] if form else []
+
+    def register(build: Callable) -> Callable:
+        api.router.add_api_route(route.json, build, methods=["GET"], name=name, tags=tags)
+
+        # A default, not an annotation: annotations are strings here, resolved in the module.
+        def page(request: Request, data: Any = Depends(build)) -> HTMLResponse:  # noqa: B008
+            json_url = urls.json_twin(request.url, name, **request.path_params)
+            return templates.TemplateResponse(
+                request, template, {"view": data, "json_url": json_url}
+            )
+
+        pages.add_api_route(
+            route.page, page, methods=["GET"], name=f"{name}_page", dependencies=checks
+        )
+        return build
+
+    return register
+
+
+class InlineLatent(LatentSummary):
+    """A latent as lists of latents show it inline: its label, frequency and top tokens."""
+
+    label: str | None
+
+
+def inline_latents(
+    session: Session, store: LabelStore, sae: str, listed: list[int]
+) -> dict[int, InlineLatent]:
+    labels = store.of_features(sae, listed)
+    return {
+        index: InlineLatent(**summary.model_dump(), label=getattr(labels.get(index), "label", None))
+        for index, summary in latent_summaries(session, sae, listed).items()
+    }
+
+
+LATENTS_DESCRIPTION = "each latent listed on the page: its label, frequency and top tokens"
+
+
+def inference_hint(settings: Settings) -> str | None:
+    """What the test box says before a run: how to start the inference process, if none is
+    connected."""
+    if settings.inference_url:
+        return None
+    return f"Needs the inference process: {inference.HOW_TO_START}."
+
+
+InferenceHint = Annotated[
+    str | None, Field(description="how to connect the inference process; null: it is connected")
+]
+
+
+@view("saes", "index.html", tags=["saes"])
+def saes(session: SessionDep) -> list[SaeSummary]:
+    """The SAEs in the database with their metrics."""
+    return list_saes(session)
+
+
+class SaePage(SaeDetail):
+    features: FeaturePage = Field(description="the page of the feature table asked for")
+    labels: dict[int, Label] = Field(description="the labels of the table's latents")
+    threshold_ablation: list[AblationRule]
+    comparisons: list[PairSummary] = Field(description="its comparisons with the other SAEs")
+
+
+@view("sae", "sae.html", tags=["saes"])
+def sae(
+    sae: SaeName,
+    params: FeatureTableQuery,
+    session: SessionDep,
+    settings: SettingsDep,
+    store: LabelsDep,
+) -> SaePage:
+    """One SAE: metrics, build configuration, training settings and curve, threshold ablation,
+    comparisons, and a page of its feature table (the parameters of `/features`)."""
+    detail = get_sae(session, sae)
+    features = params.page(session, sae, settings.page_size)
+    return SaePage(
+        **dict(detail),
+        features=features,
+        labels=store.of_features(sae, [row.feature_index for row in features.items]),
+        threshold_ablation=threshold_ablation(session, sae).rules,
+        comparisons=pair_summaries(session, sae),
+    )
+
+
+@view("comparison", "compare.html", tags=["saes"])
+def comparison(session: SessionDep) -> SaeComparison:
+    """The SAEs side by side: metrics, training, threshold ablation, and every comparison's
+    summary."""
+    return side_by_side(session)
+
+
+@view("compare_pair", "compare_pair.html", tags=["saes"])
+def compare_pair(
+    sae: SaeName,
+    other: OtherSaeName,
+    params: ComparisonQuery,
+    session: SessionDep,
+    settings: SettingsDep,
+) -> Comparison:
+    """Reference matching: how `sae`'s latents are matched in `other` by decoder cosine, and its
+    live latents with no match (best cosine below `threshold`), paginated by key."""
+    return params.comparison(session, sae, other, settings.page_size)
+
+
+class FeatureView(FeatureDetail):
+    label: Label | None
+    latents: dict[int, InlineLatent] = Field(description=LATENTS_DESCRIPTION)
+    labels_writable: bool = Field(description="whether the server takes label writes")
+    inference_hint: InferenceHint
+
+
+@view("feature", "feature.html", tags=["features"])
+def feature(
+    sae: SaeName,
+    feature_index: FeatureIndex,
+    session: SessionDep,
+    settings: SettingsDep,
+    store: LabelsDep,
+) -> FeatureView:
+    """Everything about one feature: statistics, flags, examples, charts' data, neighbours, its
+    label."""
+    detail = get_feature(session, sae, feature_index)
+    listed = [n.feature_index for n in detail.neighbours] + [
+        a.feature_index for a in detail.encoder_decoder.absorbers
+    ]
+    return FeatureView(
+        **dict(detail),
+        label=store.of_features(sae, [feature_index]).get(feature_index),
+        latents=inline_latents(session, store, sae, listed),
+        labels_writable=settings.write_token is not None,
+        inference_hint=inference_hint(settings),
+    )
+
+
+class TextTest(BaseModel):
+    sae: str
+    model: str
+    hook: str
+    inference_hint: InferenceHint
+
+
+@view("text_test", "test.html", tags=["inference"])
+def text_test(sae: SaeName, session: SessionDep, settings: SettingsDep) -> TextTest:
+    """The page that runs the SAE on a text of one's own (through the activations route)."""
+    detail = get_sae(session, sae)
+    return TextTest(
+        sae=detail.name,
+        model=detail.model,
+        hook=detail.hook,
+        inference_hint=inference_hint(settings),
+    )
+
+
+class TokenSearchView(TokenSearch):
+    limit: int = Field(description="matching tokens asked for")
+    latents_per_token: int
+    labelled: list[Label] = Field(description="labels of the SAE that contain the query")
+
+
+@view("search", "search.html", tags=["search"])
+def search(
+    sae: SaeName,
+    token: TokenQuery,
+    session: SessionDep,
+    settings: SettingsDep,
+    store: LabelsDep,
+    limit: SearchLimit = None,
+    latents: LatentsPerToken = LATENTS_SHOWN,
+) -> TokenSearchView:
+    """Tokens matching `token` exactly, then by substring, with the latents that fire on them;
+    and the labels that contain it."""
+    limit = limit or settings.search_limit
+    result = search_tokens(session, sae, token, limit=limit, latents_per_token=latents)
+    return TokenSearchView(
+        **dict(result),
+        limit=limit,
+        latents_per_token=latents,
+        labelled=store.of_sae(sae, token.strip()),
+    )
+
+
+class PhraseSearchView(PhraseSearch):
+    latents: dict[int, InlineLatent] = Field(description=LATENTS_DESCRIPTION)
+
+
+@view("corpus_search", "corpus.html", tags=["search"], form="phrase")
+def corpus_search(
+    sae: SaeName,
+    phrase: PhraseQuery,
+    session: SessionDep,
+    settings: SettingsDep,
+    store: LabelsDep,
+    limit: PhraseLimit = CONTEXTS_PER_PAGE,
+    after: PhraseCursor = None,
+) -> PhraseSearchView:
+    """The contexts of the corpus where `phrase` occurs (ignoring case; at least 3 characters),
+    in corpus order, each with the latents that fire on it: computed by the inference process
+    when one is connected, else from the stored examples (`latents_source` says which)."""
+    result = inference.search_phrase(session, settings.inference_url, sae, phrase, limit, after)
+    listed = [latent.feature_index for context in result.contexts for latent in context.latents]
+    return PhraseSearchView(**dict(result), latents=inline_latents(session, store, sae, listed))
+
+
+class FlagsView(FlagsReport):
+    latents: dict[int, InlineLatent] = Field(description=LATENTS_DESCRIPTION)
+
+
+@view("flags", "flags.html", tags=["features"])
+def flags(
+    sae: SaeName,
+    session: SessionDep,
+    store: LabelsDep,
+    threshold: Threshold = HIGH_FREQUENCY.default_threshold,
+) -> FlagsView:
+    """High-frequency (above `threshold`), dead, positional and BOS-dominated features."""
+    report = flags_report(session, sae, threshold)
+    listed = [index for group in report.groups for index in group.features]
+    return FlagsView(**dict(report), latents=inline_latents(session, store, sae, listed))
+
+
+@pages.get(ROUTES["jump"].page)
+def jump(
+    sae: SaeName, feature: Annotated[int, Query(ge=0, description="latent index")]
+) -> RedirectResponse:
+    """The jump-to-feature box: a redirect to the feature's page (its page says if it is
+    beyond the SAE)."""
+    return RedirectResponse(path("feature", sae=sae, feature_index=feature), status_code=303)
