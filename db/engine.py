@@ -12,11 +12,11 @@ import threading
 from pathlib import Path
 from urllib.parse import quote
 
-from sqlalchemy import Engine, create_engine, event, select
+from sqlalchemy import Engine, create_engine, event, inspect, select
 from sqlalchemy.orm import Session
 from sqlalchemy.pool import NullPool, QueuePool
 
-from saescope.db.models import SCHEMA_VERSION, Meta
+from saescope.db.models import SCHEMA_VERSION, Base, Meta
 
 
 class SchemaMismatchError(Exception):
@@ -71,6 +71,16 @@ def check_schema_version(engine: Engine) -> None:
             f"database schema version {found}, this saescope reads version {SCHEMA_VERSION}; "
             "rebuild the database with `saescope build`"
         )
+    # A column added (a new metric, `db.metrics`) is caught without a version bump.
+    tables = inspect(engine)
+    for table in Base.metadata.sorted_tables:
+        stored = {column["name"] for column in tables.get_columns(table.name)}
+        missing = sorted(set(table.columns.keys()) - stored)
+        if missing:
+            raise SchemaMismatchError(
+                f"the database's {table.name} table has no {', '.join(missing)}: it was written "
+                "by an older saescope; rebuild the database with `saescope build`"
+            )
 
 
 def has_current_schema(path: Path) -> bool:

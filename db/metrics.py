@@ -49,7 +49,7 @@ class FeatureMetric:
 METRICS = (
     FeatureMetric(
         "count", "tokens of the corpus (special tokens aside) where the latent fires", int,
-        label="tokens", label_format="{:,}",
+        label="fires on", label_format="{:,} tokens",
     ),
     FeatureMetric(
         "frequency",
@@ -113,7 +113,7 @@ METRICS = (
         "bits per token to send whether it fires and, where it does, its activation at the SAE's "
         "precision: H(p) + p·H(quantised activations)",
         sortable=True, column="bits", column_format="{:.3f}",
-        label="description length (bits/token)", label_format="{:.3f}",
+        label="description length", label_format="{:.3f} bits/token",
     ),
 )  # fmt: skip
 

@@ -14,7 +14,8 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from saescope.db.codec import FLOAT16, FLOAT32, INT32, WINDOW_LENGTH, blob
 from saescope.db.metrics import METRICS, SORTABLE
 
-# Bump whenever a table or column changes meaning; the server refuses other versions.
+# Bump whenever a table or column changes meaning; the server refuses other versions (and files
+# that lack a column the tables declare, so an added column needs no bump).
 SCHEMA_VERSION = 8
 SAE_NAME_MAX_LENGTH = 128
 SQL_TYPES = {float: Float, int: Integer}
@@ -64,51 +65,76 @@ class VocabToken(Base):
     __table_args__ = (Index("ix_vocab_token", "corpus_id", "token"),)
 
 
+def shown(description: str | None = None, detail: bool = False) -> dict[str, Any]:
+    """The `info` of an SAE column that the API shows (`db.queries.saes`): in every SAE's
+    summary, or with `detail` only in its own; documented with `description`."""
+    return {"shown": "detail" if detail else "summary", "description": description}
+
+
 class Sae(Base):
-    """One SAE built over a corpus, with its whole-SAE metrics."""
+    """One SAE built over a corpus, with its whole-SAE metrics; the columns marked `shown` are
+    the API's fields, in this order."""
 
     __tablename__ = "saes"
     id: Mapped[int] = mapped_column(primary_key=True)
-    name: Mapped[str] = mapped_column(String(SAE_NAME_MAX_LENGTH), unique=True)
+    name: Mapped[str] = mapped_column(String(SAE_NAME_MAX_LENGTH), unique=True, info=shown())
     corpus_id: Mapped[int] = mapped_column(ForeignKey("corpora.id"))
-    model: Mapped[str]
-    hook: Mapped[str]
-    architecture: Mapped[str]
-    d_in: Mapped[int]
-    d_sae: Mapped[int]
-    context_length: Mapped[int]
+    model: Mapped[str] = mapped_column(info=shown())
+    hook: Mapped[str] = mapped_column(info=shown())
+    architecture: Mapped[str] = mapped_column(info=shown())
+    d_in: Mapped[int] = mapped_column(info=shown())
+    d_sae: Mapped[int] = mapped_column(info=shown())
+    context_length: Mapped[int] = mapped_column(info=shown())
+    tokens_seen: Mapped[int] = mapped_column(info=shown())
+    l0: Mapped[float] = mapped_column(info=shown())
+    mse: Mapped[float] = mapped_column(info=shown())
+    explained_variance: Mapped[float | None] = mapped_column(info=shown())
+    # Cross-entropy needs a language model: NULL for synthetic sources.
+    ce_clean: Mapped[float | None] = mapped_column(
+        info=shown("null without a language model (synthetic data)")
+    )
+    ce_sae: Mapped[float | None] = mapped_column(info=shown())
+    ce_zero: Mapped[float | None] = mapped_column(info=shown())
+    ce_score: Mapped[float | None] = mapped_column(info=shown())
+    dead_count: Mapped[int] = mapped_column(info=shown())
+    dense_count: Mapped[int] = mapped_column(info=shown())
+    high_frequency_threshold: Mapped[float] = mapped_column(info=shown())
+    # Only for synthetic sources, whose true features are known.
+    mmcs: Mapped[float | None] = mapped_column(
+        info=shown("synthetic data: mean over true features of the best decoder cosine")
+    )
+    recovered_share: Mapped[float | None] = mapped_column(
+        info=shown("synthetic data: share of true features with a latent at cosine > 0.9")
+    )
+    # Description length (`pipeline.precompute.description_length`), and the precision it was
+    # taken at: bins per decade of the activations.
+    description_length_bits: Mapped[float] = mapped_column(
+        info=shown(
+            "bits per token to send the SAE's activations: the sum of its latents' description "
+            "lengths"
+        )
+    )
+    description_length_precision: Mapped[int] = mapped_column(
+        info=shown(
+            "bins per decade the activations are quantised to: the coarsest that raises the "
+            "reconstruction's MSE by at most 5%"
+        )
+    )
+    eval_tokens: Mapped[int] = mapped_column(info=shown(detail=True))
+    config: Mapped[dict[str, Any]] = mapped_column(info=shown(detail=True))
+    # For SAEs trained by `saescope train`: {objective, hyperparameters, settings}, and its log.
+    training: Mapped[dict[str, Any] | None] = mapped_column(
+        info=shown("for SAEs trained by `saescope train`", detail=True)
+    )
+    training_log: Mapped[list[Any] | None] = mapped_column(info=shown(detail=True))
     n_sequences: Mapped[int]
-    tokens_seen: Mapped[int]
     special_tokens_seen: Mapped[int]
-    high_frequency_threshold: Mapped[float]
-    l0: Mapped[float]
-    dead_count: Mapped[int]
-    dense_count: Mapped[int]
     # What Jaccard and decoder-top miss rate are for a typical live latent of this SAE.
     jaccard_median: Mapped[float]
     miss_rate_median: Mapped[float]
     # Positions in the uniform sample the absorption measure runs on.
     sample_positions: Mapped[int]
-    eval_tokens: Mapped[int]
-    mse: Mapped[float]
-    explained_variance: Mapped[float | None]
-    # Cross-entropy needs a language model: NULL for synthetic sources.
-    ce_clean: Mapped[float | None]
-    ce_sae: Mapped[float | None]
-    ce_zero: Mapped[float | None]
-    ce_score: Mapped[float | None]
-    # Only for synthetic sources, whose true features are known.
-    mmcs: Mapped[float | None]
-    recovered_share: Mapped[float | None]
     ground_truth: Mapped[dict[str, Any] | None]
-    config: Mapped[dict[str, Any]]
-    # For SAEs trained by `saescope train`: {objective, hyperparameters, settings}, and its log.
-    training: Mapped[dict[str, Any] | None]
-    training_log: Mapped[list[Any] | None]
-    # Description length (`pipeline.precompute.description_length`), and the precision it was taken
-    # at: bins per decade of the activations.
-    description_length_bits: Mapped[float]
-    description_length_precision: Mapped[int]
     # Threshold ablation on the evaluation contexts: the rules, each with its points.
     threshold_ablation: Mapped[list[Any]]
 

@@ -130,51 +130,23 @@ class CorpusRecord:
     special_token_ids: set[int]
 
 
-@dataclass
-class SaeRecord:
-    """The `saes` row, but for the name and corpus the writer fills in."""
-
-    model: str
-    hook: str
-    architecture: str
-    d_in: int
-    d_sae: int
-    context_length: int
-    n_sequences: int
-    tokens_seen: int
-    special_tokens_seen: int
-    high_frequency_threshold: float
-    l0: float
-    dead_count: int
-    dense_count: int
-    jaccard_median: float
-    miss_rate_median: float
-    sample_positions: int
-    eval_tokens: int
-    mse: float
-    explained_variance: float | None
-    ce_clean: float | None
-    ce_sae: float | None
-    ce_zero: float | None
-    ce_score: float | None
-    mmcs: float | None
-    recovered_share: float | None
-    ground_truth: dict[str, Any] | None
-    config: dict[str, Any]
-    training: dict[str, Any] | None
-    training_log: list[Any] | None
-    description_length_bits: float
-    description_length_precision: int
-    threshold_ablation: list[Any]
+def _record_of(name: str, model: type[Base], supplied: set[str]) -> type:
+    """A record with a field per column of `model`'s table, but for those the writer supplies."""
+    record = make_dataclass(
+        name,
+        [(column.key, Any) for column in model.__table__.columns if column.key not in supplied],
+    )
+    record.__module__ = __name__
+    return record
 
 
-# The `features` rows of one SAE, column by column, in feature order: a field per column of the
-# table (its metrics are declared in `db.metrics`).
-FeatureColumns = make_dataclass(
-    "FeatureColumns",
-    [(column.key, Column) for column in Feature.__table__.columns if column.key != "sae_id"],
-)
-FeatureColumns.__module__ = __name__
+# The `saes` row, but for its id and the name and corpus the writer fills in.
+SAE_SUPPLIED = {"id", "name", "corpus_id"}
+SaeRecord = _record_of("SaeRecord", Sae, SAE_SUPPLIED)
+# The `features` rows of one SAE, column by column, in feature order (its metrics are declared
+# in `db.metrics`).
+FEATURE_SUPPLIED = {"sae_id"}
+FeatureColumns = _record_of("FeatureColumns", Feature, FEATURE_SUPPLIED)
 
 
 @dataclass
@@ -322,8 +294,8 @@ class SaeRecords:
 
 # Each record and its table; the writer supplies the keys named beside them.
 TABLES: list[tuple[type, type[Base], set[str]]] = [
-    (SaeRecord, Sae, {"id", "name", "corpus_id"}),
-    (FeatureColumns, Feature, {"sae_id"}),
+    (SaeRecord, Sae, SAE_SUPPLIED),
+    (FeatureColumns, Feature, FEATURE_SUPPLIED),
     (ExampleColumns, FeatureExamples, {"sae_id"}),
     (SequenceExampleColumns, SequenceExamples, {"sae_id"}),
     (TokenStatColumns, TokenStat, {"sae_id"}),

@@ -229,20 +229,10 @@ def store_comparisons(session: Session, records: list[ComparisonRecord]) -> None
             session.execute(
                 delete(table).where(table.sae_id == sae_id, table.other_sae_id == other_id)
             )
-        session.add(
-            Comparison(
-                sae_id=sae_id,
-                other_sae_id=other_id,
-                latents=record.latents,
-                share_above_0_9=record.share_above_0_9,
-                share_above_0_8=record.share_above_0_8,
-                median_best_cosine=record.median_best_cosine,
-                histogram_counts=codec.pack(
-                    Comparison.__table__.c.histogram_counts, record.histogram_counts
-                ),
-                same_model_and_hook=record.same_model_and_hook,
-            )
-        )
+        columns = Comparison.__table__.c
+        stored = {f.name: getattr(record, f.name) for f in fields(record) if f.name in columns}
+        stored["histogram_counts"] = codec.pack(columns.histogram_counts, record.histogram_counts)
+        session.add(Comparison(sae_id=sae_id, other_sae_id=other_id, **stored))
         session.flush()
         _insert_columns(session, Match, record.matches, sae_id=sae_id, other_sae_id=other_id)
 

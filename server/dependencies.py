@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Annotated
 
 from fastapi import Depends, Request
@@ -29,3 +30,19 @@ def get_labels(request: Request) -> LabelStore:
 SessionDep = Annotated[Session, Depends(get_session)]
 LabelsDep = Annotated[LabelStore, Depends(get_labels)]
 SettingsDep = Annotated[Settings, Depends(get_settings)]
+
+
+@dataclass
+class Reader:
+    """What a view reads from: the database session, the server's settings and the labels."""
+
+    session: Session
+    settings: Settings
+    labels: LabelStore
+
+
+def get_reader(session: SessionDep, settings: SettingsDep, labels: LabelsDep) -> Reader:
+    return Reader(session, settings, labels)
+
+
+ReaderDep = Annotated[Reader, Depends(get_reader)]

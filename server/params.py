@@ -76,18 +76,7 @@ class FeatureTableParams:
 
     def page(self, session: Session, sae: str, default_limit: int) -> FeaturePage:
         """The page of the feature table these parameters ask for."""
-        return list_features(
-            session,
-            sae,
-            sort=self.sort,
-            order=self.order,
-            flag=self.flag,
-            min_frequency=self.min_frequency,
-            max_frequency=self.max_frequency,
-            after=self.after,
-            limit=self.limit or default_limit,
-            before=self.before,
-        )
+        return list_features(session, sae, **{**vars(self), "limit": self.limit or default_limit})
 
 
 def feature_table_params(
@@ -123,14 +112,7 @@ class ComparisonParams:
     def comparison(self, session: Session, sae: str, other: str, default_limit: int) -> Comparison:
         """The comparison, with the page of unmatched latents these parameters ask for."""
         return compare_saes(
-            session,
-            sae,
-            other,
-            threshold=self.threshold,
-            sort=self.sort,
-            order=self.order,
-            after=self.after,
-            limit=self.limit or default_limit,
+            session, sae, other, **{**vars(self), "limit": self.limit or default_limit}
         )
 
 

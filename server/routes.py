@@ -17,25 +17,26 @@ class Route:
     """path of the HTML page that shows the same object; None: JSON only"""
 
 
-ROUTES = {
-    "health": Route("/health"),
+# Pages whose JSON twin is the same path under API.
+_TWINS = {
+    "sae": "/saes/{sae}",
+    "comparison": "/compare",
+    "compare_pair": "/saes/{sae}/compare/{other}",
+    "feature": "/saes/{sae}/features/{feature_index}",
+    "text_test": "/saes/{sae}/test",
+    "search": "/saes/{sae}/search",
+    "corpus_search": "/saes/{sae}/corpus",
+    "flags": "/saes/{sae}/flags",
+}
+ROUTES = {name: Route(at, page=at) for name, at in _TWINS.items()} | {
     "saes": Route("/saes", page="/"),
-    "sae": Route("/saes/{sae}", page="/saes/{sae}"),
-    "comparison": Route("/compare", page="/compare"),
-    "compare_pair": Route("/saes/{sae}/compare/{other}", page="/saes/{sae}/compare/{other}"),
+    "jump": Route(None, page="/saes/{sae}/jump"),
+    "health": Route("/health"),
     "threshold_ablation": Route("/saes/{sae}/threshold-ablation"),
     "features": Route("/saes/{sae}/features"),
-    "feature": Route(
-        "/saes/{sae}/features/{feature_index}", page="/saes/{sae}/features/{feature_index}"
-    ),
-    "text_test": Route("/saes/{sae}/test", page="/saes/{sae}/test"),
-    "search": Route("/saes/{sae}/search", page="/saes/{sae}/search"),
-    "corpus_search": Route("/saes/{sae}/corpus", page="/saes/{sae}/corpus"),
-    "flags": Route("/saes/{sae}/flags", page="/saes/{sae}/flags"),
     "labels": Route("/saes/{sae}/labels"),
     "label": Route("/saes/{sae}/features/{feature_index}/label"),
     "activations": Route("/saes/{sae}/activations"),
-    "jump": Route(None, page="/saes/{sae}/jump"),
 }
 
 

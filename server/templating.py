@@ -11,8 +11,8 @@ from fastapi.templating import Jinja2Templates
 from markupsafe import Markup, escape
 from pydantic_core import to_jsonable_python
 
+from saescope.db import metrics
 from saescope.db.flags import FLAGS, FLAGS_BY_NAME
-from saescope.db.metrics import DEFINITIONS, HEADER_METRICS, TABLE_COLUMNS
 from saescope.db.queries.comparisons import UnmatchedSort
 from saescope.db.queries.feature_table import SortKey
 from saescope.db.queries.paging import SortOrder
@@ -113,9 +113,7 @@ templates.env.globals.update(
     context_html=context_html,
     urls=urls,
     FLAGS=FLAGS,
-    DEFINITIONS=DEFINITIONS,
-    TABLE_COLUMNS=TABLE_COLUMNS,
-    HEADER_METRICS=HEADER_METRICS,
+    metrics=metrics,
     SORT_KEYS=list(SortKey),
     SORT_ORDERS=list(SortOrder),
     UNMATCHED_SORT_KEYS=list(UnmatchedSort),

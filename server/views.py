@@ -10,7 +10,6 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import HTMLResponse, RedirectResponse
 from pydantic import BaseModel, Field
-from sqlalchemy.orm import Session
 
 from saescope.db.flags import HIGH_FREQUENCY
 from saescope.db.queries.comparisons import (
@@ -34,8 +33,8 @@ from saescope.db.queries.saes import (
 )
 from saescope.db.queries.token_search import LATENTS_SHOWN, TokenSearch, search_tokens
 from saescope.server import api, inference, urls
-from saescope.server.dependencies import LabelsDep, SessionDep, SettingsDep
-from saescope.server.labels import Label, LabelStore
+from saescope.server.dependencies import Reader, ReaderDep, SessionDep
+from saescope.server.labels import Label
 from saescope.server.params import (
     ComparisonQuery,
     FeatureIndex,
@@ -114,13 +113,11 @@ class InlineLatent(LatentSummary):
     label: str | None
 
 
-def inline_latents(
-    session: Session, store: LabelStore, sae: str, listed: list[int]
-) -> dict[int, InlineLatent]:
-    labels = store.of_features(sae, listed)
+def inline_latents(reader: Reader, sae: str, listed: list[int]) -> dict[int, InlineLatent]:
+    labels = reader.labels.of_features(sae, listed)
     return {
         index: InlineLatent(**summary.model_dump(), label=getattr(labels.get(index), "label", None))
-        for index, summary in latent_summaries(session, sae, listed).items()
+        for index, summary in latent_summaries(reader.session, sae, listed).items()
     }
 
 
@@ -154,21 +151,15 @@ class SaePage(SaeDetail):
 
 
 @view("sae", "sae.html", tags=["saes"])
-def sae(
-    sae: SaeName,
-    params: FeatureTableQuery,
-    session: SessionDep,
-    settings: SettingsDep,
-    store: LabelsDep,
-) -> SaePage:
+def sae(sae: SaeName, params: FeatureTableQuery, reader: ReaderDep) -> SaePage:
     """One SAE: metrics, build configuration, training settings and curve, threshold ablation,
     comparisons, and a page of its feature table (the parameters of `/features`)."""
-    detail = get_sae(session, sae)
-    features = params.page(session, sae, settings.page_size)
+    session = reader.session
+    features = params.page(session, sae, reader.settings.page_size)
     return SaePage(
-        **dict(detail),
+        **dict(get_sae(session, sae)),
         features=features,
-        labels=store.of_features(sae, [row.feature_index for row in features.items]),
+        labels=reader.labels.of_features(sae, [row.feature_index for row in features.items]),
         threshold_ablation=threshold_ablation(session, sae).rules,
         comparisons=pair_summaries(session, sae),
     )
@@ -183,15 +174,11 @@ def comparison(session: SessionDep) -> SaeComparison:
 
 @view("compare_pair", "compare_pair.html", tags=["saes"])
 def compare_pair(
-    sae: SaeName,
-    other: OtherSaeName,
-    params: ComparisonQuery,
-    session: SessionDep,
-    settings: SettingsDep,
+    sae: SaeName, other: OtherSaeName, params: ComparisonQuery, reader: ReaderDep
 ) -> Comparison:
     """Reference matching: how `sae`'s latents are matched in `other` by decoder cosine, and its
     live latents with no match (best cosine below `threshold`), paginated by key."""
-    return params.comparison(session, sae, other, settings.page_size)
+    return params.comparison(reader.session, sae, other, reader.settings.page_size)
 
 
 class FeatureView(FeatureDetail):
@@ -202,25 +189,19 @@ class FeatureView(FeatureDetail):
 
 
 @view("feature", "feature.html", tags=["features"])
-def feature(
-    sae: SaeName,
-    feature_index: FeatureIndex,
-    session: SessionDep,
-    settings: SettingsDep,
-    store: LabelsDep,
-) -> FeatureView:
+def feature(sae: SaeName, feature_index: FeatureIndex, reader: ReaderDep) -> FeatureView:
     """Everything about one feature: statistics, flags, examples, charts' data, neighbours, its
     label."""
-    detail = get_feature(session, sae, feature_index)
+    detail = get_feature(reader.session, sae, feature_index)
     listed = [n.feature_index for n in detail.neighbours] + [
         a.feature_index for a in detail.encoder_decoder.absorbers
     ]
     return FeatureView(
         **dict(detail),
-        label=store.of_features(sae, [feature_index]).get(feature_index),
-        latents=inline_latents(session, store, sae, listed),
-        labels_writable=settings.write_token is not None,
-        inference_hint=inference_hint(settings),
+        label=reader.labels.of_features(sae, [feature_index]).get(feature_index),
+        latents=inline_latents(reader, sae, listed),
+        labels_writable=reader.settings.write_token is not None,
+        inference_hint=inference_hint(reader.settings),
     )
 
 
@@ -232,15 +213,11 @@ class TextTest(BaseModel):
 
 
 @view("text_test", "test.html", tags=["inference"])
-def text_test(sae: SaeName, session: SessionDep, settings: SettingsDep) -> TextTest:
+def text_test(sae: SaeName, reader: ReaderDep) -> TextTest:
     """The page that runs the SAE on a text of one's own (through the activations route)."""
-    detail = get_sae(session, sae)
-    return TextTest(
-        sae=detail.name,
-        model=detail.model,
-        hook=detail.hook,
-        inference_hint=inference_hint(settings),
-    )
+    detail = get_sae(reader.session, sae)
+    hint = inference_hint(reader.settings)
+    return TextTest(sae=detail.name, model=detail.model, hook=detail.hook, inference_hint=hint)
 
 
 class TokenSearchView(TokenSearch):
@@ -253,21 +230,19 @@ class TokenSearchView(TokenSearch):
 def search(
     sae: SaeName,
     token: TokenQuery,
-    session: SessionDep,
-    settings: SettingsDep,
-    store: LabelsDep,
+    reader: ReaderDep,
     limit: SearchLimit = None,
     latents: LatentsPerToken = LATENTS_SHOWN,
 ) -> TokenSearchView:
     """Tokens matching `token` exactly, then by substring, with the latents that fire on them;
     and the labels that contain it."""
-    limit = limit or settings.search_limit
-    result = search_tokens(session, sae, token, limit=limit, latents_per_token=latents)
+    limit = limit or reader.settings.search_limit
+    result = search_tokens(reader.session, sae, token, limit=limit, latents_per_token=latents)
     return TokenSearchView(
         **dict(result),
         limit=limit,
         latents_per_token=latents,
-        labelled=store.of_sae(sae, token.strip()),
+        labelled=reader.labels.of_sae(sae, token.strip()),
     )
 
 
@@ -279,18 +254,17 @@ class PhraseSearchView(PhraseSearch):
 def corpus_search(
     sae: SaeName,
     phrase: PhraseQuery,
-    session: SessionDep,
-    settings: SettingsDep,
-    store: LabelsDep,
+    reader: ReaderDep,
     limit: PhraseLimit = CONTEXTS_PER_PAGE,
     after: PhraseCursor = None,
 ) -> PhraseSearchView:
     """The contexts of the corpus where `phrase` occurs (ignoring case; at least 3 characters),
     in corpus order, each with the latents that fire on it: computed by the inference process
     when one is connected, else from the stored examples (`latents_source` says which)."""
-    result = inference.search_phrase(session, settings.inference_url, sae, phrase, limit, after)
+    url = reader.settings.inference_url
+    result = inference.search_phrase(reader.session, url, sae, phrase, limit, after)
     listed = [latent.feature_index for context in result.contexts for latent in context.latents]
-    return PhraseSearchView(**dict(result), latents=inline_latents(session, store, sae, listed))
+    return PhraseSearchView(**dict(result), latents=inline_latents(reader, sae, listed))
 
 
 class FlagsView(FlagsReport):
@@ -299,15 +273,12 @@ class FlagsView(FlagsReport):
 
 @view("flags", "flags.html", tags=["features"])
 def flags(
-    sae: SaeName,
-    session: SessionDep,
-    store: LabelsDep,
-    threshold: Threshold = HIGH_FREQUENCY.default_threshold,
+    sae: SaeName, reader: ReaderDep, threshold: Threshold = HIGH_FREQUENCY.default_threshold
 ) -> FlagsView:
     """High-frequency (above `threshold`), dead, positional and BOS-dominated features."""
-    report = flags_report(session, sae, threshold)
+    report = flags_report(reader.session, sae, threshold)
     listed = [index for group in report.groups for index in group.features]
-    return FlagsView(**dict(report), latents=inline_latents(session, store, sae, listed))
+    return FlagsView(**dict(report), latents=inline_latents(reader, sae, listed))
 
 
 @pages.get(ROUTES["jump"].page)

@@ -70,14 +70,9 @@ class SaeComparison(BaseModel):
 
 
 def pair_summary(stored: StoredComparison, sae: str, other: str) -> PairSummary:
+    names = {"sae": sae, "other": other}
     return PairSummary(
-        sae=sae,
-        other=other,
-        same_model_and_hook=stored.same_model_and_hook,
-        latents=stored.latents,
-        share_above_0_9=stored.share_above_0_9,
-        share_above_0_8=stored.share_above_0_8,
-        median_best_cosine=stored.median_best_cosine,
+        **names, **{key: getattr(stored, key) for key in PairSummary.model_fields.keys() - names}
     )
 
 
@@ -85,11 +80,12 @@ def compare_saes(
     session: Session,
     sae_name: str,
     other_name: str,
-    threshold: float = 0.5,
-    sort: UnmatchedSort = UnmatchedSort.frequency,
-    order: SortOrder = SortOrder.desc,
-    after: str | None = None,
-    limit: int = 50,
+    *,
+    threshold: float,
+    sort: UnmatchedSort,
+    order: SortOrder,
+    after: str | None,
+    limit: int,
 ) -> Comparison:
     """How `sae_name`'s latents are matched in `other_name` by decoder cosine, and one page of
     its live latents whose best cosine is below `threshold`."""

@@ -46,14 +46,15 @@ class FeaturePage(BaseModel):
 def list_features(
     session: Session,
     sae_name: str,
-    sort: SortKey = SortKey.feature_index,
-    order: SortOrder = SortOrder.asc,
-    flag: FlagName | None = None,
-    min_frequency: float | None = None,
-    max_frequency: float | None = None,
-    after: str | None = None,
-    limit: int = 50,
-    before: str | None = None,
+    *,
+    sort: SortKey,
+    order: SortOrder,
+    flag: FlagName | None,
+    min_frequency: float | None,
+    max_frequency: float | None,
+    after: str | None,
+    limit: int,
+    before: str | None,
 ) -> FeaturePage:
     """One page of the feature table, paginated by key: the rows after the cursor `after` (a
     page's `next_cursor`) or before the cursor `before` (its `previous_cursor`); with the count

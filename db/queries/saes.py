@@ -2,49 +2,15 @@
 
 from __future__ import annotations
 
+import typing
 from typing import Any
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, create_model
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from saescope.db.models import Sae
 from saescope.db.queries.lookups import sae_row
-
-
-class SaeSummary(BaseModel):
-    name: str
-    model: str
-    hook: str
-    architecture: str
-    d_in: int
-    d_sae: int
-    context_length: int
-    tokens_seen: int
-    l0: float
-    mse: float
-    explained_variance: float | None
-    ce_clean: float | None = Field(description="null without a language model (synthetic data)")
-    ce_sae: float | None
-    ce_zero: float | None
-    ce_score: float | None
-    dead_count: int
-    dense_count: int
-    high_frequency_threshold: float
-    mmcs: float | None = Field(
-        description="synthetic data: mean over true features of the best decoder cosine"
-    )
-    recovered_share: float | None = Field(
-        description="synthetic data: share of true features with a latent at cosine > 0.9"
-    )
-    description_length_bits: float = Field(
-        description="bits per token to send the SAE's activations: the sum of its latents' "
-        "description lengths"
-    )
-    description_length_precision: int = Field(
-        description="bins per decade the activations are quantised to: the coarsest that raises "
-        "the reconstruction's MSE by at most 5%"
-    )
 
 
 class Training(BaseModel):
@@ -56,11 +22,24 @@ class Training(BaseModel):
     settings: dict[str, Any] = Field(description="every setting of `saescope train`")
 
 
-class SaeDetail(SaeSummary):
-    eval_tokens: int
-    config: dict[str, Any]
-    training: Training | None = Field(description="for SAEs trained by `saescope train`")
-    training_log: list[dict[str, Any]] | None
+def _shown_fields(level: str, **types: Any) -> dict[str, Any]:
+    """The columns of the SAE table shown at `level` (`models.shown`), as response fields, in
+    table order; `types` overrides a column's type."""
+    hints = typing.get_type_hints(Sae)
+    return {
+        column.key: (
+            types.get(column.key) or typing.get_args(hints[column.key])[0],
+            Field(description=column.info["description"]),
+        )
+        for column in Sae.__table__.columns
+        if column.info.get("shown") == level
+    }
+
+
+SaeSummary = create_model("SaeSummary", **_shown_fields("summary"))
+SaeDetail = create_model(
+    "SaeDetail", __base__=SaeSummary, **_shown_fields("detail", training=Training | None)
+)
 
 
 class AblationPoint(BaseModel):
@@ -84,11 +63,13 @@ class AblationRule(BaseModel):
 
 
 class ThresholdAblation(BaseModel):
-    sae: str
+    """Read from the SAE's row: its name and its threshold-ablation column are `sae`, `rules`."""
+
+    sae: str = Field(validation_alias="name")
     eval_tokens: int
     ce_clean: float | None
     ce_zero: float | None
-    rules: list[AblationRule]
+    rules: list[AblationRule] = Field(validation_alias="threshold_ablation")
 
 
 def list_saes(session: Session) -> list[SaeSummary]:
@@ -101,11 +82,4 @@ def get_sae(session: Session, name: str) -> SaeDetail:
 
 
 def threshold_ablation(session: Session, sae_name: str) -> ThresholdAblation:
-    sae = sae_row(session, sae_name)
-    return ThresholdAblation(
-        sae=sae.name,
-        eval_tokens=sae.eval_tokens,
-        ce_clean=sae.ce_clean,
-        ce_zero=sae.ce_zero,
-        rules=sae.threshold_ablation,
-    )
+    return ThresholdAblation.model_validate(sae_row(session, sae_name), from_attributes=True)

@@ -46,8 +46,9 @@ def search_tokens(
     session: Session,
     sae_name: str,
     query: str,
-    limit: int = 10,
-    latents_per_token: int = LATENTS_SHOWN,
+    *,
+    limit: int,
+    latents_per_token: int,
 ) -> TokenSearch:
     """Tokens equal to the query (ignoring surrounding spaces, unless it is only whitespace)
     first, then tokens containing it;

@@ -32,6 +32,7 @@ import math
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -68,6 +69,22 @@ class Absorption:
     absorbers: list[list[dict]]  # per latent: feature_index, weight, share, count, cofiring
     auroc: np.ndarray  # [d_sae] of the decoder projection, firings against background
     own_share: np.ndarray  # [d_sae] i's share of the mass along ŵ_i where it fires
+
+    def columns(self) -> dict[str, Any]:
+        """Its columns of the `features` table, what cannot be measured as None."""
+        return {
+            "absorption": _nan_as_none(self.value),
+            "absorption_low": _nan_as_none(self.low),
+            "absorption_high": _nan_as_none(self.high),
+            "absorption_reason": self.reason,
+            "absorbed_positions": self.absorbed_positions,
+            "absorbers": self.absorbers,
+            "decoder_auroc": self.auroc,
+        }
+
+
+def _nan_as_none(values: np.ndarray) -> list[float | None]:
+    return [None if math.isnan(value) else value for value in values.tolist()]
 
 
 def sparse_activations(

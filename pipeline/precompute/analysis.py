@@ -83,20 +83,15 @@ def quantile_edges(
     """Per feature, cut points at quantiles 0, 1/n, …, 1 of its active values (the ends exact:
     min and max); nan for a feature that never fired. A feature whose active values are all
     equal has one band: its inner edges are infinite."""
-    return by_row_blocks(lambda *rows: _quantile_edges(*rows, n_bands), histogram, low, high)
 
+    def block(histogram: np.ndarray, low: np.ndarray, high: np.ndarray) -> np.ndarray:
+        inner = interpolated_quantiles(histogram, low, high, np.arange(1, n_bands) / n_bands)
+        edges = np.concatenate([low[:, None], inner, high[:, None]], axis=1)
+        edges[low == high, 1:-1] = np.inf
+        edges[histogram.sum(1) == 0] = np.nan
+        return edges
 
-def _quantile_edges(
-    histogram: Int[np.ndarray, "features bins"],
-    low: Float[np.ndarray, " features"],
-    high: Float[np.ndarray, " features"],
-    n_bands: int,
-) -> Float[np.ndarray, "features edges"]:
-    inner = interpolated_quantiles(histogram, low, high, np.arange(1, n_bands) / n_bands)
-    edges = np.concatenate([low[:, None], inner, high[:, None]], axis=1)
-    edges[low == high, 1:-1] = np.inf
-    edges[histogram.sum(1) == 0] = np.nan
-    return edges
+    return by_row_blocks(block, histogram, low, high)
 
 
 def band_of(edges: np.ndarray, values: np.ndarray) -> np.ndarray:
@@ -249,22 +244,13 @@ def feature_records(
     return FeatureColumns(
         feature_index=np.arange(n_features),
         count=stats.count,
-        frequency=statistics.frequency,
-        mean_activation=statistics.mean_activation,
         max_activation=stats.max,
         min_activation=stats.min,
         bos_count=stats.special_count,
-        bos_share=statistics.bos_share,
-        positional_r2=statistics.positional_r2,
+        **vars(statistics),
         jaccard=jaccard,
         miss_rate=miss_rate,
-        absorption=_nan_as_none(absorbed.value),
-        absorption_low=_nan_as_none(absorbed.low),
-        absorption_high=_nan_as_none(absorbed.high),
-        absorption_reason=absorbed.reason,
-        absorbed_positions=absorbed.absorbed_positions,
-        absorbers=absorbed.absorbers,
-        decoder_auroc=absorbed.auroc,
+        **absorbed.columns(),
         description_length_bits=description_length_bits,
         decoder=decoder.cpu().numpy(),
         histogram_first_bin=histogram_first_bin,
@@ -279,10 +265,6 @@ def feature_records(
         top_tokens=feature_top_tokens(result, settings.n_top_tokens),
         **ground_truth_columns(ground_truth),
     )
-
-
-def _nan_as_none(values: np.ndarray) -> list[float | None]:
-    return [None if math.isnan(value) else value for value in values.tolist()]
 
 
 def _band_rows(edges: np.ndarray, mass: np.ndarray, fired: np.ndarray) -> dict[str, list]:
