@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 from functools import lru_cache
 from importlib.resources import files
+from typing import Any
 from urllib.parse import quote
 
 from fastapi.templating import Jinja2Templates
@@ -102,6 +103,17 @@ def _token_parts(token: str) -> tuple[str, str, str, str]:
     )
 
 
+def metric_cells(row: Any) -> Markup:
+    """A feature-table row's cells of the table metrics (`db.metrics`): built here rather than
+    in a template loop, several times faster over a page of rows."""
+    return Markup(
+        "".join(
+            f"<td>{escape(metric.cell(getattr(row, metric.name)))}</td>"
+            for metric in metrics.TABLE_COLUMNS
+        )
+    )
+
+
 templates.env.filters["visible"] = visible
 # Response models (and lists of them) as plain JSON values, for `tojson`.
 templates.env.filters["plain"] = to_jsonable_python
@@ -111,6 +123,7 @@ templates.env.filters["sentence"] = lambda text: text[:1].upper() + text[1:]
 templates.env.filters["flag_label"] = lambda name: FLAGS_BY_NAME[name].label
 templates.env.globals.update(
     context_html=context_html,
+    metric_cells=metric_cells,
     urls=urls,
     FLAGS=FLAGS,
     metrics=metrics,
