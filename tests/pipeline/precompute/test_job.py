@@ -355,3 +355,18 @@ def test_demo_builds_only_what_its_database_lacks(tmp_path: Path, dashboard_db: 
     builder.build_demo(tmp_path, quiet=True)
     assert not database.exists()  # the builds are stubbed here
     assert built == ["demo-topk", "demo-l1"]
+
+
+def test_the_stored_config_reads_back_as_the_options_of_the_build(built_db: Path) -> None:
+    from saescope.pipeline.config import as_options
+    from saescope.pipeline.precompute.config import BuildConfig
+
+    ((stored,),) = rows(built_db, "select config from saes")
+    record = json.loads(stored)
+    build = BuildConfig.from_record(record, built_db)
+    assert build.out == built_db
+    # Every setting the record holds comes back (the options `saescope build` was given).
+    assert {name: value for name, value in as_options(build).items() if name in record} == {
+        name: record[name] for name in record if name != "world_size"
+    }
+    assert Path(build.sae).is_absolute() and build.source.hook == HOOK
