@@ -13,8 +13,8 @@ from sqlalchemy.orm import Session
 from saescope.db.activations import ActivationRequest, TextActivations
 from saescope.db.models import SCHEMA_VERSION
 from saescope.db.queries.feature_table import FeaturePage
-from saescope.db.queries.lookups import NotFoundError
-from saescope.db.queries.saes import ThresholdAblation, get_sae, list_saes, threshold_ablation
+from saescope.db.queries.lookups import NotFoundError, sae_row
+from saescope.db.queries.saes import ThresholdAblation, list_saes, threshold_ablation
 from saescope.server import inference
 from saescope.server.dependencies import LabelsDep, SessionDep, SettingsDep
 from saescope.server.errors import ERROR_RESPONSES, WRITE_RESPONSES
@@ -61,7 +61,7 @@ def labels(
 ) -> list[Label]:
     """The SAE's labels and notes, by latent (its export); with `q`, those whose label or note
     contains it."""
-    get_sae(session, sae)
+    sae_row(session, sae)
     return store.of_sae(sae, q)
 
 
@@ -113,7 +113,7 @@ def delete_label(
 
 def check_latents(session: Session, sae: str, features: list[int]) -> None:
     """404 for an unknown SAE or a latent beyond it."""
-    d_sae = get_sae(session, sae).d_sae
+    d_sae = sae_row(session, sae).d_sae
     outside = sorted({i for i in features if i >= d_sae})
     if outside:
         raise NotFoundError(f"SAE {sae!r} has {d_sae} latents; no latent {outside[0]}")
@@ -126,5 +126,5 @@ def activations(
     """The SAE's latents on a text: its tokens and, per token, the latents that fire most there,
     with the activations of the latents asked for (`features`). The inference process (`saescope
     infer`) runs the model; without one, 503 says how to start it."""
-    get_sae(session, sae)
+    sae_row(session, sae)
     return inference.activations(settings.inference_url, sae, body)

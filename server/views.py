@@ -22,15 +22,9 @@ from saescope.db.queries.comparisons import (
 from saescope.db.queries.feature_detail import FeatureDetail, get_feature
 from saescope.db.queries.feature_table import FeaturePage, LatentSummary, latent_summaries
 from saescope.db.queries.flags import FlagsReport, flags_report
+from saescope.db.queries.lookups import sae_row
 from saescope.db.queries.phrase_search import CONTEXTS_PER_PAGE, PhraseSearch
-from saescope.db.queries.saes import (
-    AblationRule,
-    SaeDetail,
-    SaeSummary,
-    get_sae,
-    list_saes,
-    threshold_ablation,
-)
+from saescope.db.queries.saes import AblationRule, SaeDetail, SaeSummary, list_saes
 from saescope.db.queries.token_search import LATENTS_SHOWN, TokenSearch, search_tokens
 from saescope.server import api, inference, urls
 from saescope.server.dependencies import Reader, ReaderDep, SessionDep
@@ -70,7 +64,7 @@ def form_until(parameter: str, template: str) -> Callable:
 
     def check(request: Request, sae: SaeName, session: SessionDep) -> None:
         if not request.query_params.get(parameter):
-            raise FormOnly(template, get_sae(session, sae).name)
+            raise FormOnly(template, sae_row(session, sae).name)
 
     return check
 
@@ -155,12 +149,13 @@ def sae(sae: SaeName, params: FeatureTableQuery, reader: ReaderDep) -> SaePage:
     """One SAE: metrics, build configuration, training settings and curve, threshold ablation,
     comparisons, and a page of its feature table (the parameters of `/features`)."""
     session = reader.session
+    stored = sae_row(session, sae)
     features = params.page(session, sae, reader.settings.page_size)
     return SaePage(
-        **dict(get_sae(session, sae)),
+        **dict(SaeDetail.model_validate(stored, from_attributes=True)),
         features=features,
         labels=reader.labels.of_features(sae, [row.feature_index for row in features.items]),
-        threshold_ablation=threshold_ablation(session, sae).rules,
+        threshold_ablation=stored.threshold_ablation,
         comparisons=pair_summaries(session, sae),
     )
 
@@ -215,9 +210,9 @@ class TextTest(BaseModel):
 @view("text_test", "test.html", tags=["inference"])
 def text_test(sae: SaeName, reader: ReaderDep) -> TextTest:
     """The page that runs the SAE on a text of one's own (through the activations route)."""
-    detail = get_sae(reader.session, sae)
+    stored = sae_row(reader.session, sae)
     hint = inference_hint(reader.settings)
-    return TextTest(sae=detail.name, model=detail.model, hook=detail.hook, inference_hint=hint)
+    return TextTest(sae=stored.name, model=stored.model, hook=stored.hook, inference_hint=hint)
 
 
 class TokenSearchView(TokenSearch):
