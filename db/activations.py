@@ -10,6 +10,10 @@ MAX_TEXT_TOKENS = 1024
 """longest text run, in tokens (BOS included)"""
 MAX_TOP_LATENTS = 50
 MAX_ASKED_LATENTS = 64
+SUMMARY_LATENTS = 25
+"""latents in a text's summary"""
+MAX_SPANS = 256
+"""spans of one corpus-search request"""
 
 
 class ActivationRequest(BaseModel):
@@ -28,6 +32,13 @@ class ActivationRequest(BaseModel):
         description="latents whose activation on every token to return",
     )
     top: int = Field(5, ge=0, le=MAX_TOP_LATENTS, description="latents listed per token")
+    max_frequency: float | None = Field(
+        None,
+        ge=0,
+        le=1,
+        description="leave latents firing on more than this share of the corpus's tokens out of "
+        "`top` and `summary`",
+    )
 
     @model_validator(mode="after")
     def _one_input(self) -> ActivationRequest:
@@ -46,6 +57,18 @@ class FeatureActivations(BaseModel):
     activations: list[float] = Field(description="one per token")
 
 
+class TextLatent(BaseModel):
+    """A latent over a whole text (or every context of a phrase)."""
+
+    feature_index: int
+    fires_on: int = Field(description="tokens (or contexts) it fires on")
+    max_activation: float
+    specificity: float | None = Field(
+        description="its mean activation over the text's tokens (zeros included) as a multiple "
+        "of its mean over the corpus's tokens; null for a latent that never fired on the corpus"
+    )
+
+
 class TextActivations(BaseModel):
     """The text's tokens (BOS first where the SAE's model prepends it) and the SAE's latents on
     them."""
@@ -57,3 +80,42 @@ class TextActivations(BaseModel):
         description="per token, the latents that fire most there, strongest first"
     )
     features: list[FeatureActivations] = Field(description="the latents asked for")
+    summary: list[TextLatent] = Field(
+        description=f"the {SUMMARY_LATENTS} latents most specific to the text (special tokens "
+        "left out)"
+    )
+    context_length: int = Field(description="the model's context, in tokens")
+    windows: int = Field(
+        description="windows the text ran in: a text longer than the model's context runs in "
+        "windows of the context that overlap by half, each after the first starting with BOS, "
+        "so that every token is computed with at least half a context of text before it"
+    )
+
+
+class Span(BaseModel):
+    token_ids: list[int] = Field(min_length=1, max_length=MAX_TEXT_TOKENS)
+    start: int = Field(ge=0, description="first token of the span")
+    end: int = Field(ge=1, description="after its last token")
+
+    @model_validator(mode="after")
+    def _inside(self) -> Span:
+        if not self.start < self.end <= len(self.token_ids):
+            raise ValueError("a span needs start < end <= the number of tokens")
+        return self
+
+
+class SpansRequest(BaseModel):
+    """Token sequences (run as they are, no BOS added) and a span of each: what the corpus
+    search asks for its contexts, in one batch."""
+
+    spans: list[Span] = Field(min_length=1, max_length=MAX_SPANS)
+    max_frequency: float | None = Field(
+        None, ge=0, le=1, description="leave latents firing on more than this share out"
+    )
+
+
+class SpansActivations(BaseModel):
+    spans: list[list[LatentActivation]] = Field(
+        description="per span, every latent that fires on one of its tokens, with its highest "
+        "activation there, strongest first"
+    )

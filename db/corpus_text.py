@@ -42,27 +42,32 @@ def index_corpus(session: Session, corpus_id: int, token_ids: np.ndarray, vocab:
     )
 
 
-# The rows of one corpus whose text contains the phrase, from one sequence on.
+# The rows of one corpus whose text contains the phrase, between two sequences.
 _MATCHING = f"FROM {TABLE} WHERE {TABLE} MATCH :phrase AND rowid BETWEEN :low AND :high"
 
 
-def _matching_parameters(corpus_id: int, phrase: str, first: int = 0) -> dict[str, object]:
+def _matching_parameters(corpus_id: int, phrase: str) -> dict[str, object]:
     return {
         # FTS5's query for the phrase as one string (its double quotes doubled).
         "phrase": '"' + phrase.replace('"', '""') + '"',
-        "low": rowid(corpus_id, first),
+        "low": rowid(corpus_id, 0),
         "high": rowid(corpus_id + 1, 0) - 1,
     }
 
 
 def matching_sequences(
-    session: Session, corpus_id: int, phrase: str, first: int, limit: int
+    session: Session, corpus_id: int, phrase: str, first: int, limit: int, backward: bool = False
 ) -> list[int]:
-    """The indices of up to `limit` sequences from `first` on whose text contains the phrase
-    (ignoring case), in order."""
+    """The indices of up to `limit` sequences whose text contains the phrase (ignoring case):
+    from `first` on in order, or `backward` from `first` down."""
+    parameters = _matching_parameters(corpus_id, phrase) | {"limit": limit}
+    if backward:
+        parameters["high"] = rowid(corpus_id, first)
+    else:
+        parameters["low"] = rowid(corpus_id, first)
     found = session.execute(
-        text(f"SELECT rowid {_MATCHING} ORDER BY rowid LIMIT :limit"),
-        _matching_parameters(corpus_id, phrase, first) | {"limit": limit},
+        text(f"SELECT rowid {_MATCHING} ORDER BY rowid {'DESC' if backward else ''} LIMIT :limit"),
+        parameters,
     )
     return [value - rowid(corpus_id, 0) for (value,) in found]
 

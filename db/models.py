@@ -16,7 +16,7 @@ from saescope.db.metrics import METRICS, SORTABLE
 
 # Bump whenever a table or column changes meaning; the server refuses other versions (and files
 # that lack a column the tables declare, so an added column needs no bump).
-SCHEMA_VERSION = 8
+SCHEMA_VERSION = 9
 SAE_NAME_MAX_LENGTH = 128
 SQL_TYPES = {float: Float, int: Integer}
 
@@ -174,7 +174,11 @@ class Feature(_metric_columns(), Base):
     logits_top: Mapped[list[Any]]
     logits_bottom: Mapped[list[Any]]
     neighbours: Mapped[list[Any]]
+    # The tokens it fires on most often, and those it is most specific to
+    # (`pipeline.precompute.analysis.TokenRankings`): {token_id, count, occurrences,
+    # mean_activation, specificity} each.
     top_tokens: Mapped[list[Any]]
+    specific_tokens: Mapped[list[Any]]
     # Only for synthetic sources: the closest true feature, and the closest sum of two.
     gt_feature: Mapped[str | None]
     gt_cosine: Mapped[float | None]
@@ -236,15 +240,22 @@ TOKEN_LATENTS = 16
 
 
 class TokenLatent(Base):
-    """The latents most associated with a token: ranked by mean activation over its occurrences."""
+    """The latents most specific to a token (`pipeline.precompute.analysis.TokenRankings`), each
+    with where it fires most strongly on the token."""
 
     __tablename__ = "token_latents"
     sae_id: Mapped[int] = mapped_column(ForeignKey("saes.id"), primary_key=True)
     token_id: Mapped[int] = mapped_column(primary_key=True)
     rank: Mapped[int] = mapped_column(primary_key=True)
     feature_index: Mapped[int]
+    # Its firings on the token, their mean activation, and its specificity to the token.
     count: Mapped[int]
     mean_activation: Mapped[float]
+    specificity: Mapped[float]
+    # Its strongest firing on the token.
+    sequence_index: Mapped[int]
+    position: Mapped[int]
+    activation: Mapped[float]
 
 
 class Comparison(Base):

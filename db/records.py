@@ -229,6 +229,10 @@ class TokenLatentColumns:
     feature_index: Column
     count: Column
     mean_activation: Column
+    specificity: Column
+    sequence_index: Column
+    position: Column
+    activation: Column
 
 
 @dataclass

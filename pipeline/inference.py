@@ -2,12 +2,18 @@
 built from on text a user types, for the dashboard's "test your text" box. The dashboard stays
 torch-free and calls this process over HTTP:
 
-    POST /saes/{sae}/activations  {"text": "...", "features": [12, 40], "top": 5}
-                                  (or {"token_ids": [...]}: run as they are, as the corpus
-                                  search does on stored sequences)
+    POST /saes/{sae}/activations  {"text": "...", "features": [12, 40], "top": 5,
+                                   "max_frequency": 0.1}  (or "token_ids": [...]: as they are)
     → {"tokens": [...], "token_ids": [...], "special": [...],
        "top": [[{"feature_index", "activation"}, ...] per token],
-       "features": [{"feature_index", "activations": [per token]}, ...]}
+       "features": [{"feature_index", "activations": [per token]}, ...],
+       "summary": [{"feature_index", "fires_on", "max_activation", "specificity"}, ...],
+       "context_length": 128, "windows": 1}
+    POST /saes/{sae}/spans        {"spans": [{"token_ids", "start", "end"}, ...]}
+    → {"spans": [[{"feature_index", "activation"}, ...] per span]}  (the corpus search's)
+
+A text longer than the model's context runs in overlapping windows (`text_windows`). Every
+answer, errors included, is JSON.
 
 Each SAE is loaded on its first request, with the options its build stored (model, hook, SAE
 directory or release, dtype, weight processing); SAEs of one model share it.
@@ -23,20 +29,26 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from fastapi import FastAPI, HTTPException
+from fastapi import FastAPI, HTTPException, Request
+from fastapi.responses import JSONResponse
 from sqlalchemy import select
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
 from saescope.db.activations import (
     MAX_TEXT_TOKENS,
+    SUMMARY_LATENTS,
     ActivationRequest,
     FeatureActivations,
     LatentActivation,
+    Span,
+    SpansActivations,
+    SpansRequest,
     TextActivations,
+    TextLatent,
 )
 from saescope.db.engine import SchemaMismatchError, check_schema_version, readonly_engine
-from saescope.db.models import Sae
+from saescope.db.models import Feature, Sae
 from saescope.pipeline import models
 from saescope.pipeline.errors import InputError
 from saescope.pipeline.precompute.config import BuildConfig
@@ -59,6 +71,41 @@ class LoadedSae:
     prepend_bos: bool
     vocab: list[str]
     special_ids: set[int]
+    frequency: torch.Tensor
+    """[d_sae]: share of the corpus's tokens each latent fires on, as the build measured it"""
+    corpus_mean: torch.Tensor
+    """[d_sae]: its mean activation over the corpus's tokens, zeros included"""
+
+    @property
+    def context_length(self) -> int:
+        return int(self.model.cfg.n_ctx)
+
+    @property
+    def bos(self) -> int | None:
+        bos = self.model.tokenizer.bos_token_id
+        return bos if self.prepend_bos else None
+
+    def dense(self, max_frequency: float | None) -> torch.Tensor | None:
+        """The latents above `max_frequency`, as a mask (None: no filter)."""
+        return None if max_frequency is None else self.frequency > max_frequency
+
+
+def text_windows(n_tokens: int, context_length: int, bos: int | None) -> list[tuple[int, int, int]]:
+    """How a text of `n_tokens` runs in windows of the model's context: (start, kept, end) of each,
+    its text tokens start..end, of which kept..end are read from it. The first window is the
+    context's first tokens, read whole; each later one starts with BOS (when the model prepends
+    one) and overlaps the previous by half a context, so every token is read with at least half
+    a context of text before it."""
+    if n_tokens <= context_length:
+        return [(0, 0, n_tokens)]
+    body = context_length - (bos is not None)
+    overlap = context_length // 2
+    step = body - overlap
+    windows = [(0, 0, context_length)]
+    while windows[-1][2] < n_tokens:
+        kept = windows[-1][2]
+        windows.append((kept - overlap, kept, min(kept + step, n_tokens)))
+    return windows
 
 
 class Inference:
@@ -76,12 +123,25 @@ class Inference:
                     sae.name: (BuildConfig.from_record(sae.config, database), sae.d_sae)
                     for sae in session.scalars(select(Sae))
                 }
+            self.engine = engine
         except (SchemaMismatchError, SQLAlchemyError) as error:
             raise InputError(f"{database}: {error}") from None
 
     @functools.cache  # noqa: B019 (one Inference per process)
     def _model(self, name: str, dtype: str, processing: tuple) -> Any:
         return models.load_model(name, self.device, getattr(torch, dtype), dict(processing), True)
+
+    def _firing(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each latent's frequency and mean activation over the corpus, as the build stored."""
+        with Session(self.engine) as session:
+            rows = session.execute(
+                select(Feature.frequency, Feature.mean_activation)
+                .join(Sae, Sae.id == Feature.sae_id)
+                .where(Sae.name == name)
+                .order_by(Feature.feature_index)
+            ).all()
+        frequency, mean = torch.tensor(rows, dtype=torch.float64, device=self.device).T
+        return frequency, frequency * mean
 
     @functools.cache  # noqa: B019
     def loaded(self, name: str) -> LoadedSae:
@@ -96,6 +156,7 @@ class Inference:
         metadata = sae.cfg.metadata.to_dict()
         processing = models.weight_processing_kwargs(metadata, source.weight_processing)
         model = self._model(source.model, build.dtype, tuple((processing or {}).items()))
+        frequency, corpus_mean = self._firing(name)
         return LoadedSae(
             model=model,
             sae=sae,
@@ -103,42 +164,74 @@ class Inference:
             prepend_bos=metadata.get("prepend_bos", True),
             vocab=models.vocab_strings(model.tokenizer, model.cfg.d_vocab),
             special_ids=models.special_token_ids(model.tokenizer),
+            frequency=frequency,
+            corpus_mean=corpus_mean,
         )
 
-    @staticmethod
-    def _token_ids(loaded: LoadedSae, request: ActivationRequest) -> list[int]:
+    def _check_ids(self, loaded: LoadedSae, ids: list[int]) -> None:
+        outside = [i for i in ids if not 0 <= i < len(loaded.vocab)]
+        if outside:
+            raise InputError(
+                f"the vocabulary has token ids 0 to {len(loaded.vocab) - 1}; got {outside[:5]}"
+            )
+
+    def _token_ids(self, loaded: LoadedSae, request: ActivationRequest) -> list[int]:
         """The request's token ids as given, or its text tokenized (BOS first where the SAE's
         model prepends it)."""
         if request.token_ids is not None:
-            outside = [i for i in request.token_ids if not 0 <= i < len(loaded.vocab)]
-            if outside:
-                raise InputError(
-                    f"the vocabulary has token ids 0 to {len(loaded.vocab) - 1}; got {outside[:5]}"
-                )
+            self._check_ids(loaded, request.token_ids)
             return request.token_ids
         tokenizer = loaded.model.tokenizer
         ids = tokenizer(request.text, add_special_tokens=False)["input_ids"]
-        if loaded.prepend_bos and tokenizer.bos_token_id is not None:
-            ids = [tokenizer.bos_token_id, *ids]
+        if loaded.bos is not None:
+            ids = [loaded.bos, *ids]
         return ids
 
-    def run(self, name: str, request: ActivationRequest) -> TextActivations:
+    def _loaded(self, name: str, asked: list[int]) -> LoadedSae:
         if name not in self.configs:
             raise KeyError(name)
         _, d_sae = self.configs[name]
-        outside = [i for i in request.features if not 0 <= i < d_sae]
+        outside = [i for i in asked if not 0 <= i < d_sae]
         if outside:
             raise InputError(f"SAE {name!r} has latents 0 to {d_sae - 1}; asked for {outside}")
+        return self.loaded(name)
+
+    def _windowed(self, loaded: LoadedSae, ids: list[int]) -> tuple[torch.Tensor, int]:
+        """The hook's activations on every token of a text of any length (`text_windows`), and
+        the number of windows."""
+        windows = text_windows(len(ids), loaded.context_length, loaded.bos)
+        rows = []
+        for start, _, end in windows:
+            window = ids[start:end] if start == 0 else [loaded.bos, *ids[start:end]]
+            rows.append([t for t in window if t is not None])
+        length = max(len(row) for row in rows)
+        # Padding after a window's tokens changes nothing before it: the model is causal.
+        tokens = torch.tensor([row + [0] * (length - len(row)) for row in rows], device=self.device)
+        x = models.activations_at_hook(loaded.model, loaded.hook, tokens)
+        parts = []
+        for row, (start, kept, end) in zip(x, windows, strict=True):
+            first = kept - start + (start > 0 and loaded.bos is not None)
+            parts.append(row[first : first + end - kept])
+        return torch.cat(parts), len(windows)
+
+    def run(self, name: str, request: ActivationRequest) -> TextActivations:
         with self._lock, torch.inference_mode():
-            loaded = self.loaded(name)
+            loaded = self._loaded(name, request.features)
             ids = self._token_ids(loaded, request)
             if len(ids) > MAX_TEXT_TOKENS:
                 raise InputError(
                     f"the text is {len(ids)} tokens; at most {MAX_TEXT_TOKENS} are run"
                 )
-            tokens = torch.tensor([ids], device=self.device)
-            x = models.activations_at_hook(loaded.model, loaded.hook, tokens)[0]
-            top, wanted = top_and_wanted(loaded.sae, x, request.top, request.features)
+            x, n_windows = self._windowed(loaded, ids)
+            counted = torch.tensor([i not in loaded.special_ids for i in ids], device=x.device)
+            encoded = encode_text(
+                loaded.sae,
+                x,
+                request.top,
+                request.features,
+                loaded.dense(request.max_frequency),
+                counted,
+            )
         return TextActivations(
             tokens=[loaded.vocab[i] for i in ids],
             token_ids=ids,
@@ -149,48 +242,172 @@ class Inference:
                     for v, j in zip(values, indices, strict=True)
                     if v > 0
                 ]
-                for values, indices in zip(*top, strict=True)
+                for values, indices in zip(*encoded.top, strict=True)
             ],
             features=[
-                FeatureActivations(feature_index=i, activations=wanted[:, n].tolist())
+                FeatureActivations(feature_index=i, activations=encoded.wanted[:, n].tolist())
                 for n, i in enumerate(request.features)
             ],
+            summary=text_summary(encoded, loaded.corpus_mean, int(counted.sum())),
+            context_length=loaded.context_length,
+            windows=n_windows,
         )
 
+    def spans(self, name: str, request: SpansRequest) -> SpansActivations:
+        """Per span, every latent firing on its tokens with its highest activation there; the
+        sequences run as they are (each up to its span's end: the model is causal), in batches."""
+        with self._lock, torch.inference_mode():
+            loaded = self._loaded(name, [])
+            dense = loaded.dense(request.max_frequency)
+            answers: list[list[LatentActivation]] = []
+            for first in range(0, len(request.spans), SPAN_BATCH):
+                batch = request.spans[first : first + SPAN_BATCH]
+                answers += self._span_batch(loaded, batch, dense)
+        return SpansActivations(spans=answers)
 
-def top_and_wanted(
-    sae, x: torch.Tensor, top: int, features: list[int]
-) -> tuple[tuple[list, list], torch.Tensor]:
-    """Per token, the `top` latents by activation (values and indices, best first), and the
-    activations of `features`: a chunk of latents at a time where the SAE is wide."""
-    n_tokens = x.shape[0]
+    def _span_batch(
+        self, loaded: LoadedSae, spans: list[Span], dense: torch.Tensor | None
+    ) -> list[list[LatentActivation]]:
+        for span in spans:
+            self._check_ids(loaded, span.token_ids)
+            if span.end > loaded.context_length:
+                raise InputError(
+                    f"a span ends at token {span.end}, past the model's context of "
+                    f"{loaded.context_length}"
+                )
+        length = max(span.end for span in spans)
+        tokens = torch.tensor(
+            [span.token_ids[: span.end] + [0] * (length - span.end) for span in spans],
+            device=self.device,
+        )
+        x = models.activations_at_hook(loaded.model, loaded.hook, tokens)
+        rows = torch.cat([x[n, span.start : span.end] for n, span in enumerate(spans)])
+        owner = torch.cat(
+            [
+                torch.full((span.end - span.start,), n, device=x.device)
+                for n, span in enumerate(spans)
+            ]
+        )
+        best = torch.zeros(len(spans), loaded.sae.W_dec.shape[0], device=x.device)
+        for first, f in LatentChunks(loaded.sae, latent_chunk_size(best.shape[1], len(rows)))(rows):
+            f = f.float()
+            if dense is not None:
+                f = f.masked_fill(dense[first : first + f.shape[1]], 0.0)
+            chunk = best[:, first : first + f.shape[1]]
+            chunk.index_reduce_(0, owner, f, "amax")
+        answers = []
+        for values in best.cpu():
+            fired = torch.nonzero(values > 0).squeeze(1)
+            order = fired[values[fired].argsort(descending=True, stable=True)]
+            answers.append(
+                [LatentActivation(feature_index=int(j), activation=float(values[j])) for j in order]
+            )
+        return answers
+
+
+# Spans run through the model at a time.
+SPAN_BATCH = 32
+
+
+@dataclass
+class EncodedText:
+    top: tuple[list, list]
+    """per token, the top latents' values and indices, best first"""
+    wanted: torch.Tensor
+    """[tokens, asked]: the activations of the latents asked for"""
+    fires_on: torch.Tensor
+    """[d_sae]: counted tokens each latent fires on"""
+    total: torch.Tensor
+    """[d_sae]: its summed activation over them"""
+    maximum: torch.Tensor
+    """[d_sae]: its highest activation on them"""
+
+
+def encode_text(
+    sae,
+    x: torch.Tensor,
+    top: int,
+    features: list[int],
+    dense: torch.Tensor | None,
+    counted: torch.Tensor,
+) -> EncodedText:
+    """Per token the `top` latents by activation (dense ones left out), the activations of
+    `features`, and each latent's firings over the `counted` tokens: a chunk of latents at a
+    time where the SAE is wide."""
+    n_tokens, d_sae = x.shape[0], sae.W_dec.shape[0]
     kept = None
     wanted = torch.zeros(n_tokens, len(features), device=x.device)
     asked = torch.tensor(features, dtype=torch.int64, device=x.device)
-    for first, f in LatentChunks(sae, latent_chunk_size(sae.W_dec.shape[0], n_tokens))(x):
+    fires_on = torch.zeros(d_sae, dtype=torch.int64, device=x.device)
+    total = torch.zeros(d_sae, dtype=torch.float64, device=x.device)
+    maximum = torch.zeros(d_sae, device=x.device)
+    for first, f in LatentChunks(sae, latent_chunk_size(d_sae, n_tokens))(x):
         f = f.float()
-        inside = (asked >= first) & (asked < first + f.shape[1])
+        width = slice(first, first + f.shape[1])
+        inside = (asked >= first) & (asked < width.stop)
         wanted[:, inside] = f[:, asked[inside] - first]
+        if dense is not None:
+            f = f.masked_fill(dense[width], 0.0)
         kept = running_top_k(kept, f, first, top)
+        read = f[counted]
+        fires_on[width] = (read > 0).sum(0)
+        total[width] = read.double().sum(0)
+        maximum[width] = read.amax(0) if len(read) else 0.0
     values, indices = kept
-    return (values.tolist(), indices.tolist()), wanted.cpu()
+    return EncodedText((values.tolist(), indices.tolist()), wanted.cpu(), fires_on, total, maximum)
+
+
+def text_summary(
+    encoded: EncodedText, corpus_mean: torch.Tensor, n_counted: int
+) -> list[TextLatent]:
+    """The latents most specific to the text: mean activation over its counted tokens as a
+    multiple of the mean over the corpus; a latent the corpus never saw fire ranks first."""
+    fired = torch.nonzero(encoded.fires_on > 0).squeeze(1)
+    mean = encoded.total[fired] / max(n_counted, 1)
+    base = corpus_mean[fired]
+    specificity = torch.where(base > 0, mean / base.clamp_min(1e-300), torch.inf)
+    order = specificity.argsort(descending=True, stable=True)[:SUMMARY_LATENTS]
+    return [
+        TextLatent(
+            feature_index=int(fired[n]),
+            fires_on=int(encoded.fires_on[fired[n]]),
+            max_activation=float(encoded.maximum[fired[n]]),
+            specificity=None if torch.isinf(specificity[n]) else float(specificity[n]),
+        )
+        for n in order.tolist()
+    ]
 
 
 def inference_app(database: Path, device: str) -> FastAPI:
     inference = Inference(database, device)
     app = FastAPI(title="saescope inference", docs_url=None, redoc_url=None)
 
+    @app.exception_handler(Exception)
+    async def failed(request: Request, error: Exception) -> JSONResponse:
+        # Every answer is JSON, the dashboard reads the message out of it.
+        logger.exception("inference failed")
+        return JSONResponse(
+            {"detail": f"the inference process failed: {type(error).__name__}: {error}"}, 500
+        )
+
     @app.get("/health")
     def health() -> dict[str, Any]:
         return {"status": "ok", "saes": sorted(inference.configs)}
 
-    @app.post("/saes/{sae}/activations", response_model=TextActivations)
-    def activations(sae: str, request: ActivationRequest) -> TextActivations:
+    def answer(run: Any, sae: str, request: Any) -> Any:
         try:
-            return inference.run(sae, request)
+            return run(sae, request)
         except KeyError:
             raise HTTPException(404, f"no SAE named {sae!r} in {database.name}") from None
         except InputError as error:
             raise HTTPException(422, str(error)) from None
+
+    @app.post("/saes/{sae}/activations", response_model=TextActivations)
+    def activations(sae: str, request: ActivationRequest) -> TextActivations:
+        return answer(inference.run, sae, request)
+
+    @app.post("/saes/{sae}/spans", response_model=SpansActivations)
+    def spans(sae: str, request: SpansRequest) -> SpansActivations:
+        return answer(inference.spans, sae, request)
 
     return app

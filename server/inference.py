@@ -4,17 +4,28 @@ SAESCOPE_INFERENCE_URL), which runs the model and SAE; the dashboard itself runs
 
 from __future__ import annotations
 
+import functools
 import json
 import urllib.error
 import urllib.request
+from typing import TypeVar
 from urllib.parse import quote
 
+from pydantic import BaseModel
 from sqlalchemy.orm import Session
 from starlette.exceptions import HTTPException
 
-from saescope.db.activations import MAX_TEXT_TOKENS, ActivationRequest, TextActivations
-from saescope.db.queries.phrase_search import PHRASE_LATENTS, PhraseSearch
+from saescope.db.activations import (
+    ActivationRequest,
+    Span,
+    SpansActivations,
+    SpansRequest,
+    TextActivations,
+)
+from saescope.db.queries.phrase_search import PhraseSearch
 from saescope.db.queries.phrase_search import search_phrase as search_corpus
+
+Answer = TypeVar("Answer", bound=BaseModel)
 
 # The inference process's port unless told otherwise (`saescope infer --port`).
 DEFAULT_INFERENCE_PORT = 8001
@@ -32,20 +43,20 @@ class InferenceUnavailable(Exception):
     """No inference process configured, or it does not answer."""
 
 
-def activations(url: str | None, sae: str, request: ActivationRequest) -> TextActivations:
-    """The inference process's answer for `sae` on the request's text. Its refusals (an unknown
-    latent, a text too long) come back with their status and message."""
+def _post(url: str | None, path: str, body: BaseModel, answer: type[Answer]) -> Answer:
+    """The inference process's answer to a POST. Its refusals (an unknown latent, a text too
+    long) come back with their status and message."""
     if url is None:
         raise InferenceUnavailable(NOT_CONNECTED)
     forwarded = urllib.request.Request(
-        f"{url.rstrip('/')}/saes/{quote(sae, safe='')}/activations",
-        data=request.model_dump_json().encode(),
+        f"{url.rstrip('/')}{path}",
+        data=body.model_dump_json().encode(),
         headers={"Content-Type": "application/json"},
         method="POST",
     )
     try:
         with urllib.request.urlopen(forwarded, timeout=TIMEOUT_SECONDS) as response:
-            return TextActivations.model_validate_json(response.read())
+            return answer.model_validate_json(response.read())
     except urllib.error.HTTPError as error:
         if error.code in (404, 422):
             raise HTTPException(error.code, _detail(error)) from None
@@ -58,37 +69,58 @@ def activations(url: str | None, sae: str, request: ActivationRequest) -> TextAc
         ) from None
 
 
+def activations(url: str | None, sae: str, request: ActivationRequest) -> TextActivations:
+    """The inference process's answer for `sae` on the request's text."""
+    return _post(url, f"/saes/{quote(sae, safe='')}/activations", request, TextActivations)
+
+
 def search_phrase(
-    session: Session, url: str | None, sae: str, phrase: str, limit: int, after: str | None
+    session: Session,
+    url: str | None,
+    sae: str,
+    phrase: str,
+    limit: int,
+    *,
+    after: str | None,
+    before: str | None,
+    max_frequency: float | None,
 ) -> PhraseSearch:
     """Phrase search, with each context's latents computed by the inference process when one
     is connected and answers, else from the stored examples (the result says which, and why)."""
     unavailable = NOT_CONNECTED
+    search = functools.partial(
+        search_corpus,
+        session,
+        sae,
+        phrase,
+        limit,
+        after=after,
+        before=before,
+        max_frequency=max_frequency,
+    )
     if url is not None:
 
-        def run(token_ids: list[int]) -> list[list[tuple[int, float]]]:
-            if len(token_ids) > MAX_TEXT_TOKENS:
-                raise InferenceUnavailable(
-                    f"a phrase ends at token {len(token_ids)} of its context, and the inference "
-                    f"process runs at most {MAX_TEXT_TOKENS}"
-                )
-            request = ActivationRequest(token_ids=token_ids, top=PHRASE_LATENTS)
+        def run(spans: list[tuple[list[int], int, int]]) -> list[dict[int, float]]:
+            request = SpansRequest(
+                spans=[Span(token_ids=ids, start=start, end=end) for ids, start, end in spans],
+                max_frequency=max_frequency,
+            )
             try:
-                answer = activations(url, sae, request)
+                answer = _post(url, f"/saes/{quote(sae, safe='')}/spans", request, SpansActivations)
             except HTTPException as error:
                 raise InferenceUnavailable(
                     f"the inference process refused the corpus's tokens: {error.detail}"
                 ) from None
             return [
-                [(latent.feature_index, latent.activation) for latent in token]
-                for token in answer.top
+                {latent.feature_index: latent.activation for latent in span}
+                for span in answer.spans
             ]
 
         try:
-            return search_corpus(session, sae, phrase, limit, after, run)
+            return search(run=run)
         except InferenceUnavailable as error:
             unavailable = str(error)
-    result = search_corpus(session, sae, phrase, limit, after)
+    result = search()
     result.latents_note += f". To compute them instead: {unavailable}"
     return result
 

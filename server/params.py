@@ -40,6 +40,14 @@ SearchLimit = Annotated[
 LatentsPerToken = Annotated[
     int, Query(ge=1, le=TOKEN_LATENTS, description="latents shown per token")
 ]
+MaxFrequency = Annotated[
+    Share | None,
+    EmptyIsNone,
+    Query(
+        description="leave out latents firing on more than this share of all tokens (default: "
+        "the SAE's high-frequency threshold; 1 keeps every latent)"
+    ),
+]
 PhraseQuery = Annotated[
     str,
     Query(
@@ -50,7 +58,10 @@ PhraseQuery = Annotated[
 ]
 PhraseLimit = Annotated[int, Query(ge=1, le=100, description="contexts per page")]
 PhraseCursor = Annotated[
-    str | None, Query(max_length=100, description="the previous page's `next_cursor`")
+    str | None,
+    Query(
+        max_length=100, description="a page's `next_cursor` (after) or `previous_cursor` (before)"
+    ),
 ]
 LabelQuery = Annotated[
     str | None, Query(max_length=200, description="text a label or note contains")

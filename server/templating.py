@@ -63,13 +63,13 @@ def heat(activation: float, maximum: float) -> int:
 def context_html(
     sae: str,
     tokens: list[str],
-    activations: list[float] | None,
+    activations: list[float | None] | None,
     focus: int,
     scale: float,
     focus_length: int = 1,
 ):
     """A window of tokens: one link to the token search per token, coloured by activation
-    (classes h0..h10 in style.css; none without activations), the value in the title, and the
+    (classes h0..h10 in style.css; none where unknown), the value in the title, and the
     `focus_length` tokens from `focus` highlighted.
 
     Built here rather than in a template loop: a feature page holds about two thousand tokens,
@@ -79,7 +79,7 @@ def context_html(
     for index, token in enumerate(tokens):
         focus_class = " focus" if focus <= index < focus + focus_length else ""
         text, quoted, shown, special = _token_parts(token)
-        if activations is None:
+        if activations is None or activations[index] is None:
             level, title = 0, text
         else:
             level, title = heat(activations[index], scale), f"{text} · {activations[index]:.4g}"

@@ -34,6 +34,7 @@ from saescope.server.params import (
     FeatureIndex,
     FeatureTableQuery,
     LatentsPerToken,
+    MaxFrequency,
     OtherSaeName,
     PhraseCursor,
     PhraseLimit,
@@ -115,7 +116,9 @@ def inline_latents(reader: Reader, sae: str, listed: list[int]) -> dict[int, Inl
     }
 
 
-LATENTS_DESCRIPTION = "each latent listed on the page: its label, frequency and top tokens"
+LATENTS_DESCRIPTION = (
+    "each latent listed on the page: its label, frequency and the tokens it is most specific to"
+)
 
 
 def inference_hint(settings: Settings) -> str | None:
@@ -204,6 +207,7 @@ class TextTest(BaseModel):
     sae: str
     model: str
     hook: str
+    high_frequency_threshold: float
     inference_hint: InferenceHint
 
 
@@ -212,13 +216,20 @@ def text_test(sae: SaeName, reader: ReaderDep) -> TextTest:
     """The page that runs the SAE on a text of one's own (through the activations route)."""
     stored = sae_row(reader.session, sae)
     hint = inference_hint(reader.settings)
-    return TextTest(sae=stored.name, model=stored.model, hook=stored.hook, inference_hint=hint)
+    return TextTest(
+        sae=stored.name,
+        model=stored.model,
+        hook=stored.hook,
+        high_frequency_threshold=stored.high_frequency_threshold,
+        inference_hint=hint,
+    )
 
 
 class TokenSearchView(TokenSearch):
     limit: int = Field(description="matching tokens asked for")
     latents_per_token: int
     labelled: list[Label] = Field(description="labels of the SAE that contain the query")
+    latents: dict[int, InlineLatent] = Field(description=LATENTS_DESCRIPTION)
 
 
 @view("search", "search.html", tags=["search"])
@@ -228,16 +239,27 @@ def search(
     reader: ReaderDep,
     limit: SearchLimit = None,
     latents: LatentsPerToken = LATENTS_SHOWN,
+    max_frequency: MaxFrequency = None,
 ) -> TokenSearchView:
-    """Tokens matching `token` exactly, then by substring, with the latents that fire on them;
-    and the labels that contain it."""
+    """Tokens matching `token` exactly, then by substring, with the latents most specific to
+    them (dense ones left out) and where each fires on the token; and the labels that contain
+    it."""
     limit = limit or reader.settings.search_limit
-    result = search_tokens(reader.session, sae, token, limit=limit, latents_per_token=latents)
+    result = search_tokens(
+        reader.session,
+        sae,
+        token,
+        limit=limit,
+        latents_per_token=latents,
+        max_frequency=max_frequency,
+    )
+    listed = [latent.feature_index for match in result.matches for latent in match.latents]
     return TokenSearchView(
         **dict(result),
         limit=limit,
         latents_per_token=latents,
         labelled=reader.labels.of_sae(sae, token.strip()),
+        latents=inline_latents(reader, sae, listed),
     )
 
 
@@ -252,13 +274,25 @@ def corpus_search(
     reader: ReaderDep,
     limit: PhraseLimit = CONTEXTS_PER_PAGE,
     after: PhraseCursor = None,
+    before: PhraseCursor = None,
+    max_frequency: MaxFrequency = None,
 ) -> PhraseSearchView:
     """The contexts of the corpus where `phrase` occurs (ignoring case; at least 3 characters),
-    in corpus order, each with the latents that fire on it: computed by the inference process
-    when one is connected, else from the stored examples (`latents_source` says which)."""
-    url = reader.settings.inference_url
-    result = inference.search_phrase(reader.session, url, sae, phrase, limit, after)
+    in corpus order, each with the latents that fire on it (dense ones left out): computed by
+    the inference process when one is connected, else from the stored examples
+    (`latents_source` says which); and a summary of the latents over its first contexts."""
+    result = inference.search_phrase(
+        reader.session,
+        reader.settings.inference_url,
+        sae,
+        phrase,
+        limit,
+        after=after,
+        before=before,
+        max_frequency=max_frequency,
+    )
     listed = [latent.feature_index for context in result.contexts for latent in context.latents]
+    listed += [latent.feature_index for latent in result.summary]
     return PhraseSearchView(**dict(result), latents=inline_latents(reader, sae, listed))
 
 

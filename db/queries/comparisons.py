@@ -44,7 +44,7 @@ class UnmatchedLatent(BaseModel):
     frequency: float = Field(description=DEFINITIONS["frequency"])
     closest: int = Field(description="its closest latent of the other SAE")
     cosine: float = Field(description=BEST_COSINE)
-    top_tokens: list[TokenCount]
+    specific_tokens: list[TokenCount]
 
 
 class Comparison(PairSummary):
@@ -101,7 +101,7 @@ def compare_saes(
         raise NotFoundError(f"no comparison of {sae.name!r} with {other.name!r}: {reason}")
     unmatched = (
         select(Match.feature_index, Match.other_feature_index, Match.cosine)
-        .add_columns(Feature.frequency, Feature.top_tokens)
+        .add_columns(Feature.frequency, Feature.specific_tokens)
         .join(
             Feature,
             and_(Feature.sae_id == Match.sae_id, Feature.feature_index == Match.feature_index),
@@ -141,7 +141,7 @@ def compare_saes(
                 frequency=row.frequency,
                 closest=row.other_feature_index,
                 cosine=row.cosine,
-                top_tokens=token_counts(row.top_tokens[:ROW_TOKENS], strings),
+                specific_tokens=token_counts(row.specific_tokens[:ROW_TOKENS], strings),
             )
             for row in rows[:limit]
         ],

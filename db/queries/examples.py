@@ -11,7 +11,7 @@ from sqlalchemy import Row
 from sqlalchemy.orm import Session
 
 from saescope.db import codec
-from saescope.db.codec import WINDOW_LEFT
+from saescope.db.codec import WINDOW_LEFT, WINDOW_RIGHT
 from saescope.db.models import FeatureExamples, Sae
 from saescope.db.queries.lookups import sequence_tokens
 
@@ -25,7 +25,9 @@ class ExampleOut(BaseModel):
     projection: float | None = None
     tokens: list[str]
     token_ids: list[int]
-    activations: list[float]
+    activations: list[float | None] = Field(
+        description="the latent's activation on each token of the window; null where unknown"
+    )
     focus: int = Field(description="index of the example's token within the window")
 
 
@@ -73,13 +75,12 @@ class ExampleRenderer:
         self.sequences: dict[int, np.ndarray] = {}
 
     def load(self, examples: list[StoredExample]) -> None:
-        wanted = {example.sequence_index for example in examples} - self.sequences.keys()
-        if not wanted:
-            return
-        self.sequences |= sequence_tokens(self.session, self.corpus_id, wanted)
+        self.load_sequences({example.sequence_index for example in examples})
 
-    def token_at(self, example: StoredExample) -> int:
-        return int(self.sequences[example.sequence_index][example.position])
+    def load_sequences(self, indices: set[int]) -> None:
+        wanted = indices - self.sequences.keys()
+        if wanted:
+            self.sequences |= sequence_tokens(self.session, self.corpus_id, wanted)
 
     def render(self, example: StoredExample) -> ExampleOut:
         inside = np.flatnonzero(~np.isnan(example.window))
@@ -98,4 +99,22 @@ class ExampleRenderer:
             token_ids=token_ids,
             activations=np.round(activations.astype(np.float64), 5).tolist(),
             focus=example.position - start,
+        )
+
+    def render_firing(self, sequence_index: int, position: int, activation: float) -> ExampleOut:
+        """The window around one firing whose activation is known at its token only."""
+        tokens = self.sequences[sequence_index]
+        start = max(0, position - WINDOW_LEFT)
+        token_ids = tokens[start : position + WINDOW_RIGHT + 1].tolist()
+        activations: list[float | None] = [None] * len(token_ids)
+        activations[position - start] = round(activation, 5)
+        return ExampleOut.model_construct(
+            sequence_index=sequence_index,
+            position=position,
+            activation=activation,
+            projection=None,
+            tokens=[self.vocab[t] for t in token_ids],
+            token_ids=token_ids,
+            activations=activations,
+            focus=position - start,
         )

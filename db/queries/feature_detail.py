@@ -57,7 +57,7 @@ class Absorber(BaseModel):
         description="share of this latent's firings where it fires too: near 0 for a substitute"
     )
     frequency: float = Field(description=DEFINITIONS["frequency"])
-    top_tokens: list[TokenCount] = Field(description="the tokens it fires on most")
+    specific_tokens: list[TokenCount] = Field(description="the tokens it is most specific to")
 
 
 class EncoderDecoder(BaseModel):
@@ -142,7 +142,15 @@ FeatureDetail = create_model(
             description="its closest latent in each other SAE of the file with the same input width"
         ),
     ),
-    top_tokens=(list[TokenCount], ...),
+    specific_tokens=(
+        list[TokenCount],
+        Field(description="the tokens it is most specific to (see `specificity`)"),
+    ),
+    top_tokens=(list[TokenCount], Field(description="the tokens it fires on most often")),
+    min_token_firings=(
+        int,
+        Field(description="firings on a token before its specificity to it ranks the token"),
+    ),
     ground_truth=(GroundTruth | None, ...),
 )
 
@@ -215,7 +223,9 @@ def get_feature(session: Session, sae_name: str, feature_index: int) -> FeatureD
         ],
         neighbours=[Neighbour(**n) for n in feature.neighbours],
         matches=_closest_latents(session, sae, feature_index),
+        specific_tokens=token_counts(feature.specific_tokens, strings),
         top_tokens=token_counts(feature.top_tokens, strings),
+        min_token_firings=sae.config["min_token_firings"],
         ground_truth=None
         if feature.gt_feature is None
         else GroundTruth(
@@ -244,11 +254,11 @@ def _closest_latents(session: Session, sae: Sae, feature_index: int) -> list[Clo
 def _absorbers(
     session: Session, sae: Sae, stored: list[dict], strings: list[str]
 ) -> list[Absorber]:
-    """The stored absorbers, each with its frequency and top tokens (one query for all)."""
+    """The stored absorbers, each with its frequency and specific tokens (one query for all)."""
     found = {
-        index: (frequency, top_tokens)
-        for index, frequency, top_tokens in session.execute(
-            select(Feature.feature_index, Feature.frequency, Feature.top_tokens).where(
+        index: (frequency, tokens)
+        for index, frequency, tokens in session.execute(
+            select(Feature.feature_index, Feature.frequency, Feature.specific_tokens).where(
                 Feature.sae_id == sae.id,
                 Feature.feature_index.in_([absorber["feature_index"] for absorber in stored]),
             )
@@ -258,7 +268,9 @@ def _absorbers(
         Absorber(
             **absorber,
             frequency=found[absorber["feature_index"]][0],
-            top_tokens=token_counts(found[absorber["feature_index"]][1][:ABSORBER_TOKENS], strings),
+            specific_tokens=token_counts(
+                found[absorber["feature_index"]][1][:ABSORBER_TOKENS], strings
+            ),
         )
         for absorber in stored
     ]

@@ -18,7 +18,7 @@ from saescope.db.queries.lookups import BadRequestError, TokenCount, sae_row, to
 from saescope.db.queries.paging import SortOrder, cursor, keyset
 
 SortKey = StrEnum("SortKey", ["feature_index", *(metric.name for metric in SORTABLE)])
-# Top tokens shown per row.
+# Specific tokens shown per row.
 ROW_TOKENS = 5
 # Metrics that may be None (not measurable) sort as if they were this: below every value, so
 # last in descending order.
@@ -29,7 +29,7 @@ FeatureRow = create_model(
     feature_index=(int, ...),
     **response_fields(TABLE_COLUMNS),
     flags=(list[str], ...),
-    top_tokens=(list[TokenCount], ...),
+    specific_tokens=(list[TokenCount], ...),
 )
 
 
@@ -88,7 +88,7 @@ def list_features(
             feature_index=f.feature_index,
             **{metric.name: getattr(f, metric.name) for metric in TABLE_COLUMNS},
             flags=flags_of(f, threshold),
-            top_tokens=token_counts(f.top_tokens[:ROW_TOKENS], strings),
+            specific_tokens=token_counts(f.specific_tokens[:ROW_TOKENS], strings),
         )
         for f in features
     ]
@@ -125,26 +125,26 @@ class LatentSummary(BaseModel):
     """A latent as lists of latents show it inline."""
 
     frequency: float
-    top_tokens: list[TokenCount]
+    specific_tokens: list[TokenCount]
 
 
 def latent_summaries(
     session: Session, sae_name: str, indices: list[int], n_tokens: int = 3
 ) -> dict[int, LatentSummary]:
-    """Frequency and the tokens it fires on most, of each latent listed (one query), for lists
-    of latents shown inline."""
+    """Frequency and the tokens it is most specific to, of each latent listed (one query), for
+    lists of latents shown inline."""
     sae = sae_row(session, sae_name)
     if not indices:
         return {}
     strings = vocab(session, sae.corpus_id)
     rows = session.execute(
-        select(Feature.feature_index, Feature.frequency, Feature.top_tokens).where(
+        select(Feature.feature_index, Feature.frequency, Feature.specific_tokens).where(
             Feature.sae_id == sae.id, Feature.feature_index.in_(sorted(set(indices)))
         )
     )
     return {
         index: LatentSummary(
-            frequency=frequency, top_tokens=token_counts(top_tokens[:n_tokens], strings)
+            frequency=frequency, specific_tokens=token_counts(tokens[:n_tokens], strings)
         )
-        for index, frequency, top_tokens in rows
+        for index, frequency, tokens in rows
     }

@@ -7,7 +7,7 @@ import weakref
 from collections.abc import Iterable
 
 import numpy as np
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session
 
@@ -61,12 +61,19 @@ def sequence_tokens(
 
 
 class TokenCount(BaseModel):
+    """A token a latent fires on."""
+
     token_id: int
     token: str
-    count: int
-    mean_activation: float
+    count: int = Field(description="firings of the latent on the token")
+    occurrences: int = Field(description="occurrences of the token in the corpus")
+    mean_activation: float = Field(description="mean activation where it fires on the token")
+    specificity: float = Field(
+        description="its mean activation over the token's occurrences (zeros included) as a "
+        "multiple of its mean over all tokens"
+    )
 
 
 def token_counts(items: list[dict], strings: list[str]) -> list[TokenCount]:
-    """Stored {token_id, count, mean_activation} entries, with their token strings."""
+    """Stored token entries (`models.Feature.top_tokens`), with their token strings."""
     return [TokenCount(token=strings[item["token_id"]], **item) for item in items]

@@ -1,44 +1,57 @@
-"""Token search: the vocabulary's tokens matching a query, each with the latents most associated
-with it (as the build ranked them) and contexts where they fire on it."""
+"""Token search: the vocabulary's tokens matching a query, each with the latents most specific
+to it (as the build ranked them), dense ones left out on request, and each latent's strongest
+firing on the token."""
 
 from __future__ import annotations
 
 from collections import defaultdict
 
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from saescope.db.models import FeatureExamples, Sae, TokenLatent, TokenStat
-from saescope.db.queries.examples import ExampleOut, ExampleRenderer, StoredExample, stored_examples
+from saescope.db.models import Feature, TokenLatent, TokenStat
+from saescope.db.queries.examples import ExampleOut, ExampleRenderer
 from saescope.db.queries.lookups import sae_row, vocab
 
 # Latents shown per token unless asked for more (the build keeps `models.TOKEN_LATENTS`).
 LATENTS_SHOWN = 5
-# Contexts shown per latent, where it fires on the very token.
-CONTEXTS_PER_LATENT = 2
-# Token search shows contexts from these kinds of a latent's examples.
-SEARCHED_KINDS = ("top", "quantile")
 
 
 class LatentForToken(BaseModel):
     feature_index: int
-    count: int
-    mean_activation: float
-    examples: list[ExampleOut]
+    count: int = Field(description="its firings on the token")
+    mean_activation: float = Field(description="its mean activation where it fires on the token")
+    specificity: float = Field(
+        description="its mean activation over the token's occurrences (zeros included) as a "
+        "multiple of its mean over all tokens"
+    )
+    frequency: float = Field(description="share of all tokens it fires on")
+    dense: bool = Field(description="it fires on more than the high-frequency threshold")
+    context: ExampleOut = Field(
+        description="its strongest firing on the token (stored by the build); the activation "
+        "is known at that token only"
+    )
 
 
 class TokenMatch(BaseModel):
     token_id: int
     token: str
     exact: bool
-    count: int
+    count: int = Field(description="occurrences of the token in the corpus")
     latents: list[LatentForToken]
+    dense_left_out: int = Field(
+        description="latents among the build's most specific that fire above max_frequency"
+    )
 
 
 class TokenSearch(BaseModel):
     sae: str
     query: str
+    max_frequency: float = Field(description="latents firing on more than this share are left out")
+    min_token_firings: int = Field(
+        description="firings on a token before a latent's specificity to it ranks the latent"
+    )
     matches: list[TokenMatch]
 
 
@@ -49,20 +62,31 @@ def search_tokens(
     *,
     limit: int,
     latents_per_token: int,
+    max_frequency: float | None,
 ) -> TokenSearch:
     """Tokens equal to the query (ignoring surrounding spaces, unless it is only whitespace)
-    first, then tokens containing it;
-    for each, the latents most associated with it and a couple of contexts where they fire.
+    first, then tokens containing it; for each, the latents most specific to it that fire on at
+    most `max_frequency` of all tokens (default: the SAE's high-frequency threshold), each with
+    its strongest firing on the token.
 
     A bounded number of queries whatever the matches: the token counts, the matched tokens'
-    latents, those latents' examples, and the sequences the examples lie in."""
+    latents with their frequencies, and the sequences of their contexts."""
     sae = sae_row(session, sae_name)
+    threshold = sae.high_frequency_threshold
+    max_frequency = threshold if max_frequency is None else max_frequency
     strings = vocab(session, sae.corpus_id)
+    result = TokenSearch(
+        sae=sae.name,
+        query=query,
+        max_frequency=max_frequency,
+        min_token_firings=sae.config["min_token_firings"],
+        matches=[],
+    )
     # Surrounding spaces are ignored, but a whitespace token (a line break, an indent) is
     # searched as it is.
     needle = query.strip() or query
     if not needle:
-        return TokenSearch(sae=sae.name, query=query, matches=[])
+        return result
     counts = {
         token_id: count
         for token_id, count in session.execute(
@@ -76,23 +100,27 @@ def search_tokens(
         (t for t in substring if counts.get(t, 0) > 0), key=lambda t: -counts[t]
     )
     chosen = ranked[:limit]
-    latents: dict[int, list[TokenLatent]] = defaultdict(list)
-    for latent in session.scalars(
-        select(TokenLatent)
-        .where(
-            TokenLatent.sae_id == sae.id,
-            TokenLatent.token_id.in_(chosen),
-            TokenLatent.rank < latents_per_token,
+    kept: dict[int, list] = defaultdict(list)
+    left_out: dict[int, int] = defaultdict(int)
+    for latent, frequency in session.execute(
+        select(TokenLatent, Feature.frequency)
+        .join(
+            Feature,
+            (Feature.sae_id == TokenLatent.sae_id)
+            & (Feature.feature_index == TokenLatent.feature_index),
         )
+        .where(TokenLatent.sae_id == sae.id, TokenLatent.token_id.in_(chosen))
         .order_by(TokenLatent.token_id, TokenLatent.rank)
     ):
-        latents[latent.token_id].append(latent)
-    examples = _examples_by_activation(
-        session, sae, {latent.feature_index for found in latents.values() for latent in found}
-    )
+        if frequency > max_frequency:
+            left_out[latent.token_id] += 1
+        elif len(kept[latent.token_id]) < latents_per_token:
+            kept[latent.token_id].append((latent, frequency))
     renderer = ExampleRenderer(session, sae, strings)
-    renderer.load([example for found in examples.values() for example in found])
-    matches = [
+    renderer.load_sequences(
+        {latent.sequence_index for pairs in kept.values() for latent, _ in pairs}
+    )
+    result.matches = [
         TokenMatch(
             token_id=token_id,
             token=strings[token_id],
@@ -103,36 +131,17 @@ def search_tokens(
                     feature_index=latent.feature_index,
                     count=latent.count,
                     mean_activation=latent.mean_activation,
-                    examples=[
-                        renderer.render(example)
-                        for example in examples[latent.feature_index]
-                        if renderer.token_at(example) == token_id
-                    ][:CONTEXTS_PER_LATENT],
+                    specificity=latent.specificity,
+                    frequency=frequency,
+                    dense=frequency > threshold,
+                    context=renderer.render_firing(
+                        latent.sequence_index, latent.position, latent.activation
+                    ),
                 )
-                for latent in latents[token_id]
+                for latent, frequency in kept[token_id]
             ],
+            dense_left_out=left_out[token_id],
         )
         for token_id in chosen
     ]
-    return TokenSearch(sae=sae.name, query=query, matches=matches)
-
-
-def _examples_by_activation(
-    session: Session, sae: Sae, features: set[int]
-) -> dict[int, list[StoredExample]]:
-    """The searched kinds of examples of each feature, highest activation first."""
-    stored: dict[int, list[StoredExample]] = defaultdict(list)
-    rows = session.execute(
-        select(FeatureExamples.__table__)
-        .where(
-            FeatureExamples.sae_id == sae.id,
-            FeatureExamples.feature_index.in_(features),
-            FeatureExamples.kind.in_(SEARCHED_KINDS),
-        )
-        .order_by(FeatureExamples.feature_index, FeatureExamples.kind)
-    )
-    for row in rows:
-        stored[row.feature_index] += stored_examples(row)
-    for examples in stored.values():
-        examples.sort(key=lambda example: -example.activation)
-    return stored
+    return result

@@ -40,48 +40,62 @@ function drawFeature(out, data, scale) {
   const summary = document.createElement("p");
   summary.className = "muted";
   summary.textContent = `fires on ${fired} of ${data.tokens.length} tokens; max ${Math.max(...values).toPrecision(3)}`;
-  out.replaceChildren(context, summary);
+  out.replaceChildren(context, summary, windowsNote(data));
 }
 
-// Every latent: tokens coloured by their strongest latent; then the latents that fire most.
+// Every latent: tokens coloured by their strongest latent; then the latents most specific to the
+// text.
 function drawAll(out, data, featureUrl) {
   const strongest = data.top.map((latents) => (latents.length ? latents[0].activation : 0));
   const maximum = Math.max(0, ...strongest);
   const context = document.createElement("p");
   context.className = "context tested";
-  const totals = new Map();
   data.tokens.forEach((token, i) => {
     const listed = data.top[i].map((l) => `#${l.feature_index} ${l.activation.toPrecision(3)}`);
     const title = `${JSON.stringify(token)}${listed.length ? " · " + listed.join(", ") : ""}`;
     context.append(tokenSpan(token, data.special[i], strongest[i], maximum, title));
-    if (data.special[i]) return;
-    for (const latent of data.top[i]) {
-      const seen = totals.get(latent.feature_index) || { max: 0, tokens: 0 };
-      seen.max = Math.max(seen.max, latent.activation);
-      seen.tokens += 1;
-      totals.set(latent.feature_index, seen);
-    }
   });
+  const counted = data.special.filter((special) => !special).length;
+  const caption = document.createElement("p");
+  caption.className = "muted";
+  caption.textContent =
+    "Latents most specific to the text: mean activation over its tokens (zeros included) as a " +
+    "multiple of the mean over the corpus's tokens.";
   const table = document.createElement("table");
   table.className = "grid tested-latents";
   const head = table.createTHead().insertRow();
-  for (const name of ["latent", "max activation", "tokens where it is in the top"]) {
+  for (const name of ["latent", "fires on", "max activation", "specificity"]) {
     const cell = document.createElement("th");
     cell.textContent = name;
     head.append(cell);
   }
   const body = table.createTBody();
-  const ranked = [...totals.entries()].sort((a, b) => b[1].max - a[1].max).slice(0, 25);
-  for (const [feature, seen] of ranked) {
+  for (const latent of data.summary) {
     const row = body.insertRow();
     const link = document.createElement("a");
-    link.href = featureUrl + feature;
-    link.textContent = `#${feature}`;
+    link.href = featureUrl + latent.feature_index;
+    link.textContent = `#${latent.feature_index}`;
     row.insertCell().append(link);
-    row.insertCell().textContent = seen.max.toPrecision(3);
-    row.insertCell().textContent = String(seen.tokens);
+    row.insertCell().textContent = `${latent.fires_on} of ${counted} tokens`;
+    row.insertCell().textContent = latent.max_activation.toPrecision(3);
+    row.insertCell().textContent =
+      latent.specificity === null ? "never fired on the corpus" : `×${latent.specificity.toPrecision(3)}`;
   }
-  out.replaceChildren(context, table);
+  out.replaceChildren(context, windowsNote(data), caption, table);
+}
+
+// How a text longer than the model's context ran.
+function windowsNote(data) {
+  const note = document.createElement("p");
+  note.className = "muted windows-note";
+  if (data.windows > 1) {
+    note.textContent =
+      `The text is ${data.tokens.length} tokens, longer than the model's context of ` +
+      `${data.context_length}: it ran in ${data.windows} windows overlapping by half a context, ` +
+      `so each token is read with at least ${Math.floor(data.context_length / 2)} tokens of the ` +
+      "text before it (the first window's tokens with all of theirs).";
+  }
+  return note;
 }
 
 for (const form of document.querySelectorAll("form.text-test")) {
@@ -94,6 +108,8 @@ for (const form of document.querySelectorAll("form.text-test")) {
       features: feature === null ? [] : [feature],
       top: feature === null ? 5 : 0,
     };
+    const dense = form.elements.leave_out_dense;
+    if (dense && dense.checked) request.max_frequency = Number(dense.value);
     out.classList.remove("error");
     out.textContent = "running…";
     let response;

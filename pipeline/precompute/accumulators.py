@@ -471,24 +471,29 @@ class PositionSampleResult:
 
 
 class TokenTable:
-    """Per (token id, feature): how often the feature fires on the token and the summed activation;
-    per token id: how often it occurs (special tokens excluded).
+    """Per (token id, feature): how often the feature fires on the token, the summed activation,
+    and the best key (`kernels` example key: highest activation, then earliest token) of those
+    firings, which locates a context where it fires on the token; per token id: how often it
+    occurs (special tokens excluded).
 
-    A dense vocab × features × (count, sum) table while it has at most DENSE_TOKEN_TABLE_CELLS
-    cells (fixed memory), filled by the kernel; beyond, the pairs that fired, kept sparse (memory
-    grows with the distinct pairs).
+    A dense vocab × features table while it has at most DENSE_TOKEN_TABLE_CELLS cells (fixed
+    memory), filled by the kernel; beyond, the pairs that fired, kept sparse (memory grows with
+    the distinct pairs).
     """
 
     def __init__(self, n_features: int, vocab_size: int) -> None:
         self.n_features = n_features
         self.vocab_size = vocab_size
         self.dense = vocab_size * n_features <= DENSE_TOKEN_TABLE_CELLS
-        self.table = np.zeros((vocab_size, n_features, 2) if self.dense else (0, 0, 2))
+        shape = (vocab_size, n_features) if self.dense else (0, 0)
+        self.table = np.zeros((*shape, 2))
+        self.best = np.full(shape, kernels.EMPTY_KEY, dtype=np.int64)
         self.token_count = np.zeros(vocab_size, dtype=np.int64)
         self.keys = np.zeros(0, dtype=np.int64)
         self.count = np.zeros(0, dtype=np.int64)
         self.sum = np.zeros(0)
-        self._pending: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+        self.best_keys = np.zeros(0, dtype=np.int64)
+        self._pending: list[tuple[np.ndarray, ...]] = []
         self._pending_size = 0
 
     def count_tokens(self, batch: Batch) -> None:
@@ -497,26 +502,41 @@ class TokenTable:
         self.token_count += np.bincount(ordinary, minlength=self.vocab_size)
 
     def count_latents(
-        self, token_ids: np.ndarray, rows: Tensor, features: Tensor, values: Tensor
+        self,
+        token_ids: np.ndarray,
+        first_token: int,
+        rows: Tensor,
+        features: Tensor,
+        values: Tensor,
     ) -> None:
-        """The sparse table's pairs: the active entries at `rows` of a batch of `token_ids`,
-        their latents (global indices) and values. The dense table is filled elsewhere."""
+        """The sparse table's pairs: the active entries at `rows` of a batch of `token_ids`
+        (whose first is corpus token `first_token`), their latents (global indices) and values.
+        The dense table is filled elsewhere."""
         if not self.dense:
-            keys = token_ids[rows.cpu().numpy()] * self.n_features + features.cpu().numpy()
-            self._add(keys, np.ones_like(keys), values.cpu().numpy().astype(np.float64))
+            rows = rows.cpu().numpy()
+            keys = token_ids[rows] * self.n_features + features.cpu().numpy()
+            values = values.cpu().numpy()
+            best = kernels.example_keys(values.astype(np.float32), rows + first_token)
+            self._add(keys, np.ones_like(keys), values.astype(np.float64), best)
 
-    def kernel_table(self, features: slice) -> np.ndarray:
-        """The dense table's columns of some latents, which the kernel fills (empty when the
-        table is sparse)."""
-        return self.table[:, features] if self.dense else self.table
+    def kernel_tables(self, features: slice) -> tuple[np.ndarray, np.ndarray]:
+        """The dense table's and best keys' columns of some latents, which the kernel fills
+        (empty when the table is sparse)."""
+        if self.dense:
+            return self.table[:, features], self.best[:, features]
+        return self.table, self.best
 
-    def _add(self, keys: np.ndarray, count: np.ndarray, total: np.ndarray) -> None:
+    def _add(
+        self, keys: np.ndarray, count: np.ndarray, total: np.ndarray, best: np.ndarray
+    ) -> None:
         if self.dense:  # keys are unique here: the entries of another table
             cells = self.table.reshape(-1, 2)
             cells[keys, 0] += count
             cells[keys, 1] += total
+            best_cells = self.best.reshape(-1)
+            best_cells[keys] = np.maximum(best_cells[keys], best)
             return
-        self._pending.append((keys, count, total))
+        self._pending.append((keys, count, total, best))
         self._pending_size += len(keys)
         if self._pending_size >= TOKEN_TABLE_COMPACT_EVERY:
             self._compact()
@@ -524,12 +544,15 @@ class TokenTable:
     def _compact(self) -> None:
         if not self._pending:
             return
-        keys = np.concatenate([self.keys, *(p[0] for p in self._pending)])
-        count = np.concatenate([self.count, *(p[1] for p in self._pending)])
-        total = np.concatenate([self.sum, *(p[2] for p in self._pending)])
+        keys, count, total, best = (
+            np.concatenate([mine, *(pending[i] for pending in self._pending)])
+            for i, mine in enumerate((self.keys, self.count, self.sum, self.best_keys))
+        )
         self.keys, inverse = np.unique(keys, return_inverse=True)
         self.count = np.bincount(inverse, weights=count, minlength=len(self.keys)).astype(np.int64)
         self.sum = np.bincount(inverse, weights=total, minlength=len(self.keys))
+        self.best_keys = np.full(len(self.keys), kernels.EMPTY_KEY, dtype=np.int64)
+        np.maximum.at(self.best_keys, inverse, best)
         self._pending, self._pending_size = [], 0
 
     def merge(self, other: TokenTable) -> None:
@@ -539,69 +562,51 @@ class TokenTable:
     def finalize(self) -> TokenTableResult:
         """The result shares the dense table (no copy of the largest state)."""
         if self.dense:
-            empty = np.zeros(0, dtype=np.int64)
-            return TokenTableResult(
-                self.token_count.copy(), self.n_features, self.table, empty, empty, np.zeros(0)
-            )
+            return TokenTableResult(self.token_count.copy(), self.n_features, self.table, self.best)
         self._compact()
         return TokenTableResult(
-            self.token_count.copy(), self.n_features, None, self.keys, self.count, self.sum
+            self.token_count.copy(),
+            self.n_features,
+            None,
+            None,
+            (self.keys, self.count, self.sum, self.best_keys),
         )
 
 
 @dataclass
 class TokenTableResult:
-    """The token table: the dense [vocab, d_sae, (count, sum)] `table`, or (`table` None) the
-    sparse pairs that fired, by key token·n_features + feature, ascending."""
+    """The token table: the dense [vocab, d_sae, (count, sum)] `table` and its [vocab, d_sae]
+    `best` keys, or (`table` None) the `sparse` pairs that fired: key token·n_features +
+    feature ascending, count, summed activation, best key."""
 
     token_count: np.ndarray  # [vocab]
     n_features: int
     table: np.ndarray | None
-    keys: np.ndarray
+    best: np.ndarray | None
+    sparse: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None = None
+
+    def pairs(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """Keys of the pairs that fired, ascending; their count, summed activation and best
+        key."""
+        if self.table is not None:
+            return kernels.table_entries(self.table, self.best)
+        return self.sparse
+
+    def entries(self) -> TokenEntries:
+        """Every (token id, feature) pair that fired, token-major."""
+        keys, count, total, best = self.pairs()
+        return TokenEntries(keys // self.n_features, keys % self.n_features, count, total, best)
+
+
+@dataclass
+class TokenEntries:
+    """The pairs of a token table that fired, as parallel arrays."""
+
+    token_id: np.ndarray
+    feature_index: np.ndarray
     count: np.ndarray
     sum: np.ndarray
-
-    def pairs(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Keys of the pairs that fired, ascending; their count; their summed activation."""
-        if self.table is not None:
-            return kernels.table_entries(self.table)
-        return self.keys, self.count, self.sum
-
-    def entries(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-        """Token id, feature, count and summed activation of each pair that fired, token-major."""
-        keys, count, total = self.pairs()
-        return keys // self.n_features, keys % self.n_features, count, total
-
-    def top_tokens(self, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Per feature, the n tokens it fires on most often (ties to the lower token), with the
-        count and summed activation there: three [d_sae, n] arrays, padded with -1, 0, 0."""
-        if self.table is not None:
-            token = kernels.table_top_tokens(self.table, n)
-            cells = self.table[token, np.arange(self.n_features)[:, None]]
-            return _padded(token >= 0, token, cells[..., 0].astype(np.int64), cells[..., 1])
-        token, feature, count, total = self.entries()
-        top = kernels.top_per_group(feature, count, self.n_features, n)
-        return _padded(top >= 0, token[top], count[top], total[top])
-
-    def top_latents(self, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Per token id, the n latents with the highest mean activation over all the token's
-        occurrences (ties to the lower latent), with their count and that mean: three [vocab, n]
-        arrays, padded with -1, 0, 0."""
-        occurrences = np.maximum(self.token_count, 1)
-        if self.table is not None:
-            feature = kernels.table_top_latents(self.table, self.token_count, n)
-            cells = self.table[np.arange(len(self.token_count))[:, None], feature]
-            count, total, kept = cells[..., 0].astype(np.int64), cells[..., 1], feature >= 0
-        else:
-            token, feature, count, total = self.entries()
-            top = kernels.top_per_group(token, total / occurrences[token], len(self.token_count), n)
-            feature, count, total, kept = feature[top], count[top], total[top], top >= 0
-        return _padded(kept, feature, count, total / occurrences[:, None])
-
-
-def _padded(kept: np.ndarray, ids: np.ndarray, *values: np.ndarray) -> tuple[np.ndarray, ...]:
-    """`ids` with -1 and `values` with 0 where not `kept`."""
-    return (np.where(kept, ids, -1), *(np.where(kept, v, 0) for v in values))
+    best_key: np.ndarray  # its highest activation on the token, then its earliest token
 
 
 class FeatureAccumulators:
@@ -653,7 +658,9 @@ class FeatureAccumulators:
         token_ids = batch.token_ids.reshape(-1).cpu().numpy()
         for chunk in chunks:
             if self.on_device is not None:
-                self.tokens.count_latents(token_ids, *self.on_device.update(batch, chunk))
+                self.tokens.count_latents(
+                    token_ids, batch.first_token, *self.on_device.update(batch, chunk)
+                )
                 continue
             features = chunk.features
             self.stats.count_special(chunk)
@@ -661,14 +668,18 @@ class FeatureAccumulators:
                 acts = chunk.feature_acts.reshape(-1, chunk.width)
                 rows, latents = torch.nonzero(acts > 0, as_tuple=True)
                 self.tokens.count_latents(
-                    token_ids, rows, latents + chunk.first_feature, acts[rows, latents]
+                    token_ids,
+                    batch.first_token,
+                    rows,
+                    latents + chunk.first_feature,
+                    acts[rows, latents],
                 )
             kernels.scan_activations(
                 chunk.view(batch),
                 token_ids,
                 self.seed,
                 self.stats.kernel_tables(features),
-                self.tokens.kernel_table(features),
+                *self.tokens.kernel_tables(features),
                 self.top.state(features),
                 self.bottom.state(features),
                 self.active_sample.state(features),

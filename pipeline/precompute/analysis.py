@@ -21,6 +21,7 @@ from saescope.db.records import (
     TokenStatColumns,
 )
 from saescope.pipeline.config import ACTIVATION_CELLS
+from saescope.pipeline.precompute import kernels
 from saescope.pipeline.precompute.absorption import Absorption
 from saescope.pipeline.precompute.accumulators import (
     AccumulatedResult,
@@ -221,6 +222,7 @@ def feature_records(
     edges: Float[np.ndarray, "d_sae edges"],
     absorbed: Absorption,
     description_length_bits: Float[np.ndarray, " d_sae"],
+    tokens: TokenRankings,
     ground_truth: tuple[GroundTruthMatch, list[str]] | None = None,
 ) -> FeatureColumns:
     """The `features` rows; `unembed` None (no language model) leaves the logit effects empty,
@@ -262,7 +264,8 @@ def feature_records(
         logits_top=logits_top,
         logits_bottom=logits_bottom,
         neighbours=JsonRows(feature_index=neighbour_id, cosine=neighbour_cosine),
-        top_tokens=feature_top_tokens(result, settings.n_top_tokens),
+        top_tokens=tokens.top_tokens,
+        specific_tokens=tokens.specific_tokens,
         **ground_truth_columns(ground_truth),
     )
 
@@ -325,30 +328,83 @@ def encoder_decoder_agreement(result: AccumulatedResult) -> tuple[np.ndarray, np
     return jaccard, miss_rate
 
 
-def feature_top_tokens(result: AccumulatedResult, n: int) -> JsonRows:
-    """Per feature, the tokens it fires on most often, with the mean activation there."""
-    token, count, total = result.tokens.top_tokens(n)
-    mean = np.divide(total, count, out=np.zeros_like(total), where=token >= 0)
-    return JsonRows(token >= 0, token_id=token, count=count, mean_activation=mean)
+@dataclass
+class TokenRankings:
+    """The token lists of each feature and the latent list of each token id, from the token
+    table. A latent's specificity to a token: its mean activation over the token's occurrences
+    (zeros included) as a multiple of its mean over all tokens; only pairs where the latent
+    fires at least `min_token_firings` times on the token are ranked by it."""
+
+    top_tokens: JsonRows
+    """per feature, the tokens it fires on most often"""
+    specific_tokens: JsonRows
+    """per feature, the tokens it is most specific to"""
+    token_stats: TokenStatColumns
+    token_latents: TokenLatentColumns
+    """per token id, the latents most specific to it, each with its strongest firing there"""
+
+    @classmethod
+    def of(cls, result: AccumulatedResult, settings: AnalysisSettings) -> TokenRankings:
+        table, stats = result.tokens, result.stats
+        entries = table.entries()
+        occurrences = table.token_count[entries.token_id]
+        with np.errstate(divide="ignore", invalid="ignore"):
+            specificity = (entries.sum / occurrences) / (
+                stats.sum[entries.feature_index] / max(stats.tokens_seen, 1)
+            )
+        columns = {
+            "token_id": entries.token_id,
+            "count": entries.count,
+            "occurrences": occurrences,
+            "mean_activation": entries.sum / np.maximum(entries.count, 1),
+            "specificity": specificity,
+        }
+        ranked = np.flatnonzero(entries.count >= settings.min_token_firings)
+        n_features, n = table.n_features, settings.n_top_tokens
+        top = kernels.top_per_group(entries.feature_index, entries.count, n_features, n)
+        specific = _subset_top(ranked, entries.feature_index, specificity, n_features, n)
+        latents = _subset_top(
+            ranked, entries.token_id, specificity, len(table.token_count), settings.n_token_latents
+        )
+        token, rank = np.nonzero(latents >= 0)
+        pair = latents[token, rank]
+        sequence_index, position = np.divmod(
+            kernels.key_tokens(entries.best_key[pair]), result.top.context_length
+        )
+        seen = np.flatnonzero(table.token_count)
+        return cls(
+            top_tokens=_pair_rows(top, columns),
+            specific_tokens=_pair_rows(specific, columns),
+            token_stats=TokenStatColumns(token_id=seen, count=table.token_count[seen]),
+            token_latents=TokenLatentColumns(
+                token_id=token,
+                rank=rank,
+                feature_index=entries.feature_index[pair],
+                count=entries.count[pair],
+                mean_activation=columns["mean_activation"][pair],
+                specificity=specificity[pair],
+                sequence_index=sequence_index,
+                position=position,
+                activation=kernels.key_scores(entries.best_key[pair]),
+            ),
+        )
 
 
-def token_records(result: AccumulatedResult, n: int) -> tuple[TokenStatColumns, TokenLatentColumns]:
-    """Token occurrence counts, and per token the latents with the highest mean activation over
-    all its occurrences (a latent that fires rarely on the token ranks low)."""
-    table = result.tokens
-    seen = np.flatnonzero(table.token_count)
-    feature, count, mean = table.top_latents(n)
-    token, rank = np.nonzero(feature >= 0)
-    return (
-        TokenStatColumns(token_id=seen, count=table.token_count[seen]),
-        TokenLatentColumns(
-            token_id=token,
-            rank=rank,
-            feature_index=feature[token, rank],
-            count=count[token, rank],
-            mean_activation=mean[token, rank],
-        ),
-    )
+def _subset_top(
+    subset: np.ndarray, groups: np.ndarray, scores: np.ndarray, n_groups: int, n: int
+) -> np.ndarray:
+    """`kernels.top_per_group` over the entries in `subset`, as indices of all entries."""
+    top = kernels.top_per_group(groups[subset], scores[subset], n_groups, n)
+    return np.where(top >= 0, subset[np.maximum(top, 0)] if len(subset) else -1, -1)
+
+
+def _pair_rows(top: np.ndarray, columns: dict[str, np.ndarray]) -> JsonRows:
+    """Rows of `top` [groups, n] (indices of pairs, -1 padding) as JSON lists of the columns."""
+    kept = top >= 0
+    index = np.maximum(top, 0)
+    if not len(columns["token_id"]):
+        return JsonRows(kept, **{name: np.zeros(top.shape) for name in columns})
+    return JsonRows(kept, **{name: values[index] for name, values in columns.items()})
 
 
 def example_records(

@@ -64,9 +64,11 @@ class AnalysisSettings:
     n_neighbours: int = 10
     """nearest latents by decoder cosine"""
     n_top_tokens: int = 10
-    """tokens a feature fires on most"""
+    """tokens a feature fires on most, and tokens it is most specific to"""
     n_token_latents: int = TOKEN_LATENTS
-    """latents kept per token id for token search"""
+    """latents kept per token id for token search: the most specific to it"""
+    min_token_firings: int = 3
+    """firings on a token before a latent's specificity to it counts: one-off tokens never lead"""
     n_absorbers: int = 5
     """absorbing latents kept per feature"""
 

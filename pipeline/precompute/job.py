@@ -284,6 +284,7 @@ def sae_records(
     description_length_bits = description_lengths(
         stats.histogram, stats.count / tokens_seen, precision
     )
+    tokens = analysis.TokenRankings.of(accumulated, settings)
     features = analysis.feature_records(
         accumulated,
         decoder,
@@ -292,9 +293,9 @@ def sae_records(
         edges,
         absorbed,
         description_length_bits,
+        tokens,
         (match, truth.names) if truth is not None else None,
     )
-    token_stats, token_latents = analysis.token_records(accumulated, settings.n_token_latents)
     high_frequency = HIGH_FREQUENCY.mask(
         {"frequency": stats.count / tokens_seen}, settings.high_frequency_threshold
     )
@@ -332,8 +333,8 @@ def sae_records(
         sae=sae_row,
         features=features,
         examples=analysis.example_records(accumulated, settings, edges),
-        token_stats=token_stats,
-        token_latents=token_latents,
+        token_stats=tokens.token_stats,
+        token_latents=tokens.token_latents,
     )
 
 

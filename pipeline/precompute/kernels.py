@@ -329,19 +329,21 @@ def scan_activations(
     seed: int,
     tables: StatisticsTables,
     token_table: np.ndarray,
+    token_best: np.ndarray,
     top: ExampleState,
     bottom: ExampleState,
     active_sample: ExampleState,
 ) -> None:
-    """One batch's active entries (acts > 0) into the feature statistics, the token table (when
-    dense; the sparse one, empty here, is filled elsewhere), and the top, bottom and
+    """One batch's active entries (acts > 0) into the feature statistics, the token table and
+    its best keys (when dense; the sparse one, empty here, is filled elsewhere), and the top,
+    bottom and
     active-sample examples: the highest activations, the weakest positive ones (score
     -activation) and a uniform sample of the active positions (score -random key /
     2**RANDOM_KEY_BITS)."""
     _scan_activations(
         batch.acts, token_ids, batch.context, batch.first_token, batch.first_feature, seed,
         numba.get_num_threads(),
-        *tables, token_table, token_table.shape[0] > 0,
+        *tables, token_table, token_best, token_table.shape[0] > 0,
         top.slots(), top.threshold, bottom.slots(), bottom.threshold,
         active_sample.slots(), active_sample.threshold,
     )  # fmt: skip
@@ -351,11 +353,12 @@ def scan_activations(
 def _scan_activations(
     acts, token_ids, context, first_token, first_feature, seed, n_threads,
     position_count, position_sum, sum_sq, maximum, minimum, histogram,
-    token_table, dense_token_table,
+    token_table, token_best, dense_token_table,
     top, top_threshold, bottom, bottom_threshold, random, random_threshold,
 ):  # fmt: skip
     """One batch's active entries (acts > 0; rows are whole sequences in corpus order) into the
-    feature statistics, the dense token table, and the top, bottom and random examples. The
+    feature statistics, the dense token table (count, sum, and each cell's best key: its highest
+    activation, then earliest token), and the top, bottom and random examples. The
     tables and example sets are those of the batch's latents (column j is latent
     first_feature + j), which only the random keys need to know.
 
@@ -398,9 +401,13 @@ def _scan_activations(
                         histogram[first + active[i], _histogram_bin(values[active[i]])] += 1
                     if dense_token_table:
                         cells = token_table[token_ids[row]]
+                        best = token_best[token_ids[row]]
                         for i in range(n_active):
                             cells[first + active[i], 0] += 1.0
                             cells[first + active[i], 1] += values[active[i]]
+                        for i in range(n_active):
+                            key = _key_of_score(values[active[i]], token)
+                            best[first + active[i]] = max(best[first + active[i]], key)
                     for i in range(n_active):
                         local = active[i]
                         value = values[local]
@@ -675,50 +682,25 @@ def top_per_group(groups, scores, n_groups: int, n: int):
 
 
 @njit(cache=True)
-def table_top_tokens(table, n: int):
-    """Per feature (column) of a dense [tokens, features, (count, sum)] table, the n tokens with
-    the highest count, ties to the lower token; -1 pads."""
-    n_tokens, n_features = table.shape[0], table.shape[1]
-    top, top_score, filled = _ranking(n_features, n)
-    for token in range(n_tokens):
-        for feature in range(n_features):
-            if table[token, feature, 0] > 0:
-                _rank(top, top_score, filled, feature, token, table[token, feature, 0])
-    return top
-
-
-@njit(cache=True)
-def table_top_latents(table, token_count, n: int):
-    """Per token (row) of a dense [tokens, features, (count, sum)] table, the n features with
-    the highest sum / the token's count, ties to the lower feature; -1 pads."""
-    n_tokens, n_features = table.shape[0], table.shape[1]
-    top, top_score, filled = _ranking(n_tokens, n)
-    for token in range(n_tokens):
-        occurrences = max(token_count[token], 1)
-        for feature in range(n_features):
-            if table[token, feature, 0] > 0:
-                _rank(
-                    top, top_score, filled, token, feature, table[token, feature, 1] / occurrences
-                )
-    return top
-
-
-@njit(cache=True)
-def table_entries(table):
+def table_entries(table, best):
     """The cells of a [rows, columns, (count, sum)] table with a nonzero count: their flat index
-    row·columns + column, ascending, their count and their sum."""
+    row·columns + column, ascending, their count, their sum and their key in `best` [rows,
+    columns]."""
     cells = table.reshape(-1, 2)
+    best_keys = best.reshape(-1)
     n = 0
     for cell in range(len(cells)):
         n += cells[cell, 0] != 0
     index = np.empty(n, np.int64)
     count = np.empty(n, np.int64)
     total = np.empty(n, np.float64)
+    key = np.empty(n, np.int64)
     n = 0
     for cell in range(len(cells)):
         if cells[cell, 0] != 0:
             index[n] = cell
             count[n] = np.int64(cells[cell, 0])
             total[n] = cells[cell, 1]
+            key[n] = best_keys[cell]
             n += 1
-    return index, count, total
+    return index, count, total, key

@@ -206,10 +206,13 @@ class TorchScan:
         self.min = torch.full((n_features,), math.inf, device=device)
         self.special_count = torch.zeros(n_features, dtype=torch.int64, device=device)
         self.histogram = torch.zeros(n_features, HISTOGRAM_BINS, dtype=torch.int32, device=device)
-        self.token_table = (
-            torch.zeros(host.tokens.table.shape, dtype=torch.float64, device=device)
+        self.token_table, self.token_best = (
+            (
+                torch.zeros(host.tokens.table.shape, dtype=torch.float64, device=device),
+                torch.full(host.tokens.best.shape, EMPTY_KEY, dtype=torch.int64, device=device),
+            )
             if host.tokens.dense
-            else None
+            else (None, None)
         )
         self.examples = {
             name: DeviceExamples(getattr(host, name).k, n_features, device)
@@ -247,6 +250,9 @@ class TorchScan:
             cells = batch.token_ids.reshape(-1)[rows] * n_features + latents + features.start
             counts_and_sums = torch.stack([torch.ones_like(values), values], 1).double()
             self.token_table.view(-1, 2).index_add_(0, cells, counts_and_sums)
+            self.token_best.view(-1).scatter_reduce_(
+                0, cells, example_keys(values, rows + batch.first_token), "amax"
+            )
         self._offer_examples(batch, chunk, acts, active, rows, latents)
         return rows, latents + features.start, values
 
@@ -325,5 +331,6 @@ class TorchScan:
         stats.histogram[:] = self.histogram.cpu().numpy()
         if self.token_table is not None:
             host.tokens.table[:] = self.token_table.cpu().numpy()
+            host.tokens.best[:] = self.token_best.cpu().numpy()
         for name, examples in self.examples.items():
             examples.into(getattr(host, name))

@@ -115,7 +115,7 @@ def _filler() -> dict:
         "decoder_auroc": 1.0, "description_length_bits": 0.0, "decoder": b"",
         "histogram_first_bin": 0, "histogram_counts": b"", "position_rate": b"",
         "position_mean": b"", "quantile_edges": [], "quantile_mass": [], "logits_top": [],
-        "logits_bottom": [], "neighbours": [], "top_tokens": [],
+        "logits_bottom": [], "neighbours": [], "top_tokens": [], "specific_tokens": [],
     }  # fmt: skip
 
 

@@ -94,3 +94,98 @@ def test_token_ids_run_as_they_are(
     outside = client.post(ROUTE, json={"token_ids": [1, vocab_size]})
     assert outside.status_code == 422
     assert f"token ids 0 to {vocab_size - 1}" in outside.json()["error"]["message"]
+
+
+def test_windows_cover_a_long_text_with_half_a_context_before_each_token() -> None:
+    from saescope.pipeline.inference import text_windows
+
+    assert text_windows(64, 64, bos=0) == [(0, 0, 64)]
+    for n_tokens, context, bos in [(65, 64, 0), (200, 64, 0), (1024, 128, None), (300, 10, 1)]:
+        windows = text_windows(n_tokens, context, bos)
+        read = [t for _, kept, end in windows for t in range(kept, end)]
+        assert read == list(range(n_tokens)), "every token read once, in order"
+        for start, kept, end in windows[1:]:
+            assert end - start + (bos is not None) <= context, "a window fits the context"
+            assert kept - start >= context // 2, "half a context of text before every token"
+
+
+def test_a_text_longer_than_the_context_runs_in_windows(
+    client: TestClient, tiny_model_dir: Path, dashboard_sae_dir: Path
+) -> None:
+    """Each token's activation is the model's on its window (BOS, then the text from the
+    window's start), as computed here; the answer says how many windows ran."""
+    from saescope.pipeline.inference import text_windows
+
+    text = TEXT * 3
+    result = client.post(ROUTE, json={"text": text, "features": [5, 9]}).json()
+    ids = result["token_ids"]
+    assert len(ids) > 128 and result["context_length"] == 64
+    windows = text_windows(len(ids), 64, ids[0])
+    assert result["windows"] == len(windows) >= 3
+    bos = ids[0]
+    for start, kept, end in windows:
+        window = ids[start:end] if start == 0 else [bos, *ids[start:end]]
+        f = expected_activations(tiny_model_dir, dashboard_sae_dir, window)
+        offset = 0 if start == 0 else 1 - start
+        for asked in result["features"]:
+            got = asked["activations"][kept:end]
+            expected = f[kept + offset : end + offset, asked["feature_index"]].tolist()
+            assert got == pytest.approx(expected, rel=1e-5, abs=1e-6)
+
+
+def test_the_summary_ranks_the_latents_by_specificity_to_the_text(
+    client: TestClient, tiny_model_dir: Path, dashboard_sae_dir: Path, dashboard_db: Path
+) -> None:
+    """Mean activation over the text's tokens (BOS left out) over the corpus mean, brute force;
+    dense latents left out of the summary and of the top lists when asked."""
+    import sqlite3
+
+    with sqlite3.connect(dashboard_db) as connection:
+        rows = connection.execute(
+            "select feature_index, frequency, mean_activation from features where sae_id = "
+            "(select id from saes where name = 'tiny-sae') order by feature_index"
+        ).fetchall()
+    frequency = np.array([row[1] for row in rows])
+    corpus_mean = frequency * np.array([row[2] for row in rows])
+    for max_frequency in (None, 0.1):
+        body = {"text": TEXT[:80]} | ({"max_frequency": max_frequency} if max_frequency else {})
+        result = client.post(ROUTE, json=body).json()
+        f = expected_activations(tiny_model_dir, dashboard_sae_dir, result["token_ids"])[1:]
+        f = f.numpy().astype(np.float64)
+        if max_frequency:
+            f[:, frequency > max_frequency] = 0.0
+        fired = np.flatnonzero((f > 0).any(0))
+        with np.errstate(divide="ignore", invalid="ignore"):
+            specificity = f.mean(0) / corpus_mean
+        expected = sorted(fired, key=lambda j: (-specificity[j], j))[:25]
+        summary = result["summary"]
+        assert [latent["feature_index"] for latent in summary] == expected
+        for latent in summary:
+            j = latent["feature_index"]
+            assert latent["fires_on"] == (f[:, j] > 0).sum()
+            assert latent["max_activation"] == pytest.approx(f[:, j].max(), rel=1e-5)
+            if np.isfinite(specificity[j]):
+                assert latent["specificity"] == pytest.approx(specificity[j], rel=1e-4)
+            else:
+                assert latent["specificity"] is None
+        listed = {latent["feature_index"] for token in result["top"] for latent in token}
+        assert all(frequency[j] <= (max_frequency or 1) for j in listed)
+    assert (frequency > 0.1).any(), "the fixture has dense latents"
+
+
+def test_the_inference_process_answers_every_error_as_json(dashboard_db: Path, monkeypatch) -> None:
+    from saescope.pipeline.inference import Inference, inference_app
+
+    def broken(self, name, request):
+        raise IndexError("index out of range in self")
+
+    monkeypatch.setattr(Inference, "run", broken)
+    app = TestClient(inference_app(dashboard_db, "cpu"), raise_server_exceptions=False)
+    response = app.post("/saes/tiny-sae/activations", json={"text": "the cat"})
+    assert response.status_code == 500
+    assert response.headers["content-type"] == "application/json"
+    assert "IndexError: index out of range" in response.json()["detail"]
+    refused = app.post(
+        "/saes/tiny-sae/spans", json={"spans": [{"token_ids": [1] * 70, "start": 0, "end": 70}]}
+    )
+    assert refused.status_code == 422 and "past the model's context of 64" in refused.text

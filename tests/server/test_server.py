@@ -155,19 +155,55 @@ def test_token_search_finds_exact_tokens_first(client: TestClient, dashboard_db:
         (m["exact"] for m in result["matches"]), reverse=True
     )
     assert all("cat" in m["token"] for m in result["matches"])
+    frequency = dict(
+        rows(dashboard_db, "select feature_index, frequency from features where sae_id = 1")
+    )
     stored = rows(
         dashboard_db,
-        "select feature_index, count, mean_activation from token_latents "
-        "where sae_id = 1 and token_id = ? order by rank limit 5",
+        "select feature_index, count, specificity, activation from token_latents "
+        "where sae_id = 1 and token_id = ? order by rank",
         first["token_id"],
     )
+    assert stored, "the fixture has latents specific to ' cat'"
+    kept = [row for row in stored if frequency[row[0]] <= result["max_frequency"]][:5]
+    assert result["max_frequency"] == 0.1  # the SAE's high-frequency threshold
     assert [(x["feature_index"], x["count"]) for x in first["latents"]] == [
-        (f, c) for f, c, _ in stored
+        (f, c) for f, c, _, _ in kept
     ]
-    contexts = [example for latent in first["latents"] for example in latent["examples"]]
-    assert contexts, "the latents that fire on ' cat' show contexts"
-    for example in contexts:
-        assert example["token_ids"][example["focus"]] == first["token_id"]
+    assert first["dense_left_out"] == sum(frequency[row[0]] > 0.1 for row in stored)
+    specificity = [x["specificity"] for x in first["latents"]]
+    assert specificity == sorted(specificity, reverse=True)
+    for latent, (_, _, _, activation) in zip(first["latents"], kept, strict=True):
+        context = latent["context"]
+        assert context["token_ids"][context["focus"]] == first["token_id"]
+        assert context["activations"][context["focus"]] == pytest.approx(activation, abs=1e-5)
+        assert context["activation"] == pytest.approx(activation)
+        assert not latent["dense"]
+
+
+def test_token_search_leaves_dense_latents_out_unless_asked(
+    client: TestClient, dashboard_db: Path
+) -> None:
+    frequency = dict(
+        rows(dashboard_db, "select feature_index, frequency from features where sae_id = 1")
+    )
+    every = client.get(
+        f"/api/v1/saes/{SAE}/search", params={"token": "e", "max_frequency": 1, "latents": 16}
+    ).json()
+    dense = [
+        (m["token"], x["feature_index"])
+        for m in every["matches"]
+        for x in m["latents"]
+        if x["dense"]
+    ]
+    assert dense and all(frequency[index] > 0.1 for _, index in dense)
+    default = client.get(f"/api/v1/saes/{SAE}/search", params={"token": "e", "latents": 16}).json()
+    for match, all_of_them in zip(default["matches"], every["matches"], strict=True):
+        shown = [x["feature_index"] for x in match["latents"]]
+        assert shown == [x["feature_index"] for x in all_of_them["latents"] if not x["dense"]]
+        assert match["dense_left_out"] == sum(x["dense"] for x in all_of_them["latents"])
+    page = client.get(f"/saes/{SAE}/search", params={"token": "e"}).text
+    assert "left out" in page and "max_frequency=1" in page
 
 
 def test_flags_report(client: TestClient, dashboard_db: Path) -> None:
@@ -398,10 +434,14 @@ def test_token_search_shows_more_on_request(client: TestClient) -> None:
     more = client.get(f"/api/v1/saes/{SAE}/search", params={"token": "e", "limit": 6}).json()
     assert len(few["matches"]) == 2 and len(more["matches"]) == 6
     assert [m["token_id"] for m in more["matches"][:2]] == [m["token_id"] for m in few["matches"]]
-    page = client.get(f"/saes/{SAE}/search", params={"token": "e", "limit": 2}).text
+    page = client.get(
+        f"/saes/{SAE}/search", params={"token": "e", "limit": 2, "max_frequency": 1}
+    ).text
     (link,) = links(page, "more-tokens")
-    assert "limit=4" in link and "token=e" in link
-    wide = client.get(f"/api/v1/saes/{SAE}/search", params={"token": "e", "latents": 10}).json()
+    assert "limit=4" in link and "token=e" in link and "max_frequency=1" in link
+    wide = client.get(
+        f"/api/v1/saes/{SAE}/search", params={"token": "e", "latents": 10, "max_frequency": 1}
+    ).json()
     assert max(len(m["latents"]) for m in wide["matches"]) > 5
     assert "latents=10" in next(iter(links(page, "more-latents")))
 
@@ -415,8 +455,9 @@ def test_tokens_are_drawn_truthfully() -> None:
 
 
 def test_token_search_reads_a_bounded_number_of_queries(client: TestClient) -> None:
-    """The SAE, the vocabulary, the token counts, the matches' latents, their examples and the
-    sequences those lie in: one query each, however many tokens and latents match."""
+    """The SAE, the vocabulary, the token counts, the matches' latents, the sequences of their
+    contexts and the listed latents' summaries: one query each, however many tokens and
+    latents match."""
     from sqlalchemy import event
 
     statements: list[str] = []
@@ -427,7 +468,9 @@ def test_token_search_reads_a_bounded_number_of_queries(client: TestClient) -> N
 
     event.listen(engine, "before_cursor_execute", count)
     try:
-        result = client.get(f"/api/v1/saes/{SAE}/search", params={"token": "e"}).json()
+        result = client.get(
+            f"/api/v1/saes/{SAE}/search", params={"token": "e", "max_frequency": 1}
+        ).json()
     finally:
         event.remove(engine, "before_cursor_execute", count)
     latents = sum(len(match["latents"]) for match in result["matches"])

@@ -13,7 +13,7 @@ from saescope.db.codec import (
     histogram_edges,
 )
 from saescope.pipeline.precompute.accumulators import AccumulatedResult, FeatureAccumulators, Scan
-from saescope.pipeline.precompute.kernels import RANDOM_KEY_BITS
+from saescope.pipeline.precompute.kernels import RANDOM_KEY_BITS, key_scores, key_tokens
 from saescope.pipeline.precompute.torch_scan import position_hash
 from saescope.pipeline.saes import unit_rows
 from tests.pipeline.precompute.conftest import (
@@ -206,6 +206,8 @@ def test_position_sample_is_the_smallest_hash_keys_of_ordinary_tokens(data, resu
 
 
 def test_token_table(data: dict, result: AccumulatedResult) -> None:
+    """Counts, sums and each pair's strongest firing (ties to the earlier token) against brute
+    force."""
     acts, _ = masked(data)
     tokens = data["tokens"].numpy()
     table = result.tokens
@@ -217,36 +219,21 @@ def test_token_table(data: dict, result: AccumulatedResult) -> None:
     for feature in range(N_FEATURES):
         np.add.at(expected_count[:, feature], tokens, acts[:, :, feature] > 0)
         np.add.at(expected_sum[:, feature], tokens, acts[:, :, feature])
-    token_id, feature_index, count, total = table.entries()
+    entries = table.entries()
     got_count = np.zeros_like(expected_count)
     got_sum = np.zeros_like(expected_sum)
-    got_count[token_id, feature_index] = count
-    got_sum[token_id, feature_index] = total
+    got_count[entries.token_id, entries.feature_index] = entries.count
+    got_sum[entries.token_id, entries.feature_index] = entries.sum
     np.testing.assert_array_equal(got_count, expected_count)
     np.testing.assert_allclose(got_sum, expected_sum, rtol=1e-6)
-    assert_top_entries_match(table, expected_count, expected_sum)
-
-
-def assert_top_entries_match(table, expected_count: np.ndarray, expected_sum: np.ndarray) -> None:
-    """top_tokens and top_latents against sorting every (token, feature) pair by brute force."""
-    n = 3
-    token, count, total = table.top_tokens(n)
-    for feature in range(N_FEATURES):
-        fired = np.flatnonzero(expected_count[:, feature])
-        best = sorted(fired, key=lambda t: (-expected_count[t, feature], t))[:n]
-        padded = best + [-1] * (n - len(best))
-        assert token[feature].tolist() == padded
-        np.testing.assert_array_equal(count[feature, : len(best)], expected_count[best, feature])
-        np.testing.assert_allclose(total[feature, : len(best)], expected_sum[best, feature])
-    latent, count, mean = table.top_latents(n)
-    occurrences = np.maximum(table.token_count, 1)
-    for token_id in range(VOCAB):
-        fired = np.flatnonzero(expected_count[token_id])
-        expected_mean = expected_sum[token_id] / occurrences[token_id]
-        best = sorted(fired, key=lambda f: (-expected_mean[f], f))[:n]
-        assert latent[token_id].tolist() == best + [-1] * (n - len(best))
-        np.testing.assert_array_equal(count[token_id, : len(best)], expected_count[token_id, best])
-        np.testing.assert_allclose(mean[token_id, : len(best)], expected_mean[best])
+    flat_tokens, flat_acts = tokens.reshape(-1), acts.reshape(-1, N_FEATURES)
+    for token_id, feature, key in zip(
+        entries.token_id, entries.feature_index, entries.best_key, strict=True
+    ):
+        on_token = np.flatnonzero(flat_tokens == token_id)
+        strongest = on_token[np.argmax(flat_acts[on_token, feature])]  # the first of equals
+        assert key_tokens(np.array([key]))[0] == strongest
+        assert key_scores(np.array([key]))[0] == np.float32(flat_acts[strongest, feature])
 
 
 def assert_results_equal(a: AccumulatedResult, b: AccumulatedResult) -> None:
@@ -270,13 +257,9 @@ def assert_results_equal(a: AccumulatedResult, b: AccumulatedResult) -> None:
 
 def assert_token_tables_equal(a, b) -> None:
     np.testing.assert_array_equal(a.token_count, b.token_count)
-    for left, right in zip(a.entries(), b.entries(), strict=True):
-        np.testing.assert_allclose(left, right, rtol=1e-12)
-    for n in (1, 4):
-        for left, right in zip(
-            a.top_tokens(n) + a.top_latents(n), b.top_tokens(n) + b.top_latents(n), strict=True
-        ):
-            np.testing.assert_allclose(left, right, rtol=1e-12)
+    left, right = a.entries(), b.entries()
+    for name, values in vars(left).items():
+        np.testing.assert_allclose(values, getattr(right, name), rtol=1e-12, err_msg=name)
 
 
 @pytest.mark.parametrize("split", [1, 4, 7])
@@ -328,7 +311,7 @@ def test_one_thread_gives_the_multithreaded_result(data: dict, result) -> None:
 
 
 def test_example_keys_order_by_score_then_earlier_token() -> None:
-    from saescope.pipeline.precompute.kernels import example_keys, key_scores, key_tokens
+    from saescope.pipeline.precompute.kernels import example_keys
 
     rng = np.random.default_rng(1)
     scores = np.concatenate(

@@ -9,6 +9,7 @@ from saescope.db.flags import FLAGS_BY_NAME, HIGH_FREQUENCY
 from saescope.pipeline import saes
 from saescope.pipeline.precompute import analysis
 from saescope.pipeline.precompute.accumulators import AccumulatedResult
+from saescope.pipeline.precompute.config import AnalysisSettings
 from saescope.pipeline.precompute.kernels import top_per_group
 from tests.pipeline.precompute.conftest import (
     CTX,
@@ -190,3 +191,50 @@ def test_top_per_group_ranks_by_score_then_earlier_index() -> None:
         members = np.flatnonzero(groups == group)
         expected = sorted(members, key=lambda i: (-scores[i], i))[:8]
         assert got[group].tolist() == expected + [-1] * (8 - len(expected))
+
+
+def test_token_rankings_against_brute_force(data: dict, result: AccumulatedResult) -> None:
+    """Each feature's most frequent and most specific tokens, and each token's most specific
+    latents with their strongest firing, recomputed from the activations."""
+    settings = AnalysisSettings(n_top_tokens=3, n_token_latents=2, min_token_firings=3)
+    rankings = analysis.TokenRankings.of(result, settings)
+    acts, _ = masked(data)
+    tokens = data["tokens"].numpy()
+    occurrences = np.bincount(tokens[tokens != 0], minlength=VOCAB)
+    count = np.zeros((VOCAB, N_FEATURES), dtype=np.int64)
+    total = np.zeros((VOCAB, N_FEATURES))
+    for feature in range(N_FEATURES):
+        np.add.at(count[:, feature], tokens, acts[:, :, feature] > 0)
+        np.add.at(total[:, feature], tokens, acts[:, :, feature])
+    mean_overall = acts.sum((0, 1)) / (tokens != 0).sum()
+    with np.errstate(divide="ignore", invalid="ignore"):
+        specificity = total / np.maximum(occurrences, 1)[:, None] / mean_overall
+    for feature in range(N_FEATURES):
+        fired = np.flatnonzero(count[:, feature])
+        by_count = sorted(fired, key=lambda t: (-count[t, feature], t))[:3]
+        assert [t["token_id"] for t in rankings.top_tokens[feature]] == by_count
+        eligible = [t for t in fired if count[t, feature] >= 3]
+        specific = sorted(eligible, key=lambda t: (-specificity[t, feature], t))[:3]
+        rows = rankings.specific_tokens[feature]
+        assert [t["token_id"] for t in rows] == specific
+        for row, token_id in zip(rows, specific, strict=True):
+            assert row["count"] == count[token_id, feature]
+            assert row["occurrences"] == occurrences[token_id]
+            assert row["specificity"] == pytest.approx(specificity[token_id, feature], rel=1e-5)
+            assert row["mean_activation"] == pytest.approx(
+                total[token_id, feature] / count[token_id, feature], rel=1e-5
+            )
+    latents = rankings.token_latents
+    flat_tokens, flat_acts = tokens.reshape(-1), acts.reshape(-1, N_FEATURES)
+    for token_id in range(VOCAB):
+        eligible = np.flatnonzero(count[token_id] >= 3)
+        expected = sorted(eligible, key=lambda f: (-specificity[token_id, f], f))[:2]
+        mine = np.flatnonzero(np.asarray(latents.token_id) == token_id)
+        assert np.asarray(latents.rank)[mine].tolist() == list(range(len(expected)))
+        assert np.asarray(latents.feature_index)[mine].tolist() == expected
+        for row, feature in zip(mine, expected, strict=True):
+            on_token = np.flatnonzero(flat_tokens == token_id)
+            strongest = on_token[np.argmax(flat_acts[on_token, feature])]
+            assert latents.sequence_index[row] * CTX + latents.position[row] == strongest
+            assert latents.activation[row] == np.float32(flat_acts[strongest, feature])
+    assert 5 not in np.asarray(latents.feature_index)  # the dead feature ranks nowhere
