@@ -12,8 +12,8 @@ MAX_TOP_LATENTS = 50
 MAX_ASKED_LATENTS = 64
 SUMMARY_LATENTS = 25
 """latents in a text's summary"""
-MAX_SPANS = 256
-"""spans of one corpus-search request"""
+MAX_SEQUENCES = 256
+"""sequences of one corpus-search request"""
 
 
 class ActivationRequest(BaseModel):
@@ -92,30 +92,31 @@ class TextActivations(BaseModel):
     )
 
 
-class Span(BaseModel):
+class SequenceSpans(BaseModel):
     token_ids: list[int] = Field(min_length=1, max_length=MAX_TEXT_TOKENS)
-    start: int = Field(ge=0, description="first token of the span")
-    end: int = Field(ge=1, description="after its last token")
+    spans: list[tuple[int, int]] = Field(
+        min_length=1, description="(first token, after the last) of each span"
+    )
 
     @model_validator(mode="after")
-    def _inside(self) -> Span:
-        if not self.start < self.end <= len(self.token_ids):
-            raise ValueError("a span needs start < end <= the number of tokens")
+    def _inside(self) -> SequenceSpans:
+        if not all(0 <= start < end <= len(self.token_ids) for start, end in self.spans):
+            raise ValueError("a span needs 0 <= start < end <= the number of tokens")
         return self
 
 
 class SpansRequest(BaseModel):
-    """Token sequences (run as they are, no BOS added) and a span of each: what the corpus
+    """Token sequences (run as they are, no BOS added) and spans of each: what the corpus
     search asks for its contexts, in one batch."""
 
-    spans: list[Span] = Field(min_length=1, max_length=MAX_SPANS)
+    sequences: list[SequenceSpans] = Field(min_length=1, max_length=MAX_SEQUENCES)
     max_frequency: float | None = Field(
         None, ge=0, le=1, description="leave latents firing on more than this share out"
     )
 
 
 class SpansActivations(BaseModel):
-    spans: list[list[LatentActivation]] = Field(
-        description="per span, every latent that fires on one of its tokens, with its highest "
-        "activation there, strongest first"
+    sequences: list[list[list[LatentActivation]]] = Field(
+        description="per sequence and span, every latent that fires on one of the span's "
+        "tokens, with its highest activation there, strongest first"
     )

@@ -9,8 +9,9 @@ torch-free and calls this process over HTTP:
        "features": [{"feature_index", "activations": [per token]}, ...],
        "summary": [{"feature_index", "fires_on", "max_activation", "specificity"}, ...],
        "context_length": 128, "windows": 1}
-    POST /saes/{sae}/spans        {"spans": [{"token_ids", "start", "end"}, ...]}
-    → {"spans": [[{"feature_index", "activation"}, ...] per span]}  (the corpus search's)
+    POST /saes/{sae}/spans        {"sequences": [{"token_ids", "spans": [[start, end]]}]}
+    → {"sequences": [[[{"feature_index", "activation"}, ...] per span] per sequence]}
+                                  (the corpus search's)
 
 A text longer than the model's context runs in overlapping windows (`text_windows`). Every
 answer, errors included, is JSON.
@@ -41,7 +42,7 @@ from saescope.db.activations import (
     ActivationRequest,
     FeatureActivations,
     LatentActivation,
-    Span,
+    SequenceSpans,
     SpansActivations,
     SpansRequest,
     TextActivations,
@@ -254,38 +255,40 @@ class Inference:
         )
 
     def spans(self, name: str, request: SpansRequest) -> SpansActivations:
-        """Per span, every latent firing on its tokens with its highest activation there; the
-        sequences run as they are (each up to its span's end: the model is causal), in batches."""
+        """Per sequence and span, every latent firing on the span's tokens with its highest
+        activation there; the sequences run as they are, in batches."""
         with self._lock, torch.inference_mode():
             loaded = self._loaded(name, [])
             dense = loaded.dense(request.max_frequency)
-            answers: list[list[LatentActivation]] = []
-            for first in range(0, len(request.spans), SPAN_BATCH):
-                batch = request.spans[first : first + SPAN_BATCH]
+            answers: list[list[list[LatentActivation]]] = []
+            for first in range(0, len(request.sequences), SPAN_BATCH):
+                batch = request.sequences[first : first + SPAN_BATCH]
                 answers += self._span_batch(loaded, batch, dense)
-        return SpansActivations(spans=answers)
+        return SpansActivations(sequences=answers)
 
     def _span_batch(
-        self, loaded: LoadedSae, spans: list[Span], dense: torch.Tensor | None
-    ) -> list[list[LatentActivation]]:
-        for span in spans:
-            self._check_ids(loaded, span.token_ids)
-            if span.end > loaded.context_length:
+        self, loaded: LoadedSae, sequences: list[SequenceSpans], dense: torch.Tensor | None
+    ) -> list[list[list[LatentActivation]]]:
+        for sequence in sequences:
+            self._check_ids(loaded, sequence.token_ids)
+            if len(sequence.token_ids) > loaded.context_length:
                 raise InputError(
-                    f"a span ends at token {span.end}, past the model's context of "
-                    f"{loaded.context_length}"
+                    f"a sequence of {len(sequence.token_ids)} tokens is longer than the model's "
+                    f"context of {loaded.context_length}"
                 )
-        length = max(span.end for span in spans)
+        length = max(len(sequence.token_ids) for sequence in sequences)
+        # Padding after a sequence changes nothing before it: the model is causal.
         tokens = torch.tensor(
-            [span.token_ids[: span.end] + [0] * (length - span.end) for span in spans],
+            [s.token_ids + [0] * (length - len(s.token_ids)) for s in sequences],
             device=self.device,
         )
         x = models.activations_at_hook(loaded.model, loaded.hook, tokens)
-        rows = torch.cat([x[n, span.start : span.end] for n, span in enumerate(spans)])
+        spans = [(n, start, end) for n, s in enumerate(sequences) for start, end in s.spans]
+        rows = torch.cat([x[n, start:end] for n, start, end in spans])
         owner = torch.cat(
             [
-                torch.full((span.end - span.start,), n, device=x.device)
-                for n, span in enumerate(spans)
+                torch.full((end - start,), number, device=x.device)
+                for number, (_, start, end) in enumerate(spans)
             ]
         )
         best = torch.zeros(len(spans), loaded.sae.W_dec.shape[0], device=x.device)
@@ -293,20 +296,20 @@ class Inference:
             f = f.float()
             if dense is not None:
                 f = f.masked_fill(dense[first : first + f.shape[1]], 0.0)
-            chunk = best[:, first : first + f.shape[1]]
-            chunk.index_reduce_(0, owner, f, "amax")
-        answers = []
-        for values in best.cpu():
-            fired = torch.nonzero(values > 0).squeeze(1)
-            order = fired[values[fired].argsort(descending=True, stable=True)]
-            answers.append(
-                [LatentActivation(feature_index=int(j), activation=float(values[j])) for j in order]
-            )
-        return answers
+            best[:, first : first + f.shape[1]].index_reduce_(0, owner, f, "amax")
+        found = iter(best.cpu())
+        return [[_firing(next(found)) for _ in sequence.spans] for sequence in sequences]
+
+
+def _firing(values: torch.Tensor) -> list[LatentActivation]:
+    """The latents with a positive value, strongest first."""
+    fired = torch.nonzero(values > 0).squeeze(1)
+    order = fired[values[fired].argsort(descending=True, stable=True)]
+    return [LatentActivation(feature_index=int(j), activation=float(values[j])) for j in order]
 
 
 # Spans run through the model at a time.
-SPAN_BATCH = 32
+SPAN_BATCH = 64
 
 
 @dataclass

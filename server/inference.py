@@ -17,7 +17,7 @@ from starlette.exceptions import HTTPException
 
 from saescope.db.activations import (
     ActivationRequest,
-    Span,
+    SequenceSpans,
     SpansActivations,
     SpansRequest,
     TextActivations,
@@ -100,20 +100,23 @@ def search_phrase(
     )
     if url is not None:
 
-        def run(spans: list[tuple[list[int], int, int]]) -> list[dict[int, float]]:
+        def run(
+            sequences: list[tuple[list[int], list[tuple[int, int]]]],
+        ) -> list[list[dict[int, float]]]:
             request = SpansRequest(
-                spans=[Span(token_ids=ids, start=start, end=end) for ids, start, end in spans],
+                sequences=[SequenceSpans(token_ids=ids, spans=spans) for ids, spans in sequences],
                 max_frequency=max_frequency,
             )
             try:
-                answer = _post(url, f"/saes/{quote(sae, safe='')}/spans", request, SpansActivations)
+                path = f"/saes/{quote(sae, safe='')}/spans"
+                answer = _post(url, path, request, SpansActivations)
             except HTTPException as error:
                 raise InferenceUnavailable(
                     f"the inference process refused the corpus's tokens: {error.detail}"
                 ) from None
             return [
-                {latent.feature_index: latent.activation for latent in span}
-                for span in answer.spans
+                [{latent.feature_index: latent.activation for latent in span} for span in spans]
+                for spans in answer.sequences
             ]
 
         try:

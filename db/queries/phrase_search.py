@@ -24,7 +24,7 @@ from saescope.db.queries.paging import INTEGER_LIMIT
 # Contexts per page unless asked for another number.
 CONTEXTS_PER_PAGE = 20
 # The summary covers the phrase's first contexts in corpus order, at most this many.
-SUMMARY_CONTEXTS = 100
+SUMMARY_CONTEXTS = 60
 # Latents listed per context.
 PHRASE_LATENTS = 8
 
@@ -81,9 +81,9 @@ STORED_NOTE = (
 )
 # A context: the sequence it lies in and the phrase's tokens there.
 Context = tuple[int, Occurrence]
-# Runs the model and SAE on spans (token ids, start, end): per span, every latent firing on its
-# tokens with its highest activation there.
-SpanRunner = Callable[[list[tuple[list[int], int, int]]], list[dict[int, float]]]
+# Runs the model and SAE on sequences (token ids, spans (start, end)): per sequence and span,
+# every latent firing on the span's tokens with its highest activation there.
+SpanRunner = Callable[[list[tuple[list[int], list[tuple[int, int]]]]], list[list[dict[int, float]]]]
 
 
 def search_phrase(
@@ -281,15 +281,24 @@ def _summary(
 def _computed_latents(
     run: SpanRunner, tokens: dict[int, np.ndarray], contexts: list[Context]
 ) -> dict[Context, dict[int, float]]:
-    """Each context's latents from one run over them all, each sequence up to its phrase's end
-    (the model is causal: the prefix is all that counts)."""
-    if not contexts:
+    """Each context's latents from one run over them all: each sequence once, up to its last
+    phrase's end (the model is causal: the prefix is all that counts)."""
+    by_sequence: dict[int, list[Occurrence]] = {}
+    for index, occurrence in contexts:
+        by_sequence.setdefault(index, []).append(occurrence)
+    if not by_sequence:
         return {}
-    spans = [
-        (tokens[index][: occurrence.end].tolist(), occurrence.start, occurrence.end)
-        for index, occurrence in contexts
+    asked = [
+        (
+            tokens[index][: max(o.end for o in occurrences)].tolist(),
+            [(o.start, o.end) for o in occurrences],
+        )
+        for index, occurrences in by_sequence.items()
     ]
-    return dict(zip(contexts, run(spans), strict=True))
+    found = {}
+    for (index, occurrences), answers in zip(by_sequence.items(), run(asked), strict=True):
+        found |= {(index, o): latents for o, latents in zip(occurrences, answers, strict=True)}
+    return found
 
 
 def _stored_latents(

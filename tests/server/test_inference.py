@@ -186,6 +186,6 @@ def test_the_inference_process_answers_every_error_as_json(dashboard_db: Path, m
     assert response.headers["content-type"] == "application/json"
     assert "IndexError: index out of range" in response.json()["detail"]
     refused = app.post(
-        "/saes/tiny-sae/spans", json={"spans": [{"token_ids": [1] * 70, "start": 0, "end": 70}]}
+        "/saes/tiny-sae/spans", json={"sequences": [{"token_ids": [1] * 70, "spans": [[0, 70]]}]}
     )
-    assert refused.status_code == 422 and "past the model's context of 64" in refused.text
+    assert refused.status_code == 422 and "longer than the model's context of 64" in refused.text
