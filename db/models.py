@@ -65,6 +65,10 @@ class VocabToken(Base):
     __table_args__ = (Index("ix_vocab_token", "corpus_id", "token"),)
 
 
+# The standard error of the metric before it, over the evaluation contexts (a jackknife).
+SE = "standard error over the evaluation contexts (jackknife)"
+
+
 def shown(description: str | None = None, detail: bool = False) -> dict[str, Any]:
     """The `info` of an SAE column that the API shows (`db.queries.saes`): in every SAE's
     summary, or with `detail` only in its own; documented with `description`."""
@@ -85,17 +89,35 @@ class Sae(Base):
     d_in: Mapped[int] = mapped_column(info=shown())
     d_sae: Mapped[int] = mapped_column(info=shown())
     context_length: Mapped[int] = mapped_column(info=shown())
-    tokens_seen: Mapped[int] = mapped_column(info=shown())
-    l0: Mapped[float] = mapped_column(info=shown())
-    mse: Mapped[float] = mapped_column(info=shown())
-    explained_variance: Mapped[float | None] = mapped_column(info=shown())
+    tokens_seen: Mapped[int] = mapped_column(info=shown("tokens of the corpus the pass read"))
+    l0: Mapped[float] = mapped_column(
+        info=shown("mean active latents per token over the whole corpus (tokens_seen)")
+    )
+    # On the evaluation contexts (`pipeline.precompute.evaluation`), each with its standard
+    # error over them (NAME_se).
+    eval_tokens: Mapped[int] = mapped_column(
+        info=shown("tokens of the evaluation contexts (the corpus's first), special ones aside")
+    )
+    eval_sequences: Mapped[int] = mapped_column(info=shown("evaluation contexts"))
+    eval_l0: Mapped[float] = mapped_column(
+        info=shown("mean active latents per token on the evaluation tokens")
+    )
+    eval_l0_se: Mapped[float | None] = mapped_column(info=shown(SE))
+    mse: Mapped[float] = mapped_column(info=shown("on the evaluation tokens"))
+    mse_se: Mapped[float | None] = mapped_column(info=shown(SE))
+    explained_variance: Mapped[float | None] = mapped_column(info=shown("on the evaluation tokens"))
+    explained_variance_se: Mapped[float | None] = mapped_column(info=shown(SE))
     # Cross-entropy needs a language model: NULL for synthetic sources.
     ce_clean: Mapped[float | None] = mapped_column(
-        info=shown("null without a language model (synthetic data)")
+        info=shown("on the evaluation contexts; null without a language model (synthetic data)")
     )
+    ce_clean_se: Mapped[float | None] = mapped_column(info=shown(SE))
     ce_sae: Mapped[float | None] = mapped_column(info=shown())
+    ce_sae_se: Mapped[float | None] = mapped_column(info=shown(SE))
     ce_zero: Mapped[float | None] = mapped_column(info=shown())
+    ce_zero_se: Mapped[float | None] = mapped_column(info=shown(SE))
     ce_score: Mapped[float | None] = mapped_column(info=shown())
+    ce_score_se: Mapped[float | None] = mapped_column(info=shown(SE))
     dead_count: Mapped[int] = mapped_column(info=shown())
     dense_count: Mapped[int] = mapped_column(info=shown())
     high_frequency_threshold: Mapped[float] = mapped_column(info=shown())
@@ -120,7 +142,6 @@ class Sae(Base):
             "reconstruction's MSE by at most 5%"
         )
     )
-    eval_tokens: Mapped[int] = mapped_column(info=shown(detail=True))
     config: Mapped[dict[str, Any]] = mapped_column(info=shown(detail=True))
     # For SAEs trained by `saescope train`: {objective, hyperparameters, settings}, and its log.
     training: Mapped[dict[str, Any] | None] = mapped_column(

@@ -29,8 +29,6 @@ HELD_OUT_TOKENS = DEMO / "tokens" / "held_out.npy"
 # Corpus tokens the demo SAEs were trained on (the training split has fewer: it is cycled).
 TRAINING_CORPUS_TOKENS = 1_000_000
 DATABASE_TOKENS = 200_000
-# Evaluation contexts (4,096 tokens): each threshold-ablation point runs the model over them.
-DEMO_EVAL_SEQUENCES = 32
 
 
 @dataclass(frozen=True)
@@ -103,7 +101,6 @@ def build_demo(data: Path, quiet: bool, retrain: bool = False) -> Path:
                 source=source(HELD_OUT_TOKENS, DATABASE_TOKENS),
                 sae=directories[sae.name],
                 name=sae.name,
-                eval_sequences=DEMO_EVAL_SEQUENCES,
                 quiet=quiet,
             )
         )

@@ -30,7 +30,7 @@ from saescope.db.codec import histogram_edges
 from saescope.pipeline.activations import ActivationSource
 from saescope.pipeline.config import ACTIVATION_CELLS
 from saescope.pipeline.precompute.accumulators import FeatureStatsResult
-from saescope.pipeline.precompute.evaluation import ReconstructionTotals, splice_hooks
+from saescope.pipeline.precompute.evaluation import SequenceTotals, encode_decode, splice_hooks
 from saescope.pipeline.saes import row_chunks
 
 TARGET_FRACTIONS = (1.0, 0.85, 0.7, 0.55, 0.4, 0.25)
@@ -94,35 +94,35 @@ def measure(
 ) -> dict[str, float | None]:
     """L0, MSE, explained variance and (with a language model and `with_loss`) cross-entropy
     with the SAE's activations changed by `transform` before decoding."""
-    totals = ReconstructionTotals()
-    active = tokens = 0
-    loss = predictions = 0.0
+    totals = SequenceTotals()
     model = source.language_model if with_loss else None
     for token_ids, x, written, special in contexts.batches:
-        parts = []
+        parts, active = [], []
         for part in row_chunks(x[~special], sae.W_dec.shape[0], TRANSFORM_CELLS):
-            f = transform(sae.encode(part).float())
-            parts.append(sae.decode(f.to(sae.dtype)).float())
-            active, tokens = active + int((f > 0).sum()), tokens + len(f)
-        reconstruction = torch.cat(parts)
-        totals.add(written[~special], reconstruction)
+            reconstruction, count = encode_decode(sae, part, transform)
+            parts.append(reconstruction)
+            active.append(count)
+        reconstruction = written.clone()
+        reconstruction[~special] = torch.cat(parts)
+        per_token = torch.zeros(special.shape, dtype=torch.int64, device=x.device)
+        per_token[~special] = torch.cat(active)
+        totals.add_reconstruction(written, reconstruction, per_token, ~special)
         if model is not None:
 
-            def replace(x: Tensor, y: Tensor, special=special, reconstruction=reconstruction):
-                replaced = y.clone()
-                replaced[~special] = reconstruction.to(y.dtype)
-                return replaced
+            def replace(x: Tensor, y: Tensor, reconstruction=reconstruction) -> Tensor:
+                return reconstruction.to(y.dtype)
 
-            n = token_ids.shape[0] * (token_ids.shape[1] - 1)
             hooks = splice_hooks(source.hook, source.written_hook, replace, special)
-            run = model.run_with_hooks(token_ids, return_type="loss", fwd_hooks=hooks)
-            loss, predictions = loss + float(run) * n, predictions + n
+            loss = model.run_with_hooks(
+                token_ids, return_type="loss", loss_per_token=True, fwd_hooks=hooks
+            )
+            totals.add_loss("sae", loss)
     metrics = totals.metrics()
     return {
-        "l0": active / max(tokens, 1),
+        "l0": metrics["eval_l0"],
         "mse": metrics["mse"],
         "explained_variance": metrics["explained_variance"],
-        "ce": loss / predictions if predictions else None,
+        "ce": metrics["ce_sae"],
     }
 
 

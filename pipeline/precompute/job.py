@@ -144,7 +144,8 @@ def build_on_rank(config: BuildConfig, rank: Rank, started: float) -> BuildSumma
         tokens_seen=records.sae.tokens_seen,
         seconds=time.perf_counter() - started,
         metrics={
-            "l0": records.sae.l0,
+            "corpus_l0": records.sae.l0,
+            "eval_l0": records.sae.eval_l0,
             "explained_variance": records.sae.explained_variance,
             "ce_score": records.sae.ce_score,
             "mmcs": records.sae.mmcs,

@@ -54,10 +54,12 @@ def model_and_sae(tiny_model_dir: Path, dashboard_sae_dir: Path, dashboard_corpu
     return source, sae
 
 
-def by_hand(source, sae, keep, sequences: int = EVAL_SEQUENCES) -> dict[str, float]:
+def by_hand(source, sae, keep, sequences: int | list[int] = EVAL_SEQUENCES) -> dict[str, float]:
     """L0, MSE, explained variance and CE with `keep(f)` decoded instead of f, special tokens
-    untouched, on the first contexts: computed here from the model, in one batch."""
-    tokens = torch.from_numpy(source.tokens[:sequences])
+    untouched, on the first contexts (or those listed): computed here from the model, in one
+    batch."""
+    chosen = list(range(sequences)) if isinstance(sequences, int) else sequences
+    tokens = torch.from_numpy(source.tokens[chosen])
     special = source.special(tokens)
     model = source.language_model
     with torch.no_grad():
@@ -179,3 +181,49 @@ def test_activation_ranks_are_the_distribution_of_the_pass() -> None:
     as_tensor = ranks.of_tensor(torch.tensor([[0.0, 1.0], [2.0, 0.0]]))
     assert as_tensor[0, 0] == 0 and as_tensor[1, 1] == 0
     assert as_tensor[0, 1] == pytest.approx(ranks.of(np.array([1]), np.array([1.0]))[0])
+
+
+def test_the_sae_row_is_measured_on_the_evaluation_tokens_with_its_errors(
+    dashboard_db: Path, model_and_sae
+) -> None:
+    """The row's L0 beside MSE, explained variance and CE is the evaluation tokens' (the corpus
+    L0 apart); each standard error is the spread of the metric recomputed by hand with each
+    evaluation context left out (the jackknife), and CE clean's is the classic std/√n."""
+    source, sae = model_and_sae
+    model = source.language_model
+    with sqlite3.connect(dashboard_db) as connection:
+        connection.row_factory = sqlite3.Row
+        row = dict(connection.execute("select * from saes where name = 'tiny-sae'").fetchone())
+    own = by_hand(source, sae, lambda f: f)
+    assert row["eval_l0"] == pytest.approx(own["l0"], rel=1e-9)
+    assert row["eval_sequences"] == EVAL_SEQUENCES and row["l0"] != row["eval_l0"]
+
+    def ce_score(sequences: list[int]) -> float:
+        tokens = torch.from_numpy(source.tokens[sequences])
+        special = source.special(tokens)
+
+        def zero(activation, hook):
+            return torch.where(special[..., None], activation, 0.0)
+
+        with torch.no_grad():
+            clean = float(model(tokens, return_type="loss"))
+            zeroed = float(
+                model.run_with_hooks(tokens, return_type="loss", fwd_hooks=[(HOOK, zero)])
+            )
+        spliced = by_hand(source, sae, lambda f: f, sequences)["ce"]
+        return (zeroed - spliced) / (zeroed - clean)
+
+    everything = list(range(EVAL_SEQUENCES))
+    # A small gap (a random model) amplifies float32 rounding: 1e-4.
+    assert row["ce_score"] == pytest.approx(ce_score(everything), rel=1e-4)
+    left_out = np.array([ce_score([s for s in everything if s != out]) for out in everything])
+    n = EVAL_SEQUENCES
+    jackknife = np.sqrt((n - 1) / n * ((left_out - left_out.mean()) ** 2).sum())
+    assert row["ce_score_se"] == pytest.approx(jackknife, rel=1e-4)
+    tokens = torch.from_numpy(source.tokens[:n])
+    with torch.no_grad():
+        per_sequence = model(tokens, return_type="loss", loss_per_token=True).double().mean(1)
+    assert row["ce_clean"] == pytest.approx(float(per_sequence.mean()), rel=1e-6)
+    assert row["ce_clean_se"] == pytest.approx(float(per_sequence.std() / np.sqrt(n)), rel=1e-5)
+    for name in ("eval_l0", "mse", "explained_variance", "ce_sae", "ce_zero"):
+        assert row[f"{name}_se"] > 0, name
