@@ -47,10 +47,14 @@ class FlagDefinition:
     descending: bool = True
     default_threshold: float | None = None
     """the adjustable threshold's default, for a flag whose conditions have one"""
+    shown_as: str | None = None
+    """its name on the pages, where it is not the API name's words"""
+    measured_by: str | None = None
+    """the column its measure fills only where it can be taken (None: every latent's)"""
 
     @property
     def label(self) -> str:
-        return self.name.replace("_", " ")
+        return self.shown_as or self.name.replace("_", " ")
 
     def threshold_of(self, condition: Condition, threshold: float | None) -> float:
         if condition.threshold is not None:
@@ -100,13 +104,15 @@ HIGH_FREQUENCY = FlagDefinition(
     conditions=(Condition("frequency", ">"),),
     ranked_by="frequency",
     default_threshold=0.1,
+    shown_as="dense",
 )
 
 FLAGS = (
     FlagDefinition(
         name="dead",
-        rule="never active on the corpus tokens",
-        definition="never active on the corpus tokens",
+        rule="never active on the corpus tokens (special tokens aside); it carries no other flag",
+        definition="never active on the corpus tokens (special tokens aside: a latent that fires "
+        "only on BOS is dead); a dead latent carries no other flag",
         reason="never fired on the corpus tokens",
         conditions=(Condition("count", "==", 0),),
         ranked_by="feature_index",
@@ -120,7 +126,7 @@ FLAGS = (
         "R² = Σ_p n_p (m_p − m)² / Σ_t (f_t − m)² > 0.5, with m_p the mean activation (zeros "
         "included) at position p over its n_p tokens",
         reason="position explains {positional_r2:.0%} of its activation variance",
-        conditions=(Condition("positional_r2", ">", 0.5),),
+        conditions=(Condition("count", ">", 0), Condition("positional_r2", ">", 0.5)),
         ranked_by="positional_r2",
     ),
     FlagDefinition(
@@ -128,7 +134,7 @@ FLAGS = (
         rule="more than half of its firings are on BOS/special tokens",
         definition="more than half of its firings are on BOS/special tokens",
         reason="{bos_share:.0%} of its firings are on BOS/special tokens",
-        conditions=(Condition("bos_share", ">", 0.5),),
+        conditions=(Condition("count", ">", 0), Condition("bos_share", ">", 0.5)),
         ranked_by="bos_share",
     ),
     FlagDefinition(
@@ -143,6 +149,7 @@ FLAGS = (
         "off; they are listed under encoder vs decoder",
         conditions=(Condition("absorption_low", ">=", 0.3),),
         ranked_by="absorption",
+        measured_by="absorption",
     ),
 )
 

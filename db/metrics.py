@@ -39,11 +39,11 @@ class FeatureMetric:
 
     def cell(self, value: float | None) -> str:
         """The value as the feature table shows it."""
-        return "—" if value is None else self.column_format.format(value)
+        return "n/a" if value is None else self.column_format.format(value)
 
     def header(self, value: float | None) -> str:
         """The value as the feature page's header shows it."""
-        return "—" if value is None else self.label_format.format(value)
+        return "n/a" if value is None else self.label_format.format(value)
 
 
 METRICS = (
@@ -77,13 +77,14 @@ METRICS = (
     FeatureMetric(
         "jaccard",
         "overlap (Jaccard) of the positions of its top activations and of its top "
-        "decoder-direction projections",
-        sortable=True, column="Jaccard", column_format="{:.2f}",
+        "decoder-direction projections (null: it never fires)",
+        nullable=True, sortable=True, column="Jaccard", column_format="{:.2f}",
     ),
     FeatureMetric(
         "miss_rate",
-        "share of its top decoder-direction projections where the latent stays at zero",
-        sortable=True, column="miss rate", column_format="{:.2f}",
+        "share of its top decoder-direction projections where the latent stays at zero (null: "
+        "it never fires)",
+        nullable=True, sortable=True, column="miss rate", column_format="{:.2f}",
     ),
     FeatureMetric(
         "absorption",
@@ -106,7 +107,8 @@ METRICS = (
     FeatureMetric(
         "decoder_auroc",
         "how well its decoder projection singles out where it fires: AUROC, its firings against "
-        "positions where neither it nor a close latent fires",
+        "positions where neither it nor a close latent fires (null: it never fires in the sample)",
+        nullable=True,
     ),
     FeatureMetric(
         "description_length_bits",

@@ -155,6 +155,8 @@ class Sae(Base):
     miss_rate_median: Mapped[float]
     # Positions in the uniform sample the absorption measure runs on.
     sample_positions: Mapped[int]
+    # Corpus tokens (special ones aside) at each position: the positional profiles' counts.
+    position_tokens: Mapped[bytes] = mapped_column(LargeBinary, info=blob(INT32))
     ground_truth: Mapped[dict[str, Any] | None]
     # Threshold ablation on the evaluation contexts: the rules, each with its points.
     threshold_ablation: Mapped[list[Any]]
@@ -293,6 +295,13 @@ class Comparison(Base):
     # COSINE_BINS counts of the best cosines (`db.codec`).
     histogram_counts: Mapped[bytes] = mapped_column(LargeBinary, info=blob(INT32))
     same_model_and_hook: Mapped[bool]
+    # The chance baseline (`pipeline.precompute.matching.chance_best_cosines`): the best cosines
+    # that random unit decoders of the same shapes give, their median, highest and histogram;
+    # and the live latents whose best cosine is above that highest.
+    chance_median_best_cosine: Mapped[float]
+    chance_max_cosine: Mapped[float]
+    chance_histogram_counts: Mapped[bytes] = mapped_column(LargeBinary, info=blob(INT32))
+    latents_above_chance: Mapped[int]
 
 
 class Match(Base):

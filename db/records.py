@@ -269,6 +269,10 @@ class ComparisonRecord:
     median_best_cosine: float
     histogram_counts: np.ndarray
     same_model_and_hook: bool
+    chance_median_best_cosine: float
+    chance_max_cosine: float
+    chance_histogram_counts: np.ndarray
+    latents_above_chance: int
     matches: MatchColumns
 
 

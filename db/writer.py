@@ -231,7 +231,8 @@ def store_comparisons(session: Session, records: list[ComparisonRecord]) -> None
             )
         columns = Comparison.__table__.c
         stored = {f.name: getattr(record, f.name) for f in fields(record) if f.name in columns}
-        stored["histogram_counts"] = codec.pack(columns.histogram_counts, record.histogram_counts)
+        for name in ("histogram_counts", "chance_histogram_counts"):
+            stored[name] = codec.pack(columns[name], getattr(record, name))
         session.add(Comparison(sae_id=sae_id, other_sae_id=other_id, **stored))
         session.flush()
         _insert_columns(session, Match, record.matches, sae_id=sae_id, other_sae_id=other_id)

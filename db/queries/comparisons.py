@@ -27,6 +27,11 @@ class UnmatchedSort(StrEnum):
     feature_index = "feature_index"
 
 
+# Random decoders put each latent's best cosine above their own highest with a chance of about
+# 1/(latents + 1): about one latent in all, Poisson; more than this many, less than 1% of the time.
+CHANCE_COUNT = 4
+
+
 class PairSummary(BaseModel):
     sae: str
     other: str
@@ -37,6 +42,21 @@ class PairSummary(BaseModel):
     share_above_0_9: float = Field(description="share of them whose best cosine is above 0.9")
     share_above_0_8: float
     median_best_cosine: float
+    chance_median_best_cosine: float = Field(
+        description="the median best cosine that random unit decoders of the same shapes give"
+    )
+    chance_max_cosine: float = Field(
+        description="the highest best cosine random decoders of the same shapes give: a "
+        "latent's closest latent counts as a match only above it"
+    )
+    latents_above_chance: int = Field(
+        description="live latents whose best cosine is above chance_max_cosine (chance itself: "
+        "about one)"
+    )
+    above_chance: bool = Field(
+        description=f"more than {CHANCE_COUNT} latents above chance_max_cosine, which random "
+        "decoders give less than 1% of the time"
+    )
 
 
 class UnmatchedLatent(BaseModel):
@@ -49,6 +69,9 @@ class UnmatchedLatent(BaseModel):
 
 class Comparison(PairSummary):
     histogram: Histogram = Field(description="of the best cosines of the live latents")
+    chance_histogram: Histogram = Field(
+        description="of the best cosines random unit decoders of the same shapes give"
+    )
     threshold: float = Field(description="latents whose best cosine is below it are unmatched")
     unmatched_count: int
     sort: str
@@ -70,9 +93,13 @@ class SaeComparison(BaseModel):
 
 
 def pair_summary(stored: StoredComparison, sae: str, other: str) -> PairSummary:
-    names = {"sae": sae, "other": other}
+    given = {
+        "sae": sae,
+        "other": other,
+        "above_chance": stored.latents_above_chance > CHANCE_COUNT,
+    }
     return PairSummary(
-        **names, **{key: getattr(stored, key) for key in PairSummary.model_fields.keys() - names}
+        **given, **{key: getattr(stored, key) for key in PairSummary.model_fields.keys() - given}
     )
 
 
@@ -127,10 +154,19 @@ def compare_saes(
     if len(rows) > limit:
         last = rows[limit - 1]
         next_cursor = cursor(getattr(last, sort.value), last.feature_index)
-    counts = codec.unpack(StoredComparison.__table__.c.histogram_counts, stored.histogram_counts)
+    columns = StoredComparison.__table__.c
+    histograms = {
+        name: Histogram(
+            edges=cosine_edges().tolist(),
+            counts=codec.unpack(
+                columns[f"{name}_counts"], getattr(stored, f"{name}_counts")
+            ).tolist(),
+        )
+        for name in ("histogram", "chance_histogram")
+    }
     return Comparison(
         **pair_summary(stored, sae.name, other.name).model_dump(),
-        histogram=Histogram(edges=cosine_edges().tolist(), counts=counts.tolist()),
+        **histograms,
         threshold=threshold,
         unmatched_count=count,
         sort=sort.value,

@@ -12,7 +12,7 @@ from sqlalchemy.orm import Session
 from saescope.db import codec
 from saescope.db.codec import HISTOGRAM_BINS_PER_DECADE, HISTOGRAM_LOG10_MIN
 from saescope.db.metrics import BEST_COSINE, DEFINITIONS, HEADER_METRICS, response_fields
-from saescope.db.models import Feature, FeatureExamples, Match, Sae
+from saescope.db.models import Comparison, Feature, FeatureExamples, Match, Sae
 from saescope.db.queries.examples import (
     EXAMPLE_KINDS,
     ExampleOut,
@@ -28,7 +28,7 @@ ABSORBER_TOKENS = 3
 
 
 class QuantileBand(BaseModel):
-    band: int
+    band: int = Field(description="0 for the weakest band, as the page numbers them")
     lower: float
     upper: float
     mass_share: float = Field(description="share of the feature's summed activation in the band")
@@ -61,11 +61,11 @@ class Absorber(BaseModel):
 
 
 class EncoderDecoder(BaseModel):
-    jaccard: float = Field(description=DEFINITIONS["jaccard"])
+    jaccard: float | None = Field(description=DEFINITIONS["jaccard"])
     jaccard_median: float = Field(
         description="the Jaccard overlap of a typical live latent of this SAE (the median)"
     )
-    miss_rate: float = Field(description=DEFINITIONS["miss_rate"])
+    miss_rate: float | None = Field(description=DEFINITIONS["miss_rate"])
     miss_rate_median: float = Field(
         description="the miss rate of a typical live latent of this SAE (the median)"
     )
@@ -75,7 +75,7 @@ class EncoderDecoder(BaseModel):
     )
     absorption_reason: str | None = Field(description="why absorption is null, else null")
     absorbed_positions: int = Field(description=DEFINITIONS["absorbed_positions"])
-    decoder_auroc: float = Field(description=DEFINITIONS["decoder_auroc"])
+    decoder_auroc: float | None = Field(description=DEFINITIONS["decoder_auroc"])
     sample_positions: int = Field(description="size of the SAE's uniform position sample")
     absorbers: list[Absorber] = Field(
         description="the latents that write its direction where it is off, most first"
@@ -87,10 +87,23 @@ class Histogram(BaseModel):
     counts: list[int]
 
 
+# Firings a bin of the positional profile holds on average, at least (unless one bin is all).
+POSITIONAL_BIN_FIRINGS = 20
+
+
 class Positional(BaseModel):
     firing_rate: list[float] = Field(description="per token position: share of tokens it fires on")
     mean_activation: list[float | None] = Field(
         description="per token position: mean activation where it fires; null where it never does"
+    )
+    bin_width: int = Field(
+        description="positions per bin of `firings`: 1, or more where firings are sparse (the "
+        f"smallest power of two that puts at least {POSITIONAL_BIN_FIRINGS} firings in a bin on "
+        "average)"
+    )
+    firings: list[int] = Field(description="per bin of positions, from position 0: its firings")
+    bin_mean_activation: list[float | None] = Field(
+        description="per bin: mean activation where it fires; null where it never does"
     )
 
 
@@ -109,6 +122,10 @@ class ClosestLatent(BaseModel):
     sae: str = Field(description="another SAE of the file with the same input width")
     feature_index: int
     cosine: float = Field(description=BEST_COSINE)
+    chance_max_cosine: float = Field(
+        description="the highest best cosine random decoders of the two SAEs' shapes give"
+    )
+    match: bool = Field(description="a match: its cosine is above chance_max_cosine")
 
 
 class GroundTruth(BaseModel):
@@ -216,7 +233,7 @@ def get_feature(session: Session, sae_name: str, feature_index: int) -> FeatureD
             absorbers=_absorbers(session, sae, feature.absorbers, strings),
         ),
         histogram=_histogram(feature),
-        positional=_positional(feature),
+        positional=_positional(sae, feature),
         logits_top=[LogitEffect(token=strings[x["token_id"]], **x) for x in feature.logits_top],
         logits_bottom=[
             LogitEffect(token=strings[x["token_id"]], **x) for x in feature.logits_bottom
@@ -241,13 +258,24 @@ def get_feature(session: Session, sae_name: str, feature_index: int) -> FeatureD
 def _closest_latents(session: Session, sae: Sae, feature_index: int) -> list[ClosestLatent]:
     """The latent's closest latent in each SAE it has been compared with, in file order."""
     rows = session.execute(
-        select(Sae.name, Match.other_feature_index, Match.cosine)
+        select(Sae.name, Match.other_feature_index, Match.cosine, Comparison.chance_max_cosine)
         .join(Sae, Sae.id == Match.other_sae_id)
+        .join(
+            Comparison,
+            (Comparison.sae_id == Match.sae_id) & (Comparison.other_sae_id == Match.other_sae_id),
+        )
         .where(Match.sae_id == sae.id, Match.feature_index == feature_index)
         .order_by(Match.other_sae_id)
     )
     return [
-        ClosestLatent(sae=name, feature_index=index, cosine=cosine) for name, index, cosine in rows
+        ClosestLatent(
+            sae=name,
+            feature_index=index,
+            cosine=cosine,
+            chance_max_cosine=chance,
+            match=cosine > chance,
+        )
+        for name, index, cosine, chance in rows
     ]
 
 
@@ -276,16 +304,33 @@ def _absorbers(
     ]
 
 
-def _positional(feature: Feature) -> Positional:
-    """Firing rate and mean activation per position; no mean where it never fires."""
+def _positional(sae: Sae, feature: Feature) -> Positional:
+    """Firing rate and mean activation per position (no mean where it never fires), and the
+    firings per bin of positions, binned as wide as sparse firings need."""
     columns = Feature.__table__.c
     rate = codec.unpack(columns.position_rate, feature.position_rate).astype(np.float64)
     mean = codec.unpack(columns.position_mean, feature.position_mean).astype(np.float64)
+    tokens = codec.unpack(Sae.__table__.c.position_tokens, sae.position_tokens)
+    firings = np.rint(rate * tokens)
+    width = 1
+    while (
+        width < len(firings) and firings.sum() / -(-len(firings) // width) < POSITIONAL_BIN_FIRINGS
+    ):
+        width *= 2
+    bins = np.arange(len(firings)) // width
+    binned = np.bincount(bins, weights=firings)
+    mass = np.bincount(bins, weights=firings * mean)
     return Positional(
         firing_rate=np.round(rate, 6).tolist(),
         mean_activation=[
             round(value, 6) if fired else None
             for value, fired in zip(mean.tolist(), (rate > 0).tolist(), strict=True)
+        ],
+        bin_width=width,
+        firings=binned.astype(np.int64).tolist(),
+        bin_mean_activation=[
+            round(total / count, 6) if count else None
+            for total, count in zip(mass.tolist(), binned.tolist(), strict=True)
         ],
     )
 

@@ -24,6 +24,9 @@ class FlagGroup(BaseModel):
     name: str
     rule: str
     count: int
+    measurable: int | None = Field(
+        description="latents whose measure the flag reads can be taken (null: every latent's)"
+    )
     features: list[int] = Field(
         description=f"up to {FLAG_MEMBERS} feature indices, most extreme first"
     )
@@ -75,11 +78,19 @@ def flags_report(session: Session, sae_name: str, threshold: float) -> FlagsRepo
         members = session.scalars(
             base.order_by(ordering, Feature.feature_index).limit(FLAG_MEMBERS)
         )
+        measurable = None
+        if flag.measured_by is not None:
+            measurable = session.scalar(
+                select(func.count()).where(
+                    Feature.sae_id == sae.id, getattr(Feature, flag.measured_by).is_not(None)
+                )
+            )
         groups.append(
             FlagGroup(
                 name=flag.name,
                 rule=flag.rule.format(threshold=threshold),
                 count=count,
+                measurable=measurable,
                 features=list(members),
             )
         )

@@ -5,11 +5,18 @@ Notation: x the hook's activation at a position t, f = SAE.encode(x), ŵ_i = W_d
 
     own write        S_i(t) = f_i(t)·‖W_dec[i]‖      (what i writes along ŵ_i)
     neighbours       N_i    = {j ≠ i : cos(ŵ_i, ŵ_j) ≥ NEIGHBOUR_COSINE}
-    their write      W_i(t) = Σ_{j ∈ N_i} f_j(t)·(ŵ_i·W_dec[j])
+    substitutes      N'_i   = {j ∈ N_i : j fires on at most MAX_COFIRING of i's firings}
+    their write      W_i(t) = Σ_{j ∈ N'_i} f_j(t)·(ŵ_i·W_dec[j])
     floor            τ_i    = the median of S_i over the positions where i fires
     absorbed at t    A_i(t) = W_i(t) where f_i(t) = 0 and W_i(t) ≥ τ_i, else 0
     own, counted     O_i(t) = S_i(t) where S_i(t) ≥ τ_i, else 0
     absorption       R_i    = Σ_t A_i / (Σ_t A_i + Σ_t O_i)
+
+Only substitutes absorb: a latent that fires where i stays off and rarely with it (the child of
+Chanin et al.'s hierarchy: on its tokens the parent is silent, or fires beside it now and then
+where the absorption is partial). A companion that fires with i on a good part of its firings,
+and writes some of its direction, is overlap, not absorption, however much it writes where i is
+off.
 
 A mass share, not a count: every count of positions where i is off tracks how rare i is, since
 inactive positions outnumber active ones by about 1/frequency. The floor asks the neighbours to
@@ -44,6 +51,10 @@ from saescope.pipeline.saes import row_chunks, unit_rows
 NEIGHBOUR_COSINE = 0.5
 """decoder cosine at which another latent can absorb i: well above the best cosine expected by
 chance among the demo's random directions (√(2 ln d_sae / d_in) ≈ 0.35)"""
+MAX_COFIRING = 0.3
+"""share of i's firings on which a neighbour may fire too and still count as a substitute: above
+what partial absorption leaves in hierarchical data (children fire with their absorbed parent on
+up to about a quarter of its firings), below what a companion that merely overlaps does"""
 FLOOR_QUANTILE = 0.5
 MIN_FIRINGS = 20
 MIN_OWN_SHARE = 0.5
@@ -69,6 +80,7 @@ class Absorption:
     absorbers: list[list[dict]]  # per latent: feature_index, weight, share, count, cofiring
     auroc: np.ndarray  # [d_sae] of the decoder projection, firings against background
     own_share: np.ndarray  # [d_sae] i's share of the mass along ŵ_i where it fires
+    n_firings: np.ndarray  # [d_sae] its firings in the sample
 
     def columns(self) -> dict[str, Any]:
         """Its columns of the `features` table, what cannot be measured as None."""
@@ -79,7 +91,6 @@ class Absorption:
             "absorption_reason": self.reason,
             "absorbed_positions": self.absorbed_positions,
             "absorbers": self.absorbers,
-            "decoder_auroc": self.auroc,
         }
 
 
@@ -229,9 +240,15 @@ def _absorption(
         along = torch.zeros(m, len(columns))
         along[row, column] = graph.values()[row_start:row_end] * norms[neighbour]
         near, near_by_latent = _columns(f_by_latent, columns)  # [n, c], [c, n]
-        written = (near @ along.T).T.contiguous()  # [m, n]: W_i(t)
+        fired_near = _ones(near_by_latent)
+        cofiring = (fired_near @ fires.float().T).T / count.clamp_min(1)[:, None]  # [m, c]
         own_write = activation * norms[a:b][latent]  # S_i(t) where i fires
         floor = group_quantile(own_write, latent, m, FLOOR_QUANTILE)
+        # Every neighbour's write (what i's own firings ride on, and the background of its
+        # AUROC), and the substitutes' alone: W_i(t).
+        written_by_all = (near @ along.T).T.contiguous()  # [m, n]
+        along = torch.where(cofiring <= MAX_COFIRING, along, 0.0)
+        written = (near @ along.T).T.contiguous()
         absorbed_at = ~fires & (written >= floor.unsqueeze(1)) & (written > 0)
         absorbed = torch.where(absorbed_at, written, 0.0)
         absorbed_count = absorbed_at.sum(1)
@@ -260,19 +277,17 @@ def _absorption(
         # Measurability: i's share of the mass along ŵ_i at its own firings, and the AUROC of
         # its projection, firings against background (i off, no neighbour firing).
         own_total = torch.zeros(m).index_add_(0, latent, own_write)
-        beside = torch.where(fires, written, 0.0).sum(1)
+        beside = torch.where(fires, written_by_all, 0.0).sum(1)
         projection = unit[a:b] @ projection_base.T  # [m, n]: p_i(t)
-        background = ~fires[:, pool] & (written[:, pool] == 0)
+        background = ~fires[:, pool] & (written_by_all[:, pool] == 0)
         chunk_auroc = binned_auroc(
             latent, projection[latent, position], projection[:, pool], background
         )
-        # Absorbers: the mass each neighbour writes along ŵ_i on i's absorbed positions, on
+        # Absorbers: the mass each substitute writes along ŵ_i on i's absorbed positions, on
         # how many of them it fires, and how often it fires with i.
         gate = absorbed_at.float()
         weight = along * (near_by_latent @ gate.T).T
-        fired_near = _ones(near_by_latent)
         on_absorbed = (fired_near @ gate.T).T.round().long()
-        cofiring = (fired_near @ fires.float().T).T / count.clamp_min(1)[:, None]
         top_weight, top_column = weight.topk(min(n_absorbers, len(columns)), dim=1)
         top_latent = columns[top_column]
 
@@ -305,7 +320,9 @@ def _absorption(
     unmeasured = np.array([r is not None for r in reason], dtype=bool)
     for array in (value, low, high):
         array[unmeasured] = np.nan
-    return Absorption(value, low, high, reason, absorbed_positions, absorbers, auroc, own_share)
+    return Absorption(
+        value, low, high, reason, absorbed_positions, absorbers, auroc, own_share, n_firings
+    )
 
 
 def neighbour_graph(unit: Float[Tensor, "d_sae d"]) -> Tensor:

@@ -250,9 +250,11 @@ def feature_records(
         min_activation=stats.min,
         bos_count=stats.special_count,
         **vars(statistics),
-        jaccard=jaccard,
-        miss_rate=miss_rate,
+        # A latent that never fires has no top activations to compare, nor firings to single out.
+        jaccard=_where_fired(jaccard, fired),
+        miss_rate=_where_fired(miss_rate, fired),
         **absorbed.columns(),
+        decoder_auroc=_where_fired(absorbed.auroc, absorbed.n_firings > 0),
         description_length_bits=description_length_bits,
         decoder=decoder.cpu().numpy(),
         histogram_first_bin=histogram_first_bin,
@@ -268,6 +270,10 @@ def feature_records(
         specific_tokens=tokens.specific_tokens,
         **ground_truth_columns(ground_truth),
     )
+
+
+def _where_fired(values: np.ndarray, fired: np.ndarray) -> list[float | None]:
+    return [value if active else None for value, active in zip(values.tolist(), fired, strict=True)]
 
 
 def _band_rows(edges: np.ndarray, mass: np.ndarray, fired: np.ndarray) -> dict[str, list]:

@@ -22,7 +22,9 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from saescope.db import codec
 from saescope.db.flags import HIGH_FREQUENCY
+from saescope.db.models import Sae
 from saescope.db.records import CorpusRecord, SaeRecord, SaeRecords
 from saescope.db.writer import DatabaseWriter
 from saescope.pipeline.activations import ActivationSource, open_source
@@ -316,9 +318,10 @@ def sae_records(
         l0=float(stats.count.sum() / tokens_seen),
         dead_count=int((stats.count == 0).sum()),
         dense_count=int(high_frequency.sum()),
-        jaccard_median=_median(np.asarray(features.jaccard)[live]),
-        miss_rate_median=_median(np.asarray(features.miss_rate)[live]),
+        jaccard_median=_median(np.asarray(features.jaccard, dtype=float)[live]),
+        miss_rate_median=_median(np.asarray(features.miss_rate, dtype=float)[live]),
         sample_positions=len(accumulated.position_sample.token_index),
+        position_tokens=codec.pack(Sae.__table__.c.position_tokens, stats.position_tokens),
         **evaluation,
         mmcs=match.mmcs if match else None,
         recovered_share=match.recovered if match else None,

@@ -16,6 +16,8 @@ from saescope.pipeline.saes import unit_rows
 
 # Cosines per chunk of rows: a chunk's [rows, d_sae of the other SAE] product stays this small.
 CHUNK_CELLS = 1 << 24
+# The chance baseline's random decoders, the same for every build.
+CHANCE_SEED = 0
 
 
 def best_matches(
@@ -52,10 +54,29 @@ def best_matches(
     return forward, (back_index.cpu(), back_cosine.cpu())
 
 
+def chance_best_cosines(
+    n_directions: int, n_candidates: int, d_in: int, device: str = "cpu"
+) -> tuple[np.ndarray, np.ndarray]:
+    """What matching gives by chance: the best cosines, each way, between `n_directions` and
+    `n_candidates` random unit directions in `d_in` dimensions (isotropic Gaussian rows)."""
+    generator = torch.Generator().manual_seed(CHANCE_SEED)
+    directions = torch.randn(n_directions, d_in, generator=generator)
+    candidates = torch.randn(n_candidates, d_in, generator=generator)
+    (_, forward), (_, back) = best_matches(
+        directions,
+        candidates,
+        torch.ones(n_directions, dtype=torch.bool),
+        torch.ones(n_candidates, dtype=torch.bool),
+        device,
+    )
+    return forward.double().numpy(), back.double().numpy()
+
+
 def compare_both_ways(
     sae: StoredDecoder, other: StoredDecoder, device: str = "cpu"
 ) -> list[ComparisonRecord]:
-    """How each SAE's latents are matched among the other's live ones, each way."""
+    """How each SAE's latents are matched among the other's live ones, each way, beside what
+    random decoders of the same shapes (live latents only) give."""
     forward, back = best_matches(
         torch.from_numpy(sae.decoder),
         torch.from_numpy(other.decoder),
@@ -63,18 +84,26 @@ def compare_both_ways(
         torch.from_numpy(other.live),
         device,
     )
-    return [_record(sae, other, *forward), _record(other, sae, *back)]
+    n_live, n_other_live = int(sae.live.sum()), int(other.live.sum())
+    if n_live and n_other_live:
+        chance = chance_best_cosines(n_live, n_other_live, sae.decoder.shape[1], device)
+    else:
+        chance = (np.zeros(n_live), np.zeros(n_other_live))
+    return [_record(sae, other, *forward, chance[0]), _record(other, sae, *back, chance[1])]
 
 
 def _record(
-    sae: StoredDecoder, other: StoredDecoder, index: Tensor, cosine: Tensor
+    sae: StoredDecoder, other: StoredDecoder, index: Tensor, cosine: Tensor, chance: np.ndarray
 ) -> ComparisonRecord:
-    """`sae`'s matches in `other`, and its live latents summarised. Where `other` has no live
-    latent, nothing matches: no match is stored and every best cosine counts as 0."""
+    """`sae`'s matches in `other`, and its live latents summarised beside `chance`, the best
+    cosines random decoders give. Where `other` has no live latent, nothing matches: no match
+    is stored and every best cosine counts as 0."""
     found = bool(other.live.any())
     cosine = cosine.double().numpy() if found else np.zeros(len(sae.live))
     summarised = cosine[sae.live]
     counts, _ = np.histogram(np.clip(summarised, 0.0, 1.0), bins=cosine_edges())
+    chance_counts, _ = np.histogram(np.clip(chance, 0.0, 1.0), bins=cosine_edges())
+    chance_max = float(chance.max()) if len(chance) else 1.0
     stored = slice(None) if found else slice(0)
     return ComparisonRecord(
         sae=sae.name,
@@ -85,6 +114,10 @@ def _record(
         median_best_cosine=float(np.median(summarised)) if len(summarised) else 0.0,
         histogram_counts=counts,
         same_model_and_hook=(sae.model, sae.hook) == (other.model, other.hook),
+        chance_median_best_cosine=float(np.median(chance)) if len(chance) else 0.0,
+        chance_max_cosine=chance_max,
+        chance_histogram_counts=chance_counts,
+        latents_above_chance=int((summarised > chance_max).sum()),
         matches=MatchColumns(
             feature_index=np.arange(len(sae.live))[stored],
             other_feature_index=index.numpy()[stored],

@@ -93,6 +93,7 @@ def test_flags_agree_on_arrays_rows_and_sql(threshold: float) -> None:
                         special_tokens_seen=0, high_frequency_threshold=threshold, l0=1.0,
                         dead_count=1, dense_count=1, jaccard_median=0.0, miss_rate_median=0.0,
                         sample_positions=1, eval_tokens=1, eval_sequences=1, eval_l0=0.0,
+                        position_tokens=b"",
                         mse=0.0, config={}, description_length_bits=0.0,
                         description_length_precision=1, threshold_ablation=[]))  # fmt: skip
         for index, row in enumerate(ROWS):

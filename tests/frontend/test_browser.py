@@ -126,7 +126,8 @@ def test_other_pages_load_without_console_errors(browser, base_url, screenshots,
         ("/saes/tiny-sae", '[data-chart="ablation"]', [4, 4]),
         # Each SAE's point and its threshold curve, against CE and against MSE.
         ("/compare", '[data-chart="frontier"]', [4, 4]),
-        ("/saes/tiny-sae/compare/other-sae", '[data-chart="cosines"]', [1]),
+        # The best cosines, and what random decoders of the same shapes give.
+        ("/saes/tiny-sae/compare/other-sae", '[data-chart="cosines"]', [2]),
     ],
 )
 def test_comparison_charts_are_drawn(browser, base_url, screenshots, path, charts, traces) -> None:
@@ -179,8 +180,9 @@ def chart_data(page, element_id: str) -> dict:
 
 
 def test_feature_plots_tell_the_truth(browser, base_url: str, dashboard_db: Path, screenshots):
-    """No mean activation drawn where the latent never fires; tick labels that are values; a
-    dead latent's charts say so instead of drawing empty axes."""
+    """Firings per bin of positions, no mean activation drawn where the latent never fires, both
+    axes from 0 with round ticks; histogram tick labels that are values; a dead latent's page
+    says it never fires, with n/a for its measures, and draws no empty chart."""
     with sqlite3.connect(dashboard_db) as connection:
         live, dead = (
             connection.execute(
@@ -193,11 +195,23 @@ def test_feature_plots_tell_the_truth(browser, base_url: str, dashboard_db: Path
     page.goto(f"{base_url}/saes/tiny-sae/features/{live}")
     page.wait_for_function("document.querySelectorAll('.js-plotly-plot').length >= 2")
     positional = chart_data(page, "positional-chart")
-    rate, mean = positional["data"][0]["y"], positional["data"][1]["y"]
-    assert any(value == 0 for value in rate), "the rarest latent skips some positions"
-    assert all((r == 0) == (m is None) for r, m in zip(rate, mean, strict=True))
-    assert positional["layout"]["legend"]["y"] >= 1  # above the plot, clear of the axis title
-    assert positional["layout"]["yaxis2"]["title"]["text"] == "mean activation"
+    firings, mean = positional["data"][0]["y"], positional["data"][1]["y"]
+    with sqlite3.connect(dashboard_db) as connection:
+        (count,) = connection.execute(
+            "select count from features where sae_id = 1 and feature_index = ?", (live,)
+        ).fetchone()
+    assert sum(firings) == count, "counts, not rates: every firing in one bin of positions"
+    assert positional["data"][0]["type"] == "bar" and positional["data"][0]["width"] > 1
+    assert all((f == 0) == (m is None) for f, m in zip(firings, mean, strict=True))
+    layout = positional["layout"]
+    assert layout["legend"]["y"] >= 1  # above the plot, clear of the axis title
+    assert layout["yaxis2"]["title"]["text"] == "mean activation"
+    assert layout["yaxis"]["rangemode"] == layout["yaxis2"]["rangemode"] == "tozero"
+    assert layout["yaxis"]["range"][0] == layout["yaxis2"]["range"][0] == 0
+    ticks = page.eval_on_selector_all(
+        "#positional-chart .y2tick text", "texts => texts.map((t) => t.textContent)"
+    )
+    assert ticks and all(len(tick.replace(".", "").lstrip("0")) <= 2 for tick in ticks), ticks
     histogram = chart_data(page, "histogram-chart")
     labels = histogram["layout"]["xaxis"]["ticktext"]
     assert labels and all(float(label) > 0 for label in labels)
@@ -206,10 +220,12 @@ def test_feature_plots_tell_the_truth(browser, base_url: str, dashboard_db: Path
 
     page.goto(f"{base_url}/saes/tiny-sae/features/{dead}")
     page.wait_for_load_state("networkidle")
-    for element in ("histogram-chart", "positional-chart"):
-        drawn = chart_data(page, element)
-        assert drawn["data"] is None and "Never active" in drawn["text"]
-    assert "not measurable" in page.locator("dl.measures").inner_text()
+    assert page.locator("[data-chart]").count() == 0, "no empty charts for a dead latent"
+    assert "never fires on the corpus tokens" in page.locator("p.never-fires").inner_text()
+    measures = page.locator("dl.measures").inner_text()
+    assert measures.count("n/a") == 4 and "not measurable" in measures
+    assert [f.inner_text() for f in page.locator("ul.flags .flag").all()] == ["dead"]
+    assert page.locator("h2", has_text="Quantile bands").count() == 0
     page.screenshot(path=str(screenshots / "feature-dead.png"), full_page=True)
     page.close()
 

@@ -510,15 +510,25 @@ def test_reference_matching_contract(client: TestClient, dashboard_db: Path) -> 
 
 def test_feature_json_names_its_closest_latents(client: TestClient, dashboard_db: Path) -> None:
     feature = client.get(f"/api/v1/saes/{SAE}/features/40").json()
-    ((closest, cosine, bits),) = rows(
+    ((closest, cosine, bits, chance),) = rows(
         dashboard_db,
-        "select other_feature_index, cosine, description_length_bits from matches join features "
-        "using (sae_id, feature_index) where sae_id = 1 and feature_index = 40",
+        "select other_feature_index, cosine, description_length_bits, chance_max_cosine "
+        "from matches join features using (sae_id, feature_index) join comparisons using "
+        "(sae_id, other_sae_id) where sae_id = 1 and feature_index = 40",
     )
-    assert feature["matches"] == [{"sae": "other-sae", "feature_index": closest, "cosine": cosine}]
+    assert feature["matches"] == [
+        {
+            "sae": "other-sae",
+            "feature_index": closest,
+            "cosine": cosine,
+            "chance_max_cosine": chance,
+            "match": cosine > chance,
+        }
+    ]
     assert feature["description_length_bits"] == bits > 0
     page = client.get(f"/saes/{SAE}/features/40").text
     assert f'href="/saes/other-sae/features/{closest}"' in page
+    assert ("match in" if cosine > chance else "no match above chance in") in page
 
 
 def test_threshold_ablation_and_description_length_of_an_sae(client: TestClient) -> None:

@@ -19,9 +19,10 @@ from saescope.pipeline.precompute.absorption import (
 from saescope.pipeline.saes import unit_rows
 
 
-def reference(x, f, decoder, bias):
+def reference(x, f, decoder, bias, max_cofiring: float = measure.MAX_COFIRING):
     """Absorption, AUROC, own share and absorbers (weight, cofiring, count), by loops over
-    latents (float64)."""
+    latents (float64): only the neighbours that fire on at most `max_cofiring` of i's firings
+    absorb; every neighbour counts for the own share and the AUROC's background."""
     x, f, decoder, bias = (t.double().numpy() for t in (x, f, decoder, bias))
     norms = np.linalg.norm(decoder, axis=1)
     unit = decoder / norms[:, None]
@@ -29,32 +30,45 @@ def reference(x, f, decoder, bias):
     for i in range(len(decoder)):
         cosine = unit @ unit[i]
         neighbours = [j for j in range(len(decoder)) if j != i and cosine[j] >= 0.5]
-        written = sum((f[:, j] * (decoder[j] @ unit[i]) for j in neighbours), np.zeros(len(x)))
         fires = f[:, i] > 0
         own_write = f[:, i] * norms[i]
         floor = np.sort(own_write[fires])[(fires.sum() - 1) // 2] if fires.any() else math.inf
+        together = {j: (f[fires, j] > 0).mean() if fires.any() else 0.0 for j in neighbours}
+        substitutes = [j for j in neighbours if together[j] <= max_cofiring]
+
+        def write(latents: list[int], i: int = i) -> np.ndarray:
+            return sum((f[:, j] * (decoder[j] @ unit[i]) for j in latents), np.zeros(len(x)))
+
+        written, written_by_all = write(substitutes), write(neighbours)
         gate = ~fires & (written >= floor) & (written > 0)
         absorbed, counted = written[gate].sum(), own_write[own_write >= floor].sum()
         value.append(absorbed / (absorbed + counted) if absorbed + counted > 0 else 0.0)
         p = (x - bias) @ unit[i]
-        positives, negatives = p[fires], p[~fires & (written == 0)]
+        positives, negatives = p[fires], p[~fires & (written_by_all == 0)]
         auroc.append(
             (positives[:, None] > negatives[None, :]).mean()
             if len(positives) and len(negatives)
             else 0.0
         )
-        weights.append({j: (f[gate, j] * (decoder[j] @ unit[i])).sum() for j in neighbours})
-        counts.append({j: int((f[gate, j] > 0).sum()) for j in neighbours})
+        weights.append({j: (f[gate, j] * (decoder[j] @ unit[i])).sum() for j in substitutes})
+        counts.append({j: int((f[gate, j] > 0).sum()) for j in substitutes})
         mass = own_write[fires].sum()
-        own.append(mass / (mass + written[fires].sum()) if fires.any() else 0.0)
-        cofiring.append({j: (f[fires, j] > 0).mean() if fires.any() else 0.0 for j in neighbours})
+        own.append(mass / (mass + written_by_all[fires].sum()) if fires.any() else 0.0)
+        cofiring.append(together)
     return np.array(value), np.array(auroc), weights, np.array(own), cofiring, counts
 
 
-@pytest.mark.parametrize("seed", [0, 1])
-def test_matches_the_definition(monkeypatch, seed: int) -> None:
+# Neighbours in this random set fire together on 19–86% of each other's firings: a cutoff
+# inside that range makes some substitutes and some companions.
+@pytest.mark.parametrize(("seed", "max_cofiring"), [(0, 0.5), (1, 0.6)])
+def test_matches_the_definition(monkeypatch, seed: int, max_cofiring: float) -> None:
     # Every latent measurable, and chunks of 7 latents, so that the bookkeeping is exercised.
-    for name, setting in (("MIN_FIRINGS", 1), ("MIN_OWN_SHARE", 0.0), ("MIN_AUROC", 0.0)):
+    for name, setting in (
+        ("MIN_FIRINGS", 1),
+        ("MIN_OWN_SHARE", 0.0),
+        ("MIN_AUROC", 0.0),
+        ("MAX_COFIRING", max_cofiring),
+    ):
         monkeypatch.setattr(measure, name, setting)
     generator = torch.Generator().manual_seed(seed)
     n, d, d_sae = 3000, 8, 24
@@ -72,11 +86,15 @@ def test_matches_the_definition(monkeypatch, seed: int) -> None:
     monkeypatch.setattr(measure, "BACKGROUND_POSITIONS", n)
     monkeypatch.setattr(measure, "CHUNK_CELLS", 7 * n)
     got = absorption(x, sequence, encode, decoder, bias, n_absorbers=5, seed=0)
-    value, auroc, weights, own, cofiring, counts = reference(x, encode(x), decoder, bias)
+    value, auroc, weights, own, cofiring, counts = reference(
+        x, encode(x), decoder, bias, max_cofiring
+    )
+    together = [c for latent in cofiring for c in latent.values()]
+    assert min(together) <= max_cofiring < max(together), "both kinds of neighbour"
     np.testing.assert_allclose(got.value, value, rtol=1e-4, atol=1e-6)
     np.testing.assert_allclose(got.auroc, auroc, atol=2e-3)
     np.testing.assert_allclose(got.own_share, own, rtol=1e-4, atol=1e-6)
-    assert sum(len(found) for found in got.absorbers) > 5
+    assert sum(len(found) for found in got.absorbers) >= 5
     for i, found in enumerate(got.absorbers):
         expected = [e for e in sorted(weights[i].items(), key=lambda e: -e[1]) if e[1] > 0][:5]
         assert [a["feature_index"] for a in found] == [j for j, _ in expected]
@@ -238,3 +256,65 @@ def test_absorption_planted_in_the_demo_sae_is_found(demo_positions) -> None:
         assert np.abs(after.value[others] - before.value[others])[measured].max() <= 0.02
         assert (np.isnan(before.value[others]) == np.isnan(after.value[others])).all()
         assert ((before.low[others] >= 0.3) == (after.low[others] >= 0.3)).all()
+
+
+def companion_pairs(f: torch.Tensor, decoder: torch.Tensor, n: int) -> list[tuple[int, int]]:
+    """The n pairs (A, C) with the most co-firings where C, a broader latent, fires on a good
+    part of A's firings (0.35 ≤ P(C | A) ≤ 0.6) and mostly elsewhere (P(A | C) ≤ 0.2), A on at
+    most 2% of the positions and C on at most 10%, their decoders unrelated."""
+    fired = (f > 0).float()
+    count = fired.sum(0)
+    both = fired.T @ fired  # [C, A]
+    unit = decoder / decoder.norm(dim=1, keepdim=True)
+    a_given_c = both / count.clamp_min(1)[:, None]
+    c_given_a = both / count.clamp_min(1)[None, :]
+    chosen = (c_given_a >= 0.35) & (c_given_a <= 0.6) & (a_given_c <= 0.2)
+    chosen &= ((unit @ unit.T).abs() < 0.3) & (count[None, :] >= 60)
+    chosen &= count[None, :] <= 0.02 * len(f)  # A itself rare, C not dense
+    chosen &= count[:, None] <= 0.1 * len(f)
+    chosen.fill_diagonal_(False)
+    c, a = torch.nonzero(chosen, as_tuple=True)
+    order = torch.argsort(both[c, a], descending=True)
+    pairs, used = [], set()
+    for i in order.tolist():
+        if a[i].item() not in used and c[i].item() not in used:
+            pairs.append((a[i].item(), c[i].item()))
+            used |= {a[i].item(), c[i].item()}
+    return pairs[:n]
+
+
+def test_overlap_planted_in_the_demo_sae_is_not_absorption(demo_positions, monkeypatch) -> None:
+    """A companion C that fires with A on a good part of A's firings, and more often elsewhere,
+    made to write A's direction too (W_dec[C] += r·W_dec[A], r the median of f_A/f_C where both
+    fire, or more, up to a decoder cosine of 0.6), with A left as it is: C writes A's direction
+    strongly wherever it fires without A, yet it is overlap, not a substitute. A is not flagged
+    and C is not its absorber; counting every neighbour (the rule before substitutes) would flag
+    A."""
+    sae, x, sequence = demo_positions
+    decoder, bias = sae.W_dec.detach().clone(), sae.b_dec.detach()
+    with torch.no_grad():
+        f = sae.encode(x)
+    pairs = companion_pairs(f, decoder, 6)
+    measured = 0
+    for a, c in pairs:
+        together = (f[:, a] > 0) & (f[:, c] > 0)
+        scale = float((f[together, a] / f[together, c]).median())
+        planted = decoder.clone()
+        # At least enough of A's direction that C is A's decoder neighbour (cosine ≥ 0.6).
+        while torch.cosine_similarity(decoder[c] + scale * decoder[a], decoder[a], 0) < 0.6:
+            scale *= 1.25
+        planted[c] += scale * decoder[a]
+        with torch.no_grad():
+            after = absorption(x, sequence, sae.encode, planted, bias, 5, seed=0)
+        assert c not in [absorber["feature_index"] for absorber in after.absorbers[a]]
+        assert not after.low[a] >= 0.3, (a, c, after.value[a])
+        if after.reason[a] is not None:  # the planted write leaves some A unmeasurable
+            continue
+        measured += 1
+        monkeypatch.setattr(measure, "MAX_COFIRING", 1.0)
+        with torch.no_grad():
+            every_neighbour = absorption(x, sequence, sae.encode, planted, bias, 5, seed=0)
+        monkeypatch.undo()
+        assert every_neighbour.absorbers[a][0]["feature_index"] == c
+        assert every_neighbour.low[a] >= 0.3, (a, c, every_neighbour.value[a])
+    assert measured >= 3

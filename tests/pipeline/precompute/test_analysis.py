@@ -69,7 +69,8 @@ def test_statistics_and_flag_measures(data: dict, result: AccumulatedResult) -> 
 
 def test_positional_and_bos_dominated_latents_are_flagged() -> None:
     """A latent that fires exactly at even positions has R² = 1, one that fires at random none
-    to speak of; a latent that fires on every BOS and on one other token is BOS-dominated."""
+    to speak of; a latent that fires on every BOS and on one other token is BOS-dominated; one
+    that fires on BOS alone is dead, and carries no other flag."""
     generator = torch.Generator().manual_seed(5)
     n_seq = 60
     tokens = torch.randint(1, VOCAB, (n_seq, CTX), generator=generator)
@@ -79,6 +80,7 @@ def test_positional_and_bos_dominated_latents_are_flagged() -> None:
     feature_acts[:, :, 1] = torch.rand(n_seq, CTX, generator=generator) * 2
     feature_acts[:, 0, 2] = 1.0
     feature_acts[0, 5, 2] = 1.0
+    feature_acts[:, 0, 3] = 1.0
     data = {
         "feature_acts": feature_acts,
         "inputs": torch.randn(n_seq, CTX, D_MODEL, generator=generator),
@@ -87,13 +89,23 @@ def test_positional_and_bos_dominated_latents_are_flagged() -> None:
         "decoder": torch.randn(N_FEATURES, D_MODEL, generator=generator),
         "decoder_bias": torch.zeros(D_MODEL),
     }
-    statistics = analysis.Statistics.of(accumulate(data, range(n_seq), 7).finalize())
+    result = accumulate(data, range(n_seq), 7).finalize()
+    statistics = analysis.Statistics.of(result)
     assert statistics.positional_r2[0] == pytest.approx(1.0)
     assert statistics.positional_r2[1] < 0.05
     assert statistics.bos_share[2] == pytest.approx(n_seq / (n_seq + 1))
-    columns = {"positional_r2": statistics.positional_r2, "bos_share": statistics.bos_share}
-    assert FLAGS_BY_NAME["positional"].mask(columns).tolist()[:3] == [True, False, False]
-    assert FLAGS_BY_NAME["bos_dominated"].mask(columns).tolist()[:3] == [False, False, True]
+    assert statistics.bos_share[3] == 1.0 and result.stats.count[3] == 0
+    columns = {
+        "count": result.stats.count,
+        "frequency": statistics.frequency,
+        "absorption_low": np.full(N_FEATURES, np.nan),  # not measurable in so small a sample
+        "positional_r2": statistics.positional_r2,
+        "bos_share": statistics.bos_share,
+    }
+    flagged = {name: FLAGS_BY_NAME[name].mask(columns).tolist()[:4] for name in FLAGS_BY_NAME}
+    assert flagged["positional"] == [True, False, False, False]
+    assert flagged["bos_dominated"] == [False, False, True, False]
+    assert [name for name, held in flagged.items() if held[3]] == ["dead"]
 
 
 def test_encoder_decoder_agreement(data: dict) -> None:

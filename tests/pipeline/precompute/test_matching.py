@@ -188,3 +188,27 @@ def test_compare_refuses_what_it_cannot_compare(
     result = CliRunner().invoke(app, ["compare", str(copy), *names])
     assert result.exit_code == 2 and message in result.output
     assert copy.read_bytes() == before
+
+
+def test_the_chance_baseline_is_what_random_decoders_give() -> None:
+    """The stored chance figures against an independent simulation (other random numbers) of
+    random unit decoders of the live shapes; two unrelated random SAEs have about one latent
+    above chance's highest, planted copies many."""
+    from saescope.db.queries.comparisons import CHANCE_COUNT
+
+    generator = np.random.default_rng(7)
+    a = generator.normal(size=(600, 48)).astype(np.float32)
+    b = generator.normal(size=(900, 48)).astype(np.float32)
+    live_a, live_b = generator.uniform(size=600) < 0.9, generator.uniform(size=900) < 0.8
+    record, reverse = compare_both_ways(decoder("a", a, live_a), decoder("b", b, live_b))
+    simulated = generator.normal(size=(live_a.sum(), 48)), generator.normal(size=(live_b.sum(), 48))
+    best = brute_force(*simulated).max(1)
+    assert record.chance_median_best_cosine == pytest.approx(np.median(best), abs=0.01)
+    assert record.chance_max_cosine == pytest.approx(best.max(), abs=0.05)
+    assert sum(record.chance_histogram_counts) == live_a.sum()
+    assert sum(reverse.chance_histogram_counts) == live_b.sum()
+    assert record.median_best_cosine == pytest.approx(record.chance_median_best_cosine, abs=0.02)
+    assert record.latents_above_chance <= CHANCE_COUNT
+    a[:150] = b[:150] + 0.2 * generator.normal(size=(150, 48))
+    planted, _ = compare_both_ways(decoder("a", a, live_a), decoder("b", b, live_b))
+    assert planted.latents_above_chance > 100  # the planted copies that are live in both

@@ -240,7 +240,7 @@ def test_absorbed_flag_finds_the_parents_an_l1_sae_absorbs(tmp_path: Path) -> No
     """Chanin et al. (2024): a parent always on with its child; an L1 SAE's parent latent stays
     off where the child is on, and the child's latent writes the parent's direction there. Over
     four seeds, the flag finds those parent latents (precision and recall ≥ 0.8, pooled), and
-    names each one's child as its top absorber."""
+    names each flagged one's child as its top absorber."""
     true_positives = flagged = truly_absorbed = 0
     for seed in (1, 2, 3, 4):
         db, name, truth = build_hierarchical(tmp_path, seed)
@@ -252,6 +252,8 @@ def test_absorbed_flag_finds_the_parents_an_l1_sae_absorbs(tmp_path: Path) -> No
             stored = dict(connection.execute("select feature_index, absorbers from features"))
             names = dict(connection.execute("select feature_index, gt_feature from features"))
         for latent, parent in truth.items():
+            if latent not in here:  # a child that fires with it too often to count (README)
+                continue
             top = json.loads(stored[latent])[0]
             assert names[top["feature_index"]].startswith(parent + ".")  # the child absorbs
     assert truly_absorbed >= 12
