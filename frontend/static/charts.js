@@ -82,7 +82,8 @@ function drawPositional(element, positional) {
 }
 
 // Training curves, one panel per series: loss on a log axis with 1-2-5 ticks, dead latents as
-// whole numbers, explained variance from 0 (earlier values below it are clipped, and said so).
+// whole numbers, explained variance from 0 (early values below it are clipped, and the axis
+// says so).
 function drawTraining(element, log) {
   const tokens = log.map((row) => row.tokens ?? row.step);
   const series = ["loss", "l0", "explained_variance", "dead"].filter((key) => key in (log[0] || {}));
@@ -98,7 +99,7 @@ function drawTraining(element, log) {
     } else if (key === "dead") {
       yaxis = { ...yaxis, title: { text: "dead latents" }, tickformat: "d", dtick: Math.max(1, Math.ceil(Math.max(...values) / 5)), range: [0, Math.max(1, ...values)] };
     } else if (key === "explained_variance" && Math.min(...values) < 0) {
-      yaxis = { title: { text: `explained variance (from 0; lowest ${label(Math.min(...values))} clipped)` }, range: [0, 1] };
+      yaxis = { title: { text: "explained variance (clipped at 0)" }, range: [0, 1] };
     }
     extra[`xaxis${axis(i)}`] = { title: { text: "tokens" } };
     extra[`yaxis${axis(i)}`] = yaxis;
