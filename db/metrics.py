@@ -16,6 +16,12 @@ from pydantic import Field
 # One line per measure that is not a per-feature metric of its own; the API documents fields with
 # it, the pages show it beside the number.
 BEST_COSINE = "decoder cosine with its closest live latent of the other SAE"
+SPECIFICITY = (
+    "a latent's mean activation over the token's occurrences (zeros included) as a multiple of "
+    "its mean over all tokens"
+)
+# Token search and corpus search leave dense latents out by default.
+MAX_FREQUENCY = "latents firing on more than this share of all tokens are left out"
 
 
 @dataclass(frozen=True)
@@ -124,7 +130,10 @@ TABLE_COLUMNS = tuple(metric for metric in METRICS if metric.column is not None)
 HEADER_METRICS = tuple(metric for metric in METRICS if metric.label is not None)
 SORTABLE = tuple(metric for metric in METRICS if metric.sortable)
 # One line per measure, by name: the metrics' and the others'.
-DEFINITIONS = {metric.name: metric.definition for metric in METRICS} | {"best_cosine": BEST_COSINE}
+DEFINITIONS = {metric.name: metric.definition for metric in METRICS} | {
+    "best_cosine": BEST_COSINE,
+    "specificity": SPECIFICITY,
+}
 
 
 def response_fields(metrics: tuple[FeatureMetric, ...]) -> dict[str, Any]:

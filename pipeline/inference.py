@@ -201,19 +201,22 @@ class Inference:
         """The hook's activations on every token of a text of any length (`text_windows`), and
         the number of windows."""
         windows = text_windows(len(ids), loaded.context_length, loaded.bos)
-        rows = []
-        for start, _, end in windows:
-            window = ids[start:end] if start == 0 else [loaded.bos, *ids[start:end]]
-            rows.append([t for t in window if t is not None])
+        bos = [] if loaded.bos is None else [loaded.bos]
+        rows = [ids[:end] if start == 0 else bos + ids[start:end] for start, _, end in windows]
+        x = self._activations(loaded, rows)
+        # Each window's tokens read are the last end − kept of its row.
+        read = [
+            hooked[len(row) - (end - kept) : len(row)]
+            for hooked, row, (_, kept, end) in zip(x, rows, windows, strict=True)
+        ]
+        return torch.cat(read), len(windows)
+
+    def _activations(self, loaded: LoadedSae, rows: list[list[int]]) -> torch.Tensor:
+        """The hook's activations on token sequences of any lengths, run as one batch: each
+        padded after its end, which changes nothing before it (the model is causal)."""
         length = max(len(row) for row in rows)
-        # Padding after a window's tokens changes nothing before it: the model is causal.
         tokens = torch.tensor([row + [0] * (length - len(row)) for row in rows], device=self.device)
-        x = models.activations_at_hook(loaded.model, loaded.hook, tokens)
-        parts = []
-        for row, (start, kept, end) in zip(x, windows, strict=True):
-            first = kept - start + (start > 0 and loaded.bos is not None)
-            parts.append(row[first : first + end - kept])
-        return torch.cat(parts), len(windows)
+        return models.activations_at_hook(loaded.model, loaded.hook, tokens)
 
     def run(self, name: str, request: ActivationRequest) -> TextActivations:
         with self._lock, torch.inference_mode():
@@ -276,13 +279,7 @@ class Inference:
                     f"a sequence of {len(sequence.token_ids)} tokens is longer than the model's "
                     f"context of {loaded.context_length}"
                 )
-        length = max(len(sequence.token_ids) for sequence in sequences)
-        # Padding after a sequence changes nothing before it: the model is causal.
-        tokens = torch.tensor(
-            [s.token_ids + [0] * (length - len(s.token_ids)) for s in sequences],
-            device=self.device,
-        )
-        x = models.activations_at_hook(loaded.model, loaded.hook, tokens)
+        x = self._activations(loaded, [sequence.token_ids for sequence in sequences])
         spans = [(n, start, end) for n, s in enumerate(sequences) for start, end in s.spans]
         rows = torch.cat([x[n, start:end] for n, start, end in spans])
         owner = torch.cat(

@@ -112,7 +112,9 @@ def inline_latents(reader: Reader, sae: str, listed: list[int]) -> dict[int, Inl
     labels = reader.labels.of_features(sae, listed)
     return {
         index: InlineLatent(**summary.model_dump(), label=getattr(labels.get(index), "label", None))
-        for index, summary in latent_summaries(reader.session, sae, listed).items()
+        for index, summary in latent_summaries(
+            reader.session, sae_row(reader.session, sae), listed
+        ).items()
     }
 
 

@@ -20,6 +20,7 @@ from saescope.db.queries.examples import (
     StoredExample,
     stored_examples,
 )
+from saescope.db.queries.feature_table import latent_summaries
 from saescope.db.queries.flags import Flag, flag_reasons
 from saescope.db.queries.lookups import NotFoundError, TokenCount, sae_row, token_counts, vocab
 
@@ -230,7 +231,7 @@ def get_feature(session: Session, sae_name: str, feature_index: int) -> FeatureD
             absorbed_positions=feature.absorbed_positions,
             decoder_auroc=feature.decoder_auroc,
             sample_positions=sae.sample_positions,
-            absorbers=_absorbers(session, sae, feature.absorbers, strings),
+            absorbers=_absorbers(session, sae, feature.absorbers),
         ),
         histogram=_histogram(feature),
         positional=_positional(sae, feature),
@@ -279,29 +280,12 @@ def _closest_latents(session: Session, sae: Sae, feature_index: int) -> list[Clo
     ]
 
 
-def _absorbers(
-    session: Session, sae: Sae, stored: list[dict], strings: list[str]
-) -> list[Absorber]:
+def _absorbers(session: Session, sae: Sae, stored: list[dict]) -> list[Absorber]:
     """The stored absorbers, each with its frequency and specific tokens (one query for all)."""
-    found = {
-        index: (frequency, tokens)
-        for index, frequency, tokens in session.execute(
-            select(Feature.feature_index, Feature.frequency, Feature.specific_tokens).where(
-                Feature.sae_id == sae.id,
-                Feature.feature_index.in_([absorber["feature_index"] for absorber in stored]),
-            )
-        )
-    }
-    return [
-        Absorber(
-            **absorber,
-            frequency=found[absorber["feature_index"]][0],
-            specific_tokens=token_counts(
-                found[absorber["feature_index"]][1][:ABSORBER_TOKENS], strings
-            ),
-        )
-        for absorber in stored
-    ]
+    found = latent_summaries(
+        session, sae, [absorber["feature_index"] for absorber in stored], ABSORBER_TOKENS
+    )
+    return [Absorber(**absorber, **dict(found[absorber["feature_index"]])) for absorber in stored]
 
 
 def _positional(sae: Sae, feature: Feature) -> Positional:

@@ -12,7 +12,7 @@ from sqlalchemy.orm import Session
 
 from saescope.db.flags import FLAGS_BY_NAME, FlagName
 from saescope.db.metrics import METRICS_BY_NAME, SORTABLE, TABLE_COLUMNS, response_fields
-from saescope.db.models import Feature
+from saescope.db.models import Feature, Sae
 from saescope.db.queries.flags import flag_clause, flags_of
 from saescope.db.queries.lookups import BadRequestError, TokenCount, sae_row, token_counts, vocab
 from saescope.db.queries.paging import SortOrder, cursor, keyset
@@ -129,11 +129,10 @@ class LatentSummary(BaseModel):
 
 
 def latent_summaries(
-    session: Session, sae_name: str, indices: list[int], n_tokens: int = 3
+    session: Session, sae: Sae, indices: list[int], n_tokens: int = 3
 ) -> dict[int, LatentSummary]:
     """Frequency and the tokens it is most specific to, of each latent listed (one query), for
     lists of latents shown inline."""
-    sae = sae_row(session, sae_name)
     if not indices:
         return {}
     strings = vocab(session, sae.corpus_id)

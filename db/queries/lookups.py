@@ -12,6 +12,7 @@ from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session
 
 from saescope.db import codec
+from saescope.db.metrics import SPECIFICITY
 from saescope.db.models import CorpusSequence, Sae, VocabToken
 
 
@@ -68,10 +69,7 @@ class TokenCount(BaseModel):
     count: int = Field(description="firings of the latent on the token")
     occurrences: int = Field(description="occurrences of the token in the corpus")
     mean_activation: float = Field(description="mean activation where it fires on the token")
-    specificity: float = Field(
-        description="its mean activation over the token's occurrences (zeros included) as a "
-        "multiple of its mean over all tokens"
-    )
+    specificity: float = Field(description=SPECIFICITY)
 
 
 def token_counts(items: list[dict], strings: list[str]) -> list[TokenCount]:

@@ -17,6 +17,7 @@ from saescope.db import codec, corpus_text
 from saescope.db.activations import SUMMARY_LATENTS, TextLatent
 from saescope.db.codec import WINDOW_LEFT, WINDOW_RIGHT
 from saescope.db.corpus_text import Occurrence
+from saescope.db.metrics import MAX_FREQUENCY
 from saescope.db.models import Feature, Sae, SequenceExamples
 from saescope.db.queries.lookups import BadRequestError, sae_row, sequence_tokens, vocab
 from saescope.db.queries.paging import INTEGER_LIMIT
@@ -53,7 +54,7 @@ class PhraseSearch(BaseModel):
         "the latents' stored examples"
     )
     latents_note: str = Field(description="what the listed latents are, in a sentence")
-    max_frequency: float = Field(description="latents firing on more than this share are left out")
+    max_frequency: float = Field(description=MAX_FREQUENCY)
     summary_contexts: int = Field(
         description="contexts the summary covers: the phrase's first, in corpus order"
     )

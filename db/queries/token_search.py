@@ -10,6 +10,7 @@ from pydantic import BaseModel, Field
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from saescope.db.metrics import MAX_FREQUENCY, SPECIFICITY
 from saescope.db.models import Feature, TokenLatent, TokenStat
 from saescope.db.queries.examples import ExampleOut, ExampleRenderer
 from saescope.db.queries.lookups import sae_row, vocab
@@ -22,10 +23,7 @@ class LatentForToken(BaseModel):
     feature_index: int
     count: int = Field(description="its firings on the token")
     mean_activation: float = Field(description="its mean activation where it fires on the token")
-    specificity: float = Field(
-        description="its mean activation over the token's occurrences (zeros included) as a "
-        "multiple of its mean over all tokens"
-    )
+    specificity: float = Field(description=SPECIFICITY)
     frequency: float = Field(description="share of all tokens it fires on")
     dense: bool = Field(description="it fires on more than the high-frequency threshold")
     context: ExampleOut = Field(
@@ -48,7 +46,7 @@ class TokenMatch(BaseModel):
 class TokenSearch(BaseModel):
     sae: str
     query: str
-    max_frequency: float = Field(description="latents firing on more than this share are left out")
+    max_frequency: float = Field(description=MAX_FREQUENCY)
     min_token_firings: int = Field(
         description="firings on a token before a latent's specificity to it ranks the latent"
     )

@@ -199,6 +199,19 @@ def demo_positions():
     return sae, x, sequence
 
 
+def disjoint_pairs(chosen: torch.Tensor, both: torch.Tensor, n: int) -> list[tuple[int, int]]:
+    """Up to n pairs (A, B) of `chosen` [B, A], most co-firings (`both`) first, no latent in two."""
+    chosen = chosen.clone().fill_diagonal_(False)
+    b, a = torch.nonzero(chosen, as_tuple=True)
+    order = torch.argsort(both[b, a], descending=True)
+    pairs, used = [], set()
+    for i in order.tolist():
+        if a[i].item() not in used and b[i].item() not in used:
+            pairs.append((a[i].item(), b[i].item()))
+            used |= {a[i].item(), b[i].item()}
+    return pairs[:n]
+
+
 def co_firing_pairs(f: torch.Tensor, decoder: torch.Tensor, n: int) -> list[tuple[int, int]]:
     """The n pairs (A, B) with the most co-firings where B fires mostly inside A's firings
     (P(A | B) ≥ 0.8) on a part of them (0.2 ≤ P(B | A) ≤ 0.6), their decoders unrelated."""
@@ -210,15 +223,7 @@ def co_firing_pairs(f: torch.Tensor, decoder: torch.Tensor, n: int) -> list[tupl
     b_given_a = both / count.clamp_min(1)[None, :]
     chosen = (a_given_b >= 0.8) & (b_given_a >= 0.2) & (b_given_a <= 0.6)
     chosen &= ((unit @ unit.T).abs() < 0.3) & (count[None, :] >= 60) & (count[:, None] >= 15)
-    chosen.fill_diagonal_(False)
-    b, a = torch.nonzero(chosen, as_tuple=True)
-    order = torch.argsort(both[b, a], descending=True)
-    pairs, used = [], set()
-    for i in order.tolist():
-        if a[i].item() not in used and b[i].item() not in used:
-            pairs.append((a[i].item(), b[i].item()))
-            used |= {a[i].item(), b[i].item()}
-    return pairs[:n]
+    return disjoint_pairs(chosen, both, n)
 
 
 def test_absorption_planted_in_the_demo_sae_is_found(demo_positions) -> None:
@@ -272,15 +277,7 @@ def companion_pairs(f: torch.Tensor, decoder: torch.Tensor, n: int) -> list[tupl
     chosen &= ((unit @ unit.T).abs() < 0.3) & (count[None, :] >= 60)
     chosen &= count[None, :] <= 0.02 * len(f)  # A itself rare, C not dense
     chosen &= count[:, None] <= 0.1 * len(f)
-    chosen.fill_diagonal_(False)
-    c, a = torch.nonzero(chosen, as_tuple=True)
-    order = torch.argsort(both[c, a], descending=True)
-    pairs, used = [], set()
-    for i in order.tolist():
-        if a[i].item() not in used and c[i].item() not in used:
-            pairs.append((a[i].item(), c[i].item()))
-            used |= {a[i].item(), c[i].item()}
-    return pairs[:n]
+    return disjoint_pairs(chosen, both, n)
 
 
 def test_overlap_planted_in_the_demo_sae_is_not_absorption(demo_positions, monkeypatch) -> None:
