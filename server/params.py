@@ -13,6 +13,7 @@ from saescope.db.corpus_text import MIN_PHRASE_CHARACTERS
 from saescope.db.flags import FlagName
 from saescope.db.models import SAE_NAME_MAX_LENGTH, TOKEN_LATENTS
 from saescope.db.queries.comparisons import Comparison, UnmatchedSort, compare_saes
+from saescope.db.queries.consistency import Consistency, ConsistencySort, consistency
 from saescope.db.queries.feature_table import FeaturePage, SortKey, list_features
 from saescope.db.queries.paging import MAX_PAGE_SIZE, SortOrder
 
@@ -144,3 +145,57 @@ def comparison_params(
 
 
 ComparisonQuery = Annotated[ComparisonParams, Depends(comparison_params)]
+
+
+@dataclass
+class ConsistencyParams:
+    runs: list[str]
+    reference: list[str]
+    threshold: float
+    sort: ConsistencySort
+    order: SortOrder
+    after: str | None
+    limit: int | None
+
+    def consistency(self, session: Session, sae: str, default_limit: int) -> Consistency:
+        """`sae`'s latents that recur in the other runs but not in the reference, one page."""
+        return consistency(
+            session,
+            [sae, *self.runs],
+            self.reference,
+            threshold=self.threshold,
+            sort=self.sort,
+            order=self.order,
+            after=self.after,
+            limit=self.limit or default_limit,
+        )
+
+
+SaeNames = Annotated[list[str], Field(max_length=16)]
+
+
+def consistency_params(
+    reference: Annotated[
+        SaeNames,
+        Query(min_length=1, description="SAEs in which the latents must have no match (repeat)"),
+    ],
+    runs: Annotated[
+        SaeNames,
+        Query(description="other runs in each of which the latents must have a match (repeat)"),
+    ] = [],  # noqa: B006 (FastAPI copies defaults)
+    threshold: Annotated[
+        Share, Query(description="a best decoder cosine at or above it is a match")
+    ] = 0.7,
+    sort: Annotated[ConsistencySort, Query(description="column to sort by")] = (
+        ConsistencySort.frequency
+    ),
+    order: Annotated[SortOrder, Query(description="asc or desc")] = SortOrder.desc,
+    after: Annotated[
+        Cursor | None, EmptyIsNone, Query(description="cursor from the previous page")
+    ] = None,
+    limit: Annotated[PageSize | None, EmptyIsNone, Query()] = None,
+) -> ConsistencyParams:
+    return ConsistencyParams(runs, reference, threshold, sort, order, after, limit)
+
+
+ConsistencyQuery = Annotated[ConsistencyParams, Depends(consistency_params)]

@@ -22,6 +22,7 @@ _TWINS = {
     "sae": "/saes/{sae}",
     "comparison": "/compare",
     "compare_pair": "/saes/{sae}/compare/{other}",
+    "consistency": "/saes/{sae}/consistency",
     "feature": "/saes/{sae}/features/{feature_index}",
     "text_test": "/saes/{sae}/test",
     "search": "/saes/{sae}/search",

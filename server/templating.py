@@ -15,6 +15,7 @@ from pydantic_core import to_jsonable_python
 from saescope.db import metrics
 from saescope.db.flags import FLAGS, FLAGS_BY_NAME
 from saescope.db.queries.comparisons import UnmatchedSort
+from saescope.db.queries.consistency import ConsistencySort
 from saescope.db.queries.feature_table import SortKey
 from saescope.db.queries.paging import SortOrder
 from saescope.server import urls
@@ -130,4 +131,5 @@ templates.env.globals.update(
     SORT_KEYS=list(SortKey),
     SORT_ORDERS=list(SortOrder),
     UNMATCHED_SORT_KEYS=list(UnmatchedSort),
+    CONSISTENCY_SORT_KEYS=list(ConsistencySort),
 )

@@ -96,6 +96,13 @@ def compare_pair(sae: str, other: str, **query: object) -> str:
     return _with_query(path("compare_pair", sae=sae, other=other), query)
 
 
+def consistency(sae: str, runs: list[str], reference: list[str], **query: object) -> str:
+    """`sae`'s latents that recur in `runs` but have no match in `reference`."""
+    given = {name: value for name, value in query.items() if value is not None}
+    pairs = [("runs", run) for run in runs] + [("reference", name) for name in reference]
+    return f"{path('consistency', sae=sae)}?{urlencode(pairs + list(given.items()))}"
+
+
 def token_search_prefix(sae: str) -> str:
     """The search URL up to the token, which the caller quotes and appends."""
     return f"{path('search', sae=sae)}?token="

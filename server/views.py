@@ -19,6 +19,7 @@ from saescope.db.queries.comparisons import (
     pair_summaries,
     side_by_side,
 )
+from saescope.db.queries.consistency import Consistency
 from saescope.db.queries.feature_detail import FeatureDetail, get_feature
 from saescope.db.queries.feature_table import FeaturePage, LatentSummary, latent_summaries
 from saescope.db.queries.flags import FlagsReport, flags_report
@@ -31,6 +32,7 @@ from saescope.server.dependencies import Reader, ReaderDep, SessionDep
 from saescope.server.labels import Label
 from saescope.server.params import (
     ComparisonQuery,
+    ConsistencyQuery,
     FeatureIndex,
     FeatureTableQuery,
     LatentsPerToken,
@@ -179,6 +181,14 @@ def compare_pair(
     """Reference matching: how `sae`'s latents are matched in `other` by decoder cosine, and its
     live latents with no match (best cosine below `threshold`), paginated by key."""
     return params.comparison(reader.session, sae, other, reader.settings.page_size)
+
+
+@view("consistency", "consistency.html", tags=["saes"])
+def consistency(sae: SaeName, params: ConsistencyQuery, reader: ReaderDep) -> Consistency:
+    """Consistency across runs: `sae`'s live latents whose best decoder match in each of the
+    other `runs` is at or above `threshold` and whose best match in every `reference` SAE is
+    below it, sortable by frequency, paginated by key."""
+    return params.consistency(reader.session, sae, reader.settings.page_size)
 
 
 class FeatureView(FeatureDetail):

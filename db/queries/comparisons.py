@@ -85,11 +85,43 @@ class SaeSideBySide(SaeSummary):
     threshold_ablation: list[AblationRule]
 
 
+class ConsistencySet(BaseModel):
+    runs: list[str] = Field(
+        description="SAEs of one model, hook, width and training objective: runs of one recipe"
+    )
+    reference: str = Field(description="an SAE of the same model and hook trained otherwise")
+
+
 class SaeComparison(BaseModel):
     saes: list[SaeSideBySide]
     pairs: list[PairSummary] = Field(
         description="every comparison stored: each way between SAEs of the same input width"
     )
+    consistency: list[ConsistencySet] = Field(
+        description="the sets of runs the file holds, each with every reference it can be "
+        "checked against (`/saes/{sae}/consistency`)"
+    )
+
+
+def consistency_sets(saes: list[SaeSideBySide]) -> list[ConsistencySet]:
+    """Runs grouped by model, hook, width and objective (two or more), each with every SAE of
+    the same model and hook whose objective differs."""
+
+    def objective(sae: SaeSideBySide) -> str | None:
+        return sae.training.objective if sae.training else None
+
+    groups: dict[tuple, list[str]] = {}
+    for sae in saes:
+        if objective(sae) is not None:
+            key = (sae.model, sae.hook, sae.d_sae, objective(sae))
+            groups.setdefault(key, []).append(sae.name)
+    return [
+        ConsistencySet(runs=runs, reference=sae.name)
+        for (model, hook, _, trained_with), runs in groups.items()
+        if len(runs) > 1
+        for sae in saes
+        if (sae.model, sae.hook) == (model, hook) and objective(sae) != trained_with
+    ]
 
 
 def pair_summary(stored: StoredComparison, sae: str, other: str) -> PairSummary:
@@ -202,8 +234,10 @@ def pair_summaries(session: Session, sae_name: str | None = None) -> list[PairSu
 def side_by_side(session: Session) -> SaeComparison:
     """Every SAE of the file with its metrics, training and threshold ablation, and every stored
     comparison's summary."""
-    saes = session.scalars(select(Sae).order_by(Sae.id))
+    saes = [
+        SaeSideBySide.model_validate(sae, from_attributes=True)
+        for sae in session.scalars(select(Sae).order_by(Sae.id))
+    ]
     return SaeComparison(
-        saes=[SaeSideBySide.model_validate(sae, from_attributes=True) for sae in saes],
-        pairs=pair_summaries(session),
+        saes=saes, pairs=pair_summaries(session), consistency=consistency_sets(saes)
     )

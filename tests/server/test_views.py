@@ -146,6 +146,7 @@ def test_the_checker_finds_a_number_the_json_lacks() -> None:
         *(f"/saes/{SAE}/features/{index}" for index in range(0, 64, 3)),
         "/compare",
         f"/saes/{SAE}/compare/{OTHER}?threshold=0.9",
+        f"/saes/{SAE}/consistency?reference={OTHER}&threshold=0.9",
         f"/saes/{SAE}/test",
         f"/saes/{SAE}/search?token=the",
         f"/saes/{SAE}/search?token=e&latents=16",
