@@ -59,7 +59,18 @@ class TrainingSettings:
     decay_fraction: float = setting(
         0.2, "Share of steps, at the end, decaying to zero.", at_least=0, at_most=1
     )
-    normalize_decoder: bool = setting(True, "Keep decoder rows at unit norm.")
+    unit_decoder: bool = setting(
+        True,
+        "Decode with unit-norm rows: a row's norm is a free scale on its latent, folded out when "
+        "saved (SAELens's rescale_acts_by_decoder_norm).",
+    )
+    decoder_init_norm: float | None = setting(
+        None,
+        "Initial norm of decoder rows and encoder columns. Default: 0.1, and 1 for sqrt.",
+        greater_than=0,
+    )
+    max_grad_norm: float = 1.0
+    """the gradient is clipped to this norm before each step (as SAELens's trainer)"""
     init_b_dec_median: bool = setting(
         True, "Initialise b_dec to the geometric median of activations."
     )
@@ -69,6 +80,14 @@ class TrainingSettings:
     resample_every: int = setting(0, "Steps between dead-latent resampling; 0 never.", at_least=0)
     log_every: int = setting(20, "Steps between training-log rows.", at_least=1)
     seed: int = seed_setting()
+
+    def initial_norm(self) -> float:
+        """Rows start small, so that Adam's steps turn them (Conerly et al., 2024); but the
+        gradient of √f grows without bound as f → 0, and would switch off sqrt's latents
+        before they learn."""
+        if self.decoder_init_norm is not None:
+            return self.decoder_init_norm
+        return 1.0 if self.objective == "sqrt" else 0.1
 
     def hyperparameters(self) -> dict[str, Any]:
         """The settings that tell this training apart: the objective's own, then the shared

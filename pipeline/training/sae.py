@@ -24,22 +24,52 @@ if TYPE_CHECKING:
 
 
 class SparseAutoencoder(nn.Module):
-    """ReLU or TopK SAE with the SAELens parameter names and layout."""
+    """ReLU or TopK SAE with the SAELens parameter names and layout.
 
-    def __init__(self, d_in: int, d_sae: int, k: int | None) -> None:
+    With `unit_decoder`, a decoder row's norm is a free scale folded out of the function (as
+    SAELens's `rescale_acts_by_decoder_norm`): the SAE decodes with the unit rows
+    W_dec[i]/‖W_dec[i]‖ and its pre-activations are multiplied by ‖W_dec[i]‖. Rows and encoder
+    columns start at norm `init_norm` (0.1, Conerly et al., 2024): Adam's steps are then large
+    beside the weights they move, so the directions leave their initialisation; the norms grow as
+    training goes, which anneals those steps. `folded` gives the same function with unit rows.
+    """
+
+    def __init__(
+        self,
+        d_in: int,
+        d_sae: int,
+        k: int | None,
+        unit_decoder: bool = True,
+        init_norm: float = 1.0,
+    ) -> None:
         super().__init__()
         self.k = k
+        self.unit_decoder = unit_decoder
         self.W_enc = nn.Parameter(torch.empty(d_in, d_sae))
         self.b_enc = nn.Parameter(torch.zeros(d_sae))
         self.W_dec = nn.Parameter(torch.empty(d_sae, d_in))
         self.b_dec = nn.Parameter(torch.zeros(d_in))
         nn.init.kaiming_uniform_(self.W_dec)
-        with torch.no_grad():
-            self.W_dec /= self.W_dec.norm(dim=1, keepdim=True)
-            self.W_enc.copy_(self.W_dec.T)
+        self.set_directions(self.W_dec.detach(), init_norm)
+
+    @torch.no_grad()
+    def set_directions(self, rows: Float[Tensor, "d_sae d_in"], norm: float) -> None:
+        """Decoder rows along `rows` at `norm`, the encoder their transpose."""
+        self.W_dec.copy_(rows / rows.norm(dim=1, keepdim=True).clamp_min(1e-8) * norm)
+        self.W_enc.copy_(self.W_dec.T)
+
+    def decoder_norms(self) -> Float[Tensor, " d_sae"]:
+        return self.W_dec.norm(dim=1).clamp_min(1e-8)
+
+    def decoder(self) -> Float[Tensor, "d_sae d_in"]:
+        """The rows the SAE decodes with."""
+        if self.unit_decoder:
+            return self.W_dec / self.decoder_norms()[:, None]
+        return self.W_dec
 
     def pre_activations(self, x: Float[Tensor, "batch d_in"]) -> Float[Tensor, "batch d_sae"]:
-        return (x - self.b_dec) @ self.W_enc + self.b_enc
+        pre = (x - self.b_dec) @ self.W_enc + self.b_enc
+        return pre * self.decoder_norms() if self.unit_decoder else pre
 
     def activate(self, pre: Float[Tensor, "batch d_sae"]) -> Float[Tensor, "batch d_sae"]:
         if self.k is None:
@@ -48,18 +78,18 @@ class SparseAutoencoder(nn.Module):
         return torch.zeros_like(pre).scatter_(-1, indices, torch.relu(values))
 
     def decode(self, f: Float[Tensor, "batch d_sae"]) -> Float[Tensor, "batch d_in"]:
-        return f @ self.W_dec + self.b_dec
+        return f @ self.decoder() + self.b_dec
 
     @torch.no_grad()
-    def normalize_decoder(self) -> None:
-        self.W_dec /= self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-8)
-
-    @torch.no_grad()
-    def remove_parallel_gradient(self) -> None:
-        """With unit-norm decoder rows, only the gradient tangent to the sphere is kept."""
-        if self.W_dec.grad is not None:
-            unit = self.W_dec / self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-8)
-            self.W_dec.grad -= (self.W_dec.grad * unit).sum(1, keepdim=True) * unit
+    def folded(self) -> dict[str, Tensor]:
+        """The parameters of the same function without the free scale (unit decoder rows)."""
+        parameters = {name: p.detach().clone() for name, p in self.named_parameters()}
+        if self.unit_decoder:
+            norms = self.decoder_norms()
+            parameters["W_enc"] *= norms
+            parameters["b_enc"] *= norms
+            parameters["W_dec"] /= norms[:, None]
+        return parameters
 
 
 def objective_loss(
@@ -75,7 +105,8 @@ def objective_loss(
     error = x - x_hat
     reconstruction = error.pow(2).sum(-1).mean()
     terms = {"mse": reconstruction}
-    decoder_norm = sae.W_dec.norm(dim=1)
+    decoder = sae.decoder()
+    decoder_norm = decoder.norm(dim=1)
     λ = config.sparsity_coefficient
     if config.objective == "l1":
         terms["sparsity"] = λ * (f * decoder_norm).sum(-1).mean()
@@ -92,7 +123,7 @@ def objective_loss(
         dead_pre = pre.masked_fill(~dead, -math.inf)
         values, indices = dead_pre.topk(k_aux, dim=-1)
         f_aux = torch.zeros_like(pre).scatter_(-1, indices, torch.relu(values))
-        aux_error = (error.detach() - f_aux @ sae.W_dec).pow(2).sum(-1).mean()
+        aux_error = (error.detach() - f_aux @ decoder).pow(2).sum(-1).mean()
         terms["aux"] = config.aux_coefficient * aux_error
     return sum(terms.values()), terms, f
 

@@ -82,8 +82,7 @@ def initialise(sae: SparseAutoencoder, sample: Tensor, settings: TrainingSetting
         sae.b_dec.copy_(geometric_median(sample))
     if settings.init_decoder_from_data:
         rows = sample[torch.randint(len(sample), (settings.d_sae,))] - sae.b_dec
-        sae.W_dec.copy_(rows / rows.norm(dim=1, keepdim=True).clamp_min(1e-8))
-        sae.W_enc.copy_(sae.W_dec.T)
+        sae.set_directions(rows, settings.initial_norm())
 
 
 def learning_rate_schedule(
@@ -122,7 +121,7 @@ def _train(
 ) -> tuple[SparseAutoencoder, list[dict]]:
     torch.manual_seed(settings.seed)
     k = settings.k if settings.objective == "topk" else None
-    sae = SparseAutoencoder(d_in, settings.d_sae, k)
+    sae = SparseAutoencoder(d_in, settings.d_sae, k, settings.unit_decoder, settings.initial_norm())
     initialise(sae, next(passes())[:4096], settings)
     optimizer = torch.optim.Adam(sae.parameters(), lr=settings.learning_rate, betas=(0.9, 0.999))
     steps = settings.training_tokens // settings.batch_size
@@ -142,12 +141,9 @@ def _train(
             loss, terms, f = objective_loss(sae, x, settings, dead)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            if settings.normalize_decoder:
-                sae.remove_parallel_gradient()
+            torch.nn.utils.clip_grad_norm_(sae.parameters(), settings.max_grad_norm)
             optimizer.step()
             schedule.step()
-            if settings.normalize_decoder:
-                sae.normalize_decoder()
             fired = (f > 0).any(0)
             tokens_since_fired = torch.where(fired, 0, tokens_since_fired + len(x))
             if settings.resample_every and step > 0 and step % settings.resample_every == 0:
@@ -193,8 +189,9 @@ def log_row(
 @torch.no_grad()
 def resample_dead(sae: SparseAutoencoder, optimizer, x: Tensor, dead: Tensor) -> None:
     """Dead latents restart on inputs the SAE reconstructs worst (Bricken et al., 2023):
-    decoder row = that input's normalised residual, encoder column = 0.2 × mean live encoder
-    norm along it, b_enc = 0, and their Adam state is cleared."""
+    decoder row along that input's residual (at the live rows' mean norm), encoder column along
+    it with 0.2 × the live latents' mean encoder norm, b_enc = 0, and their Adam state is
+    cleared."""
     n_dead = int(dead.sum())
     if n_dead == 0:
         return
@@ -205,9 +202,12 @@ def resample_dead(sae: SparseAutoencoder, optimizer, x: Tensor, dead: Tensor) ->
     direction /= direction.norm(dim=1, keepdim=True).clamp_min(1e-8)
     index = torch.nonzero(dead).squeeze(1)
     live = ~dead
-    scale = sae.W_enc[:, live].norm(dim=0).mean() if live.any() else torch.tensor(1.0)
-    sae.W_dec[index] = direction
-    sae.W_enc[:, index] = direction.T * 0.2 * scale
+    folded = sae.folded()  # the encoder as the function sees it, with unit decoder rows
+    scale = folded["W_enc"][:, live].norm(dim=0).mean() if live.any() else torch.tensor(1.0)
+    row_norm = sae.W_dec[live].norm(dim=1).mean() if live.any() else torch.tensor(1.0)
+    sae.W_dec[index] = direction * row_norm
+    # The pre-activation is multiplied by the row's norm when the decoder is unit.
+    sae.W_enc[:, index] = direction.T * 0.2 * scale / (row_norm if sae.unit_decoder else 1.0)
     sae.b_enc[index] = 0.0
     for parameter, axis in ((sae.W_dec, 0), (sae.W_enc, 1), (sae.b_enc, 0)):
         state = optimizer.state.get(parameter, {})
@@ -234,7 +234,7 @@ def save_sae(
         exported = StandardSAE(StandardSAEConfig(d_in=d_in, d_sae=d_sae, metadata=meta))
     else:
         exported = TopKSAE(TopKSAEConfig(d_in=d_in, d_sae=d_sae, k=sae.k, metadata=meta))
-    exported.load_state_dict({name: p.detach().clone() for name, p in sae.named_parameters()})
+    exported.load_state_dict(sae.folded())
     out.mkdir(parents=True, exist_ok=True)
     exported.save_model(out)
     saved = {"config": asdict(settings), "hyperparameters": settings.hyperparameters(), "log": log}

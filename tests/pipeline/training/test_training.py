@@ -61,7 +61,7 @@ def test_objective_recovers_the_true_directions(superposition, objective, settin
 
 def test_objective_formulas() -> None:
     """Each penalty exactly as documented, on a hand-made batch."""
-    sae = SparseAutoencoder(2, 3, k=None)
+    sae = SparseAutoencoder(2, 3, k=None, unit_decoder=False)
     with torch.no_grad():
         sae.W_enc.copy_(torch.tensor([[1.0, 0.0, -1.0], [0.0, 2.0, 0.0]]))
         sae.b_enc.zero_()
@@ -108,7 +108,10 @@ def test_saved_sae_loads_in_sae_lens(tmp_path: Path, superposition) -> None:
     from sae_lens import SAE
 
     for k in (None, 3):
-        sae = SparseAutoencoder(32, 40, k=k)
+        sae = SparseAutoencoder(32, 40, k=k, init_norm=0.1)
+        with torch.no_grad():  # rows of different norms: folding them out must keep the function
+            sae.W_dec.mul_(torch.rand(40, 1) + 0.5)
+            sae.b_enc.normal_()
         config = TrainingSettings(objective="topk" if k else "l1", d_sae=40, k=3)
         out = tmp_path / f"sae-{k}"
         save_sae(sae, out, {"hook_name": "h", "context_size": 8}, [{"step": 0}], config)
@@ -133,7 +136,7 @@ def test_resampling_revives_dead_latents(superposition) -> None:
     resample_dead(sae, optimizer, x, ~fired)
     fired_after = (sae.activate(sae.pre_activations(x)) > 0).any(0)
     assert fired_after[:32].float().mean() > 0.9
-    assert torch.allclose(sae.W_dec[:32].norm(dim=1), torch.ones(32))
+    assert torch.allclose(sae.decoder()[:32].norm(dim=1), torch.ones(32))
 
 
 def test_train_lm_loss_falls(tmp_path: Path) -> None:
