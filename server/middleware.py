@@ -48,7 +48,9 @@ class HttpHygiene:
             message = f"the URL is longer than {MAX_URL_LENGTH} characters"
             await self.error_response(scope, 414, message)(scope, receive, send)
         elif raw_path != b"/" and raw_path.endswith(b"/"):
-            await _redirect(raw_path.rstrip(b"/") + (b"?" + query if query else b""), send)
+            # One leading slash only: browsers read `//host` and `/\host` as another origin.
+            local = b"/" + raw_path.rstrip(b"/").lstrip(b"/\\")
+            await _redirect(local + (b"?" + query if query else b""), send)
         else:
             await self.app(scope, receive, send)
 

@@ -127,6 +127,31 @@ def test_a_trailing_slash_redirects_to_a_relative_path(client: TestClient) -> No
     assert response.headers["location"] == f"/saes/{SAE}?sort=frequency"
 
 
+@pytest.mark.parametrize("raw", [b"//evil.example/", b"/\\evil.example/", b"///\\/evil.example//"])
+def test_no_redirect_leaves_the_origin(client: TestClient, raw: bytes) -> None:
+    """`//host` and `/\\host` are read by browsers as another origin: a redirect keeps one
+    leading slash, a path on this server."""
+    import asyncio
+
+    sent: list[dict] = []
+
+    async def receive() -> dict:
+        return {"type": "http.request", "body": b""}
+
+    async def send(message: dict) -> None:
+        sent.append(message)
+
+    scope = {
+        "type": "http", "method": "GET", "path": raw.decode(), "raw_path": raw,
+        "query_string": b"", "headers": [], "http_version": "1.1", "scheme": "http",
+        "server": ("127.0.0.1", 80), "client": ("127.0.0.1", 1), "root_path": "",
+    }  # fmt: skip
+    asyncio.run(client.app(scope, receive, send))  # raw: test clients clean such paths
+    start = sent[0]
+    assert start["status"] == 307
+    assert dict(start["headers"])[b"location"] == b"/evil.example"
+
+
 def test_every_response_carries_the_security_headers(client: TestClient) -> None:
     for url in ("/", f"/saes/{SAE}/features/3", "/api/v1/saes", "/docs", "/nope"):
         headers = client.get(url).headers
