@@ -17,12 +17,21 @@ from saescope.db.queries.lookups import NotFoundError, sae_row
 from saescope.db.queries.saes import ThresholdAblation, list_saes, threshold_ablation
 from saescope.server import inference
 from saescope.server.dependencies import LabelsDep, SessionDep, SettingsDep
-from saescope.server.errors import ERROR_RESPONSES, WRITE_RESPONSES
+from saescope.server.errors import BODY_RESPONSES, ERROR_RESPONSES, WRITE_RESPONSES
 from saescope.server.labels import Label, LabelImport, LabelIn
+from saescope.server.middleware import BodyLimit
 from saescope.server.params import FeatureIndex, FeatureTableQuery, LabelQuery, SaeName
 from saescope.server.routes import API, ROUTES
 
 router = APIRouter(prefix=API, responses=ERROR_RESPONSES)
+
+# The bodies the routes take: each refused with 413 beyond its limit before it is read whole.
+BODY_LIMITS = [
+    BodyLimit("POST", API + ROUTES["labels"].json, 8 << 20, needs_token=True),
+    BodyLimit("PUT", API + ROUTES["label"].json, 64 << 10, needs_token=True),
+    BodyLimit("DELETE", API + ROUTES["label"].json, 1 << 10, needs_token=True),
+    BodyLimit("POST", API + ROUTES["activations"].json, 256 << 10),
+]
 
 
 def json_route(name: str, method: str = "GET", **options):
@@ -119,7 +128,7 @@ def check_latents(session: Session, sae: str, features: list[int]) -> None:
         raise NotFoundError(f"SAE {sae!r} has {d_sae} latents; no latent {outside[0]}")
 
 
-@json_route("activations", "POST", tags=["inference"])
+@json_route("activations", "POST", tags=["inference"], responses=BODY_RESPONSES)
 def activations(
     sae: SaeName, body: ActivationRequest, session: SessionDep, settings: SettingsDep
 ) -> TextActivations:

@@ -7,15 +7,16 @@ from contextlib import asynccontextmanager
 
 import anyio.to_thread
 from fastapi import FastAPI, Request
-from fastapi.responses import HTMLResponse
+from fastapi.responses import HTMLResponse, Response
 from fastapi.staticfiles import StaticFiles
 from starlette.middleware.gzip import GZipMiddleware
+from starlette.types import Scope
 
 from saescope.db.engine import ServedDatabase
 from saescope.server import api, assets, views
 from saescope.server.errors import error_response, install_error_handlers
 from saescope.server.labels import LabelStore, labels_path
-from saescope.server.middleware import HttpHygiene
+from saescope.server.middleware import HttpHygiene, RequestBodies
 from saescope.server.settings import Settings
 from saescope.server.templating import templates
 
@@ -63,10 +64,16 @@ def create_app(settings: Settings) -> FastAPI:
     app.mount("/static/swagger", StaticFiles(directory=assets.SWAGGER_DIR), name="swagger")
     app.mount("/static", StaticFiles(directory=str(assets.STATIC_DIR)), name="static")
     app.add_middleware(GZipMiddleware, minimum_size=COMPRESS_FROM_BYTES)
+
+    def respond(scope: Scope, status: int, message: str) -> Response:
+        """An error in the documented shape, for the middleware (which has no Request)."""
+        return error_response(Request(scope), status, message)
+
     app.add_middleware(
-        HttpHygiene,
-        error_response=lambda scope, status, message: error_response(
-            Request(scope), status, message
-        ),
+        RequestBodies,
+        limits=api.BODY_LIMITS,
+        check_token=app.state.labels.check_token,
+        error_response=respond,
     )
+    app.add_middleware(HttpHygiene, error_response=respond)
     return app

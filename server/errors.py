@@ -35,10 +35,13 @@ class ErrorBody(BaseModel):
 
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     status: {"model": ErrorBody, "description": HTTPStatus(status).phrase}
-    for status in (400, 404, 422, 503)
+    for status in (400, 404, 414, 422, 503)
 }
-# The write routes (labels) answer these too.
-WRITE_RESPONSES: dict[int | str, dict[str, Any]] = {
+# Routes that take a body answer 413 too; the write routes (labels) 401 and 403 as well.
+BODY_RESPONSES: dict[int | str, dict[str, Any]] = {
+    413: {"model": ErrorBody, "description": HTTPStatus(413).phrase}
+}
+WRITE_RESPONSES: dict[int | str, dict[str, Any]] = BODY_RESPONSES | {
     status: {"model": ErrorBody, "description": HTTPStatus(status).phrase} for status in (401, 403)
 }
 # Longest piece of a request echoed back in an error message.
@@ -86,7 +89,9 @@ def install_error_handlers(app: FastAPI) -> None:
         )
         if error.status_code == 404 and message == "Not Found":
             message = f"no page at {shown(request.url.path)}"
-        return error_response(request, error.status_code, message)
+        response = error_response(request, error.status_code, message)
+        response.headers.update(error.headers or {})
+        return response
 
     @app.exception_handler(InferenceUnavailable)
     async def no_inference(request: Request, error: InferenceUnavailable) -> Response:

@@ -70,9 +70,15 @@ class LabelStore:
             raise HTTPException(
                 403, "labels are read-only here: start the server with SAESCOPE_WRITE_TOKEN set"
             )
-        given = (authorization or "").removeprefix("Bearer ").strip()
-        if not hmac.compare_digest(given.encode(), self.write_token.encode()):
-            raise HTTPException(401, "writing labels needs the server's write token")
+        scheme, _, given = (authorization or "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(
+            given.strip().encode(), self.write_token.encode()
+        ):
+            raise HTTPException(
+                401,
+                "writing labels needs the server's write token, as `Authorization: Bearer TOKEN`",
+                headers={"WWW-Authenticate": "Bearer"},
+            )
 
     def _read(self, query: str, parameters: tuple) -> list[Label]:
         if not self.path.is_file():

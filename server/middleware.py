@@ -1,13 +1,17 @@
 """HTTP hygiene around every route, as pure ASGI middleware: HEAD answered as GET without a body,
 a trailing slash redirected to a relative path (never echoing the Host header), over-long URLs
-refused with 414, security headers on every response, and long cache lives for versioned static
-files."""
+refused with 414, security headers on every response, long cache lives for versioned static
+files; and request bodies bounded, the write token checked before a body is read."""
 
 from __future__ import annotations
 
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
 from urllib.parse import parse_qs
 
-from starlette.datastructures import MutableHeaders
+from starlette.datastructures import Headers, MutableHeaders
+from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 # Longest path plus query string a request may have; beyond, 414 URI Too Long.
@@ -82,3 +86,87 @@ async def _redirect(location: bytes, send: Send) -> None:
         }
     )
     await send({"type": "http.response.body", "body": b""})
+
+
+@dataclass(frozen=True)
+class BodyLimit:
+    """The largest body a route takes, and whether it needs the write token."""
+
+    method: str
+    path: str
+    """the route's path template, parameters in braces"""
+    max_bytes: int
+    needs_token: bool = False
+
+    def matches(self, method: str, path: str) -> bool:
+        pattern = re.sub(r"\\\{[^}]+\\\}", "[^/]+", re.escape(self.path))
+        return method == self.method and re.fullmatch(pattern, path) is not None
+
+
+# A body sent to any other route is read up to this size (they ignore it).
+OTHER_BODY_BYTES = 1024
+
+
+class RequestBodies:
+    """Each body bounded before it is read whole (413), and the write token checked before a
+    write route's body is read at all (401/403), so no one without it can make the server parse
+    anything. The body read is handed on to the app as it came."""
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        limits: list[BodyLimit],
+        check_token: Callable[[str | None], None],
+        error_response,
+    ) -> None:
+        self.app = app
+        self.limits = limits
+        self.check_token = check_token
+        """raises HTTPException (401, 403) unless the Authorization header given is the token"""
+        self.error_response = error_response
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] in ("GET", "HEAD", "OPTIONS"):
+            await self.app(scope, receive, send)
+            return
+        limit = next(
+            (rule for rule in self.limits if rule.matches(scope["method"], scope["path"])),
+            BodyLimit(scope["method"], scope["path"], OTHER_BODY_BYTES),
+        )
+        headers = Headers(scope=scope)
+        if limit.needs_token:
+            try:
+                self.check_token(headers.get("authorization"))
+            except HTTPException as refused:
+                response = self.error_response(scope, refused.status_code, refused.detail)
+                response.headers.update(refused.headers or {})
+                await response(scope, receive, send)
+                return
+        too_large = f"the request body is over {limit.max_bytes:,} bytes, this route's limit"
+        declared = headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > limit.max_bytes:
+            await self.error_response(scope, 413, too_large)(scope, receive, send)
+            return
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":
+                return  # the client went away
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            if size > limit.max_bytes:
+                await self.error_response(scope, 413, too_large)(scope, receive, send)
+                return
+            if not message.get("more_body", False):
+                break
+        body = b"".join(chunks)
+        replayed = False
+
+        async def replay() -> Message:
+            nonlocal replayed
+            if replayed:
+                return await receive()
+            replayed = True
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        await self.app(scope, replay, send)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import Field
+from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from saescope.db.queries.paging import MAX_PAGE_SIZE
@@ -33,3 +33,10 @@ class Settings(BaseSettings):
         description="URL of the inference process (`saescope infer`), which runs the model on "
         "text typed into the dashboard",
     )
+
+    @field_validator("write_token")
+    @classmethod
+    def token_not_blank(cls, token: str | None) -> str | None:
+        if token is not None and not token.strip():
+            raise ValueError("is empty: set a token, or leave it unset for read-only labels")
+        return token

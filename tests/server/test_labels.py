@@ -98,3 +98,59 @@ def test_export_then_import_gives_the_same_labels(client: TestClient, dashboard_
     ] == [60]
     page = other.get("/saes/tiny-sae/features/7").text
     assert "<b>markup</b>" not in page and "&lt;b&gt;markup&lt;/b&gt;" in page
+
+
+def test_only_a_bearer_token_is_accepted_and_401_says_how(client: TestClient) -> None:
+    body = {"label": "x"}
+    for authorization in (TOKEN, f"Basic {TOKEN}", f"Bearer{TOKEN}", "Bearer ", ""):
+        refused = client.put(LABEL.format(1), json=body, headers={"Authorization": authorization})
+        assert refused.status_code == 401, authorization
+        assert refused.headers["www-authenticate"] == "Bearer"
+    scheme_case = client.put(
+        LABEL.format(1), json=body, headers={"Authorization": f"bearer {TOKEN}"}
+    )
+    assert scheme_case.status_code == 200
+
+
+def test_an_empty_write_token_is_refused_at_start(dashboard_db: Path) -> None:
+    from click.testing import CliRunner
+
+    from saescope.cli import app
+
+    for empty in ("", "  "):
+        with pytest.raises(ValueError, match="write_token"):
+            Settings(database=dashboard_db, write_token=empty)
+        result = CliRunner().invoke(
+            app, ["serve", str(dashboard_db)], env={"SAESCOPE_WRITE_TOKEN": empty}
+        )
+        assert result.exit_code == 2
+        assert "error: --write-token / SAESCOPE_WRITE_TOKEN: Value error, is empty" in result.output
+
+
+def test_the_token_is_checked_and_the_body_bounded_before_it_is_read(client: TestClient) -> None:
+    """An unauthenticated import is refused before its body is read (a stream that would fail
+    if read); an authenticated one beyond its limit is 413, declared or streamed."""
+
+    def unread_body():
+        raise AssertionError("the body was read")
+        yield b""
+
+    refused = client.post("/api/v1/saes/tiny-sae/labels", content=unread_body())
+    assert refused.status_code == 401
+    big = b"[" + b'{"feature_index": 1, "label": "x"},' * 300_000 + b"]"
+    declared = client.post("/api/v1/saes/tiny-sae/labels", content=big, headers=AUTH)
+    assert declared.status_code == 413
+    assert "8,388,608 bytes" in declared.json()["error"]["message"]
+    streamed = client.post(
+        "/api/v1/saes/tiny-sae/labels",
+        content=(big[i : i + 65536] for i in range(0, len(big), 65536)),
+        headers=AUTH,
+    )
+    assert streamed.status_code == 413
+    too_long_label = client.put(
+        LABEL.format(1), json={"label": "x", "note": "n" * 70_000}, headers=AUTH
+    )
+    assert too_long_label.status_code == 413
+    assert client.get("/api/v1/saes/tiny-sae/labels").json() == []
+    activations = client.post("/api/v1/saes/tiny-sae/activations", content=b"x" * (300 << 10))
+    assert activations.status_code == 413
