@@ -6,6 +6,7 @@ the configs import no torch, and the commands import the pipeline's work only wh
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import subprocess
 import sys
@@ -219,16 +220,21 @@ def compare(database: Path, sae: str, other: str, device: str) -> None:
 )
 def infer(database: Path, host: str, port: int, device: str) -> None:
     """Run the model and SAEs of DATABASE on text the dashboard sends ("test your text"):
-    connect the dashboard with `saescope serve DATABASE --inference-url http://HOST:PORT`."""
+    connect the dashboard with `saescope serve DATABASE --inference-url http://HOST:PORT`. With
+    SAESCOPE_INFERENCE_TOKEN set, it answers only requests that carry it (the dashboard sends
+    its own SAESCOPE_INFERENCE_TOKEN)."""
     setup_logging(quiet=False)
     if not database.is_file():
         fail(f"{database} does not exist; build it with `saescope build` or `saescope demo`")
     import uvicorn
 
-    from saescope.pipeline.inference import inference_app
+    from saescope.pipeline.inference import TOKEN_VARIABLE, inference_app
 
+    token = os.environ.get(TOKEN_VARIABLE)
+    if token is not None and not token.strip():
+        fail(f"{TOKEN_VARIABLE} is empty: set a token, or leave it unset")
     with user_errors("interrupted"):
-        application = inference_app(database, device)
+        application = inference_app(database, device, token)
     click.echo(f"saescope: running the SAEs of {database} at http://{host}:{port}/", err=True)
     uvicorn.run(application, host=host, port=port, log_level="warning")
 

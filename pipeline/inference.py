@@ -23,14 +23,15 @@ directory or release, dtype, weight processing); SAEs of one model share it.
 from __future__ import annotations
 
 import functools
+import hmac
 import logging
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import torch
-from fastapi import FastAPI, HTTPException, Request
+from fastapi import Depends, FastAPI, Header, HTTPException, Request
 from fastapi.responses import JSONResponse
 from sqlalchemy import select
 from sqlalchemy.exc import SQLAlchemyError
@@ -378,9 +379,29 @@ def text_summary(
     ]
 
 
-def inference_app(database: Path, device: str) -> FastAPI:
+# Requests run at once; the others are answered 503 at once rather than queued for minutes.
+MAX_CONCURRENT_RUNS = 2
+# The token the dashboard must send (`serve --inference-token`), when set.
+TOKEN_VARIABLE = "SAESCOPE_INFERENCE_TOKEN"
+
+
+def inference_app(database: Path, device: str, token: str | None = None) -> FastAPI:
     inference = Inference(database, device)
-    app = FastAPI(title="saescope inference", docs_url=None, redoc_url=None)
+    running = threading.BoundedSemaphore(MAX_CONCURRENT_RUNS)
+
+    def authorized(authorization: Annotated[str | None, Header()] = None) -> None:
+        scheme, _, given = (authorization or "").partition(" ")
+        if token is not None and (
+            scheme.lower() != "bearer" or not hmac.compare_digest(given.encode(), token.encode())
+        ):
+            raise HTTPException(401, f"this inference process needs its {TOKEN_VARIABLE}")
+
+    app = FastAPI(
+        title="saescope inference",
+        docs_url=None,
+        redoc_url=None,
+        dependencies=[Depends(authorized)],
+    )
 
     @app.exception_handler(Exception)
     async def failed(request: Request, error: Exception) -> JSONResponse:
@@ -395,12 +416,16 @@ def inference_app(database: Path, device: str) -> FastAPI:
         return {"status": "ok", "saes": sorted(inference.configs)}
 
     def answer(run: Any, sae: str, request: Any) -> Any:
+        if not running.acquire(blocking=False):
+            raise HTTPException(503, f"busy with {MAX_CONCURRENT_RUNS} requests: try again")
         try:
             return run(sae, request)
         except KeyError:
             raise HTTPException(404, f"no SAE named {sae!r} in {database.name}") from None
         except InputError as error:
             raise HTTPException(422, str(error)) from None
+        finally:
+            running.release()
 
     @app.post("/saes/{sae}/activations", response_model=TextActivations)
     def activations(sae: str, request: ActivationRequest) -> TextActivations:

@@ -136,4 +136,4 @@ def activations(
     with the activations of the latents asked for (`features`). The inference process (`saescope
     infer`) runs the model; without one, 503 says how to start it."""
     sae_row(session, sae)
-    return inference.activations(settings.inference_url, sae, body)
+    return inference.activations(settings.inference_url, settings.inference_token, sae, body)

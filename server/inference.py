@@ -5,13 +5,15 @@ SAESCOPE_INFERENCE_URL), which runs the model and SAE; the dashboard itself runs
 from __future__ import annotations
 
 import functools
+import http.client
 import json
+import threading
 import urllib.error
 import urllib.request
 from typing import TypeVar
 from urllib.parse import quote
 
-from pydantic import BaseModel
+from pydantic import BaseModel, ValidationError
 from sqlalchemy.orm import Session
 from starlette.exceptions import HTTPException
 
@@ -29,8 +31,13 @@ Answer = TypeVar("Answer", bound=BaseModel)
 
 # The inference process's port unless told otherwise (`saescope infer --port`).
 DEFAULT_INFERENCE_PORT = 8001
-# A long text on a CPU: the first request also loads the model and the SAE.
-TIMEOUT_SECONDS = 120
+# Seconds to connect and between bytes of the answer: a long text on a CPU, and the first request
+# loads the model and the SAE; a process that hangs holds a call no longer than this.
+TIMEOUT_SECONDS = 30
+# Calls to it at once: fewer than the server's worker threads, so a hung inference process never
+# holds them all; the others are answered 503 at once.
+MAX_IN_FLIGHT = 2
+_in_flight = threading.BoundedSemaphore(MAX_IN_FLIGHT)
 HOW_TO_START = (
     f"start it with `saescope infer DATABASE --port {DEFAULT_INFERENCE_PORT}` and serve with "
     f"`--inference-url http://127.0.0.1:{DEFAULT_INFERENCE_PORT}` (or SAESCOPE_INFERENCE_URL)"
@@ -43,17 +50,24 @@ class InferenceUnavailable(Exception):
     """No inference process configured, or it does not answer."""
 
 
-def _post(url: str | None, path: str, body: BaseModel, answer: type[Answer]) -> Answer:
-    """The inference process's answer to a POST. Its refusals (an unknown latent, a text too
-    long) come back with their status and message."""
+def _post(
+    url: str | None, token: str | None, path: str, body: BaseModel, answer: type[Answer]
+) -> Answer:
+    """The inference process's answer to a POST (with `token` as a Bearer token, when set). Its
+    refusals (an unknown latent, a text too long) come back with their status and message;
+    anything else that is not a whole answer is InferenceUnavailable."""
     if url is None:
         raise InferenceUnavailable(NOT_CONNECTED)
+    headers = {"Content-Type": "application/json"}
+    if token is not None:
+        headers["Authorization"] = f"Bearer {token}"
     forwarded = urllib.request.Request(
-        f"{url.rstrip('/')}{path}",
-        data=body.model_dump_json().encode(),
-        headers={"Content-Type": "application/json"},
-        method="POST",
+        f"{url.rstrip('/')}{path}", data=body.model_dump_json().encode(), headers=headers
     )
+    if not _in_flight.acquire(blocking=False):
+        raise InferenceUnavailable(
+            f"the inference process is busy with {MAX_IN_FLIGHT} requests: try again shortly"
+        )
     try:
         with urllib.request.urlopen(forwarded, timeout=TIMEOUT_SECONDS) as response:
             return answer.model_validate_json(response.read())
@@ -63,20 +77,30 @@ def _post(url: str | None, path: str, body: BaseModel, answer: type[Answer]) -> 
         raise InferenceUnavailable(
             f"the inference process at {url} failed ({error.code}): {_detail(error)}"
         ) from None
-    except (urllib.error.URLError, OSError):
+    except (urllib.error.URLError, OSError):  # refused, or no answer within the timeout
         raise InferenceUnavailable(
             f"the inference process at {url} does not answer: {HOW_TO_START}"
         ) from None
+    except (http.client.HTTPException, ValidationError, ValueError) as error:
+        raise InferenceUnavailable(
+            f"the inference process at {url} gave a broken answer ({type(error).__name__})"
+        ) from None
+    finally:
+        _in_flight.release()
 
 
-def activations(url: str | None, sae: str, request: ActivationRequest) -> TextActivations:
+def activations(
+    url: str | None, token: str | None, sae: str, request: ActivationRequest
+) -> TextActivations:
     """The inference process's answer for `sae` on the request's text."""
-    return _post(url, f"/saes/{quote(sae, safe='')}/activations", request, TextActivations)
+    path = f"/saes/{quote(sae, safe='')}/activations"
+    return _post(url, token, path, request, TextActivations)
 
 
 def search_phrase(
     session: Session,
     url: str | None,
+    token: str | None,
     sae: str,
     phrase: str,
     limit: int,
@@ -109,7 +133,7 @@ def search_phrase(
             )
             try:
                 path = f"/saes/{quote(sae, safe='')}/spans"
-                answer = _post(url, path, request, SpansActivations)
+                answer = _post(url, token, path, request, SpansActivations)
             except HTTPException as error:
                 raise InferenceUnavailable(
                     f"the inference process refused the corpus's tokens: {error.detail}"

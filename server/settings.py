@@ -34,9 +34,15 @@ class Settings(BaseSettings):
         "text typed into the dashboard",
     )
 
-    @field_validator("write_token")
+    inference_token: str | None = Field(
+        None,
+        description="token the inference process was started with (its "
+        "SAESCOPE_INFERENCE_TOKEN), sent to it as a Bearer token",
+    )
+
+    @field_validator("write_token", "inference_token")
     @classmethod
     def token_not_blank(cls, token: str | None) -> str | None:
         if token is not None and not token.strip():
-            raise ValueError("is empty: set a token, or leave it unset for read-only labels")
+            raise ValueError("is empty: set a token, or leave it unset")
         return token

@@ -296,6 +296,7 @@ def corpus_search(
     result = inference.search_phrase(
         reader.session,
         reader.settings.inference_url,
+        reader.settings.inference_token,
         sae,
         phrase,
         limit,
