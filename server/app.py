@@ -51,6 +51,7 @@ def create_app(settings: Settings) -> FastAPI:
     app.state.labels = LabelStore(
         settings.labels or labels_path(settings.database), settings.write_token
     )
+    app.state.labels.check()
 
     app.include_router(api.router)
     app.include_router(views.pages)

@@ -15,6 +15,7 @@ from starlette.exceptions import HTTPException
 from saescope.db.engine import DatabaseUnavailable
 from saescope.db.queries.lookups import BadRequestError, NotFoundError
 from saescope.server.inference import InferenceUnavailable
+from saescope.server.labels import RETRY_AFTER_SECONDS, LabelsUnavailable
 from saescope.server.templating import templates
 
 logger = logging.getLogger(__name__)
@@ -96,6 +97,12 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(InferenceUnavailable)
     async def no_inference(request: Request, error: InferenceUnavailable) -> Response:
         return error_response(request, 503, str(error))
+
+    @app.exception_handler(LabelsUnavailable)
+    async def labels_unavailable(request: Request, error: LabelsUnavailable) -> Response:
+        response = error_response(request, 503, str(error))
+        response.headers["Retry-After"] = str(RETRY_AFTER_SECONDS)
+        return response
 
     @app.exception_handler(DatabaseUnavailable)
     async def unavailable(request: Request, error: DatabaseUnavailable) -> Response:

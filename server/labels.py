@@ -9,6 +9,7 @@ need the token the server was started with (`SAESCOPE_WRITE_TOKEN`, sent as
 from __future__ import annotations
 
 import hmac
+import os
 import sqlite3
 import threading
 from contextlib import closing
@@ -56,6 +57,16 @@ def labels_path(database: Path) -> Path:
     return database.with_name(database.name + ".labels.sqlite")
 
 
+# Seconds a write waits for another process's lock on the labels file before a 503.
+LOCK_WAIT_SECONDS = 2.0
+# What a 503 for a busy labels file asks the client to wait.
+RETRY_AFTER_SECONDS = 2
+
+
+class LabelsUnavailable(Exception):
+    """The labels file is locked by another process, or cannot be read: a 503."""
+
+
 class LabelStore:
     """The labels file: read on every request (it may be missing: no labels yet), written only
     with the token."""
@@ -80,16 +91,41 @@ class LabelStore:
                 headers={"WWW-Authenticate": "Bearer"},
             )
 
+    def check(self) -> None:
+        """At start: an existing file must be a labels file, and where writes are allowed its
+        place must be writable (OSError otherwise, which `serve` reports)."""
+        if self.path.is_file():
+            try:
+                self._read("select * from labels limit 1", ())
+            except LabelsUnavailable as error:
+                raise OSError(f"labels file {self.path}: {error}") from None
+        if self.write_token is not None:
+            place = self.path if self.path.exists() else self.path.parent
+            if not os.access(place, os.W_OK):
+                raise OSError(
+                    f"labels file {self.path} is not writable: give a writable place with "
+                    "--labels / SAESCOPE_LABELS, or leave SAESCOPE_WRITE_TOKEN unset"
+                )
+
     def _read(self, query: str, parameters: tuple) -> list[Label]:
         if not self.path.is_file():
             return []
-        with closing(connect_readonly(self.path)) as connection:
-            connection.row_factory = sqlite3.Row
-            try:
+        try:
+            with closing(connect_readonly(self.path)) as connection:
+                connection.execute(f"pragma busy_timeout = {int(LOCK_WAIT_SECONDS * 1000)}")
+                connection.row_factory = sqlite3.Row
                 rows = connection.execute(query, parameters).fetchall()
-            except sqlite3.OperationalError:  # created but empty
+        except sqlite3.Error as error:
+            if "no such table" in str(error):  # created but never written
                 return []
+            raise LabelsUnavailable(_reason(error)) from None
         return [Label(**dict(row)) for row in rows]
+
+    def _writing(self) -> sqlite3.Connection:
+        """A connection to write with, the table made if need be."""
+        connection = sqlite3.connect(self.path, timeout=LOCK_WAIT_SECONDS)
+        connection.execute(SCHEMA)
+        return connection
 
     def of_sae(self, sae: str, text: str | None = None) -> list[Label]:
         """The SAE's labels by latent; with `text`, those whose label or note contains it."""
@@ -115,21 +151,29 @@ class LabelStore:
     def write(self, sae: str, labels: list[LabelImport]) -> list[Label]:
         now = datetime.now(UTC).isoformat(timespec="seconds")
         rows = [(sae, x.feature_index, x.label, x.note, x.author, now) for x in labels]
-        with self._write_lock, closing(sqlite3.connect(self.path)) as connection:
-            connection.execute(SCHEMA)
-            with connection:
+        try:
+            with self._write_lock, closing(self._writing()) as connection, connection:
                 connection.executemany(
                     "insert or replace into labels values (?, ?, ?, ?, ?, ?)", rows
                 )
+        except sqlite3.Error as error:
+            raise LabelsUnavailable(_reason(error)) from None
         return [Label(sae=sae, updated_at=now, **x.model_dump()) for x in labels]
 
     def delete(self, sae: str, feature_index: int) -> bool:
         if not self.path.is_file():
             return False
-        with self._write_lock, closing(sqlite3.connect(self.path)) as connection:
-            connection.execute(SCHEMA)
-            with connection:
+        try:
+            with self._write_lock, closing(self._writing()) as connection, connection:
                 deleted = connection.execute(
                     "delete from labels where sae = ? and feature_index = ?", (sae, feature_index)
                 ).rowcount
+        except sqlite3.Error as error:
+            raise LabelsUnavailable(_reason(error)) from None
         return deleted > 0
+
+
+def _reason(error: sqlite3.Error) -> str:
+    if "locked" in str(error) or "busy" in str(error):
+        return "the labels file is locked by another process: try again shortly"
+    return f"the labels file cannot be used: {error}"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -9,6 +10,7 @@ from fastapi.testclient import TestClient
 
 from saescope.server.app import create_app
 from saescope.server.settings import Settings
+from tests.server.test_server import assert_error
 
 TOKEN = "s3cret"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -154,3 +156,53 @@ def test_the_token_is_checked_and_the_body_bounded_before_it_is_read(client: Tes
     assert client.get("/api/v1/saes/tiny-sae/labels").json() == []
     activations = client.post("/api/v1/saes/tiny-sae/activations", content=b"x" * (300 << 10))
     assert activations.status_code == 413
+
+
+def test_a_locked_labels_file_is_a_503_never_a_silent_empty_export(
+    client: TestClient, labels_file: Path
+) -> None:
+    import sqlite3
+
+    client.put(LABEL.format(2), json={"label": "kept"}, headers=AUTH)
+    holder = sqlite3.connect(labels_file)
+    holder.execute("begin exclusive")
+    try:
+        for response in (
+            client.get("/api/v1/saes/tiny-sae/labels"),
+            client.put(LABEL.format(3), json={"label": "x"}, headers=AUTH),
+        ):
+            assert_error(response, 503, "locked by another process")
+            assert response.headers["retry-after"] == "2"
+    finally:
+        holder.rollback()
+        holder.close()
+    assert [x["label"] for x in client.get("/api/v1/saes/tiny-sae/labels").json()] == ["kept"]
+
+
+def test_a_corrupt_or_unwritable_labels_file_is_an_error_at_start(
+    dashboard_db: Path, tmp_path: Path
+) -> None:
+    from click.testing import CliRunner
+
+    from saescope.cli import app
+
+    corrupt = tmp_path / "corrupt.sqlite"
+    corrupt.write_bytes(b"this is not a database" * 100)
+    result = CliRunner().invoke(app, ["serve", str(dashboard_db), "--labels", str(corrupt)])
+    assert result.exit_code == 2
+    assert f"error: labels file {corrupt}" in result.output
+    read_only = tmp_path / "read-only"
+    read_only.mkdir()
+    read_only.chmod(0o555)
+    try:
+        settings = Settings(
+            database=dashboard_db, labels=read_only / "labels.sqlite", write_token=TOKEN
+        )
+        if os.access(read_only, os.W_OK):
+            pytest.skip("running as a user who may write anywhere")
+        with pytest.raises(OSError, match="not writable"):
+            create_app(settings)
+        # Without the token, labels are only read: the server starts.
+        create_app(Settings(database=dashboard_db, labels=read_only / "labels.sqlite"))
+    finally:
+        read_only.chmod(0o755)
