@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import sqlite3
 import threading
+import time
 from pathlib import Path
 from urllib.parse import quote
 
@@ -95,13 +96,21 @@ def has_current_schema(path: Path) -> bool:
     return True
 
 
+# A file rewritten in place (same inode) is read again once it has stayed unchanged this long.
+SETTLE_SECONDS = 1.0
+SQLITE_HEADER = b"SQLite format 3\x00"
+
+
 class ServedDatabase:
     """The file a server serves, one consistent database at a time.
 
     Builds replace a database by renaming a new file into place. Each request asks for the
     current engine: when the file at the path is another one than the engine reads, a new engine
     is opened (and every cache keyed by the engine goes with the old one); a missing file, or one
-    saescope cannot read, raises DatabaseUnavailable until a readable one is back.
+    saescope cannot read, raises DatabaseUnavailable until a readable one is back. A file
+    overwritten in place (the same inode, another size or time) is unavailable until it has
+    stayed unchanged for SETTLE_SECONDS and starts with SQLite's header: the writer may not be
+    done.
     """
 
     def __init__(self, path: Path) -> None:
@@ -109,6 +118,8 @@ class ServedDatabase:
         self._lock = threading.Lock()
         self._engine: Engine | None = None
         self._identity: tuple[int, ...] | None = None
+        self._rewritten: tuple[tuple[int, ...], float] | None = None
+        """the identity an in-place rewrite was last seen with, and since when"""
         if not path.is_file():
             raise FileNotFoundError(f"no database at {path}")
         self._open(self._identify())  # the first file must be readable: raised as it is
@@ -139,10 +150,25 @@ class ServedDatabase:
         with self._lock:
             if identity == self._identity:
                 return self._engine
+            if self._identity is not None and identity[:2] == self._identity[:2]:
+                self._wait_for_rewrite(identity)
             try:
                 return self._open(identity)
             except (OSError, SchemaMismatchError) as error:
                 raise DatabaseUnavailable(f"{self.path}: {error}") from None
+
+    def _wait_for_rewrite(self, identity: tuple[int, ...]) -> None:
+        """DatabaseUnavailable while the file rewritten in place may still be being written."""
+        now = time.monotonic()
+        if self._rewritten is None or self._rewritten[0] != identity:
+            self._rewritten = identity, now
+        with open(self.path, "rb") as file:
+            whole = file.read(len(SQLITE_HEADER)) == SQLITE_HEADER
+        if not whole or now - self._rewritten[1] < SETTLE_SECONDS:
+            raise DatabaseUnavailable(
+                f"{self.path} is being overwritten in place: replace a database by renaming a "
+                "whole file into place"
+            )
 
     def dispose(self) -> None:
         if self._engine is not None:

@@ -6,6 +6,7 @@ import logging
 from http import HTTPStatus
 from typing import Any
 
+import sqlalchemy.exc
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
@@ -45,6 +46,8 @@ BODY_RESPONSES: dict[int | str, dict[str, Any]] = {
 WRITE_RESPONSES: dict[int | str, dict[str, Any]] = BODY_RESPONSES | {
     status: {"model": ErrorBody, "description": HTTPStatus(status).phrase} for status in (401, 403)
 }
+# What SQLite says when the file it reads was overwritten under it.
+CHANGED_FILE_SIGNS = ("malformed", "not a database", "disk I/O error", "file is not")
 # Longest piece of a request echoed back in an error message.
 ECHO_LIMIT = 200
 
@@ -110,6 +113,11 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(Exception)
     async def unexpected(request: Request, error: Exception) -> Response:
-        """A bug, answered in the documented shape rather than as plain text."""
+        """A bug, answered in the documented shape rather than as plain text; or a database
+        file that changed under a request (overwritten in place), a 503."""
+        if isinstance(error, sqlalchemy.exc.DatabaseError) and any(
+            sign in str(error.orig) for sign in CHANGED_FILE_SIGNS
+        ):
+            return error_response(request, 503, "the database changed while it was read: try again")
         logger.exception("error answering %s", shown(request.url.path))
         return error_response(request, 500, "the server failed to answer this request")

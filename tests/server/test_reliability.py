@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import shutil
 import sqlite3
+import time
 from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
 
+from saescope.db.engine import SETTLE_SECONDS
 from saescope.server.app import create_app
 from saescope.server.middleware import MAX_URL_LENGTH
 from saescope.server.settings import Settings
@@ -63,7 +65,32 @@ def test_a_replaced_database_is_served_whole_and_a_deleted_one_is_reported(
 
     with sqlite3.connect(served) as connection:  # another schema: reported, not served
         connection.execute("update meta set value = '1' where key = 'schema_version'")
+    assert "overwritten in place" in error_of(client.get("/api/v1/saes"))["message"]
+    time.sleep(SETTLE_SECONDS)
     assert "schema version 1" in error_of(client.get("/api/v1/saes"))["message"]
+
+
+def test_a_database_overwritten_in_place_is_503_until_it_is_whole(
+    tmp_path: Path, dashboard_db: Path
+) -> None:
+    served = tmp_path / "served.db"
+    shutil.copy(dashboard_db, served)
+    client = TestClient(create_app(Settings(database=served)))
+    assert client.get(f"/api/v1/saes/{SAE}/features/3").status_code == 200
+    whole = dashboard_db.read_bytes()
+    with served.open("r+b") as file:  # a copy over the file, half done: same inode
+        file.seek(0)
+        file.write(b"\0" * 4096)
+        file.truncate(len(whole) // 2)
+    for url in ("/api/v1/health", f"/api/v1/saes/{SAE}/features/3", f"/saes/{SAE}"):
+        response = client.get(url)
+        assert response.status_code == 503, url
+    assert "overwritten in place" in error_of(client.get("/api/v1/health"))["message"]
+    with served.open("r+b") as file:
+        file.write(whole)
+    assert client.get("/api/v1/health").status_code == 503, "not yet settled"
+    time.sleep(SETTLE_SECONDS)
+    assert client.get(f"/api/v1/saes/{SAE}/features/3").status_code == 200
 
 
 @pytest.mark.parametrize(
