@@ -76,5 +76,5 @@ def create_app(settings: Settings) -> FastAPI:
         check_token=app.state.labels.check_token,
         error_response=respond,
     )
-    app.add_middleware(HttpHygiene, error_response=respond)
+    app.add_middleware(HttpHygiene, error_response=respond, hosts=settings.hosts())
     return app

@@ -6,6 +6,7 @@ stderr with exit status 2 (`ErrorContract`)."""
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -16,7 +17,7 @@ from pydantic import ValidationError
 from saescope.server.settings import Settings
 
 # Larger request heads are cut off by the HTTP parser with a bare 400.
-MAX_REQUEST_HEAD_BYTES = 8 << 20
+MAX_REQUEST_HEAD_BYTES = 64 << 10
 
 host_option = click.option("--host", default="127.0.0.1", help="Interface to listen on.")
 port_option = click.option(
@@ -84,6 +85,8 @@ def run(database: Path | None, host: str, port: int, **settings: Any) -> None:
     from saescope.server.app import create_app
 
     given = {name: value for name, value in settings.items() if value is not None}
+    if "allowed_hosts" not in given and not os.environ.get("SAESCOPE_ALLOWED_HOSTS"):
+        given["allowed_hosts"] = ",".join(dict.fromkeys([host, "localhost", "127.0.0.1"]))
     if database is not None:
         given["database"] = database
     try:
@@ -107,6 +110,7 @@ def run(database: Path | None, host: str, port: int, **settings: Any) -> None:
         log_level="warning",
         # Request heads up to this size reach the app, which refuses a long URL with 414.
         h11_max_incomplete_event_size=MAX_REQUEST_HEAD_BYTES,
+        server_header=False,
     )
 
 

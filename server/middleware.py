@@ -33,10 +33,12 @@ VERSIONED_CACHE = "public, max-age=31536000, immutable"
 
 
 class HttpHygiene:
-    def __init__(self, app: ASGIApp, error_response) -> None:
+    def __init__(self, app: ASGIApp, error_response, hosts: frozenset[str] | None) -> None:
         self.app = app
         self.error_response = error_response
         """(scope, status, message) → an ASGI response in the documented error shape"""
+        self.hosts = hosts
+        """the Host names answered; None: any"""
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -48,7 +50,11 @@ class HttpHygiene:
         if head:
             scope = {**scope, "method": "GET"}
         send = _with_headers(send, scope, query.decode("latin-1"), drop_body=head)
-        if len(raw_path) + len(query) > MAX_URL_LENGTH:
+        host = _host_name(Headers(scope=scope).get("host", ""))
+        if self.hosts is not None and host not in self.hosts:
+            message = f"this server does not answer to the host {host[:100]!r}"
+            await self.error_response(scope, 400, message)(scope, receive, send)
+        elif len(raw_path) + len(query) > MAX_URL_LENGTH:
             message = f"the URL is longer than {MAX_URL_LENGTH} characters"
             await self.error_response(scope, 414, message)(scope, receive, send)
         elif raw_path != b"/" and raw_path.endswith(b"/"):
@@ -57,6 +63,13 @@ class HttpHygiene:
             await _redirect(local + (b"?" + query if query else b""), send)
         else:
             await self.app(scope, receive, send)
+
+
+def _host_name(header: str) -> str:
+    """The Host header's name, without its port, in lower case (`[::1]:80` → `::1`)."""
+    if header.startswith("["):
+        return header[1 : header.find("]")].lower()
+    return header.rpartition(":")[0].lower() if ":" in header else header.lower()
 
 
 def _with_headers(send: Send, scope: Scope, query: str, drop_body: bool) -> Send:

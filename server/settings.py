@@ -40,6 +40,23 @@ class Settings(BaseSettings):
         "SAESCOPE_INFERENCE_TOKEN), sent to it as a Bearer token",
     )
 
+    allowed_hosts: str | None = Field(
+        None,
+        description="comma-separated host names the server answers to (the Host header), * for "
+        "any; `serve` defaults to the address it listens on, localhost and 127.0.0.1, so that "
+        "no other site's page can reach it through DNS rebinding",
+    )
+
+    def hosts(self) -> frozenset[str] | None:
+        """The Host names answered (lower case, no port); None: any."""
+        if self.allowed_hosts is None or self.allowed_hosts.strip() == "*":
+            return None
+        return frozenset(
+            name.strip().strip("[]").lower()
+            for name in self.allowed_hosts.split(",")
+            if name.strip()
+        )
+
     @field_validator("write_token", "inference_token")
     @classmethod
     def token_not_blank(cls, token: str | None) -> str | None:

@@ -212,3 +212,23 @@ def test_responses_are_compressed_and_static_files_cached(client: TestClient) ->
     versioned = client.get(plotly, headers={"Accept-Encoding": "gzip"})
     assert versioned.headers["cache-control"] == "public, max-age=31536000, immutable"
     assert versioned.num_bytes_downloaded < len(versioned.content) / 2  # sent compressed
+
+
+def test_other_host_headers_are_refused(dashboard_db: Path) -> None:
+    settings = Settings(database=dashboard_db, allowed_hosts="localhost, 127.0.0.1,[::1]")
+    guarded = TestClient(create_app(settings), base_url="http://127.0.0.1:8000")
+    assert guarded.get("/api/v1/health").status_code == 200
+    assert guarded.get("/api/v1/health", headers={"Host": "LOCALHOST:9"}).status_code == 200
+    assert guarded.get("/api/v1/health", headers={"Host": "[::1]:8000"}).status_code == 200
+    for host in ("evil.example", "evil.example:8000", "127.0.0.1.evil.example", ""):
+        refused = guarded.get("/api/v1/health", headers={"Host": host})
+        assert refused.status_code == 400, host
+        assert "does not answer to the host" in error_of(refused)["message"]
+    anyone = Settings(database=dashboard_db, allowed_hosts="*")
+    assert TestClient(create_app(anyone)).get("/api/v1/health").status_code == 200
+
+
+def test_405_says_which_methods_are_allowed(client: TestClient) -> None:
+    response = client.delete("/api/v1/health")
+    assert response.status_code == 405
+    assert response.headers["allow"] == "GET"
