@@ -38,16 +38,24 @@ class DemoSae:
     training: TrainingSettings
 
 
+# Tokens each demo SAE trains on: where its held-out MSE has stopped falling.
+DEMO_TRAINING_TOKENS = 8_000_000
 DEMO_SAES = (
-    # TopK with AuxK, 16× the residual width.
+    # TopK with AuxK, 16× the residual width, from two seeds: the latents both runs learn.
     DemoSae(
         "demo-topk",
         DEMO / "saes" / "topk",
-        TrainingSettings(objective="topk", k=32, d_sae=2048, training_tokens=3_000_000),
+        TrainingSettings(objective="topk", k=32, d_sae=2048, training_tokens=DEMO_TRAINING_TOKENS),
     ),
-    # The L1 reference on the same hook, from another seed: an initialisation of its own, so
-    # that matching its latents with the TopK SAE's shows what training found, not where both
-    # started.
+    DemoSae(
+        "demo-topk-s1",
+        DEMO / "saes" / "topk-s1",
+        TrainingSettings(
+            objective="topk", k=32, d_sae=2048, training_tokens=DEMO_TRAINING_TOKENS, seed=1
+        ),
+    ),
+    # The L1 reference on the same hook, from a third seed: matching the TopK latents in it
+    # shows what one objective learns and the other does not (Farrell).
     DemoSae(
         "demo-l1",
         DEMO / "saes" / "l1",
@@ -55,8 +63,8 @@ DEMO_SAES = (
             objective="l1",
             sparsity_coefficient=1.0,
             d_sae=2048,
-            training_tokens=3_000_000,
-            seed=1,
+            training_tokens=DEMO_TRAINING_TOKENS,
+            seed=2,
         ),
     ),
 )

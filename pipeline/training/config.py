@@ -55,9 +55,9 @@ class TrainingSettings:
     training_tokens: int = setting(2_000_000, "Training tokens.", at_least=1)
     batch_size: int = setting(4096, "Tokens per optimiser step.", at_least=1)
     learning_rate: float = setting(1e-3, "Peak Adam learning rate.", greater_than=0)
-    warmup_fraction: float = setting(0.05, "Share of steps warming up.", at_least=0, at_most=1)
+    warmup_fraction: float = setting(0.0, "Share of steps warming up.", at_least=0, at_most=1)
     decay_fraction: float = setting(
-        0.2, "Share of steps, at the end, decaying to zero.", at_least=0, at_most=1
+        0.0, "Share of steps, at the end, decaying to zero.", at_least=0, at_most=1
     )
     unit_decoder: bool = setting(
         True,

@@ -345,6 +345,7 @@ def test_openapi_lists_every_json_route(client: TestClient) -> None:
         "/api/v1/saes/{sae}/flags",
         "/api/v1/compare",
         "/api/v1/saes/{sae}/compare/{other}",
+        "/api/v1/saes/{sae}/consistency",
         "/api/v1/saes/{sae}/threshold-ablation",
         "/api/v1/saes/{sae}/activations",
         "/api/v1/saes/{sae}/labels",
