@@ -9,13 +9,16 @@ from typing import Annotated
 from fastapi import Depends, Request
 from sqlalchemy.orm import Session
 
+from saescope.db.queries.saes import PATHS_RELATIVE_TO
 from saescope.server.labels import LabelStore
 from saescope.server.settings import Settings
 
 
 def get_session(request: Request) -> Iterator[Session]:
     """A session on the database file as it is now (see `ServedDatabase`)."""
-    with Session(request.app.state.database.engine()) as session:
+    database = request.app.state.database
+    with Session(database.engine()) as session:
+        session.info[PATHS_RELATIVE_TO] = str(database.path.resolve().parent)
         yield session
 
 

@@ -25,7 +25,7 @@ from saescope.db.queries.feature_table import FeaturePage, LatentSummary, latent
 from saescope.db.queries.flags import FlagsReport, flags_report
 from saescope.db.queries.lookups import sae_row
 from saescope.db.queries.phrase_search import CONTEXTS_PER_PAGE, PhraseSearch
-from saescope.db.queries.saes import AblationRule, SaeDetail, SaeSummary, list_saes
+from saescope.db.queries.saes import AblationRule, SaeDetail, SaeSummary, list_saes, shown_sae
 from saescope.db.queries.token_search import LATENTS_SHOWN, TokenSearch, search_tokens
 from saescope.server import api, inference, urls
 from saescope.server.dependencies import Reader, ReaderDep, SessionDep
@@ -159,7 +159,7 @@ def sae(sae: SaeName, params: FeatureTableQuery, reader: ReaderDep) -> SaePage:
     stored = sae_row(session, sae)
     features = params.page(session, sae, reader.settings.page_size)
     return SaePage(
-        **dict(SaeDetail.model_validate(stored, from_attributes=True)),
+        **dict(shown_sae(SaeDetail, stored, session)),
         features=features,
         labels=reader.labels.of_features(sae, [row.feature_index for row in features.items]),
         threshold_ablation=stored.threshold_ablation,

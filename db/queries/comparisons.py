@@ -18,7 +18,7 @@ from saescope.db.queries.feature_detail import Histogram
 from saescope.db.queries.feature_table import ROW_TOKENS
 from saescope.db.queries.lookups import NotFoundError, TokenCount, sae_row, token_counts, vocab
 from saescope.db.queries.paging import SortOrder, cursor, keyset
-from saescope.db.queries.saes import AblationRule, SaeSummary, Training
+from saescope.db.queries.saes import AblationRule, SaeSummary, Training, shown_sae
 
 
 class UnmatchedSort(StrEnum):
@@ -235,7 +235,7 @@ def side_by_side(session: Session) -> SaeComparison:
     """Every SAE of the file with its metrics, training and threshold ablation, and every stored
     comparison's summary."""
     saes = [
-        SaeSideBySide.model_validate(sae, from_attributes=True)
+        shown_sae(SaeSideBySide, sae, session)
         for sae in session.scalars(select(Sae).order_by(Sae.id))
     ]
     return SaeComparison(

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import typing
-from typing import Any
+from typing import Any, TypeVar
 
 from pydantic import BaseModel, Field, create_model
 from sqlalchemy import select
@@ -72,13 +73,42 @@ class ThresholdAblation(BaseModel):
     rules: list[AblationRule] = Field(validation_alias="threshold_ablation")
 
 
+# The session's `info` key of the directory that local paths are shown relative to (the server
+# sets it to the database's): responses never show where the files sit on the machine.
+PATHS_RELATIVE_TO = "paths_relative_to"
+# The build settings that hold local paths.
+PATH_SETTINGS = ("model", "sae", "corpus", "synthetic")
+Shown = TypeVar("Shown", bound=BaseModel)
+
+
+def shown_sae(model: type[Shown], sae: Sae, session: Session) -> Shown:
+    """`sae` as `model` shows it, its local paths relative to PATHS_RELATIVE_TO when set."""
+    shown = model.model_validate(sae, from_attributes=True)
+    base = session.info.get(PATHS_RELATIVE_TO)
+    if base is None:
+        return shown
+
+    def relative(value: Any) -> Any:
+        return (
+            os.path.relpath(value, base)
+            if isinstance(value, str) and value.startswith("/")
+            else value
+        )
+
+    updates: dict[str, Any] = {"model": relative(shown.model)}
+    config = getattr(shown, "config", None)
+    if config:
+        updates["config"] = config | {key: relative(config.get(key)) for key in PATH_SETTINGS}
+    return shown.model_copy(update=updates)
+
+
 def list_saes(session: Session) -> list[SaeSummary]:
     saes = session.scalars(select(Sae).order_by(Sae.id))
-    return [SaeSummary.model_validate(sae, from_attributes=True) for sae in saes]
+    return [shown_sae(SaeSummary, sae, session) for sae in saes]
 
 
 def get_sae(session: Session, name: str) -> SaeDetail:
-    return SaeDetail.model_validate(sae_row(session, name), from_attributes=True)
+    return shown_sae(SaeDetail, sae_row(session, name), session)
 
 
 def threshold_ablation(session: Session, sae_name: str) -> ThresholdAblation:

@@ -552,3 +552,12 @@ def test_threshold_ablation_and_description_length_of_an_sae(client: TestClient)
     assert {(p["sae"], p["other"]) for p in side_by_side["pairs"]} == {
         (SAE, "other-sae"), ("other-sae", SAE),
     }  # fmt: skip
+
+
+def test_the_api_shows_no_absolute_path(client: TestClient, dashboard_db: Path) -> None:
+    """Local paths (model, SAE, corpus) are shown relative to the database's directory."""
+    for url in ("/api/v1/saes", f"/api/v1/saes/{SAE}", "/api/v1/compare", f"/saes/{SAE}", "/"):
+        text = client.get(url).text
+        assert str(dashboard_db.parent.parent) not in text, url
+    config = client.get(f"/api/v1/saes/{SAE}").json()["config"]
+    assert (dashboard_db.parent / config["sae"]).resolve().is_dir()
