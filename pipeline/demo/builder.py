@@ -38,7 +38,7 @@ class DemoSae:
     training: TrainingSettings
 
 
-# Tokens each demo SAE trains on: where its held-out MSE has stopped falling.
+# Tokens each demo SAE trains on: its training MSE falls by about 1% over the last 10% of them.
 DEMO_TRAINING_TOKENS = 8_000_000
 DEMO_SAES = (
     # TopK with AuxK, 16× the residual width, from two seeds: the latents both runs learn.

@@ -348,13 +348,13 @@ def test_demo_builds_only_what_its_database_lacks(tmp_path: Path, dashboard_db: 
         connection.execute("update saes set name = 'demo-topk' where name = 'tiny-sae'")
         connection.execute("update saes set name = 'another' where name = 'other-sae'")
     assert builder.build_demo(tmp_path, quiet=True) == database
-    assert built == ["demo-l1"]
+    assert built == ["demo-topk-s1", "demo-l1"]
     with sqlite3.connect(database) as connection:
         connection.execute("update meta set value = '1' where key = 'schema_version'")
     built.clear()
     builder.build_demo(tmp_path, quiet=True)
     assert not database.exists()  # the builds are stubbed here
-    assert built == ["demo-topk", "demo-l1"]
+    assert built == ["demo-topk", "demo-topk-s1", "demo-l1"]
 
 
 def test_the_stored_config_reads_back_as_the_options_of_the_build(built_db: Path) -> None:
