@@ -324,3 +324,17 @@ def test_the_table_fits_a_narrow_screen(browser, base_url: str, screenshots: Pat
     assert width <= 420
     page.screenshot(path=str(screenshots / "table-420px.png"))
     page.close()
+
+
+def test_a_redirect_in_the_browser_stays_on_the_origin(
+    browser, base_url: str, dashboard_db: Path
+) -> None:
+    """`//host:port/x/` on one dashboard, with a second one listening at that host and port: the
+    trailing-slash redirect leaves the browser on the first. (Chromium itself turns `/\\host`
+    into `//host`; the raw form is tested on the app in tests/server/test_reliability.py.)"""
+    with serving(Settings(database=dashboard_db)) as other:
+        other_host = other.removeprefix("http://")
+        page = browser.new_page()
+        page.goto(f"{base_url}//{other_host}/api/v1/health/")
+        assert page.url.startswith(f"{base_url}/"), page.url
+        page.close()
