@@ -79,16 +79,39 @@ def activations_at_hooks(
 ) -> tuple[Float[Tensor, "seq ctx d"], ...]:
     """The activations at each hook (heads flattened, see `flat_heads`), from one forward pass
     that stops once the last of them is reached."""
+    captured, fwd_hooks = _capturing(hooks, stop=True)
+    with contextlib.suppress(_StopForward):
+        model.run_with_hooks(tokens, fwd_hooks=fwd_hooks)
+    return _captured(captured, hooks)
+
+
+def activations_and_loss(
+    model, hooks: tuple[str, ...], tokens: Int[Tensor, "seq ctx"]
+) -> tuple[tuple[Float[Tensor, "seq ctx d"], ...], Float[Tensor, "seq predictions"]]:
+    """The activations at each hook and the next-token loss of every prediction, from one whole
+    forward pass."""
+    captured, fwd_hooks = _capturing(hooks, stop=False)
+    loss = model.run_with_hooks(
+        tokens, return_type="loss", loss_per_token=True, fwd_hooks=fwd_hooks
+    )
+    return _captured(captured, hooks), loss
+
+
+def _capturing(hooks: tuple[str, ...], stop: bool) -> tuple[dict[str, Tensor], list]:
+    """Forward hooks that keep each hook's activations in the returned dict (and, with `stop`,
+    end the pass once all are kept)."""
     captured: dict[str, Tensor] = {}
 
     def capture(activation: Tensor, hook, name: str) -> None:
         captured[name] = flat_heads(activation)
-        if len(captured) == len(set(hooks)):
+        if stop and len(captured) == len(set(hooks)):
             raise _StopForward
 
     fwd_hooks = [(name, functools.partial(capture, name=name)) for name in dict.fromkeys(hooks)]
-    with contextlib.suppress(_StopForward):
-        model.run_with_hooks(tokens, fwd_hooks=fwd_hooks)
+    return captured, fwd_hooks
+
+
+def _captured(captured: dict[str, Tensor], hooks: tuple[str, ...]) -> tuple[Tensor, ...]:
     for name in hooks:
         if name not in captured:
             raise InputError(f"hook {name!r} was not reached in a forward pass")

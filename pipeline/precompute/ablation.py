@@ -18,20 +18,21 @@ evaluation contexts.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
-
 import numpy as np
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor
+from tqdm.auto import tqdm
 
 from saescope.db.codec import histogram_edges
 from saescope.pipeline.activations import ActivationSource
-from saescope.pipeline.config import ACTIVATION_CELLS
 from saescope.pipeline.precompute.accumulators import FeatureStatsResult
-from saescope.pipeline.precompute.evaluation import SequenceTotals, encode_decode, splice_hooks
-from saescope.pipeline.saes import row_chunks
+from saescope.pipeline.precompute.evaluation import (
+    ActiveEntries,
+    EvaluationContexts,
+    Transform,
+    measure,
+)
 
 TARGET_FRACTIONS = (1.0, 0.85, 0.7, 0.55, 0.4, 0.25)
 # Each rule, and what it removes (stored beside its points).
@@ -42,140 +43,88 @@ RULES = {
     "quantile": "activations below a quantile of their latent's active values",
 }
 
-# f ↦ the activations the decoder gets instead.
-Transform = Callable[[Tensor], Tensor]
-# A removal rule makes several dense copies of f: rows are taken this many (token, latent) cells
-# at a time, so a wide SAE's copies stay small.
-TRANSFORM_CELLS = ACTIVATION_CELLS // 8
-
-
-@dataclass
-class AblationContexts:
-    """The ablation contexts, batch by batch, and the SAE's active entries on them (special
-    tokens aside), from which each rule's knob is set."""
-
-    batches: list[tuple[Tensor, Tensor, Tensor]]
-    """(token ids, the activations the SAE reads, those it writes, special-token mask) per
-    forward pass"""
-    values: np.ndarray
-    """the active values, over every ordinary token"""
-    latents: np.ndarray
-    """the latent of each"""
-    per_token: np.ndarray
-    """the active count of each ordinary token"""
-
-
-def ablation_contexts(
-    sae, source: ActivationSource, n_sequences: int, device: str
-) -> AblationContexts:
-    batches, values, latents, per_token = [], [], [], []
-    for start, token_ids in source.batches(device, range(min(n_sequences, len(source.tokens)))):
-        x, written = source.read_with_output(start, token_ids)
-        x, written = x.float(), written.float()
-        special = source.special(token_ids)
-        for part in row_chunks(x[~special], sae.W_dec.shape[0]):
-            f = sae.encode(part).float()
-            rows, cols = torch.nonzero(f > 0, as_tuple=True)
-            values.append(f[rows, cols].cpu().numpy())
-            latents.append(cols.cpu().numpy())
-            per_token.append((f > 0).sum(1).cpu().numpy())
-        batches.append((token_ids, x, written, special))
-    return AblationContexts(
-        batches, np.concatenate(values), np.concatenate(latents), np.concatenate(per_token)
-    )
-
-
-def measure(
-    sae,
-    source: ActivationSource,
-    contexts: AblationContexts,
-    transform: Transform,
-    with_loss: bool = True,
-) -> dict[str, float | None]:
-    """L0, MSE, explained variance and (with a language model and `with_loss`) cross-entropy
-    with the SAE's activations changed by `transform` before decoding."""
-    totals = SequenceTotals()
-    model = source.language_model if with_loss else None
-    for token_ids, x, written, special in contexts.batches:
-        parts, active = [], []
-        for part in row_chunks(x[~special], sae.W_dec.shape[0], TRANSFORM_CELLS):
-            reconstruction, count = encode_decode(sae, part, transform)
-            parts.append(reconstruction)
-            active.append(count)
-        reconstruction = written.clone()
-        reconstruction[~special] = torch.cat(parts)
-        per_token = torch.zeros(special.shape, dtype=torch.int64, device=x.device)
-        per_token[~special] = torch.cat(active)
-        totals.add_reconstruction(written, reconstruction, per_token, ~special)
-        if model is not None:
-
-            def replace(x: Tensor, y: Tensor, reconstruction=reconstruction) -> Tensor:
-                return reconstruction.to(y.dtype)
-
-            hooks = splice_hooks(source.hook, source.written_hook, replace, special)
-            loss = model.run_with_hooks(
-                token_ids, return_type="loss", loss_per_token=True, fwd_hooks=hooks
-            )
-            totals.add_loss("sae", loss)
-    metrics = totals.metrics()
-    return {
-        "l0": metrics["eval_l0"],
-        "mse": metrics["mse"],
-        "explained_variance": metrics["explained_variance"],
-        "ce": metrics["ce_sae"],
-    }
-
 
 def threshold_ablation(
-    sae, source: ActivationSource, contexts: AblationContexts, stats: FeatureStatsResult
+    sae,
+    source: ActivationSource,
+    contexts: EvaluationContexts,
+    stats: FeatureStatsResult,
+    evaluation: dict,
+    quiet: bool,
 ) -> list[dict]:
     """Every rule's points, as the database stores them: [{name, rule, points: [{threshold, l0,
-    mse, explained_variance, ce}]}], the knob named `threshold` whatever the rule."""
+    mse, explained_variance, ce}]}], the knob named `threshold` whatever the rule; the first
+    point is the SAE's `evaluation`."""
     n_tokens = max(len(contexts.per_token), 1)
     kept = [round(contexts.values.size * fraction) for fraction in TARGET_FRACTIONS[1:]]
     maximum = torch.from_numpy(stats.max).float()
     ranks = ActivationRanks(stats)
-    unchanged = {"threshold": 0.0, **measure(sae, source, contexts, lambda f: f)}
+    unchanged = {
+        "threshold": 0.0,
+        "l0": evaluation["eval_l0"],
+        "mse": evaluation["mse"],
+        "explained_variance": evaluation["explained_variance"],
+        "ce": evaluation["ce_sae"],
+    }
     report = []
-    for rule in RULES:
-        points = [unchanged]
-        for knob in _knobs(rule, kept, n_tokens, contexts, stats.max, ranks):
-            transform = _transform(rule, knob, maximum, ranks)
-            points.append({"threshold": knob, **measure(sae, source, contexts, transform)})
-        report.append({"name": rule, "rule": RULES[rule], "points": points})
+    progress = tqdm(total=len(RULES) * len(kept), desc="threshold ablation", disable=quiet)
+    with progress:
+        for rule in RULES:
+            progress.set_description(f"threshold ablation: {rule}")
+            points = [unchanged]
+            for knob in _knobs(rule, kept, n_tokens, contexts, stats.max, ranks):
+                transform = _transform(rule, knob, maximum, ranks)
+                metrics = measure(sae, source, contexts, transform, loss=True).metrics()
+                points.append(
+                    {
+                        "threshold": knob,
+                        "l0": metrics["eval_l0"],
+                        "mse": metrics["mse"],
+                        "explained_variance": metrics["explained_variance"],
+                        "ce": metrics["ce_sae"],
+                    }
+                )
+                progress.update()
+            report.append({"name": rule, "rule": RULES[rule], "points": points})
     return report
 
 
 def _transform(rule: str, knob: float, maximum: Tensor, ranks: ActivationRanks) -> Transform:
-    def transformed(f: Tensor) -> Tensor:
+    def transformed(active: ActiveEntries) -> Tensor:
+        values = active.values
         if rule == "lowest_k":
-            return _drop_lowest(f, int(knob))
+            return _drop_lowest(active, int(knob))
         if rule == "global":
-            keep = f >= knob
+            keep = values >= knob
         elif rule == "fraction_of_max":
-            keep = f >= knob * maximum.to(f.device)
+            keep = values >= knob * maximum.to(values.device)[active.latents]
         else:
-            keep = ranks.of_tensor(f) >= knob
-        return torch.where(keep, f, 0.0)
+            keep = ranks.of_entries(active) >= knob
+        return torch.where(keep, values, 0.0)
 
     return transformed
 
 
-def _drop_lowest(f: Float[Tensor, "tokens d_sae"], k: int) -> Float[Tensor, "tokens d_sae"]:
-    """Each token's k smallest active values set to 0 (all of them where it has k or fewer)."""
-    if k == 0:
-        return f
-    active = f > 0
-    ranked = torch.where(active, f, torch.inf)
-    kth = ranked.kthvalue(min(k, f.shape[1]), dim=1, keepdim=True).values
-    return torch.where(active & (f > kth), f, 0.0)
+def _drop_lowest(active: ActiveEntries, k: int) -> Float[Tensor, " entries"]:
+    """Each row's k smallest active values set to 0 (all of them where it has k or fewer; values
+    tied with the k-th smallest go too)."""
+    if k == 0 or len(active.values) == 0:
+        return active.values
+    # Sorted by value within each row: a stable sort by value, then one by row.
+    by_value = torch.sort(active.values, stable=True).indices
+    by_row = by_value[torch.sort(active.rows[by_value], stable=True).indices]
+    ordered = active.values[by_row]
+    counts = active.row_starts[1:] - active.row_starts[:-1]
+    kth = ordered[(active.row_starts[:-1] + k - 1).clamp_max(len(ordered) - 1)]
+    kth = torch.where(counts >= k, kth, torch.inf)
+    return torch.where(active.values > kth[active.rows], active.values, 0.0)
 
 
 def _knobs(
     rule: str,
     kept: list[int],
     n_tokens: int,
-    contexts: AblationContexts,
+    contexts: EvaluationContexts,
     maximum: np.ndarray,
     ranks: ActivationRanks,
 ) -> list[float]:
@@ -227,10 +176,7 @@ class ActivationRanks:
         inside = self.below[latents, bin] + fraction * self.histogram[latents, bin]
         return inside / self.total[latents]
 
-    def of_tensor(self, f: Float[Tensor, "tokens d_sae"]) -> Float[Tensor, "tokens d_sae"]:
-        """F_i of each active entry of f; 0 where inactive."""
-        rows, cols = torch.nonzero(f > 0, as_tuple=True)
-        ranks = self.of(cols.cpu().numpy(), f[rows, cols].double().cpu().numpy())
-        out = torch.zeros(f.shape, dtype=torch.float64, device=f.device)
-        out[rows, cols] = torch.from_numpy(ranks).to(f.device)
-        return out
+    def of_entries(self, active: ActiveEntries) -> Float[Tensor, " entries"]:
+        """F_i of each active entry."""
+        ranks = self.of(active.latents.cpu().numpy(), active.values.double().cpu().numpy())
+        return torch.from_numpy(ranks).to(active.values.device)

@@ -45,6 +45,7 @@ import numpy as np
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor
+from tqdm.auto import tqdm
 
 from saescope.pipeline.saes import row_chunks, unit_rows
 
@@ -194,6 +195,7 @@ def _absorption(
     n_absorbers: int,
     seed: int,
     target: Float[Tensor, "n d_out"] | None = None,
+    quiet: bool = True,
 ) -> Absorption:
     """The absorption of every latent on a sample of positions: `x` the hook's activations
     there, `sequence` the sequence each position lies in (the bootstrap's unit), `target` the
@@ -221,7 +223,7 @@ def _absorption(
     absorbed_positions = np.zeros(d_sae, np.int64)
     absorbers: list[list[dict]] = []
     chunk = max(1, min(MAX_CHUNK, CHUNK_CELLS // max(n, 1)))
-    for a in range(0, d_sae, chunk):
+    for a in tqdm(range(0, d_sae, chunk), desc="absorption", unit="chunk", disable=quiet):
         b = min(a + chunk, d_sae)
         m = b - a
         own = torch.arange(m)

@@ -10,6 +10,7 @@ import numpy as np
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor
+from tqdm.auto import tqdm
 
 from saescope.db.codec import histogram_edges
 from saescope.db.records import (
@@ -144,14 +145,14 @@ def logit_effects(
 
 
 def decoder_neighbours(
-    decoder: Float[Tensor, "d_sae d_in"], n: int
+    decoder: Float[Tensor, "d_sae d_in"], n: int, quiet: bool = True
 ) -> tuple[np.ndarray, np.ndarray]:
     """The n latents with the highest decoder cosine to each latent (itself excluded)."""
     unit = unit_rows(decoder)
     n = min(n, decoder.shape[0] - 1)
     values, ids = [], []
     rows = max(1, ACTIVATION_CELLS // len(unit))
-    for start in range(0, unit.shape[0], rows):
+    for start in tqdm(range(0, unit.shape[0], rows), desc="decoder neighbours", disable=quiet):
         cosine = unit[start : start + rows] @ unit.T
         own = torch.arange(start, start + cosine.shape[0])
         cosine[torch.arange(cosine.shape[0]), own] = -2.0
@@ -224,6 +225,7 @@ def feature_records(
     description_length_bits: Float[np.ndarray, " d_sae"],
     tokens: TokenRankings,
     ground_truth: tuple[GroundTruthMatch, list[str]] | None = None,
+    quiet: bool = True,
 ) -> FeatureColumns:
     """The `features` rows; `unembed` None (no language model) leaves the logit effects empty,
     `ground_truth` (the match and the true features' names) fills the ground-truth columns."""
@@ -232,7 +234,7 @@ def feature_records(
     statistics = Statistics.of(result)
     position_rate, position_mean = positional_profile(stats)
     jaccard, miss_rate = encoder_decoder_agreement(result)
-    neighbour_cosine, neighbour_id = decoder_neighbours(decoder, settings.n_neighbours)
+    neighbour_cosine, neighbour_id = decoder_neighbours(decoder, settings.n_neighbours, quiet)
     histogram_first_bin, histogram_counts = histogram_rows(stats.histogram)
     fired = stats.count > 0
     if unembed is not None:

@@ -69,18 +69,13 @@ def description_lengths(
     )
 
 
-def quantise(f: Float[Tensor, "tokens d_sae"], precision: int) -> Float[Tensor, "tokens d_sae"]:
+def quantise(values: Float[Tensor, " n"], precision: int) -> Float[Tensor, " n"]:
     """Each active value replaced by the geometric centre of its bin at `precision` bins per
-    decade (values beyond the histogram's range are kept). Only the active entries are touched:
-    a wide SAE's rows are almost all zeros."""
-    active = torch.nonzero(f > 0, as_tuple=True)
-    values = f[active].double()
-    log = torch.log10(values)
+    decade (values beyond the histogram's range, and zeros, are kept)."""
+    log = torch.log10(values.double())
     centre = 10.0 ** ((torch.floor(log * precision) + 0.5) / precision)
     inside = (log >= HISTOGRAM_LOG10_MIN) & (log < HISTOGRAM_LOG10_MAX)
-    quantised = f.clone()
-    quantised[active] = torch.where(inside, centre, values).to(f.dtype)
-    return quantised
+    return torch.where(inside, centre, values.double()).to(values.dtype)
 
 
 def effective_precision(mse_at: Callable[[int | None], float]) -> int:

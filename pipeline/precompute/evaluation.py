@@ -5,12 +5,20 @@ Every metric is a ratio of sums over the contexts' tokens, so its standard error
 jackknife's: the metric recomputed with each context left out in turn. Special tokens
 (BOS/EOS/pad) keep their original activation in every run and are left out of L0 and the
 reconstruction metrics, as they are left out of all feature statistics.
+
+The contexts are read once (`evaluation_contexts`): one whole forward pass per batch gives the
+activations the SAE reads and writes and the clean loss, and the SAE's active entries are
+encoded once and kept sparse. Every later run (the SAE's reconstruction, zero ablation, each
+threshold-ablation point, each precision tried) changes those entries' values, decodes them
+sparsely and, where it needs the loss, splices the result into one forward pass.
 """
 
 from __future__ import annotations
 
+import warnings
 from collections import defaultdict
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -19,11 +27,9 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from saescope.pipeline.activations import ActivationSource
-from saescope.pipeline.models import flat_heads
+from saescope.pipeline.models import activations_and_loss, flat_heads
 from saescope.pipeline.saes import row_chunks
 
-# Synthetic activations are evaluated this many contexts at a time.
-RECONSTRUCTION_CONTEXTS = 512
 # The metrics the SAE's row stores, each with a standard error (column NAME_se).
 WITH_ERRORS = (
     "eval_l0",
@@ -121,108 +127,178 @@ def _metrics(t: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     return out
 
 
-def encode_decode(
-    sae, x: Float[Tensor, "*rows d_in"], transform: Callable[[Tensor], Tensor] | None = None
-) -> tuple[Float[Tensor, "*rows d_in"], Int[Tensor, "*rows"]]:
-    """The SAE's reconstruction of x in float32, with its activations changed by `transform`
-    before decoding, and the latents active on each row; rows at a time where it is wide."""
-    rows = x.reshape(-1, x.shape[-1]).to(sae.dtype)
-    reconstructed, active = [], []
-    for part in row_chunks(rows, sae.W_dec.shape[0]):
-        f = sae.encode(part).float()
-        if transform is not None:
-            f = transform(f)
-        reconstructed.append(sae.decode(f.to(sae.dtype)).float())
-        active.append((f > 0).sum(1))
-    return (
-        torch.cat(reconstructed).reshape(*x.shape[:-1], -1),
-        torch.cat(active).reshape(x.shape[:-1]),
+@dataclass
+class ActiveEntries:
+    """An SAE's active entries on some rows (tokens), row by row (CSR order): what its decoder
+    gets."""
+
+    row_starts: Int[Tensor, " rows_plus_1"]
+    rows: Int[Tensor, " entries"]
+    latents: Int[Tensor, " entries"]
+    values: Float[Tensor, " entries"]
+    d_sae: int
+
+    @classmethod
+    def of(cls, f: Float[Tensor, "rows d_sae"]) -> ActiveEntries:
+        """The entries of a dense matrix of activations."""
+        row, latent = torch.nonzero(f > 0, as_tuple=True)
+        return cls.from_entries(row, latent, f[row, latent], len(f), f.shape[1])
+
+    @classmethod
+    def encode(cls, sae, x: Float[Tensor, "rows d_in"]) -> ActiveEntries:
+        """The entries of sae.encode(x), rows at a time where the SAE is wide."""
+        d_sae = sae.W_dec.shape[0]
+        parts = [cls.of(sae.encode(part).float()) for part in row_chunks(x.to(sae.dtype), d_sae)]
+        offsets = np.cumsum([0] + [part.n_rows for part in parts[:-1]])
+        rows = [part.rows + int(offset) for part, offset in zip(parts, offsets, strict=True)]
+        return cls.from_entries(
+            torch.cat(rows),
+            torch.cat([part.latents for part in parts]),
+            torch.cat([part.values for part in parts]),
+            len(x),
+            d_sae,
+        )
+
+    @classmethod
+    def from_entries(
+        cls, rows: Tensor, latents: Tensor, values: Tensor, n_rows: int, d_sae: int
+    ) -> ActiveEntries:
+        """From entries sorted by row."""
+        counts = torch.bincount(rows, minlength=n_rows)
+        row_starts = torch.cat([counts.new_zeros(1), torch.cumsum(counts, 0)])
+        return cls(row_starts, rows, latents, values, d_sae)
+
+    @property
+    def n_rows(self) -> int:
+        return len(self.row_starts) - 1
+
+    def active_per_row(self, values: Float[Tensor, " entries"]) -> Int[Tensor, " rows"]:
+        counts = torch.zeros(self.n_rows, dtype=torch.int64, device=values.device)
+        return counts.index_add_(0, self.rows, (values > 0).long())
+
+    def decode(self, sae, values: Float[Tensor, " entries"]) -> Float[Tensor, "rows d_out"]:
+        """sae.decode of the rows with these values in place of the entries' own, in float32:
+        the SAE's own decode, given its activations as a sparse matrix."""
+        with warnings.catch_warnings():  # torch's notice that sparse tensors are in beta
+            warnings.filterwarnings("ignore", message="Sparse", category=UserWarning)
+            f = torch.sparse_csr_tensor(
+                self.row_starts, self.latents, values.to(sae.dtype), (self.n_rows, self.d_sae)
+            )
+        return sae.decode(f).float().reshape(self.n_rows, -1)
+
+
+# The entries' values ↦ the values the decoder gets instead (0 removes an entry).
+Transform = Callable[[ActiveEntries], Tensor]
+
+
+def unchanged(active: ActiveEntries) -> Tensor:
+    return active.values
+
+
+@dataclass
+class ContextBatch:
+    """One forward pass's worth of evaluation contexts."""
+
+    token_ids: Int[Tensor, "seq ctx"]
+    written: Float[Tensor, "seq ctx d_out"]
+    """the activations the SAE reconstructs (float32)"""
+    special: Bool[Tensor, "seq ctx"]
+    active: ActiveEntries
+    """the SAE's entries on the ordinary tokens, in the order of written[~special]"""
+    clean_loss: Float[Tensor, "seq predictions"] | None
+    """the model's own next-token losses (None without a language model)"""
+
+
+@dataclass
+class EvaluationContexts:
+    """The evaluation contexts, batch by batch, and the SAE's active entries on them over every
+    ordinary token, from which the threshold-ablation knobs are set."""
+
+    batches: list[ContextBatch]
+    values: np.ndarray
+    latents: np.ndarray
+    per_token: np.ndarray
+    """the active count of each ordinary token"""
+
+
+def evaluation_contexts(
+    sae, source: ActivationSource, n_sequences: int, device: str, quiet: bool
+) -> EvaluationContexts:
+    """The first `n_sequences` contexts, read and encoded once."""
+    batches = []
+    sequences = range(min(n_sequences, len(source.tokens)))
+    read = tqdm(
+        source.batches(device, sequences),
+        total=-(-len(sequences) // source.forward_sequences),
+        desc="evaluation: read and encode",
+        disable=quiet,
+    )
+    for start, token_ids in read:
+        special = source.special(token_ids)
+        clean_loss = None
+        if source.language_model is not None:
+            hooks = (source.hook, source.written_hook)
+            (x, written), clean_loss = activations_and_loss(source.language_model, hooks, token_ids)
+        else:
+            x, written = source.read_with_output(start, token_ids)
+        active = ActiveEntries.encode(sae, x.float()[~special])
+        batches.append(ContextBatch(token_ids, written.float(), special, active, clean_loss))
+    entries = [batch.active for batch in batches]
+    return EvaluationContexts(
+        batches,
+        torch.cat([a.values for a in entries]).cpu().numpy(),
+        torch.cat([a.latents for a in entries]).cpu().numpy(),
+        torch.cat([a.active_per_row(a.values) for a in entries]).cpu().numpy(),
     )
 
 
-def splice_hooks(
-    reads: str, writes: str, replace: Callable[[Tensor, Tensor], Tensor], special: Tensor
-) -> list[tuple[str, Callable]]:
-    """Forward hooks that replace the activations at `writes` by replace(x, y), x those at
-    `reads` and y those at `writes` (heads flattened; the same hook for an SAE, two for a
-    transcoder); special tokens (`special`, [batch, ctx]) keep their own."""
-    read: list[Tensor] = []
-
-    def capture(activation: Tensor, hook) -> None:
-        read.append(flat_heads(activation))
+def spliced_loss(
+    source: ActivationSource, batch: ContextBatch, replacement: Float[Tensor, "seq ctx d_out"]
+) -> Float[Tensor, "seq predictions"]:
+    """The model's next-token losses with the activations at the hook the SAE writes replaced
+    by `replacement` on the ordinary tokens (special tokens keep their own)."""
+    special = batch.special.unsqueeze(-1)
 
     def write(activation: Tensor, hook) -> Tensor:
         y = flat_heads(activation)
-        replacement = replace(read[-1] if read else y, y).to(y.dtype)
-        return torch.where(special.unsqueeze(-1), y, replacement).reshape(activation.shape)
+        return torch.where(special, y, replacement.to(y.dtype)).reshape(activation.shape)
 
-    return ([(reads, capture)] if reads != writes else []) + [(writes, write)]
-
-
-def evaluate(
-    sae, source: ActivationSource, n_sequences: int, batch_size: int, quiet: bool
-) -> dict[str, float | int | None]:
-    """The per-SAE metrics on the first `n_sequences` contexts: with the model's cross-entropy
-    where the source has a language model, reconstruction alone where it has none."""
-    tokens = torch.from_numpy(source.tokens[:n_sequences])
-    if source.language_model is None:
-        return evaluate_reconstruction(sae, source.read(0, tokens))
-    return evaluate_sae(
-        source.language_model,
-        sae,
-        (source.hook, source.written_hook),
-        tokens,
-        source.special_ids,
-        batch_size,
-        quiet,
+    return source.language_model.run_with_hooks(
+        batch.token_ids,
+        return_type="loss",
+        loss_per_token=True,
+        fwd_hooks=[(source.written_hook, write)],
     )
 
 
-def evaluate_sae(
-    model,
-    sae,
-    hooks: tuple[str, str],
-    tokens: Tensor,
-    special_ids: set[int],
-    batch_size: int,
-    quiet: bool,
+def measure(
+    sae, source: ActivationSource, contexts: EvaluationContexts, transform: Transform, loss: bool
+) -> SequenceTotals:
+    """The totals of L0 and the reconstruction (and, with `loss` and a language model, the
+    spliced run's losses as `sae`) with the SAE's active values changed by `transform`."""
+    totals = SequenceTotals()
+    for batch in contexts.batches:
+        values = transform(batch.active)
+        ordinary = ~batch.special
+        reconstruction = batch.written.clone()
+        reconstruction[ordinary] = batch.active.decode(sae, values)
+        per_token = torch.zeros(batch.special.shape, dtype=torch.int64, device=values.device)
+        per_token[ordinary] = batch.active.active_per_row(values)
+        totals.add_reconstruction(batch.written, reconstruction, per_token, ordinary)
+        if loss and batch.clean_loss is not None:
+            totals.add_loss("sae", spliced_loss(source, batch, reconstruction))
+    return totals
+
+
+def evaluate(
+    sae, source: ActivationSource, contexts: EvaluationContexts
 ) -> dict[str, float | int | None]:
-    """L0 and reconstruction metrics, and the model's next-token cross-entropy clean, with the
-    SAE's reconstruction spliced in where it writes (`hooks`: where it reads, where it writes),
-    and with that hook zero-ablated; CE score = (CE_zero − CE_sae) / (CE_zero − CE_clean)."""
-    device = next(sae.parameters()).device
-    special = torch.tensor(sorted(special_ids), dtype=torch.int64, device=device)
-    totals = SequenceTotals()
-
-    for start in tqdm(range(0, len(tokens), batch_size), desc="evaluate", disable=quiet):
-        batch = tokens[start : start + batch_size].to(device)
-        mask = torch.isin(batch, special)
-
-        def reconstructed(x: Tensor, y: Tensor, mask=mask) -> Tensor:
-            reconstruction, active = encode_decode(sae, x)
-            totals.add_reconstruction(y, reconstruction, active, ~mask)
-            return reconstruction
-
-        def zero(x: Tensor, y: Tensor) -> Tensor:
-            return torch.zeros_like(y)
-
-        totals.add_loss("clean", model(batch, return_type="loss", loss_per_token=True))
-        for name, replace in (("sae", reconstructed), ("zero", zero)):
-            fwd_hooks = splice_hooks(*hooks, replace, mask)
-            loss = model.run_with_hooks(
-                batch, return_type="loss", loss_per_token=True, fwd_hooks=fwd_hooks
-            )
-            totals.add_loss(name, loss)
-    return totals.metrics()
-
-
-def evaluate_reconstruction(sae, activations: Float[Tensor, "seq ctx d"]) -> dict:
-    """L0 and reconstruction metrics alone, for activations that come without a language
-    model."""
-    totals = SequenceTotals()
-    for chunk in activations.split(RECONSTRUCTION_CONTEXTS):
-        reconstruction, active = encode_decode(sae, chunk)
-        totals.add_reconstruction(
-            chunk, reconstruction, active, torch.ones(chunk.shape[:-1], dtype=torch.bool)
-        )
+    """L0 and reconstruction metrics, and, with a language model, its next-token cross-entropy
+    clean, with the SAE's reconstruction spliced in where it writes, and with that hook
+    zero-ablated; CE score = (CE_zero − CE_sae) / (CE_zero − CE_clean)."""
+    totals = measure(sae, source, contexts, unchanged, loss=True)
+    for batch in contexts.batches:
+        if batch.clean_loss is not None:
+            totals.add_loss("clean", batch.clean_loss)
+            totals.add_loss("zero", spliced_loss(source, batch, torch.zeros_like(batch.written)))
     return totals.metrics()

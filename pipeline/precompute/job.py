@@ -32,13 +32,12 @@ from saescope.pipeline.config import PASS_CELLS
 from saescope.pipeline.errors import InputError
 from saescope.pipeline.memory import reused_memory
 from saescope.pipeline.precompute import analysis
-from saescope.pipeline.precompute.ablation import ablation_contexts, measure, threshold_ablation
+from saescope.pipeline.precompute.ablation import threshold_ablation
 from saescope.pipeline.precompute.absorption import absorption
 from saescope.pipeline.precompute.accumulators import (
     AccumulatedResult,
     Batch,
     FeatureAccumulators,
-    FeatureStatsResult,
     LatentChunk,
 )
 from saescope.pipeline.precompute.config import BuildConfig
@@ -47,7 +46,13 @@ from saescope.pipeline.precompute.description_length import (
     effective_precision,
     quantise,
 )
-from saescope.pipeline.precompute.evaluation import evaluate
+from saescope.pipeline.precompute.evaluation import (
+    ActiveEntries,
+    EvaluationContexts,
+    evaluate,
+    evaluation_contexts,
+    measure,
+)
 from saescope.pipeline.precompute.matching import compare_both_ways
 from saescope.pipeline.precompute.ranks import (
     SINGLE_PROCESS,
@@ -121,12 +126,17 @@ def build_on_rank(config: BuildConfig, rank: Rank, started: float) -> BuildSumma
         with phases("evaluation"):
             with reused_memory():  # forward passes at full vocabulary width
                 accumulated = merged.finalize()
-                evaluation = evaluate(
-                    sae, source, config.eval_sequences, config.batch_size, config.quiet
+                contexts = evaluation_contexts(
+                    sae, source, config.eval_sequences, config.source.device, config.quiet
                 )
+                evaluation = evaluate(sae, source, contexts)
             # Not in reused memory: the ablation's many transients of many sizes would pile up in
             # the heap (at 262,144 latents, gigabytes above the pass's peak).
-            ablation, precision = ablation_and_precision(sae, config, source, accumulated.stats)
+            ablation = threshold_ablation(
+                sae, source, contexts, accumulated.stats, evaluation, config.quiet
+            )
+            precision = description_length_precision(sae, source, contexts)
+            del contexts
         with phases("analysis"):
             records = sae_records(
                 config, sae, accumulated, evaluation, ablation, precision, source, rank.world_size
@@ -134,7 +144,7 @@ def build_on_rank(config: BuildConfig, rank: Rank, started: float) -> BuildSumma
         # The pass's state the records do not share (the heaps' keys, the tables) goes before the
         # write; the examples' windows stay, read row by row as they are written.
         del merged, accumulated
-        compare = partial(compare_both_ways, device=config.source.device)
+        compare = partial(compare_both_ways, device=config.source.device, quiet=config.quiet)
         with phases("write"):
             writer.write(
                 corpus_record(source), records, compare=compare if config.compare else None
@@ -239,20 +249,18 @@ def stream(
     return accumulators
 
 
-def ablation_and_precision(
-    sae, config: BuildConfig, source: ActivationSource, stats: FeatureStatsResult
-) -> tuple[list[dict], int]:
-    """Threshold ablation and the description length's precision, both on the ablation
-    contexts."""
-    contexts = ablation_contexts(sae, source, config.eval_sequences, config.source.device)
+def description_length_precision(
+    sae, source: ActivationSource, contexts: EvaluationContexts
+) -> int:
+    """The description length's precision, measured on the evaluation contexts."""
 
     def mse_at(precision: int | None) -> float:
-        def quantised(f: torch.Tensor) -> torch.Tensor:
-            return f if precision is None else quantise(f, precision)
+        def quantised(active: ActiveEntries) -> torch.Tensor:
+            return active.values if precision is None else quantise(active.values, precision)
 
-        return measure(sae, source, contexts, quantised, with_loss=False)["mse"]
+        return measure(sae, source, contexts, quantised, loss=False).metrics()["mse"]
 
-    return threshold_ablation(sae, source, contexts, stats), effective_precision(mse_at)
+    return effective_precision(mse_at)
 
 
 def sae_records(
@@ -282,6 +290,7 @@ def sae_records(
         settings.n_absorbers,
         config.seed,
         target=sample.outputs,
+        quiet=config.quiet,
     )
     tokens_seen = max(stats.tokens_seen, 1)
     description_length_bits = description_lengths(
@@ -298,6 +307,7 @@ def sae_records(
         description_length_bits,
         tokens,
         (match, truth.names) if truth is not None else None,
+        config.quiet,
     )
     high_frequency = HIGH_FREQUENCY.mask(
         {"frequency": stats.count / tokens_seen}, settings.high_frequency_threshold

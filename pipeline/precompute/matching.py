@@ -9,6 +9,7 @@ import numpy as np
 import torch
 from jaxtyping import Bool, Float
 from torch import Tensor
+from tqdm.auto import tqdm
 
 from saescope.db.codec import cosine_edges
 from saescope.db.records import ComparisonRecord, MatchColumns, StoredDecoder
@@ -26,18 +27,20 @@ def best_matches(
     live_directions: Bool[Tensor, " n"],
     live_candidates: Bool[Tensor, " m"],
     device: str = "cpu",
+    progress: str | None = None,
 ) -> tuple[tuple[Tensor, Tensor], tuple[Tensor, Tensor]]:
     """Both ways, each row's most similar live row of the other set by cosine: (index, cosine)
     for every row of `directions` among the live `candidates`, and for every row of
     `candidates` among the live `directions`; -inf where the other set has no live row.
-    Computed on `device`, returned on the CPU."""
+    Computed on `device`, returned on the CPU; a progress bar named `progress` if given."""
     directions, candidates = (unit_rows(x.to(device).float()) for x in (directions, candidates))
     live_directions, live_candidates = live_directions.to(device), live_candidates.to(device)
     rows = max(1, CHUNK_CELLS // max(len(candidates), 1))
     forward_index, forward_cosine = [], []
     back_cosine = torch.full((len(candidates),), -torch.inf, device=device)
     back_index = torch.zeros(len(candidates), dtype=torch.int64, device=device)
-    for start in range(0, len(directions), rows):
+    chunks = range(0, len(directions), rows)
+    for start in tqdm(chunks, desc=progress, disable=progress is None):
         cosines = directions[start : start + rows] @ candidates.T
         live_rows = live_directions[start : start + rows]
         if live_rows.any():
@@ -73,7 +76,7 @@ def chance_best_cosines(
 
 
 def compare_both_ways(
-    sae: StoredDecoder, other: StoredDecoder, device: str = "cpu"
+    sae: StoredDecoder, other: StoredDecoder, device: str = "cpu", quiet: bool = True
 ) -> list[ComparisonRecord]:
     """How each SAE's latents are matched among the other's live ones, each way, beside what
     random decoders of the same shapes (live latents only) give."""
@@ -83,6 +86,7 @@ def compare_both_ways(
         torch.from_numpy(sae.live),
         torch.from_numpy(other.live),
         device,
+        None if quiet else f"matching {sae.name} and {other.name}",
     )
     n_live, n_other_live = int(sae.live.sum()), int(other.live.sum())
     if n_live and n_other_live:

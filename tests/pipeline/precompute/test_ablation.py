@@ -22,6 +22,7 @@ from saescope.pipeline.precompute.ablation import (
 )
 from saescope.pipeline.precompute.accumulators import FeatureStatsResult
 from saescope.pipeline.precompute.analysis import interpolated_quantiles
+from saescope.pipeline.precompute.evaluation import ActiveEntries
 from saescope.pipeline.saes import load_sae, sae_metadata
 from tests.conftest import HOOK
 
@@ -142,12 +143,17 @@ def test_dropping_the_lowest_k_against_sorting() -> None:
     generator = torch.Generator().manual_seed(0)
     f = torch.rand(40, 12, generator=generator)
     f[f < 0.5] = 0
+    f[3, :4] = f[3, 5]  # ties with the k-th smallest go with it
+    f[7] = 0  # a row with nothing active
     for k in (0, 1, 3, 12):
         expected = f.clone()
         for row in expected:
             active = torch.nonzero(row > 0).flatten()
             row[active[row[active].argsort()[:k]]] = 0
-        assert torch.equal(_drop_lowest(f, k), expected)
+        active = ActiveEntries.of(f)
+        kept = torch.zeros_like(f)
+        kept[active.rows, active.latents] = _drop_lowest(active, k)
+        assert torch.equal(kept, expected)
 
 
 def test_activation_ranks_are_the_distribution_of_the_pass() -> None:
@@ -178,9 +184,8 @@ def test_activation_ranks_are_the_distribution_of_the_pass() -> None:
     quantiles = interpolated_quantiles(histogram, stats.min, stats.max, levels)
     for i in range(2):
         np.testing.assert_allclose(ranks.of(np.full(19, i), quantiles[i]), levels, atol=1e-9)
-    as_tensor = ranks.of_tensor(torch.tensor([[0.0, 1.0], [2.0, 0.0]]))
-    assert as_tensor[0, 0] == 0 and as_tensor[1, 1] == 0
-    assert as_tensor[0, 1] == pytest.approx(ranks.of(np.array([1]), np.array([1.0]))[0])
+    entries = ranks.of_entries(ActiveEntries.of(torch.tensor([[0.0, 1.0], [2.0, 0.0]])))
+    assert entries.tolist() == pytest.approx(ranks.of(np.array([1, 0]), np.array([1.0, 2.0])))
 
 
 def test_the_sae_row_is_measured_on_the_evaluation_tokens_with_its_errors(
