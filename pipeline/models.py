@@ -5,6 +5,9 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -122,6 +125,54 @@ def activations_at_hook(
     model, hook: str, tokens: Int[Tensor, "seq ctx"]
 ) -> Float[Tensor, "seq ctx d_in"]:
     return activations_at_hooks(model, (hook,), tokens)[0]
+
+
+def hook_layer(hook: str) -> int:
+    """The block a hook lies in (`blocks.L.…`); 0 for hooks before the first block."""
+    found = re.match(r"blocks\.(\d+)\.", hook)
+    return int(found[1]) if found else 0
+
+
+@dataclass
+class Upstream:
+    """What the blocks before `layer` handed on in one forward pass: the raw output of block
+    layer − 1, from which a later pass over the same tokens can run the rest of the model
+    alone."""
+
+    layer: int
+    output: Any
+
+    @contextlib.contextmanager
+    def replayed(self, model) -> Iterator[None]:
+        """Forward passes in the block skip the blocks before `layer`: each returns the recorded
+        output, which only the next of them would read."""
+        components = [model.blocks[i].original_component for i in range(self.layer)]
+        for component in components:
+            component.forward = lambda *args, **kwargs: self.output
+        try:
+            yield
+        finally:
+            for component in components:
+                del component.forward
+
+
+@contextlib.contextmanager
+def recording_upstream(model, layer: int) -> Iterator[list[Upstream]]:
+    """Each forward pass in the block appends its `Upstream` for `layer` to the yielded list
+    (nothing where layer is 0)."""
+    recorded: list[Upstream] = []
+    if layer == 0:
+        yield recorded
+        return
+
+    def keep(module, args, output) -> None:
+        recorded.append(Upstream(layer, output))
+
+    handle = model.blocks[layer - 1].original_component.register_forward_hook(keep)
+    try:
+        yield recorded
+    finally:
+        handle.remove()
 
 
 def flat_heads(activation: Tensor) -> Tensor:

@@ -10,11 +10,16 @@ The contexts are read once (`evaluation_contexts`): one whole forward pass per b
 activations the SAE reads and writes and the clean loss, and the SAE's active entries are
 encoded once and kept sparse. Every later run (the SAE's reconstruction, zero ablation, each
 threshold-ablation point, each precision tried) changes those entries' values, decodes them
-sparsely and, where it needs the loss, splices the result into one forward pass.
+sparsely and, where it needs the loss, splices the result into one forward pass. That pass
+starts at the block of the hook the SAE writes: the blocks before it hand on what they handed on
+in the clean pass (recorded then), once a replay of the first batch is checked to give the clean
+losses.
 """
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import warnings
 from collections import defaultdict
 from collections.abc import Callable
@@ -27,8 +32,17 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from saescope.pipeline.activations import ActivationSource
-from saescope.pipeline.models import activations_and_loss, flat_heads
+from saescope.pipeline.errors import describe
+from saescope.pipeline.models import (
+    Upstream,
+    activations_and_loss,
+    flat_heads,
+    hook_layer,
+    recording_upstream,
+)
 from saescope.pipeline.saes import row_chunks
+
+logger = logging.getLogger(__name__)
 
 # The metrics the SAE's row stores, each with a standard error (column NAME_se).
 WITH_ERRORS = (
@@ -207,6 +221,8 @@ class ContextBatch:
     """the SAE's entries on the ordinary tokens, in the order of written[~special]"""
     clean_loss: Float[Tensor, "seq predictions"] | None
     """the model's own next-token losses (None without a language model)"""
+    upstream: Upstream | None = None
+    """what the blocks before the written hook's handed on, where spliced runs may start there"""
 
 
 @dataclass
@@ -233,16 +249,24 @@ def evaluation_contexts(
         desc="evaluation: read and encode",
         disable=quiet,
     )
-    for start, token_ids in read:
-        special = source.special(token_ids)
-        clean_loss = None
-        if source.language_model is not None:
-            hooks = (source.hook, source.written_hook)
-            (x, written), clean_loss = activations_and_loss(source.language_model, hooks, token_ids)
-        else:
-            x, written = source.read_with_output(start, token_ids)
-        active = ActiveEntries.encode(sae, x.float()[~special])
-        batches.append(ContextBatch(token_ids, written.float(), special, active, clean_loss))
+    model = source.language_model
+    layer = hook_layer(source.written_hook) if model is not None else 0
+    with recording_upstream(model, layer) as upstream:
+        for start, token_ids in read:
+            special = source.special(token_ids)
+            clean_loss = None
+            if model is not None:
+                hooks = (source.hook, source.written_hook)
+                (x, written), clean_loss = activations_and_loss(model, hooks, token_ids)
+            else:
+                x, written = source.read_with_output(start, token_ids)
+            active = ActiveEntries.encode(sae, x.float()[~special])
+            batch = ContextBatch(token_ids, written.float(), special, active, clean_loss)
+            batch.upstream = upstream.pop() if upstream else None
+            batches.append(batch)
+    if batches and batches[0].upstream is not None and not _replay_agrees(model, batches[0]):
+        for batch in batches:
+            batch.upstream = None
     entries = [batch.active for batch in batches]
     return EvaluationContexts(
         batches,
@@ -250,6 +274,21 @@ def evaluation_contexts(
         torch.cat([a.latents for a in entries]).cpu().numpy(),
         torch.cat([a.active_per_row(a.values) for a in entries]).cpu().numpy(),
     )
+
+
+def _replay_agrees(model, batch: ContextBatch) -> bool:
+    """Whether running the model from the recorded upstream gives the clean losses (to float32
+    rounding): the check that this model's blocks can be skipped so."""
+    try:
+        with batch.upstream.replayed(model):
+            loss = model(batch.token_ids, return_type="loss", loss_per_token=True)
+    except Exception as error:  # any model whose forward the replay does not fit
+        logger.info("spliced runs start at the first block (%s)", describe(error))
+        return False
+    agrees = torch.allclose(loss, batch.clean_loss, rtol=1e-5, atol=1e-6)
+    if not agrees:
+        logger.info("spliced runs start at the first block: skipping changes the loss")
+    return agrees
 
 
 def spliced_loss(
@@ -263,12 +302,15 @@ def spliced_loss(
         y = flat_heads(activation)
         return torch.where(special, y, replacement.to(y.dtype)).reshape(activation.shape)
 
-    return source.language_model.run_with_hooks(
-        batch.token_ids,
-        return_type="loss",
-        loss_per_token=True,
-        fwd_hooks=[(source.written_hook, write)],
-    )
+    model = source.language_model
+    replayed = batch.upstream.replayed(model) if batch.upstream else contextlib.nullcontext()
+    with replayed:
+        return model.run_with_hooks(
+            batch.token_ids,
+            return_type="loss",
+            loss_per_token=True,
+            fwd_hooks=[(source.written_hook, write)],
+        )
 
 
 def measure(
