@@ -219,6 +219,9 @@ class ContextBatch:
     special: Bool[Tensor, "seq ctx"]
     active: ActiveEntries
     """the SAE's entries on the ordinary tokens, in the order of written[~special]"""
+    ordinary: Int[Tensor, " ordinary"]
+    """the flat position of each ordinary token: every run writes through it without the
+    host synchronisation a boolean mask costs"""
     clean_loss: Float[Tensor, "seq predictions"] | None
     """the model's own next-token losses (None without a language model)"""
     upstream: Upstream | None = None
@@ -260,8 +263,9 @@ def evaluation_contexts(
                 (x, written), clean_loss = activations_and_loss(model, hooks, token_ids)
             else:
                 x, written = source.read_with_output(start, token_ids)
-            active = ActiveEntries.encode(sae, x.float()[~special])
-            batch = ContextBatch(token_ids, written.float(), special, active, clean_loss)
+            ordinary = torch.nonzero(~special.flatten()).flatten()
+            active = ActiveEntries.encode(sae, x.float().flatten(0, 1)[ordinary])
+            batch = ContextBatch(token_ids, written.float(), special, active, ordinary, clean_loss)
             batch.upstream = upstream.pop() if upstream else None
             batches.append(batch)
     if batches and batches[0].upstream is not None and not _replay_agrees(model, batches[0]):
@@ -321,12 +325,11 @@ def measure(
     totals = SequenceTotals()
     for batch in contexts.batches:
         values = transform(batch.active)
-        ordinary = ~batch.special
         reconstruction = batch.written.clone()
-        reconstruction[ordinary] = batch.active.decode(sae, values)
+        reconstruction.flatten(0, 1)[batch.ordinary] = batch.active.decode(sae, values)
         per_token = torch.zeros(batch.special.shape, dtype=torch.int64, device=values.device)
-        per_token[ordinary] = batch.active.active_per_row(values)
-        totals.add_reconstruction(batch.written, reconstruction, per_token, ordinary)
+        per_token.flatten()[batch.ordinary] = batch.active.active_per_row(values)
+        totals.add_reconstruction(batch.written, reconstruction, per_token, ~batch.special)
         if loss and batch.clean_loss is not None:
             totals.add_loss("sae", spliced_loss(source, batch, reconstruction))
     return totals

@@ -3,12 +3,14 @@
 A GPT-2-small-shaped model (random weights: 12 layers, d_model 768, 12 heads, a 4,096-token BPE
 vocabulary, context 128) read at blocks.6.hook_resid_pre, and TopK SAEs (k = 64, random unit
 decoder rows, the encoder tied to them) of 24,576 and 262,144 latents, over 1M and 10M tokens.
-For each: the whole `saescope build` (fresh process: its seconds, peak GPU memory, peak host
-RSS) and the bare loop (forward to the hook + SAE encode, batch by batch, in a fresh process).
+For each: the whole `saescope build` (fresh process: its seconds, each phase's, peak GPU memory,
+peak host RSS) and the bare loop (forward to the hook + SAE encode, batch by batch, in a fresh
+process).
 Target: the build within 1.5× the bare time at 24,576 latents.
 
     python tests/benchmarks/gpu_build.py                  # skips without CUDA
     python tests/benchmarks/gpu_build.py --device cpu --tiny   # the suite's run: tiny sizes
+    python tests/benchmarks/gpu_build.py --device cpu --widths 24576 --n-tokens 32768  # 2 cores
 """
 
 from __future__ import annotations
@@ -50,8 +52,9 @@ def synchronize():
     if device.startswith("cuda"):
         torch.cuda.synchronize()
 started = time.perf_counter()
+phases = {}
 if kind == "build":
-    run_build(config)
+    phases = run_build(config).phases
 else:
     with torch.inference_mode():
         sae = load_sae(config.sae, None, None, device, "float32")
@@ -61,7 +64,7 @@ else:
 synchronize()
 seconds = time.perf_counter() - started
 peak = torch.cuda.max_memory_allocated() if device.startswith("cuda") else 0
-print(json.dumps({"seconds": seconds, "peak_gpu_bytes": peak}))
+print(json.dumps({"seconds": seconds, "peak_gpu_bytes": peak, "phases": phases}))
 """
 
 
@@ -175,6 +178,7 @@ def main() -> None:
                     "build_over_bare": build["seconds"] / bare["seconds"],
                     "peak_gpu_mb": build["peak_gpu_bytes"] / 2**20,
                     "peak_rss_mb": build["peak_rss_mb"],
+                    "phases": build["phases"],
                 }
                 rows.append(row)
                 logger.info(
@@ -182,6 +186,12 @@ def main() -> None:
                     "peak RSS %.0f MB",
                     width, n_tokens, row["build_seconds"], row["bare_seconds"],
                     row["build_over_bare"], row["peak_gpu_mb"], row["peak_rss_mb"],
+                )  # fmt: skip
+                after_pass = sum(v for k, v in build["phases"].items() if k not in ("load", "pass"))
+                logger.info(
+                    "  phases: %s; after the pass %.1f s (%.2f× the pass)",
+                    ", ".join(f"{k} {v:.1f} s" for k, v in build["phases"].items()),
+                    after_pass, after_pass / build["phases"]["pass"],
                 )  # fmt: skip
     print(json.dumps(rows))
 

@@ -3,6 +3,7 @@ spliced runs that start at the hook's block against whole runs of the model."""
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -11,7 +12,6 @@ import torch
 from saescope.pipeline import models
 from saescope.pipeline.activations import open_source
 from saescope.pipeline.config import SourceConfig
-from saescope.pipeline.precompute import evaluation
 from saescope.pipeline.precompute.evaluation import (
     ActiveEntries,
     evaluation_contexts,
@@ -56,9 +56,7 @@ def test_spliced_runs_from_the_hooks_block_equal_whole_runs(sae_and_source) -> N
             assert batch.upstream is not None and batch.upstream.layer == 1
             replacement = torch.randn_like(batch.written)
             replayed = spliced_loss(source, batch, replacement)
-            batch_without = evaluation.ContextBatch(
-                batch.token_ids, batch.written, batch.special, batch.active, batch.clean_loss
-            )
+            batch_without = dataclasses.replace(batch, upstream=None)
             whole = spliced_loss(source, batch_without, replacement)
             torch.testing.assert_close(replayed, whole, rtol=1e-5, atol=1e-6)
             assert not torch.allclose(whole, batch.clean_loss)
