@@ -22,6 +22,11 @@ CHROMIUM := /usr/bin/chromium
 $(CHROMIUM):
 	apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium
 
+# The Neuronpedia import test loads an export into Debian's PostgreSQL.
+PG_CTLCLUSTER := /usr/bin/pg_ctlcluster
+$(PG_CTLCLUSTER):
+	apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql
+
 lint: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
@@ -30,7 +35,7 @@ format: install
 	$(BIN)/ruff check --fix .
 	$(BIN)/ruff format .
 
-test: lint $(CHROMIUM)
+test: lint $(CHROMIUM) $(PG_CTLCLUSTER)
 	$(BIN)/pytest -q
 
 # The embedded demo: builds data/demo/demo.db from the committed demo SAEs if missing.

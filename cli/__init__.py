@@ -258,7 +258,20 @@ def infer(database: Path, host: str, port: int, device: str) -> None:
     default=None,
     help="Labels file, exported as explanations. Default: beside the database.",
 )
-def export(database: Path, sae: str, out: Path, export_format: str, labels: Path | None) -> None:
+@click.option(
+    "--model-id",
+    default=None,
+    help="neuronpedia: Neuronpedia's id of the model (e.g. gpt2-small). Default: the last part "
+    "of the model's hub name; required for a model read from a local directory.",
+)
+def export(
+    database: Path,
+    sae: str,
+    out: Path,
+    export_format: str,
+    labels: Path | None,
+    model_id: str | None,
+) -> None:
     """Export the features of SAE in DATABASE to OUT, for another tool or for Neuronpedia."""
     from sqlalchemy.orm import Session
 
@@ -277,9 +290,9 @@ def export(database: Path, sae: str, out: Path, export_format: str, labels: Path
                 return
             written = LabelStore(labels or labels_path(database), None).of_sae(sae)
             root = exports.export_neuronpedia(
-                session, sae, out, [label.model_dump() for label in written]
+                session, sae, out, [label.model_dump() for label in written], model_id
             )
-        except NotFoundError as error:
+        except (NotFoundError, exports.ExportError) as error:
             fail(str(error))
     click.echo(f"{sae}: Neuronpedia export ({len(written)} labels) -> {root}")
 

@@ -11,6 +11,7 @@ from click.testing import CliRunner
 from fastapi.testclient import TestClient
 
 from saescope.cli import app
+from saescope.db.export import NEURONPEDIA_BOT, ExportError, layer_of, model_id
 from saescope.db.queries.feature_detail import FeatureDetail
 from saescope.server.app import create_app
 from saescope.server.settings import Settings
@@ -58,10 +59,11 @@ def test_the_neuronpedia_export_holds_the_features_examples_and_labels(
     )
     out = tmp_path / "np"
     result = runner.invoke(app, ["export", str(dashboard_db), "tiny-sae", "--format",
-                                 "neuronpedia", str(out), "--labels", str(labels)])  # fmt: skip
+                                 "neuronpedia", str(out), "--labels", str(labels),
+                                 "--model-id", "tiny-gpt2"])  # fmt: skip
     assert result.exit_code == 0, result.output
     (source,) = (out / "v1").glob("*/*")
-    assert source.name == "1-saescope-tiny-sae"
+    assert (source.parent.name, source.name) == ("tiny-gpt2", "1-saescope-tiny-sae")
     features = read_batches(source / "features")
     activations = read_batches(source / "activations")
     assert [row["index"] for row in features] == [str(i) for i in range(64)]
@@ -88,11 +90,29 @@ def test_the_neuronpedia_export_holds_the_features_examples_and_labels(
             assert activation["maxValue"] == max(values)
             assert activation["dataIndex"] == str(example["sequence_index"])
     (explanation,) = read_batches(source / "explanations")
-    assert (explanation["index"], explanation["description"], explanation["authorId"]) == (
-        "9",
-        "brackets",
-        "ada",
-    )
+    assert (explanation["index"], explanation["description"]) == ("9", "brackets")
+    assert (explanation["authorId"], explanation["typeName"]) == (NEURONPEDIA_BOT, "human")
+    assert explanation["notes"] == "( and [ (written by ada in saescope)"
+    # The importer's column list is each file's first line: every line has every key.
+    for rows in (features, activations):
+        assert len({tuple(row) for row in rows}) == 1
+    bands = [row for row in activations if row["dataSource"].startswith("saescope:quantile")]
+    assert bands and all(row["binMin"] is not None for row in bands)
+    assert len({row["id"] for row in activations}) == len(activations)
+
+
+def test_the_neuronpedia_export_needs_a_model_id_and_a_layer(
+    dashboard_db: Path, tmp_path: Path
+) -> None:
+    """A model read from a local directory has no Neuronpedia id; a hook outside the blocks
+    has no layer for the source id."""
+    result = runner.invoke(app, ["export", str(dashboard_db), "tiny-sae", str(tmp_path)])
+    assert result.exit_code == 2
+    assert "local directory" in result.output and "--model-id" in result.output
+    assert model_id("google/gemma-2-2b") == "gemma-2-2b"
+    assert layer_of("blocks.12.hook_resid_post") == "12"
+    with pytest.raises(ExportError, match="names no layer"):
+        layer_of("hook_embed")
 
 
 def test_exporting_an_unknown_sae_fails_with_a_message(dashboard_db: Path, tmp_path: Path):
