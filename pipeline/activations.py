@@ -126,17 +126,17 @@ def open_source(
         if output_hook is not None:
             raise InputError("a transcoder reads one hook and writes another: give --model")
         return _synthetic_source(config, forward_sequences)
-    if not (config.model and config.hook and config.corpus):
-        raise InputError("give --model, --hook and --corpus, or --synthetic")
     named = sae_metadata.get("hook_name")
-    if named and named != config.hook:
+    if not (config.model and (config.hook or named) and config.corpus):
+        raise InputError("give --model, --hook and --corpus, or --synthetic")
+    if named and config.hook and named != config.hook:
         logger.warning(
             "the SAE's cfg.json names hook %r, but --hook is %r: reading %r", named, config.hook,
             config.hook,
         )  # fmt: skip
     processing = models.weight_processing_kwargs(sae_metadata, config.weight_processing)
     model = models.load_model(config.model, config.device, dtype, processing, quiet)
-    for hook in (config.hook, output_hook):
+    for hook in (config.hook or named, output_hook):
         if hook is not None:
             models.check_hook(model, hook)
     corpus = load_corpus(
@@ -147,7 +147,7 @@ def open_source(
         config.n_tokens,
         prepend_bos=sae_metadata.get("prepend_bos", True),
     )
-    hook = config.hook
+    hook = config.hook or named
     return ActivationSource(
         tokens=corpus.token_ids,
         vocab=models.vocab_strings(model.tokenizer, model.cfg.d_vocab),

@@ -141,7 +141,11 @@ class SourceConfig:
     model: str | None = setting(
         None, "HuggingFace model name, or a local HuggingFace model directory."
     )
-    hook: str | None = setting(None, "Hook name whose activations the SAE reads.")
+    hook: str | None = setting(
+        None,
+        "Hook name whose activations the SAE reads. Default: the hook the SAE names, where it "
+        "names one.",
+    )
     corpus: str | None = setting(
         None,
         "Token ids [n_sequences, context] as .npy/.pt/.safetensors; or .txt/.jsonl files "

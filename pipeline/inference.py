@@ -152,7 +152,15 @@ class Inference:
         if source.synthetic:
             raise InputError(f"SAE {name!r} was built on synthetic activations: no text to run")
         directory = Path(build.sae) if build.sae else None
-        sae = load_sae(directory, build.sae_release, build.sae_id, self.device, build.dtype)
+        sae = load_sae(
+            directory,
+            build.sae_release,
+            build.sae_id,
+            self.device,
+            build.dtype,
+            build.sae_format,
+            source.hook,
+        )
         if output_hook(sae) is not None:
             raise InputError(f"SAE {name!r} is a transcoder: the test box reads SAEs only")
         metadata = sae.cfg.metadata.to_dict()

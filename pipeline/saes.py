@@ -1,5 +1,5 @@
-"""Loading an SAE (SAELens format or release), reading its decoder, and encoding a few latents
-at a time where it is wide."""
+"""Loading an SAE (SAELens format or release; sparsify and dictionary_learning checkpoints),
+reading its decoder, and encoding a few latents at a time where it is wide."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from saescope.pipeline.checkpoints import FORMAT_FILES, detect_format, load_checkpoint
 from saescope.pipeline.config import ACTIVATION_CELLS
 from saescope.pipeline.errors import InputError, describe
 
@@ -44,29 +45,42 @@ UNSUPPORTED_ARCHITECTURES = {
 
 
 def load_sae(
-    directory: Path | None, release: str | None, sae_id: str | None, device: str, dtype: str
+    directory: Path | None,
+    release: str | None,
+    sae_id: str | None,
+    device: str,
+    dtype: str,
+    sae_format: str = "auto",
+    hook: str | None = None,
 ):
-    """An SAELens SAE from a directory (cfg.json + sae_weights.safetensors) or a release."""
+    """An SAELens SAE from a directory (SAELens's format, or a sparsify or dictionary_learning
+    checkpoint, reading `hook` where the checkpoint does not say) or a release."""
     from sae_lens import SAE
 
     if directory is not None:
         if not directory.is_dir():
             raise InputError(f"SAE directory {directory} does not exist")
-        for required in ("cfg.json", "sae_weights.safetensors"):
-            if not (directory / required).is_file():
-                raise InputError(
-                    f"SAE directory {directory} has no {required}; expected the SAELens format "
-                    "(cfg.json + sae_weights.safetensors, as written by SAE.save_model)"
-                )
-        try:
-            json.loads((directory / "cfg.json").read_text())
-            with warnings.catch_warnings():
-                # SAELens's advice on loading the model: the build processes its weights itself.
-                # (The message starts with a line break.)
-                warnings.filterwarnings("ignore", message="(?s).*model_from_pretrained_kwargs")
-                sae = SAE.load_from_disk(directory, device=device, dtype=dtype)
-        except Exception as error:
-            raise InputError(f"cannot load the SAE in {directory}: {describe(error)}") from None
+        if sae_format == "auto":
+            sae_format = detect_format(directory)
+        if sae_format != "saelens":
+            sae = load_checkpoint(directory, sae_format, hook).to(device, getattr(torch, dtype))
+        else:
+            for required in FORMAT_FILES["saelens"]:
+                if not (directory / required).is_file():
+                    raise InputError(
+                        f"SAE directory {directory} has no {required}; expected the SAELens "
+                        "format (cfg.json + sae_weights.safetensors, as written by "
+                        "SAE.save_model)"
+                    )
+            try:
+                json.loads((directory / "cfg.json").read_text())
+                with warnings.catch_warnings():
+                    # SAELens's advice on loading the model: the build processes its weights
+                    # itself. (The message starts with a line break.)
+                    warnings.filterwarnings("ignore", message="(?s).*model_from_pretrained_kwargs")
+                    sae = SAE.load_from_disk(directory, device=device, dtype=dtype)
+            except Exception as error:
+                raise InputError(f"cannot load the SAE in {directory}: {describe(error)}") from None
     else:
         if release is None or sae_id is None:
             raise InputError("give --sae DIRECTORY, or --sae-release with --sae-id")

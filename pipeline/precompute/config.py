@@ -8,6 +8,7 @@ from typing import Any
 
 from saescope.db.flags import HIGH_FREQUENCY
 from saescope.db.models import TOKEN_LATENTS
+from saescope.pipeline.checkpoints import FORMATS as CHECKPOINT_FORMATS
 from saescope.pipeline.config import (
     PASS_CELLS,
     SourceConfig,
@@ -80,7 +81,16 @@ class BuildConfig:
     out: Path = setting(help="Database file to create, or to add this SAE to.")
     source: SourceConfig = field(default_factory=SourceConfig)
     sae: Path | None = setting(
-        None, "SAELens-format SAE directory (cfg.json + sae_weights.safetensors)."
+        None,
+        "SAE directory: SAELens's format (cfg.json + sae_weights.safetensors), a sparsify "
+        "checkpoint folder (cfg.json + sae.safetensors) or a dictionary_learning one (ae.pt + "
+        "config.json).",
+    )
+    sae_format: str = setting(
+        "auto",
+        "Format of the --sae directory: auto (told by its files), saelens, sparsify or "
+        "dictionary-learning.",
+        choices=CHECKPOINT_FORMATS,
     )
     sae_release: str | None = setting(None, "SAELens release to load the SAE from (needs network).")
     sae_id: str | None = setting(None, "SAE id within --sae-release.")

@@ -108,7 +108,13 @@ def build_on_rank(config: BuildConfig, rank: Rank, started: float) -> BuildSumma
     with torch.inference_mode():
         with phases("load"):
             sae = load_sae(
-                config.sae, config.sae_release, config.sae_id, config.source.device, config.dtype
+                config.sae,
+                config.sae_release,
+                config.sae_id,
+                config.source.device,
+                config.dtype,
+                config.sae_format,
+                config.source.hook,
             )
             source = open_source(
                 config.source,
