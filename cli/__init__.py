@@ -297,6 +297,86 @@ def export(
     click.echo(f"{sae}: Neuronpedia export ({len(written)} labels) -> {root}")
 
 
+@app.command("import-labels")
+@click.argument("database", type=click.Path(path_type=Path))
+@click.argument("sae")
+@click.argument("explanations", type=click.Path(path_type=Path))
+@click.option(
+    "--labels",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Labels file to write. Default: beside the database.",
+)
+@click.option(
+    "--replace/--keep", default=False, help="Replace labels already written (default: keep them)."
+)
+def import_labels(
+    database: Path, sae: str, explanations: Path, labels: Path | None, replace: bool
+) -> None:
+    """Import the explanations of a Neuronpedia export (its explanations/*.jsonl.gz, a file or
+    a folder) as labels of SAE in DATABASE, each attributed to Neuronpedia, its type, model and
+    author. Where a latent has several, the best scored; the others are counted in the note."""
+    from sqlalchemy.orm import Session
+
+    from saescope.db.engine import readonly_engine
+    from saescope.db.export import neuronpedia_explanations
+    from saescope.db.queries.lookups import NotFoundError, sae_row
+    from saescope.server.labels import (
+        MAX_LABEL,
+        LabelImport,
+        LabelStore,
+        LabelsUnavailable,
+        labels_path,
+    )
+
+    if not database.is_file():
+        fail(f"{database} does not exist")
+    if not explanations.exists():
+        fail(f"{explanations} does not exist")
+    with Session(readonly_engine(database)) as session:
+        try:
+            d_sae = sae_row(session, sae).d_sae
+        except NotFoundError as error:
+            fail(str(error))
+    by_feature: dict[int, list[dict]] = {}
+    try:
+        for row in neuronpedia_explanations(explanations):
+            index = int(row["index"])
+            if 0 <= index < d_sae and str(row.get("description") or "").strip():
+                by_feature.setdefault(index, []).append(row)
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        fail(f"cannot read Neuronpedia explanations from {explanations}: {error}")
+    store = LabelStore(labels or labels_path(database), None)
+    kept = set() if replace else {label.feature_index for label in store.of_sae(sae)}
+    imported = []
+    for index, rows in sorted(by_feature.items()):
+        if index in kept:
+            continue
+        best = max(rows, key=lambda row: row.get("scoreV1") or 0.0)
+        description = str(best["description"]).strip()
+        source = ", ".join(
+            str(part) for part in (best.get("typeName"), best.get("explanationModelName")) if part
+        )
+        note = f"Neuronpedia explanation {best.get('id', '')}" + (f" ({source})" if source else "")
+        if best.get("scoreV1"):
+            note += f", score {best['scoreV1']}"
+        if len(rows) > 1:
+            note += f"; {len(rows) - 1} other explanation(s) of this latent not imported"
+        if len(description) > MAX_LABEL:
+            note = f"{description}\n\n{note}"
+            description = description[: MAX_LABEL - 1] + "…"
+        author = f"neuronpedia:{best.get('authorId') or ''}".rstrip(":")
+        imported.append(
+            LabelImport(feature_index=index, label=description, note=note, author=author[:100])
+        )
+    try:
+        store.write(sae, imported)
+    except LabelsUnavailable as error:
+        fail(f"cannot write the labels: {error}")
+    skipped = len(by_feature) - len(imported)
+    click.echo(f"{sae}: {len(imported)} labels imported, {skipped} kept as they were")
+
+
 app.add_command(serve)
 
 

@@ -11,6 +11,9 @@
   feature and example, unique across models and the same when exported again. Rows are created
   by Neuronpedia's default bot user, as its own exports write them; the labels written in the
   dashboard are explanations of its `human` type, their author in the notes.
+
+And back: `neuronpedia_explanations` reads the explanations of a Neuronpedia export (its
+`explanations/*.jsonl.gz`) for `saescope import-labels`.
 """
 
 from __future__ import annotations
@@ -249,3 +252,15 @@ def export_neuronpedia(
         rows = explanations[number * NEURONPEDIA_BATCH : (number + 1) * NEURONPEDIA_BATCH]
         _write_batch(root / "explanations", number, rows)
     return root
+
+
+def neuronpedia_explanations(path: Path) -> Iterator[dict[str, Any]]:
+    """Every explanation row of a Neuronpedia export: `path` an explanations file (.jsonl or
+    .jsonl.gz) or a folder of them, searched recursively."""
+    files = sorted(path.rglob("*.jsonl*")) if path.is_dir() else [path]
+    for file in files:
+        opener = gzip.open if file.name.endswith(".gz") else open
+        with opener(file, "rt") as lines:
+            for line in lines:
+                if line.strip():
+                    yield json.loads(line)

@@ -11,7 +11,10 @@ from saescope.db.flags import FLAGS
 from saescope.server.settings import Settings
 
 README = (Path(__file__).parent.parent / "README.md").read_text()
-COMMANDS = ("build", "compare", "train", "train-lm", "synth", "demo", "serve", "infer", "export")
+COMMANDS = (
+    "build", "compare", "train", "train-lm", "synth", "demo", "serve", "infer", "export",
+    "import-labels",
+)  # fmt: skip
 
 
 def option_table(command_name: str) -> str:

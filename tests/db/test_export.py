@@ -119,3 +119,54 @@ def test_exporting_an_unknown_sae_fails_with_a_message(dashboard_db: Path, tmp_p
     result = runner.invoke(app, ["export", str(dashboard_db), "nope", str(tmp_path / "x")])
     assert result.exit_code == 2
     assert "no SAE named 'nope'" in result.output
+
+
+def test_neuronpedia_explanations_come_back_as_attributed_labels(
+    dashboard_db: Path, tmp_path: Path
+) -> None:
+    """An export's explanations imported into another labels file: each latent's best-scored
+    explanation, attributed; labels already written are kept unless --replace."""
+    labels = tmp_path / "labels.sqlite"
+    writer = TestClient(create_app(Settings(database=dashboard_db, labels=labels, write_token="t")))
+    writer.put(
+        "/api/v1/saes/tiny-sae/features/9/label",
+        json={"label": "brackets", "note": "( and [", "author": "ada"},
+        headers={"Authorization": "Bearer t"},
+    )
+    out = tmp_path / "np"
+    runner.invoke(app, ["export", str(dashboard_db), "tiny-sae", str(out), "--labels",
+                        str(labels), "--model-id", "tiny-gpt2"])  # fmt: skip
+    (folder,) = (out / "v1").glob("*/*/explanations")
+    extra = folder / "batch-1.jsonl.gz"
+    rows = [
+        {"id": "x1", "index": "9", "description": "square brackets",
+         "typeName": "oai_token-act-pair", "explanationModelName": "gpt-4o-mini",
+         "authorId": "bot", "scoreV1": 0.9},
+        {"id": "x2", "index": "11", "description": "commas", "typeName": "np_max-act",
+         "explanationModelName": None, "authorId": "bot", "scoreV1": 0.2},
+        {"id": "x3", "index": "999", "description": "beyond the SAE", "authorId": "bot"},
+    ]  # fmt: skip
+    with gzip.open(extra, "wt") as file:
+        file.writelines(json.dumps(row) + "\n" for row in rows)
+    imported = tmp_path / "imported.sqlite"
+    arguments = ["import-labels", str(dashboard_db), "tiny-sae", str(folder), "--labels",
+                 str(imported)]  # fmt: skip
+    result = runner.invoke(app, arguments)
+    assert result.exit_code == 0, result.output
+    assert "2 labels imported, 0 kept" in result.output
+    reader = TestClient(create_app(Settings(database=dashboard_db, labels=imported)))
+    shown = {
+        label["feature_index"]: label for label in reader.get("/api/v1/saes/tiny-sae/labels").json()
+    }
+    assert shown[9]["label"] == "square brackets"  # the better scored of the two
+    assert "x1 (oai_token-act-pair, gpt-4o-mini), score 0.9" in shown[9]["note"]
+    assert "1 other explanation(s)" in shown[9]["note"]
+    assert shown[9]["author"] == "neuronpedia:bot" and shown[11]["label"] == "commas"
+    again = runner.invoke(app, arguments)
+    assert "0 labels imported, 2 kept as they were" in again.output
+    replaced = runner.invoke(app, [*arguments, "--replace"])
+    assert "2 labels imported" in replaced.output
+    missing = runner.invoke(
+        app, ["import-labels", str(dashboard_db), "tiny-sae", str(tmp_path / "no")]
+    )
+    assert missing.exit_code == 2 and "does not exist" in missing.output
