@@ -377,6 +377,57 @@ def import_labels(
     click.echo(f"{sae}: {len(imported)} labels imported, {skipped} kept as they were")
 
 
+@app.command("import-results")
+@click.argument("database", type=click.Path(path_type=Path))
+@click.argument("sae")
+@click.argument("results", type=click.Path(path_type=Path))
+def import_results(database: Path, sae: str, results: Path) -> None:
+    """Store a SAEBench result file (core, absorption, sparse probing, autointerp, …) with SAE in
+    DATABASE: its metrics on the SAE and compare pages, its per-latent values (core's statistics,
+    autointerp's explanations and scores) on the feature pages, the file named. A second import
+    of the same eval replaces the first."""
+    from datetime import UTC, datetime
+
+    from sqlalchemy.orm import Session
+
+    from saescope.db.engine import readonly_engine
+    from saescope.db.models import ExternalResult
+    from saescope.db.queries.lookups import NotFoundError, sae_row
+    from saescope.db.saebench import TOOL, ResultFileError, read_result
+    from saescope.db.writer import DatabaseWriteError, store_external_result
+
+    if not database.is_file():
+        fail(f"{database} does not exist")
+    with Session(readonly_engine(database)) as session:
+        try:
+            d_sae = sae_row(session, sae).d_sae
+        except NotFoundError as error:
+            fail(str(error))
+    try:
+        result = read_result(results, d_sae)
+    except ResultFileError as error:
+        fail(str(error))
+    stored = ExternalResult(
+        tool=TOOL,
+        eval_type=result.eval_type,
+        source=results.name,
+        evaluated_at=result.evaluated_at,
+        imported_at=datetime.now(UTC).isoformat(timespec="seconds"),
+        metrics=result.metrics,
+        details=result.details,
+        config=result.config,
+    )
+    try:
+        store_external_result(database, sae, stored, result.latents)
+    except DatabaseWriteError as error:
+        fail(str(error))
+    click.echo(
+        f"{sae}: {TOOL} {result.eval_type} from {results.name}, "
+        f"{sum(len(group) for group in result.metrics.values())} metrics, "
+        f"{len(result.latents)} latents"
+    )
+
+
 app.add_command(serve)
 
 

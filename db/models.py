@@ -315,3 +315,34 @@ class Match(Base):
     other_feature_index: Mapped[int]
     cosine: Mapped[float]
     __table_args__ = (Index("ix_matches_cosine", "sae_id", "other_sae_id", "cosine"),)
+
+
+class ExternalResult(Base):
+    """Another tool's evaluation of an SAE (`saescope import-results`: SAEBench's result
+    files), as that tool reported it: its metrics by group, and its details (per letter, per
+    dataset) where it gives them."""
+
+    __tablename__ = "external_results"
+    sae_id: Mapped[int] = mapped_column(ForeignKey("saes.id"), primary_key=True)
+    tool: Mapped[str] = mapped_column(primary_key=True)
+    eval_type: Mapped[str] = mapped_column(primary_key=True)
+    source: Mapped[str]
+    """the file it was read from (its name)"""
+    evaluated_at: Mapped[str | None]
+    imported_at: Mapped[str]
+    metrics: Mapped[dict[str, Any]]
+    """{group: {metric: value}}, null where the tool could not compute it"""
+    details: Mapped[list[Any]]
+    config: Mapped[dict[str, Any]]
+
+
+class ExternalLatentResult(Base):
+    """An external result's values for one latent (SAEBench core's per-latent statistics, its
+    autointerp explanation and score)."""
+
+    __tablename__ = "external_latent_results"
+    sae_id: Mapped[int] = mapped_column(ForeignKey("saes.id"), primary_key=True)
+    feature_index: Mapped[int] = mapped_column(primary_key=True)
+    tool: Mapped[str] = mapped_column(primary_key=True)
+    eval_type: Mapped[str] = mapped_column(primary_key=True)
+    values: Mapped[dict[str, Any]]

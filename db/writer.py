@@ -45,6 +45,8 @@ from saescope.db.models import (
     Comparison,
     Corpus,
     CorpusSequence,
+    ExternalLatentResult,
+    ExternalResult,
     Feature,
     FeatureExamples,
     Match,
@@ -349,7 +351,15 @@ class DatabaseWriter:
             return
         if not self.replace:
             raise DatabaseWriteError(self._name_taken())
-        for table in (FeatureExamples, SequenceExamples, Feature, TokenStat, TokenLatent):
+        for table in (
+            FeatureExamples,
+            SequenceExamples,
+            Feature,
+            TokenStat,
+            TokenLatent,
+            ExternalResult,
+            ExternalLatentResult,
+        ):
             session.execute(delete(table).where(table.sae_id == existing.id))
         for table in (Comparison, Match):
             session.execute(
@@ -406,3 +416,30 @@ class DatabaseWriter:
         )
         corpus_text.index_corpus(session, row.id, corpus.token_ids, corpus.vocab)
         return row.id
+
+
+def store_external_result(
+    out: Path, sae_name: str, result: ExternalResult, latents: dict[int, dict[str, Any]]
+) -> None:
+    """Adds (or replaces) another tool's result for an SAE of the file, with its per-latent
+    values, as one atomic rewrite of the file."""
+    with rewriting(out) as engine, Session(engine) as session:
+        sae = session.scalar(select(Sae).where(Sae.name == sae_name))
+        if sae is None:
+            raise DatabaseWriteError(f"no SAE named {sae_name!r} in {out}")
+        for table in (ExternalResult, ExternalLatentResult):
+            same = (table.tool == result.tool) & (table.eval_type == result.eval_type)
+            session.execute(delete(table).where((table.sae_id == sae.id) & same))
+        result.sae_id = sae.id
+        session.add(result)
+        session.add_all(
+            ExternalLatentResult(
+                sae_id=sae.id,
+                feature_index=index,
+                tool=result.tool,
+                eval_type=result.eval_type,
+                values=values,
+            )
+            for index, values in latents.items()
+        )
+        session.commit()

@@ -20,6 +20,12 @@ from saescope.db.queries.comparisons import (
     side_by_side,
 )
 from saescope.db.queries.consistency import Consistency
+from saescope.db.queries.external import (
+    ExternalLatentOut,
+    ExternalResultOut,
+    external_latent_results,
+    external_results,
+)
 from saescope.db.queries.feature_detail import FeatureDetail, get_feature
 from saescope.db.queries.feature_table import FeaturePage, LatentSummary, latent_summaries
 from saescope.db.queries.flags import FlagsReport, flags_report
@@ -149,6 +155,9 @@ class SaePage(SaeDetail):
     labels: dict[int, Label] = Field(description="the labels of the table's latents")
     threshold_ablation: list[AblationRule]
     comparisons: list[PairSummary] = Field(description="its comparisons with the other SAEs")
+    external_results: list[ExternalResultOut] = Field(
+        description="other tools' results imported with `saescope import-results`"
+    )
 
 
 @view("sae", "sae.html", tags=["saes"])
@@ -164,6 +173,7 @@ def sae(sae: SaeName, params: FeatureTableQuery, reader: ReaderDep) -> SaePage:
         labels=reader.labels.of_features(sae, [row.feature_index for row in features.items]),
         threshold_ablation=stored.threshold_ablation,
         comparisons=pair_summaries(session, sae),
+        external_results=external_results(session, stored),
     )
 
 
@@ -196,6 +206,9 @@ class FeatureView(FeatureDetail):
     latents: dict[int, InlineLatent] = Field(description=LATENTS_DESCRIPTION)
     labels_writable: bool = Field(description="whether the server takes label writes")
     inference_hint: InferenceHint
+    external_results: list[ExternalLatentOut] = Field(
+        description="other tools' values for this latent (`saescope import-results`)"
+    )
 
 
 @view("feature", "feature.html", tags=["features"])
@@ -212,6 +225,9 @@ def feature(sae: SaeName, feature_index: FeatureIndex, reader: ReaderDep) -> Fea
         latents=inline_latents(reader, sae, listed),
         labels_writable=reader.settings.write_token is not None,
         inference_hint=inference_hint(reader.settings),
+        external_results=external_latent_results(
+            reader.session, sae_row(reader.session, sae), feature_index
+        ),
     )
 
 

@@ -14,6 +14,7 @@ from saescope.db.codec import cosine_edges
 from saescope.db.metrics import BEST_COSINE, DEFINITIONS
 from saescope.db.models import Comparison as StoredComparison
 from saescope.db.models import Feature, Match, Sae
+from saescope.db.queries.external import ExternalResultOut, external_results
 from saescope.db.queries.feature_detail import Histogram
 from saescope.db.queries.feature_table import ROW_TOKENS
 from saescope.db.queries.lookups import NotFoundError, TokenCount, sae_row, token_counts, vocab
@@ -83,6 +84,9 @@ class Comparison(PairSummary):
 class SaeSideBySide(SaeSummary):
     training: Training | None
     threshold_ablation: list[AblationRule]
+    external_results: list[ExternalResultOut] = Field(
+        default=[], description="other tools' results imported with `saescope import-results`"
+    )
 
 
 class ConsistencySet(BaseModel):
@@ -235,7 +239,9 @@ def side_by_side(session: Session) -> SaeComparison:
     """Every SAE of the file with its metrics, training and threshold ablation, and every stored
     comparison's summary."""
     saes = [
-        shown_sae(SaeSideBySide, sae, session)
+        shown_sae(SaeSideBySide, sae, session).model_copy(
+            update={"external_results": external_results(session, sae)}
+        )
         for sae in session.scalars(select(Sae).order_by(Sae.id))
     ]
     return SaeComparison(
