@@ -72,9 +72,14 @@ def check_schema_version(engine: Engine) -> None:
             f"database schema version {found}, this saescope reads version {SCHEMA_VERSION}; "
             "rebuild the database with `saescope build`"
         )
-    # A column added (a new metric, `db.metrics`) is caught without a version bump.
+    # A table or column added (a new metric, `db.metrics`) is caught without a version bump.
     tables = inspect(engine)
     for table in Base.metadata.sorted_tables:
+        if not tables.has_table(table.name):
+            raise SchemaMismatchError(
+                f"the database has no {table.name} table: it was written by an older saescope; "
+                "rebuild the database with `saescope build`"
+            )
         stored = {column["name"] for column in tables.get_columns(table.name)}
         missing = sorted(set(table.columns.keys()) - stored)
         if missing:

@@ -332,6 +332,18 @@ def test_schema_version_is_checked_at_start(tmp_path: Path, dashboard_db: Path) 
     assert "rebuild the database" in result.stderr
 
 
+def test_a_database_lacking_a_table_is_refused_at_start(tmp_path: Path, dashboard_db: Path):
+    """A file written before a table was added (same schema version) says to rebuild."""
+    from saescope.db.engine import SchemaMismatchError
+
+    copy = tmp_path / "older.db"
+    copy.write_bytes(dashboard_db.read_bytes())
+    with sqlite3.connect(copy) as connection:
+        connection.execute("drop table external_latent_results")
+    with pytest.raises(SchemaMismatchError, match="no external_latent_results table"):
+        create_app(Settings(database=copy))
+
+
 def test_openapi_lists_every_json_route(client: TestClient) -> None:
     paths = client.get("/openapi.json").json()["paths"]
     assert set(paths) == {
