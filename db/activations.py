@@ -120,3 +120,61 @@ class SpansActivations(BaseModel):
         description="per sequence and span, every latent that fires on one of the span's "
         "tokens, with its highest activation there, strongest first"
     )
+
+
+# Steering (`POST /saes/{sae}/steer`), bounded: every generated token is a forward pass.
+MAX_STEER_TOKENS = 64
+"""most tokens generated"""
+MAX_STEERED_LATENTS = 8
+MAX_PROMPT_CHARACTERS = 4000
+
+
+class SteeredLatent(BaseModel):
+    feature_index: int = Field(ge=0)
+    strength: float | None = Field(
+        None,
+        ge=-1000,
+        le=1000,
+        description="add strength × the latent's decoder row at the hook",
+    )
+    value: float | None = Field(
+        None,
+        ge=-1000,
+        le=1000,
+        description="instead: clamp the latent's activation to this value (x + (value − "
+        "f_i(x))·W_dec[i])",
+    )
+
+    @model_validator(mode="after")
+    def _one_way(self) -> SteeredLatent:
+        if (self.strength is None) == (self.value is None):
+            raise ValueError("give either `strength` or `value`")
+        return self
+
+
+class SteerRequest(BaseModel):
+    prompt: str = Field(min_length=1, max_length=MAX_PROMPT_CHARACTERS)
+    features: list[SteeredLatent] = Field(min_length=1, max_length=MAX_STEERED_LATENTS)
+    max_new_tokens: int = Field(24, ge=1, le=MAX_STEER_TOKENS)
+    seed: int = Field(0, ge=0, le=2**31 - 1)
+    temperature: float = Field(
+        0.0, ge=0, le=2, description="0: greedy; else sampling from softmax(logits / temperature)"
+    )
+
+
+class Continuation(BaseModel):
+    tokens: list[str]
+    token_ids: list[int]
+    text: str
+
+
+class SteerAnswer(BaseModel):
+    """The prompt's continuation without steering and with it, from the same seed."""
+
+    prompt_tokens: list[str]
+    default: Continuation
+    steered: Continuation
+    steered_from: int = Field(
+        description="the first position steered: the prompt's last token, whose output chooses "
+        "the first generated token; every position after it is steered too"
+    )

@@ -12,6 +12,10 @@ torch-free and calls this process over HTTP:
     POST /saes/{sae}/spans        {"sequences": [{"token_ids", "spans": [[start, end]]}]}
     → {"sequences": [[[{"feature_index", "activation"}, ...] per span] per sequence]}
                                   (the corpus search's)
+    POST /saes/{sae}/steer        {"prompt", "features": [{"feature_index", "strength" | "value"}],
+                                   "max_new_tokens", "seed", "temperature"}
+    → {"prompt_tokens", "default": {"tokens", "token_ids", "text"}, "steered": {...},
+       "steered_from"}
 
 A text longer than the model's context runs in overlapping windows (`text_windows`). Every
 answer, errors included, is JSON.
@@ -41,11 +45,15 @@ from saescope.db.activations import (
     MAX_TEXT_TOKENS,
     SUMMARY_LATENTS,
     ActivationRequest,
+    Continuation,
     FeatureActivations,
     LatentActivation,
     SequenceSpans,
     SpansActivations,
     SpansRequest,
+    SteerAnswer,
+    SteeredLatent,
+    SteerRequest,
     TextActivations,
     TextLatent,
 )
@@ -266,6 +274,37 @@ class Inference:
             windows=n_windows,
         )
 
+    def steer(self, name: str, request: SteerRequest) -> SteerAnswer:
+        """The prompt continued without steering and with it (`steered_generation`)."""
+        with self._lock, torch.inference_mode():
+            loaded = self._loaded(name, [f.feature_index for f in request.features])
+            tokenizer = loaded.model.tokenizer
+            ids = tokenizer(request.prompt, add_special_tokens=False)["input_ids"]
+            if loaded.bos is not None:
+                ids = [loaded.bos, *ids]
+            if len(ids) + request.max_new_tokens > loaded.context_length:
+                raise InputError(
+                    f"the prompt is {len(ids)} tokens: with {request.max_new_tokens} more it "
+                    f"passes the model's context of {loaded.context_length}"
+                )
+
+            def continued(features: list[SteeredLatent]) -> Continuation:
+                new = steered_generation(
+                    loaded.model, loaded.sae, loaded.hook, ids, features, request
+                )
+                return Continuation(
+                    tokens=[loaded.vocab[i] for i in new],
+                    token_ids=new,
+                    text=tokenizer.decode(new),
+                )
+
+            return SteerAnswer(
+                prompt_tokens=[loaded.vocab[i] for i in ids],
+                default=continued([]),
+                steered=continued(request.features),
+                steered_from=len(ids) - 1,
+            )
+
     def spans(self, name: str, request: SpansRequest) -> SpansActivations:
         """Per sequence and span, every latent firing on the span's tokens with its highest
         activation there; the sequences run as they are, in batches."""
@@ -393,6 +432,49 @@ MAX_CONCURRENT_RUNS = 2
 TOKEN_VARIABLE = "SAESCOPE_INFERENCE_TOKEN"
 
 
+def steered_generation(
+    model, sae, hook: str, prompt: list[int], features: list[SteeredLatent], request: SteerRequest
+) -> list[int]:
+    """`request.max_new_tokens` tokens after `prompt`, each from a whole forward pass with the
+    activations at `hook` changed from the prompt's last position on: strength × W_dec[i]
+    added for a latent given a strength; for one given a value, x + (value − f_i(x))·W_dec[i],
+    its activation clamped with the rest of x (the SAE's error included) kept. Greedy at
+    temperature 0, else sampled from softmax(logits / temperature) with a generator seeded by
+    `request.seed`: the same request gives the same tokens."""
+    start = len(prompt) - 1
+    decoder = sae.W_dec.detach()
+    added = [(f.feature_index, f.strength) for f in features if f.strength is not None]
+    clamped = [(f.feature_index, f.value) for f in features if f.value is not None]
+
+    def steer(activation: torch.Tensor, hook) -> torch.Tensor:
+        flat = models.flat_heads(activation).clone()
+        x = flat[:, start:]
+        for index, strength in added:
+            x = x + strength * decoder[index].to(x.dtype)
+        if clamped:
+            encoded = sae.encode(x.to(decoder.dtype))
+            for index, value in clamped:
+                change = (value - encoded[..., index]).unsqueeze(-1)
+                x = x + (change * decoder[index]).to(x.dtype)
+        flat[:, start:] = x
+        return flat.reshape(activation.shape)
+
+    fwd_hooks = [(hook, steer)] if features else []
+    generator = torch.Generator().manual_seed(request.seed)
+    tokens = list(prompt)
+    device = next(sae.parameters()).device
+    for _ in range(request.max_new_tokens):
+        batch = torch.tensor([tokens], device=device)
+        logits = model.run_with_hooks(batch, return_type="logits", fwd_hooks=fwd_hooks)[0, -1]
+        if request.temperature == 0:
+            chosen = int(logits.argmax())
+        else:
+            probabilities = torch.softmax(logits.double().cpu() / request.temperature, -1)
+            chosen = int(torch.multinomial(probabilities, 1, generator=generator))
+        tokens.append(chosen)
+    return tokens[len(prompt) :]
+
+
 def inference_app(database: Path, device: str, token: str | None = None) -> FastAPI:
     inference = Inference(database, device)
     running = threading.BoundedSemaphore(MAX_CONCURRENT_RUNS)
@@ -442,5 +524,9 @@ def inference_app(database: Path, device: str, token: str | None = None) -> Fast
     @app.post("/saes/{sae}/spans", response_model=SpansActivations)
     def spans(sae: str, request: SpansRequest) -> SpansActivations:
         return answer(inference.spans, sae, request)
+
+    @app.post("/saes/{sae}/steer", response_model=SteerAnswer)
+    def steer(sae: str, request: SteerRequest) -> SteerAnswer:
+        return answer(inference.steer, sae, request)
 
     return app

@@ -10,7 +10,12 @@ from fastapi import APIRouter, Header
 from pydantic import BaseModel
 from sqlalchemy.orm import Session
 
-from saescope.db.activations import ActivationRequest, TextActivations
+from saescope.db.activations import (
+    ActivationRequest,
+    SteerAnswer,
+    SteerRequest,
+    TextActivations,
+)
 from saescope.db.models import SCHEMA_VERSION
 from saescope.db.queries.feature_table import FeaturePage
 from saescope.db.queries.lookups import NotFoundError, sae_row
@@ -31,6 +36,7 @@ BODY_LIMITS = [
     BodyLimit("PUT", API + ROUTES["label"].json, 64 << 10, needs_token=True),
     BodyLimit("DELETE", API + ROUTES["label"].json, 1 << 10, needs_token=True),
     BodyLimit("POST", API + ROUTES["activations"].json, 256 << 10),
+    BodyLimit("POST", API + ROUTES["steer"].json, 16 << 10),
 ]
 
 
@@ -137,3 +143,15 @@ def activations(
     infer`) runs the model; without one, 503 says how to start it."""
     sae_row(session, sae)
     return inference.activations(settings.inference_url, settings.inference_token, sae, body)
+
+
+@json_route("steer", "POST", tags=["inference"], responses=BODY_RESPONSES)
+def steer(
+    sae: SaeName, body: SteerRequest, session: SessionDep, settings: SettingsDep
+) -> SteerAnswer:
+    """The prompt continued twice by the SAE's model, from the same seed: as it is, and with the
+    latents steered from the prompt's last token on (each one's decoder row added with its
+    `strength`, or its activation clamped to `value`). The inference process runs it; without
+    one, 503 says how to start it."""
+    check_latents(session, sae, [f.feature_index for f in body.features])
+    return inference.steer(settings.inference_url, settings.inference_token, sae, body)

@@ -22,6 +22,8 @@ from saescope.db.activations import (
     SequenceSpans,
     SpansActivations,
     SpansRequest,
+    SteerAnswer,
+    SteerRequest,
     TextActivations,
 )
 from saescope.db.queries.phrase_search import PhraseSearch
@@ -95,6 +97,11 @@ def activations(
     """The inference process's answer for `sae` on the request's text."""
     path = f"/saes/{quote(sae, safe='')}/activations"
     return _post(url, token, path, request, TextActivations)
+
+
+def steer(url: str | None, token: str | None, sae: str, request: SteerRequest) -> SteerAnswer:
+    """The inference process's continuations of the prompt, without and with steering."""
+    return _post(url, token, f"/saes/{quote(sae, safe='')}/steer", request, SteerAnswer)
 
 
 def search_phrase(

@@ -38,6 +38,7 @@ ROUTES = {name: Route(at, page=at) for name, at in _TWINS.items()} | {
     "labels": Route("/saes/{sae}/labels"),
     "label": Route("/saes/{sae}/features/{feature_index}/label"),
     "activations": Route("/saes/{sae}/activations"),
+    "steer": Route("/saes/{sae}/steer"),
 }
 
 

@@ -360,6 +360,7 @@ def test_openapi_lists_every_json_route(client: TestClient) -> None:
         "/api/v1/saes/{sae}/consistency",
         "/api/v1/saes/{sae}/threshold-ablation",
         "/api/v1/saes/{sae}/activations",
+        "/api/v1/saes/{sae}/steer",
         "/api/v1/saes/{sae}/labels",
         "/api/v1/saes/{sae}/features/{feature_index}/label",
         "/api/v1/saes/{sae}/test",
