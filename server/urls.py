@@ -50,6 +50,11 @@ def activations(sae: str) -> str:
     return path("activations", api=True, sae=sae)
 
 
+def steer(sae: str) -> str:
+    """The JSON route that continues a prompt with latents steered (POST)."""
+    return path("steer", api=True, sae=sae)
+
+
 def label(sae: str, feature_index: int) -> str:
     """A latent's label (PUT, DELETE)."""
     return path("label", api=True, sae=sae, feature_index=feature_index)

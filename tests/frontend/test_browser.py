@@ -283,6 +283,24 @@ def test_the_test_page_lists_the_latents_that_fire_most(
     page.screenshot(path=str(screenshots / "test-page.png"), full_page=True)
 
 
+def test_the_feature_page_steers_its_latent(
+    browser, base_url: str, busiest_feature: int, screenshots: Path
+) -> None:
+    """The steer box continues the prompt twice and shows both; greedy, as the route gives."""
+    page = browser.new_page(viewport={"width": 1200, "height": 1000})
+    page.goto(f"{base_url}/saes/tiny-sae/features/{busiest_feature}")
+    assert page.input_value("form.steer input[name=feature_index]") == str(busiest_feature)
+    page.fill("form.steer input[name=max_new_tokens]", "6")
+    page.click("form.steer button")
+    page.wait_for_selector(".steer-result .continuation")
+    titles = page.eval_on_selector_all(
+        ".steer-result .continuation b", "bs => bs.map(b => b.textContent)"
+    )
+    assert titles == ["without steering", f"latent #{busiest_feature} + 10 × decoder row"]
+    page.locator("form.steer").screenshot(path=str(screenshots / "steer.png"))
+    page.close()
+
+
 def test_a_label_is_saved_with_the_token_and_refused_without(
     browser, dashboard_db: Path, tmp_path: Path, screenshots: Path
 ) -> None:
