@@ -319,7 +319,7 @@ def import_labels(
     from sqlalchemy.orm import Session
 
     from saescope.db.engine import readonly_engine
-    from saescope.db.export import neuronpedia_explanations
+    from saescope.db.export import neuronpedia_labels
     from saescope.db.queries.lookups import NotFoundError, sae_row
     from saescope.server.labels import (
         MAX_LABEL,
@@ -338,42 +338,22 @@ def import_labels(
             d_sae = sae_row(session, sae).d_sae
         except NotFoundError as error:
             fail(str(error))
-    by_feature: dict[int, list[dict]] = {}
     try:
-        for row in neuronpedia_explanations(explanations):
-            index = int(row["index"])
-            if 0 <= index < d_sae and str(row.get("description") or "").strip():
-                by_feature.setdefault(index, []).append(row)
+        found = neuronpedia_labels(explanations, d_sae, MAX_LABEL)
     except (OSError, ValueError, KeyError, TypeError) as error:
         fail(f"cannot read Neuronpedia explanations from {explanations}: {error}")
     store = LabelStore(labels or labels_path(database), None)
     kept = set() if replace else {label.feature_index for label in store.of_sae(sae)}
-    imported = []
-    for index, rows in sorted(by_feature.items()):
-        if index in kept:
-            continue
-        best = max(rows, key=lambda row: row.get("scoreV1") or 0.0)
-        description = str(best["description"]).strip()
-        source = ", ".join(
-            str(part) for part in (best.get("typeName"), best.get("explanationModelName")) if part
-        )
-        note = f"Neuronpedia explanation {best.get('id', '')}" + (f" ({source})" if source else "")
-        if best.get("scoreV1"):
-            note += f", score {best['scoreV1']}"
-        if len(rows) > 1:
-            note += f"; {len(rows) - 1} other explanation(s) of this latent not imported"
-        if len(description) > MAX_LABEL:
-            note = f"{description}\n\n{note}"
-            description = description[: MAX_LABEL - 1] + "…"
-        author = f"neuronpedia:{best.get('authorId') or ''}".rstrip(":")
-        imported.append(
-            LabelImport(feature_index=index, label=description, note=note, author=author[:100])
-        )
+    imported = [
+        LabelImport(feature_index=index, **label)
+        for index, label in found.items()
+        if index not in kept
+    ]
     try:
         store.write(sae, imported)
     except LabelsUnavailable as error:
         fail(f"cannot write the labels: {error}")
-    skipped = len(by_feature) - len(imported)
+    skipped = len(found) - len(imported)
     click.echo(f"{sae}: {len(imported)} labels imported, {skipped} kept as they were")
 
 

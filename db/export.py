@@ -12,8 +12,8 @@
   by Neuronpedia's default bot user, as its own exports write them; the labels written in the
   dashboard are explanations of its `human` type, their author in the notes.
 
-And back: `neuronpedia_explanations` reads the explanations of a Neuronpedia export (its
-`explanations/*.jsonl.gz`) for `saescope import-labels`.
+And back: `neuronpedia_labels` reads the explanations of a Neuronpedia export (its
+`explanations/*.jsonl.gz`) as labels, for `saescope import-labels`.
 """
 
 from __future__ import annotations
@@ -264,3 +264,32 @@ def neuronpedia_explanations(path: Path) -> Iterator[dict[str, Any]]:
             for line in lines:
                 if line.strip():
                     yield json.loads(line)
+
+
+def neuronpedia_labels(path: Path, d_sae: int, max_label: int) -> dict[int, dict[str, str]]:
+    """A label (`label`, `note`, `author`) for each latent below `d_sae` that the export explains:
+    its best-scored explanation (`scoreV1`), attributed to Neuronpedia, its type, model and
+    author, the others counted; a description beyond `max_label` characters is cut there and
+    kept whole in the note."""
+    by_feature: dict[int, list[dict[str, Any]]] = {}
+    for row in neuronpedia_explanations(path):
+        index = int(row["index"])
+        if 0 <= index < d_sae and str(row.get("description") or "").strip():
+            by_feature.setdefault(index, []).append(row)
+    labels = {}
+    for index, rows in sorted(by_feature.items()):
+        best = max(rows, key=lambda row: row.get("scoreV1") or 0.0)
+        description = str(best["description"]).strip()
+        made_by = [str(part) for part in (best.get("typeName"), best.get("explanationModelName"))]
+        source = ", ".join(part for part in made_by if part != "None")
+        note = f"Neuronpedia explanation {best.get('id', '')}" + (f" ({source})" if source else "")
+        if best.get("scoreV1"):
+            note += f", score {best['scoreV1']}"
+        if len(rows) > 1:
+            note += f"; {len(rows) - 1} other explanation(s) of this latent not imported"
+        if len(description) > max_label:
+            note = f"{description}\n\n{note}"
+            description = description[: max_label - 1] + "…"
+        author = f"neuronpedia:{best.get('authorId') or ''}".rstrip(":")
+        labels[index] = {"label": description, "note": note, "author": author[:100]}
+    return labels
