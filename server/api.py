@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Header
+from fastapi import APIRouter, Header, Request
 from pydantic import BaseModel
 from sqlalchemy.orm import Session
 
@@ -18,8 +18,8 @@ from saescope.db.activations import (
 )
 from saescope.db.models import SCHEMA_VERSION
 from saescope.db.queries.feature_table import FeaturePage
-from saescope.db.queries.lookups import NotFoundError, sae_row
-from saescope.db.queries.saes import ThresholdAblation, list_saes, threshold_ablation
+from saescope.db.queries.lookups import NotFoundError, sae_count, sae_row
+from saescope.db.queries.saes import ThresholdAblation, threshold_ablation
 from saescope.server import inference
 from saescope.server.dependencies import LabelsDep, SessionDep, SettingsDep
 from saescope.server.errors import BODY_RESPONSES, ERROR_RESPONSES, WRITE_RESPONSES
@@ -52,8 +52,11 @@ class Health(BaseModel):
 
 
 @json_route("health", tags=["meta"])
-def health(session: SessionDep) -> Health:
-    return Health(status="ok", schema_version=SCHEMA_VERSION, saes=len(list_saes(session)))
+async def health(request: Request) -> Health:
+    """Whether the server is up and reads its database. Answered on the event loop, never queued
+    behind the worker threads that pages and a slow inference process keep busy."""
+    engine = request.app.state.database.engine()
+    return Health(status="ok", schema_version=SCHEMA_VERSION, saes=sae_count(engine))
 
 
 @json_route("threshold_ablation", tags=["saes"])

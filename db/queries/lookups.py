@@ -8,7 +8,7 @@ from collections.abc import Iterable
 
 import numpy as np
 from pydantic import BaseModel, Field
-from sqlalchemy import Engine, select
+from sqlalchemy import Engine, func, select
 from sqlalchemy.orm import Session
 
 from saescope.db import codec
@@ -33,6 +33,17 @@ def sae_row(session: Session, name: str) -> Sae:
 
 # Per engine (one file, read-only, so never stale) and corpus: gone with the engine.
 _VOCAB_CACHE: weakref.WeakKeyDictionary[Engine, dict[int, list[str]]] = weakref.WeakKeyDictionary()
+
+
+_SAE_COUNT: weakref.WeakKeyDictionary[Engine, int] = weakref.WeakKeyDictionary()
+
+
+def sae_count(engine: Engine) -> int:
+    """How many SAEs the file holds, counted once per engine."""
+    if engine not in _SAE_COUNT:
+        with Session(engine) as session:
+            _SAE_COUNT[engine] = session.scalar(select(func.count()).select_from(Sae)) or 0
+    return _SAE_COUNT[engine]
 
 
 def vocab(session: Session, corpus_id: int) -> list[str]:
