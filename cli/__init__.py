@@ -297,6 +297,79 @@ def export(
     click.echo(f"{sae}: Neuronpedia export ({len(written)} labels) -> {root}")
 
 
+@app.command()
+@click.argument("database", type=click.Path(path_type=Path))
+@click.argument("sae")
+@click.option(
+    "--llm-url",
+    required=True,
+    help="OpenAI-compatible endpoint, e.g. http://127.0.0.1:8000/v1 (vLLM) or "
+    "http://127.0.0.1:11434/v1 (Ollama).",
+)
+@click.option("--llm-model", required=True, help="Model name the endpoint serves.")
+@click.option("--latents", default=None, help="Latents to explain: 0-999 or 3,5,9-12.")
+@click.option("--all", "every_latent", is_flag=True, default=False, help="Explain every latent.")
+@click.option(
+    "--concurrency",
+    type=click.IntRange(1, 64),
+    default=4,
+    show_default=True,
+    help="Latents explained at once.",
+)
+@click.option(
+    "--explanations",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="File to store explanations in. Default: beside the database.",
+)
+@click.option(
+    "--seed",
+    type=int,
+    default=0,
+    show_default=True,
+    help="Seed of the non-activating contexts, the order of examples and the fuzzing marks.",
+)
+@click.option("--quiet", is_flag=True, default=False, help="No progress bar.")
+def explain(
+    database: Path,
+    sae: str,
+    llm_url: str,
+    llm_model: str,
+    latents: str | None,
+    every_latent: bool,
+    concurrency: int,
+    explanations: Path | None,
+    seed: int,
+    quiet: bool,
+) -> None:
+    """Explain the latents of SAE in DATABASE with an LLM and score the explanations (delphi's
+    method: detection and fuzzing, balanced accuracy), stored beside the database; an
+    interrupted run continues where it stopped. The API key is read from SAESCOPE_LLM_API_KEY."""
+    import os
+
+    from saescope.db.explanations import ExplanationStore, explanations_path
+    from saescope.db.queries.lookups import NotFoundError
+    from saescope.pipeline.explain import ChatClient, LlmError, parse_latents
+    from saescope.pipeline.explain import explain as run_explain
+
+    if not database.is_file():
+        fail(f"{database} does not exist")
+    if every_latent == (latents is not None):
+        fail("give --latents (e.g. 0-999) or --all")
+    with user_errors("explanations so far are kept; run again to continue"):
+        chosen = None if every_latent else parse_latents(latents or "")
+        client = ChatClient(llm_url, llm_model, os.environ.get("SAESCOPE_LLM_API_KEY"))
+        store = ExplanationStore(explanations or explanations_path(database))
+        try:
+            done, before = run_explain(
+                database, sae, chosen, client, store, concurrency, quiet, seed
+            )
+        except (LlmError, NotFoundError) as error:
+            fail(str(error))
+    summary = f"{done} latents explained with {llm_model} ({before} done before)"
+    click.echo(f"{sae}: {summary}, {client.tokens} tokens")
+
+
 @app.command("import-labels")
 @click.argument("database", type=click.Path(path_type=Path))
 @click.argument("sae")

@@ -13,6 +13,7 @@ from starlette.middleware.gzip import GZipMiddleware
 from starlette.types import Scope
 
 from saescope.db.engine import ServedDatabase
+from saescope.db.explanations import ExplanationStore, explanations_path
 from saescope.server import api, assets, views
 from saescope.server.errors import error_response, install_error_handlers
 from saescope.server.labels import LabelStore, labels_path
@@ -52,6 +53,9 @@ def create_app(settings: Settings) -> FastAPI:
         settings.labels or labels_path(settings.database), settings.write_token
     )
     app.state.labels.check()
+    app.state.explanations = ExplanationStore(
+        settings.explanations or explanations_path(settings.database)
+    )
 
     app.include_router(api.router)
     app.include_router(views.pages)

@@ -9,6 +9,7 @@ from typing import Annotated
 from fastapi import Depends, Request
 from sqlalchemy.orm import Session
 
+from saescope.db.explanations import ExplanationStore
 from saescope.db.queries.saes import PATHS_RELATIVE_TO
 from saescope.server.labels import LabelStore
 from saescope.server.settings import Settings
@@ -37,15 +38,19 @@ SettingsDep = Annotated[Settings, Depends(get_settings)]
 
 @dataclass
 class Reader:
-    """What a view reads from: the database session, the server's settings and the labels."""
+    """What a view reads from: the database session, the server's settings, the labels and the
+    explanations."""
 
     session: Session
     settings: Settings
     labels: LabelStore
+    explanations: ExplanationStore
 
 
-def get_reader(session: SessionDep, settings: SettingsDep, labels: LabelsDep) -> Reader:
-    return Reader(session, settings, labels)
+def get_reader(
+    request: Request, session: SessionDep, settings: SettingsDep, labels: LabelsDep
+) -> Reader:
+    return Reader(session, settings, labels, request.app.state.explanations)
 
 
 ReaderDep = Annotated[Reader, Depends(get_reader)]

@@ -25,6 +25,11 @@ class Settings(BaseSettings):
         description="writable file of the latents' labels and notes (default: beside the "
         "database, NAME.labels.sqlite)",
     )
+    explanations: Path | None = Field(
+        None,
+        description="file of the latents' explanations and scores written by `saescope explain` "
+        "(default: beside the database, NAME.explanations.sqlite)",
+    )
     write_token: str | None = Field(
         None, description="token that writing labels needs (none: labels are read-only)"
     )

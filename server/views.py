@@ -11,6 +11,7 @@ from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import HTMLResponse, RedirectResponse
 from pydantic import BaseModel, Field
 
+from saescope.db.explanations import ExplanationOut
 from saescope.db.flags import HIGH_FREQUENCY
 from saescope.db.queries.comparisons import (
     Comparison,
@@ -209,6 +210,9 @@ class FeatureView(FeatureDetail):
     external_results: list[ExternalLatentOut] = Field(
         description="other tools' values for this latent (`saescope import-results`)"
     )
+    explanations: list[ExplanationOut] = Field(
+        description="its explanations by `saescope explain`, best detection score first"
+    )
 
 
 @view("feature", "feature.html", tags=["features"])
@@ -228,6 +232,7 @@ def feature(sae: SaeName, feature_index: FeatureIndex, reader: ReaderDep) -> Fea
         external_results=external_latent_results(
             reader.session, sae_row(reader.session, sae), feature_index
         ),
+        explanations=reader.explanations.of_feature(sae, feature_index),
     )
 
 

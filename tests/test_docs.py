@@ -13,7 +13,7 @@ from saescope.server.settings import Settings
 README = (Path(__file__).parent.parent / "README.md").read_text()
 COMMANDS = (
     "build", "compare", "train", "train-lm", "synth", "demo", "serve", "infer", "export",
-    "import-labels", "import-results",
+    "import-labels", "import-results", "explain",
 )  # fmt: skip
 
 
