@@ -28,26 +28,8 @@ for (const form of document.querySelectorAll("form.steer")) {
       temperature: Number(form.elements.temperature.value),
       seed: Number(form.elements.seed.value),
     };
-    out.classList.remove("error");
-    out.textContent = "generating…";
-    let response;
-    try {
-      response = await fetch(form.dataset.url, {
-        method: "POST",
-        headers: { "Content-Type": "application/json" },
-        body: JSON.stringify(request),
-      });
-    } catch (error) {
-      out.classList.add("error");
-      out.textContent = `the dashboard does not answer: ${error}`;
-      return;
-    }
-    const data = await response.json();
-    if (!response.ok) {
-      out.classList.add("error");
-      out.textContent = data.error.message;
-      return;
-    }
+    const data = await postJson(form.dataset.url, request, out, "generating…");
+    if (data === null) return;
     const how = "strength" in latent ? `+ ${latent.strength} × decoder row` : `clamped to ${latent.value}`;
     out.replaceChildren(
       continuation("without steering", data.default),

@@ -110,26 +110,8 @@ for (const form of document.querySelectorAll("form.text-test")) {
     };
     const dense = form.elements.leave_out_dense;
     if (dense && dense.checked) request.max_frequency = Number(dense.value);
-    out.classList.remove("error");
-    out.textContent = "running…";
-    let response;
-    try {
-      response = await fetch(form.dataset.url, {
-        method: "POST",
-        headers: { "Content-Type": "application/json" },
-        body: JSON.stringify(request),
-      });
-    } catch (error) {
-      out.classList.add("error");
-      out.textContent = `the dashboard does not answer: ${error}`;
-      return;
-    }
-    const data = await response.json();
-    if (!response.ok) {
-      out.classList.add("error");
-      out.textContent = data.error.message;
-      return;
-    }
+    const data = await postJson(form.dataset.url, request, out, "running…");
+    if (data === null) return;
     if (feature === null) drawAll(out, data, form.dataset.featureUrl);
     else drawFeature(out, data, Number(form.dataset.scale));
   });
