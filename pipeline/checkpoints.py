@@ -59,6 +59,13 @@ def detect_format(directory: Path) -> str:
     for name, files in FORMAT_FILES.items():
         if all((directory / file).is_file() for file in files):
             return name
+    for name, files in FORMAT_FILES.items():
+        missing = [file for file in files if not (directory / file).is_file()]
+        if len(missing) < len(files) and files[-1] not in missing:
+            raise InputError(
+                f"SAE directory {directory} has no {missing[0]}; expected the {name} format "
+                f"({' + '.join(files)})"
+            )
     expected = "; ".join(f"{name}: {' + '.join(files)}" for name, files in FORMAT_FILES.items())
     raise InputError(f"SAE directory {directory} holds no SAE checkpoint I know ({expected})")
 

@@ -48,7 +48,7 @@ def api_schema(dashboard_db: Path, inference_url: str):
 
 def test_every_route_keeps_its_contract(api_schema) -> None:
     operations = [result.ok() for result in api_schema.get_all_operations()]
-    assert len(operations) == 18
+    assert len(operations) == 19
     for operation in operations:
 
         @given(case=operation.as_strategy())
