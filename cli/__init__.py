@@ -277,6 +277,7 @@ def export(
 
     from saescope.db import export as exports
     from saescope.db.engine import readonly_engine
+    from saescope.db.explanations import ExplanationStore, explanations_path
     from saescope.db.queries.lookups import NotFoundError
     from saescope.server.labels import LabelStore, labels_path
 
@@ -289,12 +290,14 @@ def export(
                 click.echo(f"{sae}: {count} features -> {out}/<index>.json")
                 return
             written = LabelStore(labels or labels_path(database), None).of_sae(sae)
+            explained = ExplanationStore(explanations_path(database)).of_sae(sae)
             root = exports.export_neuronpedia(
-                session, sae, out, [label.model_dump() for label in written], model_id
+                session, sae, out, [label.model_dump() for label in written], model_id, explained
             )
         except (NotFoundError, exports.ExportError) as error:
             fail(str(error))
-    click.echo(f"{sae}: Neuronpedia export ({len(written)} labels) -> {root}")
+    counts = f"{len(written)} labels, {len(explained)} explanations"
+    click.echo(f"{sae}: Neuronpedia export ({counts}) -> {root}")
 
 
 @app.command()

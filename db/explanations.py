@@ -40,6 +40,8 @@ create table if not exists explanations (
 class ExplanationOut(BaseModel):
     """An explanation as the feature's JSON gives it."""
 
+    feature_index: int
+
     explanation: str | None = Field(description="null where the LLM gave none")
     llm: str
     detection: float | None = Field(
@@ -93,22 +95,37 @@ class ExplanationStore:
                 },
             )
 
+    def of_sae(self, sae: str) -> list[ExplanationOut]:
+        return self._read("sae = ?", (sae,))
+
     def of_feature(self, sae: str, feature_index: int) -> list[ExplanationOut]:
-        """The latent's explanations, best detection score first (read-only)."""
+        """The latent's explanations, best detection score first."""
+        return self._read("sae = ? and feature_index = ?", (sae, feature_index))
+
+    def containing(self, sae: str, text: str) -> list[ExplanationOut]:
+        """The SAE's explanations that contain `text` (ignoring case), best scored first."""
+        if not text:
+            return []
+        pattern = "%" + text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
+        return self._read("sae = ? and explanation like ? escape '\\'", (sae, pattern))
+
+    def _read(self, where: str, parameters: tuple) -> list[ExplanationOut]:
+        """Rows (read-only) best detection score first; none where the file or table is missing."""
         if not self.path.is_file():
             return []
         try:
             with closing(connect_readonly(self.path)) as connection:
                 rows = connection.execute(
-                    "select explanation, llm, detection, fuzzing, created_at, status, scores "
-                    "from explanations where sae = ? and feature_index = ? "
+                    "select feature_index, explanation, llm, detection, fuzzing, created_at, "
+                    f"status, scores from explanations where {where} "
                     "order by detection is null, detection desc, created_at desc",
-                    (sae, feature_index),
+                    parameters,
                 ).fetchall()
         except sqlite3.Error:  # no table yet: nothing explained
             return []
         return [
             ExplanationOut(
+                feature_index=index,
                 explanation=explanation,
                 llm=llm,
                 detection=detection,
@@ -117,5 +134,5 @@ class ExplanationStore:
                 status=status,
                 scores=json.loads(scores),
             )
-            for explanation, llm, detection, fuzzing, created_at, status, scores in rows
+            for index, explanation, llm, detection, fuzzing, created_at, status, scores in rows
         ]

@@ -10,7 +10,8 @@
   row has every key (null where empty), and each row's id is derived from the model, source,
   feature and example, unique across models and the same when exported again. Rows are created
   by Neuronpedia's default bot user, as its own exports write them; the labels written in the
-  dashboard are explanations of its `human` type, their author in the notes.
+  dashboard are explanations of its `human` type, their author in the notes; those of
+  `saescope explain` follow, their scores in the notes.
 
 And back: `neuronpedia_labels` reads the explanations of a Neuronpedia export (its
 `explanations/*.jsonl.gz`) as labels, for `saescope import-labels`.
@@ -30,6 +31,7 @@ from typing import Any
 
 from sqlalchemy.orm import Session
 
+from saescope.db.explanations import ExplanationOut
 from saescope.db.models import Sae
 from saescope.db.queries.examples import ExampleOut
 from saescope.db.queries.feature_detail import FeatureDetail, get_feature
@@ -212,6 +214,29 @@ def neuronpedia_explanation(label: dict[str, Any], ids: dict[str, str]) -> dict[
     }
 
 
+def neuronpedia_scored_explanation(explained: ExplanationOut, ids: dict[str, str]) -> dict:
+    """An explanation by `saescope explain`, its scores in the notes. No type: Neuronpedia's
+    explanation types are its own configuration, and an unknown one fails the whole batch."""
+    scores = ", ".join(
+        f"{name} {value:.3f}"
+        for name, value in (("detection", explained.detection), ("fuzzing", explained.fuzzing))
+        if value is not None
+    )
+    return {
+        "id": row_id(
+            ids["modelId"], ids["layer"], explained.feature_index, "explain", explained.llm
+        ),
+        **ids,
+        "index": str(explained.feature_index),
+        "description": explained.explanation,
+        "authorId": NEURONPEDIA_BOT,
+        "typeName": None,
+        "explanationModelName": None,
+        "notes": f"saescope explain with {explained.llm} (delphi's method); {scores} "
+        "(balanced accuracy, 0.5 is chance)",
+    }
+
+
 def _write_batch(directory: Path, number: int, rows: list[dict]) -> None:
     if rows:
         directory.mkdir(parents=True, exist_ok=True)
@@ -225,6 +250,7 @@ def export_neuronpedia(
     out: Path,
     labels: list[dict[str, Any]],
     neuronpedia_model_id: str | None = None,
+    explained: tuple[ExplanationOut, ...] | list[ExplanationOut] = (),
 ) -> Path:
     """Writes the export a batch at a time; returns its source directory."""
     detail = sae_row(session, sae)
@@ -248,6 +274,9 @@ def export_neuronpedia(
     _write_batch(root / "features", batch, feature_rows)
     _write_batch(root / "activations", batch, activation_rows)
     explanations = [neuronpedia_explanation(label, ids) for label in labels]
+    explanations += [
+        neuronpedia_scored_explanation(row, ids) for row in explained if row.explanation
+    ]
     for number in range(-(-len(explanations) // NEURONPEDIA_BATCH)):
         rows = explanations[number * NEURONPEDIA_BATCH : (number + 1) * NEURONPEDIA_BATCH]
         _write_batch(root / "explanations", number, rows)

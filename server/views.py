@@ -262,6 +262,9 @@ class TokenSearchView(TokenSearch):
     limit: int = Field(description="matching tokens asked for")
     latents_per_token: int
     labelled: list[Label] = Field(description="labels of the SAE that contain the query")
+    explained: list[ExplanationOut] = Field(
+        description="explanations (`saescope explain`) that contain the query, best scored first"
+    )
     latents: dict[int, InlineLatent] = Field(description=LATENTS_DESCRIPTION)
 
 
@@ -275,8 +278,8 @@ def search(
     max_frequency: MaxFrequency = None,
 ) -> TokenSearchView:
     """Tokens matching `token` exactly, then by substring, with the latents most specific to
-    them (dense ones left out) and where each fires on the token; and the labels that contain
-    it."""
+    them (dense ones left out) and where each fires on the token; and the labels and
+    explanations that contain it."""
     limit = limit or reader.settings.search_limit
     result = search_tokens(
         reader.session,
@@ -292,6 +295,7 @@ def search(
         limit=limit,
         latents_per_token=latents,
         labelled=reader.labels.of_sae(sae, token.strip()),
+        explained=reader.explanations.containing(sae, token.strip()),
         latents=inline_latents(reader, sae, listed),
     )
 

@@ -41,6 +41,7 @@ from click.testing import CliRunner
 from fastapi.testclient import TestClient
 
 from saescope.cli import app
+from saescope.db.explanations import ExplanationStore, explanations_path
 from saescope.db.export import NEURONPEDIA_BOT
 from saescope.server.app import create_app
 from saescope.server.settings import Settings
@@ -191,6 +192,14 @@ def test_neuronpedias_importer_loads_every_row_of_the_export(
     the first (no id is shared)."""
     import psycopg
 
+    copy = tmp_path / "features.db"  # with an explanation beside it, by `saescope explain`
+    shutil.copy(dashboard_db, copy)
+    dashboard_db = copy
+    ExplanationStore(explanations_path(copy)).write(
+        {"sae": "tiny-sae", "feature_index": 9, "llm": "an-llm", "prompt_version": "v",
+         "status": "scored", "explanation": "closing brackets", "detection": 0.875,
+         "fuzzing": 0.75, "scores": {}, "examples": {}, "created_at": "2026-12-07T00:00:00"}
+    )  # fmt: skip
     labels = tmp_path / "labels.sqlite"
     writer = TestClient(create_app(Settings(database=dashboard_db, labels=labels, write_token="t")))
     for index, text in ((9, "brackets"), (4, "opening parentheses")):
@@ -224,7 +233,7 @@ def test_neuronpedias_importer_loads_every_row_of_the_export(
         for model in ("tiny-gpt2", "tiny-gpt2-copy"):
             assert count("Neuron", model) == 64
             assert count("Activation", model) == len(exported)
-            assert count("Explanation", model) == 2
+            assert count("Explanation", model) == 3
         stored = {
             row[0]: row[1:]
             for row in connection.execute(
@@ -259,7 +268,12 @@ def test_neuronpedias_importer_loads_every_row_of_the_export(
             'WHERE "modelId" = %s ORDER BY index',
             ("tiny-gpt2",),
         ).fetchall()
-        assert explanations == [
+        assert sorted(explanations, key=str) == sorted([
             ("4", "opening parentheses", NEURONPEDIA_BOT, "human"),
             ("9", "brackets", NEURONPEDIA_BOT, "human"),
-        ]
+            ("9", "closing brackets", NEURONPEDIA_BOT, None),
+        ], key=str)  # fmt: skip
+        (notes,) = connection.execute(
+            'SELECT notes FROM "Explanation" WHERE description = %s', ("closing brackets",)
+        ).fetchone()
+        assert "detection 0.875, fuzzing 0.750" in notes

@@ -202,6 +202,9 @@ def test_a_run_stores_scored_explanations_and_the_api_shows_them(
     assert [(e["llm"], e["explanation"]) for e in shown] == [("oracle-1", "latent 3")]
     assert {"explanation", "llm", "detection", "fuzzing", "created_at"} <= set(shown[0])
     assert f"detection {shown[0]['detection']:.2f}" in served.get("/saes/tiny-sae/features/3").text
+    found = served.get("/api/v1/saes/tiny-sae/search?token=latent 3").json()["explained"]
+    assert [(e["feature_index"], e["explanation"]) for e in found] == [(3, "latent 3")]
+    assert "Explanations containing" in served.get("/saes/tiny-sae/search?token=latent 3").text
     # Four explainer prompts, two of them sent twice (the 500s came first); each with marks.
     explainer = [
         r for r in oracle.requests if r["messages"][0]["content"] == method.EXPLAINER_SYSTEM
