@@ -34,6 +34,11 @@ def connect_readonly(path: Path) -> sqlite3.Connection:
     return sqlite3.connect(uri, uri=True, check_same_thread=False)
 
 
+def like_containing(text: str) -> str:
+    """A LIKE pattern (with `escape '\\'`) that matches text containing `text` as it is."""
+    return "%" + text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
+
+
 def readonly_engine(path: Path) -> Engine:
     """An engine that can only read `path`; fails if the file does not exist."""
     if not path.is_file():

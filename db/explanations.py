@@ -17,7 +17,7 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
-from saescope.db.engine import connect_readonly
+from saescope.db.engine import connect_readonly, like_containing
 
 SCHEMA = """
 create table if not exists explanations (
@@ -106,7 +106,7 @@ class ExplanationStore:
         """The SAE's explanations that contain `text` (ignoring case), best scored first."""
         if not text:
             return []
-        pattern = "%" + text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
+        pattern = like_containing(text)
         return self._read("sae = ? and explanation like ? escape '\\'", (sae, pattern))
 
     def _read(self, where: str, parameters: tuple) -> list[ExplanationOut]:

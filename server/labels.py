@@ -19,7 +19,7 @@ from pathlib import Path
 from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException
 
-from saescope.db.engine import connect_readonly
+from saescope.db.engine import connect_readonly, like_containing
 
 SCHEMA = """
 create table if not exists labels (
@@ -130,7 +130,7 @@ class LabelStore:
     def of_sae(self, sae: str, text: str | None = None) -> list[Label]:
         """The SAE's labels by latent; with `text`, those whose label or note contains it."""
         if text:
-            pattern = "%" + text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
+            pattern = like_containing(text)
             return self._read(
                 "select * from labels where sae = ? and (label like ? escape '\\' or note like ? "
                 "escape '\\') order by feature_index",
