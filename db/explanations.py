@@ -19,6 +19,9 @@ from pydantic import BaseModel, Field
 
 from saescope.db.engine import connect_readonly, like_containing
 
+# The scores an explanation gets, by the columns that keep them; the feature table sorts by each.
+SCORES = ("detection", "fuzzing")
+
 SCHEMA = """
 create table if not exists explanations (
     sae text not null,
@@ -102,6 +105,27 @@ class ExplanationStore:
         """The latent's explanations, best detection score first."""
         return self._read("sae = ? and feature_index = ?", (sae, feature_index))
 
+    def best_of_features(self, sae: str, indices: list[int]) -> dict[int, ExplanationOut]:
+        """Each listed latent's explanation with the best detection score, where it has one."""
+        if not indices:
+            return {}
+        marks = ", ".join("?" * len(indices))
+        best: dict[int, ExplanationOut] = {}
+        for explanation in self._read(f"sae = ? and feature_index in ({marks})", (sae, *indices)):
+            best.setdefault(explanation.feature_index, explanation)
+        return best
+
+    def best_scores(self, sae: str, score: str) -> dict[int, float]:
+        """Each scored latent's best `score` (one of SCORES) over its explanations."""
+        if score not in SCORES:
+            raise ValueError(f"no score named {score!r}")
+        rows = self._rows(
+            f"select feature_index, max({score}) from explanations where sae = ? and "
+            f"{score} is not null group by feature_index",
+            (sae,),
+        )
+        return dict(rows)
+
     def containing(self, sae: str, text: str) -> list[ExplanationOut]:
         """The SAE's explanations that contain `text` (ignoring case), best scored first."""
         if not text:
@@ -110,19 +134,13 @@ class ExplanationStore:
         return self._read("sae = ? and explanation like ? escape '\\'", (sae, pattern))
 
     def _read(self, where: str, parameters: tuple) -> list[ExplanationOut]:
-        """Rows (read-only) best detection score first; none where the file or table is missing."""
-        if not self.path.is_file():
-            return []
-        try:
-            with closing(connect_readonly(self.path)) as connection:
-                rows = connection.execute(
-                    "select feature_index, explanation, llm, detection, fuzzing, created_at, "
-                    f"status, scores from explanations where {where} "
-                    "order by detection is null, detection desc, created_at desc",
-                    parameters,
-                ).fetchall()
-        except sqlite3.Error:  # no table yet: nothing explained
-            return []
+        """Rows best detection score first."""
+        rows = self._rows(
+            "select feature_index, explanation, llm, detection, fuzzing, created_at, status, "
+            f"scores from explanations where {where} "
+            "order by detection is null, detection desc, created_at desc",
+            parameters,
+        )
         return [
             ExplanationOut(
                 feature_index=index,
@@ -136,3 +154,13 @@ class ExplanationStore:
             )
             for index, explanation, llm, detection, fuzzing, created_at, status, scores in rows
         ]
+
+    def _rows(self, query: str, parameters: tuple) -> list[tuple]:
+        """The query's rows, read-only; none where the file or its table is missing."""
+        if not self.path.is_file():
+            return []
+        try:
+            with closing(connect_readonly(self.path)) as connection:
+                return connection.execute(query, parameters).fetchall()
+        except sqlite3.Error:  # no table yet: nothing explained
+            return []

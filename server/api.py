@@ -17,15 +17,20 @@ from saescope.db.activations import (
     TextActivations,
 )
 from saescope.db.models import SCHEMA_VERSION
-from saescope.db.queries.feature_table import FeaturePage
 from saescope.db.queries.lookups import NotFoundError, sae_count, sae_row
 from saescope.db.queries.saes import ThresholdAblation, threshold_ablation
 from saescope.server import inference
-from saescope.server.dependencies import LabelsDep, SessionDep, SettingsDep
+from saescope.server.dependencies import LabelsDep, ReaderDep, SessionDep, SettingsDep
 from saescope.server.errors import BODY_RESPONSES, ERROR_RESPONSES, WRITE_RESPONSES
 from saescope.server.labels import Label, LabelImport, LabelIn
 from saescope.server.middleware import BodyLimit
-from saescope.server.params import FeatureIndex, FeatureTableQuery, LabelQuery, SaeName
+from saescope.server.params import (
+    ExplainedFeaturePage,
+    FeatureIndex,
+    FeatureTableQuery,
+    LabelQuery,
+    SaeName,
+)
 from saescope.server.routes import API, ROUTES
 
 router = APIRouter(prefix=API, responses=ERROR_RESPONSES)
@@ -66,11 +71,10 @@ def ablation(sae: SaeName, session: SessionDep) -> ThresholdAblation:
 
 
 @json_route("features", tags=["features"])
-def features(
-    sae: SaeName, params: FeatureTableQuery, session: SessionDep, settings: SettingsDep
-) -> FeaturePage:
-    """The feature table, sorted, filtered and paginated by key."""
-    return params.page(session, sae, settings.page_size)
+def features(sae: SaeName, params: FeatureTableQuery, reader: ReaderDep) -> ExplainedFeaturePage:
+    """The feature table, sorted (by a metric or an explanation score), filtered and paginated by
+    key, with the best explanation of each latent listed."""
+    return params.page(reader.session, sae, reader.settings.page_size, reader.explanations)
 
 
 @json_route("labels", tags=["labels"])

@@ -10,6 +10,7 @@ from pydantic import BeforeValidator, Field
 from sqlalchemy.orm import Session
 
 from saescope.db.corpus_text import MIN_PHRASE_CHARACTERS
+from saescope.db.explanations import SCORES, ExplanationOut, ExplanationStore
 from saescope.db.flags import FlagName
 from saescope.db.models import SAE_NAME_MAX_LENGTH, TOKEN_LATENTS
 from saescope.db.queries.comparisons import Comparison, UnmatchedSort, compare_saes
@@ -75,6 +76,13 @@ Threshold = Annotated[
 ]
 
 
+class ExplainedFeaturePage(FeaturePage):
+    explanations: dict[int, ExplanationOut] = Field(
+        description="the best explanation (`saescope explain`) of each latent on the page that "
+        "has one"
+    )
+
+
 @dataclass
 class FeatureTableParams:
     sort: SortKey
@@ -86,9 +94,21 @@ class FeatureTableParams:
     limit: int | None
     before: str | None
 
-    def page(self, session: Session, sae: str, default_limit: int) -> FeaturePage:
-        """The page of the feature table these parameters ask for."""
-        return list_features(session, sae, **{**vars(self), "limit": self.limit or default_limit})
+    def page(
+        self, session: Session, sae: str, default_limit: int, explanations: ExplanationStore
+    ) -> ExplainedFeaturePage:
+        """The page of the feature table these parameters ask for, with the latents'
+        explanations."""
+        scores = (
+            explanations.best_scores(sae, self.sort.value) if self.sort.value in SCORES else None
+        )
+        page = list_features(
+            session, sae, **{**vars(self), "limit": self.limit or default_limit}, scores=scores
+        )
+        listed = [row.feature_index for row in page.items]
+        return ExplainedFeaturePage(
+            **dict(page), explanations=explanations.best_of_features(sae, listed)
+        )
 
 
 def feature_table_params(

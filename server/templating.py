@@ -13,6 +13,7 @@ from markupsafe import Markup, escape
 from pydantic_core import to_jsonable_python
 
 from saescope.db import metrics
+from saescope.db.explanations import SCORES
 from saescope.db.flags import FLAGS, FLAGS_BY_NAME
 from saescope.db.queries.comparisons import UnmatchedSort
 from saescope.db.queries.consistency import ConsistencySort
@@ -129,6 +130,7 @@ templates.env.globals.update(
     FLAGS=FLAGS,
     metrics=metrics,
     SORT_KEYS=list(SortKey),
+    EXPLANATION_SCORES=SCORES,
     SORT_ORDERS=list(SortOrder),
     UNMATCHED_SORT_KEYS=list(UnmatchedSort),
     CONSISTENCY_SORT_KEYS=list(ConsistencySort),

@@ -28,7 +28,7 @@ from saescope.db.queries.external import (
     external_results,
 )
 from saescope.db.queries.feature_detail import FeatureDetail, get_feature
-from saescope.db.queries.feature_table import FeaturePage, LatentSummary, latent_summaries
+from saescope.db.queries.feature_table import LatentSummary, latent_summaries
 from saescope.db.queries.flags import FlagsReport, flags_report
 from saescope.db.queries.lookups import sae_row
 from saescope.db.queries.phrase_search import CONTEXTS_PER_PAGE, PhraseSearch
@@ -40,6 +40,7 @@ from saescope.server.labels import Label
 from saescope.server.params import (
     ComparisonQuery,
     ConsistencyQuery,
+    ExplainedFeaturePage,
     FeatureIndex,
     FeatureTableQuery,
     LatentsPerToken,
@@ -152,7 +153,7 @@ def saes(session: SessionDep) -> list[SaeSummary]:
 
 
 class SaePage(SaeDetail):
-    features: FeaturePage = Field(description="the page of the feature table asked for")
+    features: ExplainedFeaturePage = Field(description="the page of the feature table asked for")
     labels: dict[int, Label] = Field(description="the labels of the table's latents")
     threshold_ablation: list[AblationRule]
     comparisons: list[PairSummary] = Field(description="its comparisons with the other SAEs")
@@ -167,7 +168,7 @@ def sae(sae: SaeName, params: FeatureTableQuery, reader: ReaderDep) -> SaePage:
     comparisons, and a page of its feature table (the parameters of `/features`)."""
     session = reader.session
     stored = sae_row(session, sae)
-    features = params.page(session, sae, reader.settings.page_size)
+    features = params.page(session, sae, reader.settings.page_size, reader.explanations)
     return SaePage(
         **dict(shown_sae(SaeDetail, stored, session)),
         features=features,

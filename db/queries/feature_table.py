@@ -4,20 +4,23 @@ lists of latents show inline."""
 
 from __future__ import annotations
 
+from bisect import bisect_left, bisect_right
+from collections.abc import Mapping
 from enum import StrEnum
 
 from pydantic import BaseModel, Field, create_model
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
+from saescope.db.explanations import SCORES
 from saescope.db.flags import FLAGS_BY_NAME, FlagName
 from saescope.db.metrics import METRICS_BY_NAME, SORTABLE, TABLE_COLUMNS, response_fields
 from saescope.db.models import Feature, Sae
 from saescope.db.queries.flags import flag_clause, flags_of
 from saescope.db.queries.lookups import BadRequestError, TokenCount, sae_row, token_counts, vocab
-from saescope.db.queries.paging import SortOrder, cursor, keyset
+from saescope.db.queries.paging import SortOrder, cursor, keyset, parse_cursor
 
-SortKey = StrEnum("SortKey", ["feature_index", *(metric.name for metric in SORTABLE)])
+SortKey = StrEnum("SortKey", ["feature_index", *(metric.name for metric in SORTABLE), *SCORES])
 # Specific tokens shown per row.
 ROW_TOKENS = 5
 # Metrics that may be None (not measurable) sort as if they were this: below every value, so
@@ -55,10 +58,12 @@ def list_features(
     after: str | None,
     limit: int,
     before: str | None,
+    scores: Mapping[int, float] | None = None,
 ) -> FeaturePage:
     """One page of the feature table, paginated by key: the rows after the cursor `after` (a
     page's `next_cursor`) or before the cursor `before` (its `previous_cursor`); with the count
-    of rows that match the filters."""
+    of rows that match the filters. Sorted by an explanation score, `scores` gives each scored
+    latent's (the others sort as unmeasured)."""
     if min_frequency is not None and max_frequency is not None and min_frequency > max_frequency:
         raise BadRequestError("min_frequency is greater than max_frequency")
     if after is not None and before is not None:
@@ -74,10 +79,16 @@ def list_features(
         query = query.where(Feature.frequency <= max_frequency)
     total = session.scalar(select(func.count()).select_from(query.subquery()))
     backward = before is not None
-    query = keyset(
-        query, _sort_column(sort), Feature.feature_index, order, before or after, sort, backward
-    )
-    features = list(session.scalars(query.limit(limit + 1)))
+    if sort.value in SCORES:
+        scores = scores or {}
+        features = _ranked_by_scores(
+            session, query, scores, order, before or after, sort, backward, limit
+        )
+    else:
+        query = keyset(
+            query, _sort_column(sort), Feature.feature_index, order, before or after, sort, backward
+        )
+        features = list(session.scalars(query.limit(limit + 1)))
     more = len(features) > limit
     features = features[:limit]
     if backward:
@@ -101,9 +112,51 @@ def list_features(
         order=order.value,
         items=items,
         total=total,
-        next_cursor=_cursor_of(features[-1], sort) if has_next and features else None,
-        previous_cursor=_cursor_of(features[0], sort) if has_previous and features else None,
+        next_cursor=_cursor_of(features[-1], sort, scores) if has_next and features else None,
+        previous_cursor=_cursor_of(features[0], sort, scores)
+        if has_previous and features
+        else None,
     )
+
+
+def _ranked_by_scores(
+    session: Session,
+    query,
+    scores: Mapping[int, float],
+    order: SortOrder,
+    cursor_text: str | None,
+    sort: SortKey,
+    backward: bool,
+    limit: int,
+) -> list[Feature]:
+    """The rows of `query` after (or, `backward`, before) the cursor in the order of `keyset`,
+    by scores kept outside the database: ranked here, since SQLite cannot join a few thousand
+    bound values to a table without scanning them once per row."""
+    descending = order is SortOrder.desc
+
+    def key(value: float, index: int) -> tuple[float, int]:
+        return (-value if descending else value, index)
+
+    indices = session.scalars(query.with_only_columns(Feature.feature_index))
+    ranked = sorted(key(scores.get(index, UNMEASURED), index) for index in indices)
+    if cursor_text is None:
+        start, end = 0, len(ranked)
+    else:
+        bound = key(*parse_cursor(cursor_text, sort))
+        start, end = (
+            (0, bisect_left(ranked, bound))
+            if backward
+            else (bisect_right(ranked, bound), len(ranked))
+        )
+    page = (
+        ranked[max(start, end - limit - 1) : end][::-1]
+        if backward
+        else ranked[start : start + limit + 1]
+    )
+    wanted = [index for _, index in page]
+    rows = session.scalars(query.where(Feature.feature_index.in_(wanted)))
+    by_index = {feature.feature_index: feature for feature in rows}
+    return [by_index[index] for index in wanted]
 
 
 def _nullable(sort: SortKey) -> bool:
@@ -116,8 +169,11 @@ def _sort_column(sort: SortKey):
     return func.coalesce(column, UNMEASURED) if _nullable(sort) else column
 
 
-def _cursor_of(feature: Feature, sort: SortKey) -> str:
-    value = getattr(feature, sort.value)
+def _cursor_of(feature: Feature, sort: SortKey, scores: Mapping[int, float] | None) -> str:
+    if sort.value in SCORES:
+        value = (scores or {}).get(feature.feature_index)
+    else:
+        value = getattr(feature, sort.value)
     return cursor(UNMEASURED if value is None else value, feature.feature_index)
 
 

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
+from saescope.db.explanations import ExplanationStore
 from saescope.db.models import SCHEMA_VERSION
 from saescope.server.app import create_app
 from saescope.server.settings import Settings
@@ -574,3 +575,44 @@ def test_the_api_shows_no_absolute_path(client: TestClient, dashboard_db: Path) 
         assert str(dashboard_db.parent.parent) not in text, url
     config = client.get(f"/api/v1/saes/{SAE}").json()["config"]
     assert (dashboard_db.parent / config["sae"]).resolve().is_dir()
+
+
+def test_the_table_sorts_and_pages_by_explanation_score(dashboard_db: Path, tmp_path) -> None:
+    """Scores kept in the explanations file order the table like a stored metric: best first,
+    unscored latents last (by index), every latent once, forward and back, with the filters."""
+    store = ExplanationStore(tmp_path / "explanations.sqlite")
+    detection = {5: 0.9, 12: 0.6, 30: 0.9, 40: 0.55, 63: 0.75}
+    for index, score in detection.items():
+        for llm, lower in (("big", 0.0), ("small", 0.1)):  # a latent's best counts
+            store.write({
+                "sae": SAE, "feature_index": index, "llm": llm, "prompt_version": "1",
+                "status": "scored", "explanation": f"{llm} says {index}",
+                "detection": score - lower, "fuzzing": 1 - score + lower, "scores": {},
+                "examples": [], "created_at": "2026-12-07T00:00:00",
+            })  # fmt: skip
+    client = TestClient(create_app(Settings(database=dashboard_db, explanations=store.path)))
+    api = f"/api/v1/saes/{SAE}/features?sort=detection&order=desc&limit=3"
+    seen = all_pages(client, api)
+    assert [f["feature_index"] for f in seen] == [5, 30, 63, 12, 40] + [
+        i for i in range(64) if i not in detection
+    ]
+    first = client.get(api).json()
+    assert first["explanations"]["5"]["explanation"] == "big says 5"
+    assert set(first["explanations"]) == {"5", "30", "63"}
+    second = client.get(f"{api}&after={first['next_cursor']}").json()
+    back = client.get(f"{api}&before={second['previous_cursor']}").json()
+    assert [f["feature_index"] for f in back["items"]] == [5, 30, 63]
+    # Ascending: unscored first; the fuzzing score is the best of each latent's too.
+    ascending = all_pages(client, f"/api/v1/saes/{SAE}/features?sort=fuzzing&order=asc&limit=9")
+    assert [f["feature_index"] for f in ascending][-5:] == [5, 30, 63, 12, 40]
+    frequent = all_pages(client, f"{api}&min_frequency=0.01")
+    assert [f["feature_index"] for f in frequent] == [
+        f["feature_index"] for f in seen if f["frequency"] >= 0.01
+    ]
+    page = client.get(f"/saes/{SAE}?sort=detection&order=desc").text
+    assert "big says 5" in page and "<td>0.90</td>" in page
+    assert any("sort=fuzzing" in link for link in links(page, "sort"))
+    # Without an explanations file, sorting by a score leaves the table in index order.
+    bare = TestClient(create_app(Settings(database=dashboard_db, explanations=tmp_path / "none")))
+    items = bare.get(f"/api/v1/saes/{SAE}/features?sort=detection&limit=200").json()["items"]
+    assert [f["feature_index"] for f in items] == list(range(64))
