@@ -47,8 +47,11 @@ class TrainingSettings:
     frequency_coefficient: float = setting(
         10.0, "l0: weight μ of the frequency penalty.", at_least=0
     )
-    aux_coefficient: float = 1 / 32
-    """α of the AuxK loss (topk)"""
+    aux_coefficient: float = setting(
+        1.0,
+        "topk: weight α of the AuxK loss (the dead latents' reconstruction of the error).",
+        at_least=0,
+    )
     dead_after: int = setting(
         200_000, "Tokens without firing after which a latent is dead.", at_least=1
     )

@@ -67,7 +67,7 @@ def test_two_topk_seeds_learn_the_same_latents(superposition) -> None:
     decoders = []
     for seed in (0, 1):
         config = TrainingSettings(
-            objective="topk", k=3, d_sae=64, training_tokens=200_000, batch_size=512,
+            objective="topk", k=3, d_sae=64, training_tokens=300_000, batch_size=512,
             learning_rate=3e-3, dead_after=20_000, log_every=100, seed=seed,
         )  # fmt: skip
         sae, _ = train_sae(fixed_activations(superposition.activations), 32, config, quiet=True)
@@ -119,10 +119,23 @@ def test_topk_keeps_k_latents_and_aux_loss_uses_dead_ones() -> None:
     _, terms, f = objective_loss(sae, x, config, torch.zeros(16, dtype=torch.bool))
     assert "aux" not in terms
     assert ((f > 0).sum(-1) <= 3).all()
-    dead = torch.zeros(16, dtype=torch.bool)
-    dead[:8] = True
-    _, terms, _ = objective_loss(sae, x, config, dead)
-    assert float(terms["aux"]) > 0
+    # AuxK by hand, row by row: the error rebuilt from the largest min(dead, d_in/2) dead
+    # pre-activations (ReLU), weighted α.
+    with torch.no_grad():
+        pre = sae.pre_activations(x)
+        error = x - sae.decode(sae.activate(pre))
+        decoder = sae.decoder()
+    for n_dead in (8, 2):
+        dead = torch.zeros(16, dtype=torch.bool)
+        dead[3 : 3 + n_dead] = True
+        _, terms, _ = objective_loss(sae, x, config, dead)
+        expected = 0.0
+        for row in range(len(x)):
+            values = {i: float(pre[row, i]) for i in range(16) if dead[i]}
+            chosen = sorted(values, key=values.get, reverse=True)[: min(n_dead, 4)]
+            rebuilt = sum(max(values[i], 0.0) * decoder[i] for i in chosen)
+            expected += float((error[row] - rebuilt).pow(2).sum()) / len(x)
+        assert float(terms["aux"]) == pytest.approx(config.aux_coefficient * expected, rel=1e-4)
 
 
 def test_saved_sae_loads_in_sae_lens(tmp_path: Path, superposition) -> None:
