@@ -5,7 +5,7 @@ given seed) on the embedded demo model's `blocks.2.hook_resid_pre` over the demo
 training split (`TRAIN_TOKENS`, cycled), one after the other in this process:
   - saescope: `train_sae` with `TrainingSettings` as `saescope train --objective topk --k 32
     --d-sae 2048` builds them (its defaults otherwise: b_dec at the geometric median, decoder
-    rows at norm 0.1, unit decoder, AuxK α 1/32 on latents silent for 200,000 tokens, constant
+    rows at norm 0.1, unit decoder, AuxK α 1 on latents silent for 200,000 tokens, constant
     lr), saved in the SAELens format by `save_sae`;
   - SAELens: `SAETrainer` with `TopKTrainingSAE` (sae_lens 6.x), fed through `data_provider` the
     very batches saescope trains on: `activation_batches` (saescope's shuffled buffer, same seed)
