@@ -299,21 +299,28 @@ def _absorption(
         own_share[a:b] = (own_total / (own_total + beside).clamp_min(1e-30)).numpy()
         n_firings[a:b] = count.numpy()
         absorbed_positions[a:b] = absorbed_count.numpy()
-        shares = (top_weight / total.clamp_min(1e-30)[:, None]).tolist()
-        for row, (latents, weights_row, shares_row) in enumerate(
-            zip(top_latent.tolist(), top_weight.tolist(), shares, strict=True)
-        ):
+        # Whole rows to Python at once: indexing tensors absorber by absorber costs more than
+        # the rest of the chunk at hundreds of thousands of latents.
+        rows = zip(
+            top_latent.tolist(),
+            top_weight.tolist(),
+            (top_weight / total.clamp_min(1e-30)[:, None]).tolist(),
+            on_absorbed.gather(1, top_column).tolist(),
+            cofiring.gather(1, top_column).tolist(),
+            strict=True,
+        )
+        for latents, weights_row, shares_row, counts_row, cofiring_row in rows:
             absorbers.append(
                 [
                     {
                         "feature_index": j,
                         "weight": round(w, 6),
                         "share": round(s, 6),
-                        "count": int(on_absorbed[row, c]),
-                        "cofiring": round(float(cofiring[row, c]), 4),
+                        "count": k,
+                        "cofiring": round(c, 4),
                     }
-                    for j, c, w, s in zip(
-                        latents, top_column[row].tolist(), weights_row, shares_row, strict=True
+                    for j, w, s, k, c in zip(
+                        latents, weights_row, shares_row, counts_row, cofiring_row, strict=True
                     )
                     if w > 0
                 ]
