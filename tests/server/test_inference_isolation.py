@@ -39,7 +39,7 @@ def fake_inference(reply: bytes | None) -> Iterator[str]:
             except TimeoutError:
                 continue
             held.append(connection)
-            connection.recv(65536)
+            read_request(connection)
             if reply is not None:
                 connection.sendall(reply)
                 connection.close()
@@ -54,6 +54,28 @@ def fake_inference(reply: bytes | None) -> Iterator[str]:
         for connection in held:
             connection.close()
         listener.close()
+
+
+def read_request(connection: socket.socket) -> None:
+    """The whole request, body included: closing on unread bytes would reset the connection,
+    which the dashboard rightly takes for an unreachable process, not a broken answer."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = connection.recv(65536)
+        if not chunk:
+            return
+        data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    length = next(
+        (int(line.split(b":")[1]) for line in head.lower().split(b"\r\n")
+         if line.startswith(b"content-length:")),
+        0,
+    )  # fmt: skip
+    while len(body) < length:
+        chunk = connection.recv(65536)
+        if not chunk:
+            return
+        body += chunk
 
 
 BROKEN_REPLIES = {
