@@ -82,6 +82,12 @@ class Batch:
     def first_token(self) -> int:
         return self.first_sequence * self.context_length
 
+    @functools.cached_property
+    def special_rows(self) -> Int[Tensor, " n_special"]:
+        """The flat row indices of the special tokens: row indices, not a boolean mask over a
+        chunk's whole activations (special tokens are few); found once for all its chunks."""
+        return torch.nonzero(self.special.reshape(-1)).squeeze(1)
+
     @property
     def decoder_space(self) -> Float[Tensor, "seq ctx d_out"]:
         """The activations the decoder writes: where decoder directions are measured."""
@@ -104,10 +110,8 @@ class LatentChunk:
         """Masks special tokens in place."""
         n_features = feature_acts.shape[-1]
         flat = feature_acts.view(-1, n_features)
-        # Row indices, not a boolean mask over the whole tensor: special tokens are few.
-        special_rows = torch.nonzero(batch.special.reshape(-1)).squeeze(1)
-        special_feature_acts = flat[special_rows]
-        flat[special_rows] = 0.0
+        special_feature_acts = flat[batch.special_rows]
+        flat[batch.special_rows] = 0.0
         return cls(first_feature, feature_acts, special_feature_acts)
 
     @property

@@ -150,12 +150,13 @@ class DeviceExamples:
     ) -> None:
         """Candidates of the chunk's latents: each keeps the k largest keys of its kept and its
         offered entries, with the activation and window (from `acts`) of the new ones."""
+        # Every latent of the chunk merges its candidates, those with none better too: picking
+        # out the ones that improve would make the host wait for their number (a sync per chunk
+        # and kind); keys are distinct, so a latent's kept set is the same either way.
         best_keys, picked = keys.topk(min(self.k, len(keys)), dim=0)
-        latents = torch.nonzero(best_keys[0] > self.key[features].amin(1)).squeeze(1)
-        if not len(latents):
-            return
-        new_keys = best_keys[:, latents].T
-        new_rows = rows[:, latents].gather(0, picked[:, latents]).T
+        latents = torch.arange(keys.shape[1], device=keys.device)
+        new_keys = best_keys.T
+        new_rows = rows.gather(0, picked).T
         offsets = torch.arange(WINDOW_LENGTH, device=acts.device) - WINDOW_LEFT
         window_rows = new_rows[..., None] + offsets
         positions = new_rows[..., None] % context + offsets
@@ -163,13 +164,13 @@ class DeviceExamples:
         window = torch.where(
             inside, acts[window_rows.clamp(0, len(acts) - 1), latents[:, None, None]], math.nan
         )
-        slots = latents + features.start
-        kept, order = torch.cat([self.key[slots], new_keys], 1).topk(self.k, dim=1)
-        self.key[slots] = kept
-        self.activation[slots] = torch.cat(
-            [self.activation[slots], acts[new_rows, latents[:, None]]], 1
+        kept, order = torch.cat([self.key[features], new_keys], 1).topk(self.k, dim=1)
+        self.key[features] = kept
+        self.activation[features] = torch.cat(
+            [self.activation[features], acts[new_rows.clamp(0, len(acts) - 1), latents[:, None]]],
+            1,
         ).gather(1, order)
-        self.window[slots] = torch.cat([self.window[slots], window], 1).gather(
+        self.window[features] = torch.cat([self.window[features], window], 1).gather(
             1, order[..., None].expand(-1, -1, WINDOW_LENGTH)
         )
 
@@ -299,8 +300,7 @@ class TorchScan:
         unit = self.decoder_unit[features]
         screen = centred @ unit.T
         margin = centred.norm(dim=1) * PROJECTION_MARGIN
-        skip = batch.special.reshape(-1)
-        screen[skip] = -math.inf
+        screen = screen.masked_fill(batch.special.reshape(-1, 1), -math.inf)
         n_blocks = -(-context // GAP)
         pad = n_blocks * GAP - context
         blocks = F.pad(screen.view(n_sequences, context, -1), (0, 0, 0, pad), value=-math.inf)
