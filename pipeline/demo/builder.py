@@ -5,7 +5,7 @@ trains them again from their seeds, with the same settings as `DEMO_SAES` states
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from saescope.db.engine import connect_readonly, has_current_schema
@@ -40,34 +40,15 @@ class DemoSae:
 
 # Tokens each demo SAE trains on: its training MSE falls by about 1% over the last 10% of them.
 DEMO_TRAINING_TOKENS = 8_000_000
-# The AuxK weight the committed TopK SAEs were trained with (Gao et al.'s 1/32), so that
-# `--retrain` gives them again bit for bit.
-DEMO_AUX_COEFFICIENT = 1 / 32
+# The TopK recipe, from two seeds. AuxK at the weight the committed SAEs were trained with
+# (Gao et al.'s 1/32), so that `--retrain` gives them again bit for bit.
+DEMO_TOPK = TrainingSettings(
+    objective="topk", k=32, aux_coefficient=1 / 32, d_sae=2048, training_tokens=DEMO_TRAINING_TOKENS
+)
 DEMO_SAES = (
     # TopK with AuxK, 16× the residual width, from two seeds: the latents both runs learn.
-    DemoSae(
-        "demo-topk",
-        DEMO / "saes" / "topk",
-        TrainingSettings(
-            objective="topk",
-            k=32,
-            aux_coefficient=DEMO_AUX_COEFFICIENT,
-            d_sae=2048,
-            training_tokens=DEMO_TRAINING_TOKENS,
-        ),
-    ),
-    DemoSae(
-        "demo-topk-s1",
-        DEMO / "saes" / "topk-s1",
-        TrainingSettings(
-            objective="topk",
-            k=32,
-            aux_coefficient=DEMO_AUX_COEFFICIENT,
-            d_sae=2048,
-            training_tokens=DEMO_TRAINING_TOKENS,
-            seed=1,
-        ),
-    ),
+    DemoSae("demo-topk", DEMO / "saes" / "topk", DEMO_TOPK),
+    DemoSae("demo-topk-s1", DEMO / "saes" / "topk-s1", replace(DEMO_TOPK, seed=1)),
     # The L1 reference on the same hook, from a third seed: matching the TopK latents in it
     # shows what one objective learns and the other does not (Farrell).
     DemoSae(
