@@ -40,10 +40,9 @@ class DemoSae:
 
 # Tokens each demo SAE trains on: its training MSE falls by about 1% over the last 10% of them.
 DEMO_TRAINING_TOKENS = 8_000_000
-# The TopK recipe, from two seeds. AuxK at the weight the committed SAEs were trained with
-# (Gao et al.'s 1/32), so that `--retrain` gives them again bit for bit.
+# The TopK recipe, from two seeds.
 DEMO_TOPK = TrainingSettings(
-    objective="topk", k=32, aux_coefficient=1 / 32, d_sae=2048, training_tokens=DEMO_TRAINING_TOKENS
+    objective="topk", k=32, d_sae=2048, training_tokens=DEMO_TRAINING_TOKENS
 )
 DEMO_SAES = (
     # TopK with AuxK, 16× the residual width, from two seeds: the latents both runs learn.

@@ -13,11 +13,14 @@ Objectives (x the activation, f the latents, x̂ = f·W_dec + b_dec, ‖·‖ th
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
 from jaxtyping import Float
 from torch import Tensor, nn
+
+from saescope.pipeline.training.sparse import SparsePattern, sampled_product, sparse_decode
 
 if TYPE_CHECKING:
     from saescope.pipeline.training.config import TrainingSettings
@@ -68,7 +71,13 @@ class SparseAutoencoder(nn.Module):
         return self.W_dec
 
     def pre_activations(self, x: Float[Tensor, "batch d_in"]) -> Float[Tensor, "batch d_sae"]:
-        pre = (x - self.b_dec) @ self.W_enc + self.b_enc
+        return self.pre_activations_of((x - self.b_dec) @ self.W_enc)
+
+    def pre_activations_of(
+        self, product: Float[Tensor, "batch d_sae"]
+    ) -> Float[Tensor, "batch d_sae"]:
+        """The pre-activations, given the encoder's product (x − b_dec) @ W_enc."""
+        pre = product + self.b_enc
         return pre * self.decoder_norms() if self.unit_decoder else pre
 
     def activate(self, pre: Float[Tensor, "batch d_sae"]) -> Float[Tensor, "batch d_sae"]:
@@ -92,21 +101,28 @@ class SparseAutoencoder(nn.Module):
         return parameters
 
 
+@dataclass
+class Step:
+    """One batch through the objective."""
+
+    loss: Tensor
+    terms: dict[str, Tensor]
+    """the loss's terms, for the log"""
+    reconstruction: Tensor
+    """x̂, without gradient"""
+    firing: Tensor
+    """[d_sae]: the batch's tokens each latent fired on"""
+
+
 def objective_loss(
-    sae: SparseAutoencoder,
-    x: Float[Tensor, "batch d_in"],
-    config: TrainingSettings,
-    dead: Tensor,
-) -> tuple[Tensor, dict[str, Tensor], Tensor]:
-    """The training loss, its terms for the log, and the latents f."""
-    pre = sae.pre_activations(x)
-    f = sae.activate(pre)
+    sae: SparseAutoencoder, x: Float[Tensor, "batch d_in"], config: TrainingSettings, dead: Tensor
+) -> Step:
+    if sae.k is not None:
+        return _topk_loss(sae, x, config, dead)
+    f = sae.activate(sae.pre_activations(x))
     x_hat = sae.decode(f)
-    error = x - x_hat
-    reconstruction = error.pow(2).sum(-1).mean()
-    terms = {"mse": reconstruction}
-    decoder = sae.decoder()
-    decoder_norm = decoder.norm(dim=1)
+    terms = {"mse": (x - x_hat).pow(2).sum(-1).mean()}
+    decoder_norm = sae.decoder().norm(dim=1)
     λ = config.sparsity_coefficient
     if config.objective == "l1":
         terms["sparsity"] = λ * (f * decoder_norm).sum(-1).mean()
@@ -118,14 +134,42 @@ def objective_loss(
         terms["sparsity"] = λ * soft_fire.sum(-1).mean()
         excess = torch.relu(soft_fire.mean(0) - config.frequency_target)
         terms["frequency"] = config.frequency_coefficient * excess.pow(2).sum()
-    elif config.objective == "topk" and dead.any():
-        k_aux = min(int(dead.sum()), max(x.shape[-1] // 2, 1))
-        dead_pre = pre.masked_fill(~dead, -math.inf)
-        values, indices = dead_pre.topk(k_aux, dim=-1)
-        f_aux = torch.zeros_like(pre).scatter_(-1, indices, torch.relu(values))
-        aux_error = (error.detach() - f_aux @ decoder).pow(2).sum(-1).mean()
-        terms["aux"] = config.aux_coefficient * aux_error
-    return sum(terms.values()), terms, f
+    return Step(sum(terms.values()), terms, x_hat.detach(), (f > 0).sum(0))
+
+
+def _topk_loss(
+    sae: SparseAutoencoder, x: Float[Tensor, "batch d_in"], config: TrainingSettings, dead: Tensor
+) -> Step:
+    """The TopK objective with its codes kept sparse: the dense pre-activations are computed
+    once, without gradient, to choose the latents; the chosen entries carry the gradient."""
+    centred = x - sae.b_dec
+    norms = sae.decoder_norms()
+    with torch.no_grad():
+        product = centred @ sae.W_enc
+        pre = sae.pre_activations_of(product)
+
+    def codes(indices: Tensor) -> tuple[SparsePattern, Tensor]:
+        pattern = SparsePattern(indices, sae.W_enc.shape[1])
+        chosen = pattern.indices
+        values = sampled_product(centred, sae.W_enc, product, pattern) + sae.b_enc[chosen]
+        return pattern, torch.relu(values * norms[chosen] if sae.unit_decoder else values)
+
+    pattern, values = codes(pre.topk(sae.k, dim=-1).indices)
+    decoder = sae.decoder()
+    x_hat = sparse_decode(values, decoder, pattern) + sae.b_dec
+    error = x - x_hat
+    terms = {"mse": error.pow(2).sum(-1).mean()}
+    if dead.any():
+        # The dead latents' columns only: a handful, once AuxK has revived the rest.
+        dead_latents = dead.nonzero().squeeze(1)
+        k_aux = min(len(dead_latents), max(x.shape[-1] // 2, 1))
+        chosen = pre.index_select(1, dead_latents).topk(k_aux).indices
+        aux_pattern, aux_values = codes(dead_latents[chosen])
+        aux_error = error.detach() - sparse_decode(aux_values, decoder, aux_pattern)
+        terms["aux"] = config.aux_coefficient * aux_error.pow(2).sum(-1).mean()
+    firing = torch.zeros(len(norms), dtype=torch.long, device=x.device)
+    firing.index_add_(0, pattern.indices.flatten(), (values > 0).flatten().long())
+    return Step(sum(terms.values()), terms, x_hat.detach(), firing)
 
 
 def geometric_median(points: Float[Tensor, "n d"], iterations: int = 30) -> Float[Tensor, " d"]:

@@ -13,6 +13,7 @@ import contextlib
 import json
 import logging
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import asdict
 from pathlib import Path
@@ -26,7 +27,12 @@ from saescope.pipeline.config import check_bounds
 from saescope.pipeline.memory import reused_memory
 from saescope.pipeline.saes import TRAINING_LOG
 from saescope.pipeline.training.config import TrainConfig, TrainingSettings
-from saescope.pipeline.training.sae import SparseAutoencoder, geometric_median, objective_loss
+from saescope.pipeline.training.sae import (
+    SparseAutoencoder,
+    Step,
+    geometric_median,
+    objective_loss,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -112,7 +118,9 @@ def train_sae(
 ) -> tuple[SparseAutoencoder, list[dict]]:
     """Trains on batches drawn from `passes` (special tokens already left out)."""
     settings.validate()
-    with denormals_flushed():
+    with denormals_flushed(), warnings.catch_warnings():
+        # torch's notice that its sparse tensors are in beta is of no use to a user
+        warnings.filterwarnings("ignore", message="Sparse", category=UserWarning)
         return _train(passes, d_in, settings, quiet)
 
 
@@ -138,20 +146,19 @@ def _train(
     with reused_memory():
         for step, x in enumerate(batches):
             dead = tokens_since_fired >= settings.dead_after
-            loss, terms, f = objective_loss(sae, x, settings, dead)
+            result = objective_loss(sae, x, settings, dead)
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            result.loss.backward()
             torch.nn.utils.clip_grad_norm_(sae.parameters(), settings.max_grad_norm)
             optimizer.step()
             schedule.step()
-            fired = (f > 0).any(0)
-            tokens_since_fired = torch.where(fired, 0, tokens_since_fired + len(x))
+            tokens_since_fired = torch.where(result.firing > 0, 0, tokens_since_fired + len(x))
             if settings.resample_every and step > 0 and step % settings.resample_every == 0:
                 resample_dead(sae, optimizer, x, tokens_since_fired >= settings.dead_after)
                 tokens_since_fired[tokens_since_fired >= settings.dead_after] = 0
             progress.update(len(x))
             if step % settings.log_every == 0 or step == steps - 1:
-                row = log_row(step, x, f, sae, terms, loss, tokens_since_fired, settings)
+                row = log_row(step, x, result, tokens_since_fired, settings)
                 log.append(row)
                 progress.set_postfix(
                     loss=f"{row['loss']:.4g}", l0=f"{row['l0']:.1f}", dead=row["dead"]
@@ -163,24 +170,17 @@ def _train(
 
 @torch.no_grad()
 def log_row(
-    step: int,
-    x: Tensor,
-    f: Tensor,
-    sae: SparseAutoencoder,
-    terms: dict[str, Tensor],
-    loss: Tensor,
-    tokens_since_fired: Tensor,
-    settings: TrainingSettings,
+    step: int, x: Tensor, result: Step, tokens_since_fired: Tensor, settings: TrainingSettings
 ) -> dict:
-    x_hat = sae.decode(f)
     variance = (x - x.mean(0)).pow(2).sum()
+    error = (x - result.reconstruction).pow(2).sum()
     return {
         "step": step,
         "tokens": (step + 1) * len(x),
-        "loss": round(float(loss), 6),
-        **{name: round(float(value), 6) for name, value in terms.items()},
-        "l0": round(float((f > 0).float().sum(-1).mean()), 3),
-        "explained_variance": round(float(1 - (x - x_hat).pow(2).sum() / variance), 5),
+        "loss": round(float(result.loss), 6),
+        **{name: round(float(value), 6) for name, value in result.terms.items()},
+        "l0": round(float(result.firing.sum()) / len(x), 3),
+        "explained_variance": round(float(1 - error / variance), 5),
         "dead": int((tokens_since_fired >= settings.dead_after).sum()),
         "lr": float(f"{settings.learning_rate:.3g}"),
     }

@@ -64,8 +64,7 @@ def main() -> None:
                     chunk = next(chunks)
                 pending = torch.cat([pending, chunk])
             x, pending = pending[: args.batch_size], pending[args.batch_size :]
-            loss, _, _ = objective_loss(sae, x, config, dead)
-            loss.backward()
+            objective_loss(sae, x, config, dead).loss.backward()
             served += len(x)
 
     def train() -> None:

@@ -100,13 +100,13 @@ def test_objective_formulas() -> None:
     }
     for objective, sparsity in expectations.items():
         config = TrainingSettings(objective=objective, d_sae=3, sparsity_coefficient=0.5)
-        _, terms, _ = objective_loss(sae, x, config, dead)
+        terms = objective_loss(sae, x, config, dead).terms
         assert float(terms["mse"]) == pytest.approx(mse)
         assert float(terms["sparsity"]) == pytest.approx(sparsity, rel=1e-3)
     config = TrainingSettings(
         objective="l0", d_sae=3, frequency_target=0.5, frequency_coefficient=2.0
     )
-    _, terms, _ = objective_loss(sae, x, config, dead)
+    terms = objective_loss(sae, x, config, dead).terms
     soft = np.tanh(4 * np.array([2.0, 2.0, 0.0]))
     assert float(terms["frequency"]) == pytest.approx(2.0 * (np.maximum(soft - 0.5, 0) ** 2).sum())
 
@@ -116,9 +116,9 @@ def test_topk_keeps_k_latents_and_aux_loss_uses_dead_ones() -> None:
     sae = SparseAutoencoder(8, 16, k=3)
     x = torch.randn(64, 8)
     config = TrainingSettings(objective="topk", d_sae=16, k=3)
-    _, terms, f = objective_loss(sae, x, config, torch.zeros(16, dtype=torch.bool))
-    assert "aux" not in terms
-    assert ((f > 0).sum(-1) <= 3).all()
+    result = objective_loss(sae, x, config, torch.zeros(16, dtype=torch.bool))
+    assert "aux" not in result.terms
+    assert int(result.firing.sum()) <= 3 * len(x)
     # AuxK by hand, row by row: the error rebuilt from the largest min(dead, d_in/2) dead
     # pre-activations (ReLU), weighted α.
     with torch.no_grad():
@@ -128,7 +128,7 @@ def test_topk_keeps_k_latents_and_aux_loss_uses_dead_ones() -> None:
     for n_dead in (8, 2):
         dead = torch.zeros(16, dtype=torch.bool)
         dead[3 : 3 + n_dead] = True
-        _, terms, _ = objective_loss(sae, x, config, dead)
+        terms = objective_loss(sae, x, config, dead).terms
         expected = 0.0
         for row in range(len(x)):
             values = {i: float(pre[row, i]) for i in range(16) if dead[i]}
@@ -136,6 +136,51 @@ def test_topk_keeps_k_latents_and_aux_loss_uses_dead_ones() -> None:
             rebuilt = sum(max(values[i], 0.0) * decoder[i] for i in chosen)
             expected += float((error[row] - rebuilt).pow(2).sum()) / len(x)
         assert float(terms["aux"]) == pytest.approx(config.aux_coefficient * expected, rel=1e-4)
+
+
+@pytest.mark.parametrize("unit_decoder", [True, False])
+def test_sparse_topk_objective_matches_the_dense_one(unit_decoder: bool) -> None:
+    """The sparse TopK path gives the loss, the firing counts and every parameter's gradient of
+    the same objective computed densely: codes scattered into [batch, d_sae], dense products."""
+    torch.manual_seed(0)
+    d_in, d_sae, k = 8, 40, 4
+    sae = SparseAutoencoder(d_in, d_sae, k=k, unit_decoder=unit_decoder, init_norm=0.1)
+    with torch.no_grad():
+        sae.W_dec.mul_(torch.rand(d_sae, 1) + 0.5)
+        sae.b_enc.normal_(std=0.05)
+        sae.b_dec.normal_()
+    x = torch.randn(96, d_in)
+    dead = torch.zeros(d_sae, dtype=torch.bool)
+    dead[::3] = True
+    config = TrainingSettings(objective="topk", d_sae=d_sae, k=k, aux_coefficient=0.5)
+    result = objective_loss(sae, x, config, dead)
+    result.loss.backward()
+    sparse_grads = {name: p.grad.clone() for name, p in sae.named_parameters()}
+    sae.zero_grad()
+
+    pre = (x - sae.b_dec) @ sae.W_enc + sae.b_enc
+    if unit_decoder:
+        pre = pre * sae.W_dec.norm(dim=1)
+    decoder = sae.W_dec / sae.W_dec.norm(dim=1, keepdim=True) if unit_decoder else sae.W_dec
+
+    def scattered(masked: torch.Tensor, n: int) -> torch.Tensor:
+        values, indices = masked.topk(n, dim=-1)
+        return torch.zeros_like(pre).scatter(-1, indices, torch.relu(values))
+
+    f = scattered(pre, k)
+    error = x - (f @ decoder + sae.b_dec)
+    mse = error.pow(2).sum(-1).mean()
+    f_aux = scattered(pre.masked_fill(~dead, float("-inf")), d_in // 2)
+    aux = 0.5 * (error.detach() - f_aux @ decoder).pow(2).sum(-1).mean()
+    (mse + aux).backward()
+
+    assert float(result.terms["mse"]) == pytest.approx(float(mse), rel=1e-5)
+    assert float(result.terms["aux"]) == pytest.approx(float(aux), rel=1e-5)
+    assert torch.equal(result.firing, (f > 0).sum(0))
+    torch.testing.assert_close(result.reconstruction, x - error.detach(), rtol=1e-5, atol=1e-5)
+    for name, p in sae.named_parameters():
+        assert p.grad.abs().max() > 0, name
+        torch.testing.assert_close(sparse_grads[name], p.grad, rtol=1e-4, atol=1e-5)
 
 
 def test_saved_sae_loads_in_sae_lens(tmp_path: Path, superposition) -> None:
