@@ -80,6 +80,22 @@ def test_two_topk_seeds_learn_the_same_latents(superposition) -> None:
     assert float(best.median()) >= 0.9 > 2 * float(np.median(chance))
 
 
+def test_training_again_from_a_seed_gives_the_same_sae_bit_for_bit(superposition) -> None:
+    """What `saescope demo --retrain` relies on: the sparse TopK products and AuxK included."""
+    config = TrainingSettings(
+        objective="topk", k=4, d_sae=256, training_tokens=40 * 1024, batch_size=1024,
+        dead_after=2048, log_every=10,
+    )  # fmt: skip
+    runs = [
+        train_sae(fixed_activations(superposition.activations), 32, config, quiet=True)
+        for _ in range(2)
+    ]
+    assert any("aux" in row for row in runs[0][1])
+    assert runs[0][1] == runs[1][1]
+    for name, parameter in runs[0][0].named_parameters():
+        assert torch.equal(parameter, runs[1][0].get_parameter(name)), name
+
+
 def test_objective_formulas() -> None:
     """Each penalty exactly as documented, on a hand-made batch."""
     sae = SparseAutoencoder(2, 3, k=None, unit_decoder=False)
