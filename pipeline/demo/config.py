@@ -17,9 +17,8 @@ class DemoConfig:
     serve: bool = setting(True, "Serve the dashboard once built.")
     retrain: bool = setting(
         False,
-        "Train the demo SAEs again from their seeds into DATA/saes (about 12 minutes each on 2 "
-        "cores) and build "
-        "the database from them, instead of from the committed SAEs.",
+        "Train the demo SAEs again from their seeds into DATA/saes (about 19 minutes on 2 cores "
+        "for the three) and build the database from them, instead of from the committed SAEs.",
         negatable=False,
     )
     quiet: bool = quiet_setting()
