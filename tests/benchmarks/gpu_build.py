@@ -124,13 +124,15 @@ def make_sae(directory: Path, d_model: int, d_sae: int, hook: str) -> Path:
 
 def run_child(kind: str, arguments: list[str]) -> dict:
     """One fresh process: its own figures, with its peak host RSS."""
-    process = subprocess.Popen(
-        [sys.executable, "-c", CHILD, kind, *arguments],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-    )
-    _, status, usage = os.wait4(process.pid, 0)
-    output, errors = process.stdout.read().decode(), process.stderr.read().decode()
+    # Files, not pipes: a child that writes more than a pipe holds would wait for the reader.
+    with tempfile.TemporaryFile() as stdout, tempfile.TemporaryFile() as stderr:
+        process = subprocess.Popen(
+            [sys.executable, "-c", CHILD, kind, *arguments], stdout=stdout, stderr=stderr
+        )
+        _, status, usage = os.wait4(process.pid, 0)
+        stdout.seek(0)
+        stderr.seek(0)
+        output, errors = stdout.read().decode(), stderr.read().decode()
     if status:
         sys.exit(f"{kind} failed:\n{errors[-3000:]}")
     return {**json.loads(output.strip().splitlines()[-1]), "peak_rss_mb": usage.ru_maxrss / 1024}
