@@ -117,6 +117,7 @@ class Step:
 def objective_loss(
     sae: SparseAutoencoder, x: Float[Tensor, "batch d_in"], config: TrainingSettings, dead: Tensor
 ) -> Step:
+    """The objective of `config` on a batch; `dead` marks the latents AuxK may revive."""
     if sae.k is not None:
         return _topk_loss(sae, x, config, dead)
     f = sae.activate(sae.pre_activations(x))
