@@ -81,21 +81,28 @@ def closure(root: str, extras: tuple[str, ...], python_version: str) -> dict[str
 
 
 def imported_by_a_build() -> set[str]:
-    """The distributions whose modules `gpu_build.py --device cpu --tiny` imports here (its
-    bare loop and its whole build): what the machine's build will import, whatever the
-    distributions declare."""
-    run = subprocess.run(
-        [sys.executable, Path(__file__).with_name("gpu_build.py"), "--device", "cpu", "--tiny"],
-        env={**os.environ, "PYTHONPROFILEIMPORTTIME": "1"},
-        capture_output=True, text=True, check=True,
-    )  # fmt: skip
-    modules = {
-        line.rsplit("|", 1)[1].strip().split(".")[0]
-        for line in run.stderr.splitlines()
-        if line.startswith("import time:") and "|" in line
-    }
+    """The distributions whose modules `gpu_build.py --device cpu --tiny` imports here, in
+    itself and in the processes it starts (its bare loop and its whole build): what the
+    machine's build will import, whatever the distributions declare."""
+    with tempfile.TemporaryDirectory() as hook:
+        modules = Path(hook) / "modules.txt"
+        # Every Python process that starts with this on its path writes its modules at exit.
+        (Path(hook) / "sitecustomize.py").write_text(
+            "import atexit, os, sys\n"
+            "def record():\n"
+            "    with open(os.environ['SAESCOPE_IMPORTED'], 'a') as out:\n"
+            "        out.write('\\n'.join(name.split('.')[0] for name in sys.modules) + '\\n')\n"
+            "atexit.register(record)\n"
+        )
+        path = os.pathsep.join(filter(None, [hook, os.environ.get("PYTHONPATH")]))
+        subprocess.run(
+            [sys.executable, Path(__file__).with_name("gpu_build.py"), "--device", "cpu", "--tiny"],
+            env={**os.environ, "PYTHONPATH": path, "SAESCOPE_IMPORTED": str(modules)},
+            capture_output=True, check=True,
+        )  # fmt: skip
+        imported = set(modules.read_text().split())
     owners = metadata.packages_distributions()
-    return {canonicalize_name(name) for module in modules for name in owners.get(module, [])}
+    return {canonicalize_name(name) for module in imported for name in owners.get(module, [])}
 
 
 def provided(listing: Path | None) -> set[str]:
