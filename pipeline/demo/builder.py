@@ -38,7 +38,7 @@ class DemoSae:
     training: TrainingSettings
 
 
-# Tokens each demo SAE trains on: its training MSE falls by about 1% over the last 10% of them.
+# Tokens each demo SAE trains on: the training split, cycled about 14 times.
 DEMO_TRAINING_TOKENS = 8_000_000
 # The TopK recipe, from two seeds.
 DEMO_TOPK = TrainingSettings(
