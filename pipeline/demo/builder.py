@@ -38,8 +38,8 @@ class DemoSae:
     training: TrainingSettings
 
 
-# Tokens each demo SAE trains on: the training split, cycled about 14 times.
-DEMO_TRAINING_TOKENS = 8_000_000
+# Tokens each demo SAE trains on: the training split, cycled about 28 times.
+DEMO_TRAINING_TOKENS = 16_000_000
 # The TopK recipe, from two seeds.
 DEMO_TOPK = TrainingSettings(
     objective="topk", k=32, d_sae=2048, training_tokens=DEMO_TRAINING_TOKENS

@@ -17,7 +17,7 @@ class DemoConfig:
     serve: bool = setting(True, "Serve the dashboard once built.")
     retrain: bool = setting(
         False,
-        "Train the demo SAEs again from their seeds into DATA/saes (about 19 minutes on 2 cores "
+        "Train the demo SAEs again from their seeds into DATA/saes (about 32 minutes on 2 cores "
         "for the three) and build the database from them, instead of from the committed SAEs.",
         negatable=False,
     )
