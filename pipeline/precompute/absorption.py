@@ -36,7 +36,6 @@ upper end raised to the rule of three where no absorbed position was seen.
 from __future__ import annotations
 
 import math
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -47,6 +46,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from saescope.pipeline.notices import sparse_beta_notice_silenced
 from saescope.pipeline.saes import row_chunks, unit_rows
 
 NEIGHBOUR_COSINE = 0.5
@@ -181,8 +181,7 @@ def binned_auroc(
 def absorption(*args, **kwargs) -> Absorption:
     """The absorption of every latent on a sample of positions (see `_absorption`), without
     gradients; torch's notice that its sparse tensors are in beta is of no use to a user."""
-    with warnings.catch_warnings(), torch.no_grad():
-        warnings.filterwarnings("ignore", message="Sparse", category=UserWarning)
+    with sparse_beta_notice_silenced(), torch.no_grad():
         return _absorption(*args, **kwargs)
 
 

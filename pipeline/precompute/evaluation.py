@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import warnings
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -40,6 +39,7 @@ from saescope.pipeline.models import (
     hook_layer,
     recording_upstream,
 )
+from saescope.pipeline.notices import sparse_beta_notice_silenced
 from saescope.pipeline.saes import row_chunks
 
 logger = logging.getLogger(__name__)
@@ -193,8 +193,7 @@ class ActiveEntries:
     def decode(self, sae, values: Float[Tensor, " entries"]) -> Float[Tensor, "rows d_out"]:
         """sae.decode of the rows with these values in place of the entries' own, in float32:
         the SAE's own decode, given its activations as a sparse matrix."""
-        with warnings.catch_warnings():  # torch's notice that sparse tensors are in beta
-            warnings.filterwarnings("ignore", message="Sparse", category=UserWarning)
+        with sparse_beta_notice_silenced():
             f = torch.sparse_csr_tensor(
                 self.row_starts, self.latents, values.to(sae.dtype), (self.n_rows, self.d_sae)
             )

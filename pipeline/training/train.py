@@ -13,7 +13,6 @@ import contextlib
 import json
 import logging
 import time
-import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import asdict
 from pathlib import Path
@@ -25,6 +24,7 @@ from tqdm.auto import tqdm
 from saescope.pipeline.activations import open_source
 from saescope.pipeline.config import check_bounds
 from saescope.pipeline.memory import reused_memory
+from saescope.pipeline.notices import sparse_beta_notice_silenced
 from saescope.pipeline.saes import TRAINING_LOG
 from saescope.pipeline.training.config import TrainConfig, TrainingSettings
 from saescope.pipeline.training.sae import (
@@ -118,9 +118,7 @@ def train_sae(
 ) -> tuple[SparseAutoencoder, list[dict]]:
     """Trains on batches drawn from `passes` (special tokens already left out)."""
     settings.validate()
-    with denormals_flushed(), warnings.catch_warnings():
-        # torch's notice that its sparse tensors are in beta is of no use to a user
-        warnings.filterwarnings("ignore", message="Sparse", category=UserWarning)
+    with denormals_flushed(), sparse_beta_notice_silenced():
         return _train(passes, d_in, settings, quiet)
 
 
